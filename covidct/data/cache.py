@@ -1,0 +1,201 @@
+"""Preprocess every slice once into a memory-mapped uint8 cache, reused by every run and sweep job.
+
+A cache folder ``<cache_dir>/slices-<key>/`` holds
+
+* ``images.u8``: raw uint8 array (N, C, S, S), C = number of windows, S = image size (px),
+  patients one after another, each patient's slices head first;
+* ``slices.npz``: ``patient`` int32 (N,) index into the manifest's patients, ``slice`` int32 (N,)
+  head-first slice index within the patient, ``location`` float32 (N,) position in mm;
+* ``manifest.json``: settings, shape, and per patient: id, class, folder, offset, slice count,
+  ordering key, skipped files with reasons.
+
+The key hashes the preprocessing settings and every input file's path, size and mtime, so a
+change of either builds a new cache. A cache is built in a temporary folder and renamed into place
+when complete, so an interrupted build is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from covidct.data.dicom import list_files, read_series
+from covidct.data.layout import PatientFolder
+from covidct.data.preprocess import SlicePreprocessor
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CachedPatient:
+    """One patient's block of rows in the cache."""
+
+    patient_id: str
+    label: int | None
+    folder: str
+    offset: int
+    n_slices: int
+    order_key: str
+    skipped: list[dict[str, str]]
+    n_ignored: int
+
+
+@dataclass
+class SliceCache:
+    """An opened cache. ``images`` is a read-only memmap uint8 (N, C, S, S)."""
+
+    path: Path
+    images: np.ndarray
+    patient: np.ndarray
+    slice_index: np.ndarray
+    location: np.ndarray
+    patients: list[CachedPatient]
+    build_seconds: float
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.images.shape[0])
+
+
+def cache_key(patients: Sequence[PatientFolder], preprocessor: SlicePreprocessor) -> str:
+    """Hex digest over the preprocessing settings and every input file's path, size and mtime."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "pre": asdict(preprocessor)}, sort_keys=True).encode())
+    for p in patients:
+        h.update(f"\0{p.patient_id}\0{p.label}\0{p.folder.resolve()}".encode())
+        for f in list_files(p.folder):
+            st = f.stat()
+            h.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
+    """Worker: one patient folder -> uint8 (n, C, S, S) stack plus order and skip information."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    series = read_series(folder, preprocessor)
+    return {
+        "images": np.stack(series.slices),
+        "locations": np.asarray(series.locations, dtype=np.float32),
+        "order_key": series.order_key,
+        "skipped": [{"file": str(s.path), "reason": s.reason} for s in series.skipped],
+        "n_ignored": len(series.ignored),
+    }
+
+
+def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers: int) -> dict:
+    """Read all patients (in ``workers`` processes) and write the cache files into ``tmp``."""
+    started = time.perf_counter()
+    entries, patient_col, slice_col, loc_col = [], [], [], []
+    offset = 0
+    with open(tmp / "images.u8", "wb") as out:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                results = pool.map(_read_patient, [p.folder for p in patients], [pre] * len(patients))
+                for i, (p, r) in enumerate(zip(patients, results, strict=True)):
+                    offset = _append(out, i, p, r, offset, entries, patient_col, slice_col, loc_col)
+        else:
+            for i, p in enumerate(patients):
+                offset = _append(out, i, p, _read_patient(p.folder, pre), offset, entries, patient_col, slice_col, loc_col)
+    np.savez(
+        tmp / "slices.npz",
+        patient=np.concatenate(patient_col).astype(np.int32),
+        slice=np.concatenate(slice_col).astype(np.int32),
+        location=np.concatenate(loc_col).astype(np.float32),
+    )
+    manifest = {
+        "version": CACHE_VERSION,
+        "preprocessor": asdict(pre),
+        "shape": [offset, len(pre.windows), pre.image_size, pre.image_size],
+        "patients": entries,
+        "build_seconds": time.perf_counter() - started,
+        "workers": workers,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _append(out, i, patient, result, offset, entries, patient_col, slice_col, loc_col) -> int:
+    images = result["images"]
+    out.write(np.ascontiguousarray(images).tobytes())
+    n = len(images)
+    entries.append(
+        asdict(
+            CachedPatient(
+                patient.patient_id, patient.label, str(patient.folder), offset, n,
+                result["order_key"], result["skipped"], result["n_ignored"],
+            )
+        )
+    )
+    patient_col.append(np.full(n, i))
+    slice_col.append(np.arange(n))
+    loc_col.append(result["locations"])
+    for s in result["skipped"]:
+        log.warning("Skipped %s: %s", s["file"], s["reason"])
+    return offset + n
+
+
+def open_cache(path: Path) -> SliceCache:
+    """Open a finished cache folder (memory-mapped, read-only)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    table = np.load(path / "slices.npz")
+    images = np.memmap(path / "images.u8", dtype=np.uint8, mode="r", shape=tuple(manifest["shape"]))
+    return SliceCache(
+        path=path,
+        images=images,
+        patient=table["patient"],
+        slice_index=table["slice"],
+        location=table["location"],
+        patients=[CachedPatient(**p) for p in manifest["patients"]],
+        build_seconds=float(manifest["build_seconds"]),
+    )
+
+
+def build_or_load_cache(
+    patients: Sequence[PatientFolder],
+    preprocessor: SlicePreprocessor,
+    cache_dir: str | Path,
+    workers: int = 1,
+) -> SliceCache:
+    """Return the cache for these patients and settings, building it first if it does not exist.
+
+    Safe when several processes (sweep jobs, DDP ranks) race: each builds into its own temporary
+    folder and the first rename wins; the others discard theirs.
+    """
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"slices-{cache_key(patients, preprocessor)}"
+    if (final / "manifest.json").is_file():
+        log.info("Using slice cache %s", final)
+        return open_cache(final)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    try:
+        manifest = _write_cache(tmp, patients, preprocessor, max(1, workers))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / "manifest.json").is_file():
+                raise
+        else:
+            log.info(
+                "Built slice cache %s: %d slices in %.1f s", final, manifest["shape"][0], manifest["build_seconds"]
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_cache(final)

@@ -1,0 +1,261 @@
+"""LightningDataModule: patients -> cached slices -> seeded patient-level split -> DataLoaders.
+
+Every batch is a dict:
+
+* ``image``: uint8 (B, C, S, S), one channel per window (the model converts and normalises);
+* ``target``: int64 (B,) slice class, -1 when unknown (``paper`` mode, sick patient without
+  slice labels: such slices are never trained on but are still voted at patient level);
+* ``patient``: int64 (B,) patient index into :attr:`CTDataModule.patient_ids`;
+* ``slice``: int64 (B,) head-first slice index within the patient;
+* ``index``: int64 (B,) global row in the cache (unique per slice: used to deduplicate DDP
+  padding).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from covidct import CLASS_NAMES
+from covidct.data.cache import SliceCache, build_or_load_cache
+from covidct.data.labels import UNKNOWN, check_label_lengths, slice_targets
+from covidct.data.layout import PatientFolder, discover_covid_ct_md
+from covidct.data.preprocess import SlicePreprocessor, parse_windows
+from covidct.data.split import train_val_split
+from covidct.data.summary import DataSummary
+from covidct.data.synthetic import SyntheticSpec, ensure_dataset
+from covidct.errors import ConfigError
+from covidct.io import atomic_write_csv
+
+log = logging.getLogger(__name__)
+
+
+class SliceDataset(Dataset):
+    """Slices of the cache selected by ``rows``, with optional albumentations augmentation.
+
+    The memmap is opened lazily in each process, so the dataset pickles cheaply to workers.
+    """
+
+    def __init__(
+        self,
+        cache_path: Path,
+        shape: tuple[int, int, int, int],
+        rows: np.ndarray,
+        targets: np.ndarray,
+        patients: np.ndarray,
+        slices: np.ndarray,
+        transform: A.Compose | None = None,
+    ) -> None:
+        self.cache_path, self.shape = cache_path, shape
+        self.rows, self.targets, self.patients, self.slices = rows, targets, patients, slices
+        self.transform = transform
+        self._images: np.ndarray | None = None
+        self._seeded = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, row: int) -> np.ndarray:
+        if self._images is None:
+            self._images = np.memmap(self.cache_path / "images.u8", dtype=np.uint8, mode="r", shape=self.shape)
+        return np.asarray(self._images[row])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.rows[i])
+        image = self._image(row)  # (C, S, S) uint8
+        if self.transform is not None:
+            if not self._seeded:  # different per worker and epoch, reproducible from the global seed
+                self.transform.set_random_seed(torch.initial_seed() % 2**32)
+                self._seeded = True
+            image = self.transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)))["image"]
+            image = image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "target": int(self.targets[i]),
+            "patient": int(self.patients[i]),
+            "slice": int(self.slices[i]),
+            "index": row,
+        }
+
+
+class CTDataModule(pl.LightningDataModule):
+    """COVID-CT-MD style data (real, or synthetic generated on first use) as slice batches.
+
+    Args:
+        root: COVID-CT-MD style folder; ``None`` to use the synthetic dataset.
+        synthetic: :class:`SyntheticSpec` fields for the generated dataset (used when ``root`` is None).
+        cache_dir: where generated data and slice caches live (shared by all runs).
+        output_dir: run folder for ``data_summary.{txt,json}`` and ``split.csv`` (None: not saved).
+        windows: window presets or ``{level, width}`` in HU; one channel each.
+        image_size: model input side in px.
+        label_mode: ``paper`` or ``patient`` (see :func:`covidct.data.labels.slice_targets`).
+        val_fraction, num_folds, fold, seed: patient-level split (see :func:`train_val_split`).
+        batch_size, num_workers, pin_memory: DataLoader settings.
+        balanced_sampler: draw training slices with probability inversely proportional to their
+            class frequency (replacement sampling, one epoch = as many slices as the split has).
+        train_transforms: albumentations transforms applied to HWC uint8 training images.
+        cache_workers: processes that read DICOM while building the cache.
+        slice_labels_file: label array file name inside ``root`` (None: the preferred one present).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        cache_dir: str = ".cache/covidct",
+        output_dir: str | None = None,
+        windows: Sequence[str | Mapping[str, float]] = ("lung",),
+        image_size: int = 224,
+        label_mode: str = "paper",
+        val_fraction: float = 0.2,
+        num_folds: int | None = None,
+        fold: int = 0,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        balanced_sampler: bool = False,
+        train_transforms: Sequence[A.BasicTransform] | None = None,
+        cache_workers: int = 1,
+        slice_labels_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        if root is None and synthetic is None:
+            raise ConfigError("data.root is not set: point it at a COVID-CT-MD folder, or use data=synthetic")
+        if not isinstance(image_size, int) or image_size < 32:
+            raise ConfigError(f"data.image_size must be an integer >= 32 px, got {image_size!r}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.root = root
+        self.synthetic = None if synthetic is None else SyntheticSpec(
+            **{k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in synthetic.items()}
+        )
+        self.cache_dir = Path(cache_dir)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.preprocessor = SlicePreprocessor(parse_windows(list(windows)), image_size)
+        self.label_mode = label_mode
+        self.val_fraction, self.num_folds, self.fold, self.seed = val_fraction, num_folds, fold, seed
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.balanced_sampler = balanced_sampler
+        self.train_transform = A.Compose(list(train_transforms)) if train_transforms else None
+        self.cache_workers = cache_workers
+        self.slice_labels_file = slice_labels_file
+        self.cache: SliceCache | None = None
+        self.summary: DataSummary | None = None
+
+    # ---- data preparation ---------------------------------------------------------------------
+    @property
+    def num_channels(self) -> int:
+        return len(self.preprocessor.windows)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES
+
+    def data_root(self) -> Path:
+        """The dataset folder (the synthetic one is generated on first use)."""
+        if self.root is not None:
+            return Path(self.root)
+        return ensure_dataset(self.cache_dir, self.synthetic)  # type: ignore[arg-type]
+
+    def discover(self) -> list[PatientFolder]:
+        return discover_covid_ct_md(self.data_root(), self.slice_labels_file)
+
+    def prepare_data(self) -> None:
+        """Generate (synthetic) data and build the slice cache once; later runs reuse it."""
+        build_or_load_cache(self.discover(), self.preprocessor, self.cache_dir, self.cache_workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return
+        patients = self.discover()
+        self.cache = cache = build_or_load_cache(patients, self.preprocessor, self.cache_dir, self.cache_workers)
+        self.patient_ids = [p.patient_id for p in cache.patients]
+        self.patient_labels = np.asarray([p.label for p in cache.patients], dtype=np.int64)
+        slice_labels = [p.slice_labels for p in patients]
+        self.targets = slice_targets(
+            self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
+        )
+        self.train_patients, self.val_patients = train_val_split(
+            self.patient_labels, self.val_fraction, self.seed, self.num_folds, self.fold
+        )
+        in_train = np.isin(cache.patient, self.train_patients)
+        known = self.targets != UNKNOWN
+        self.train_rows = np.flatnonzero(in_train & known)
+        self.val_rows = np.flatnonzero(np.isin(cache.patient, self.val_patients))
+        self.summary = DataSummary.collect(
+            root=str(self.data_root()),
+            cache=cache,
+            label_mode=self.label_mode,
+            targets=self.targets,
+            train_patients=self.train_patients,
+            val_patients=self.val_patients,
+            train_rows=self.train_rows,
+            warnings=check_label_lengths(self.patient_ids, [p.n_slices for p in cache.patients], slice_labels),
+        )
+        log.info("\n%s", self.summary.text())
+        if self.output_dir is not None:
+            self.summary.save(self.output_dir)
+            self.save_split(self.output_dir / "split.csv")
+
+    def save_split(self, path: Path) -> None:
+        """Write ``patient,class,subset,n_slices`` for every patient (atomic)."""
+        subset = {int(i): "train" for i in self.train_patients} | {int(i): "val" for i in self.val_patients}
+        atomic_write_csv(
+            path,
+            ["patient", "class", "subset", "n_slices"],
+            [
+                (p.patient_id, CLASS_NAMES[p.label], subset.get(i, "unused"), p.n_slices)
+                for i, p in enumerate(self.cache.patients)  # type: ignore[union-attr]
+            ],
+        )
+
+    @property
+    def train_class_counts(self) -> list[int]:
+        """Training slices per class (for ``loss.alpha=auto`` and the balanced sampler)."""
+        return np.bincount(self.targets[self.train_rows], minlength=len(CLASS_NAMES)).tolist()
+
+    # ---- loaders ------------------------------------------------------------------------------
+    def _dataset(self, rows: np.ndarray, transform: A.Compose | None) -> SliceDataset:
+        cache = self.cache
+        assert cache is not None, "call setup() first"
+        return SliceDataset(
+            cache.path, cache.images.shape, rows, self.targets[rows],
+            cache.patient[rows], cache.slice_index[rows], transform,
+        )
+
+    def _loader(self, dataset: SliceDataset, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.balanced_sampler:
+            counts = np.asarray(self.train_class_counts, dtype=np.float64)
+            weights = 1.0 / counts[self.targets[self.train_rows]]
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = WeightedRandomSampler(weights.tolist(), len(weights), replacement=True, generator=generator)
+        return self._loader(self._dataset(self.train_rows, self.train_transform), shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        if len(self.val_rows) == 0:
+            raise ConfigError(
+                "No validation patients: data.val_fraction is 0 or every class has a single patient. "
+                "Raise data.val_fraction or add patients."
+            )
+        return self._loader(self._dataset(self.val_rows, None), shuffle=False)

@@ -1,0 +1,136 @@
+"""Find patients in the COVID-CT-MD folder layout and attach their slice labels.
+
+    <root>/COVID-19 subjects/P001/*.dcm      (also "COVID-19 Cases")
+    <root>/Cap subjects/cap001/*.dcm         (also "CAP Cases")
+    <root>/Normal subjects/normal001/*.dcm   (also "Normal Cases")
+    <root>/Index.csv                         Label Index,Diagnosis,Relative Path,Folder/ID
+    <root>/Slice-level-labels-updated-1.npy  (rows, 200) 0/1 (or Slice-level-labels.npy)
+
+Row r of the label array belongs to the r-th *data row* of Index.csv (the "Label Index" column
+skips values, so it is never used). Column i is the i-th slice in head-first order
+(SliceLocation descending). Patient ids are folder names, never DICOM patient tags.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from covidct import CLASS_NAMES
+from covidct.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Class folder names, matched case-insensitively after collapsing spaces/underscores.
+_CLASS_FOLDER = re.compile(r"^(covid-?19|cap|normal)([ _-]+(subjects|cases))?$", re.IGNORECASE)
+_CLASS_OF_WORD = {"covid-19": 0, "covid19": 0, "cap": 1, "normal": 2}
+_DIAGNOSIS = {"covid-19": 0, "covid19": 0, "cap": 1, "normal": 2}
+
+#: Label files in order of preference (the authors' Sep 2021 correction first).
+SLICE_LABEL_FILES = ("Slice-level-labels-updated-1.npy", "Slice-level-labels.npy")
+
+
+@dataclass(frozen=True)
+class PatientFolder:
+    """One patient: folder name as id, class index (None when unknown), optional slice labels.
+
+    ``slice_labels`` is the patient's row of the label array: int8 (200,) 0/1, zero padded,
+    column i = i-th slice head first; None when the dataset has no slice labels for the patient.
+    """
+
+    patient_id: str
+    label: int | None
+    folder: Path
+    slice_labels: np.ndarray | None = None
+
+
+def class_of_folder(name: str) -> int | None:
+    """Class index for a class folder name ("COVID-19 subjects", "CAP Cases", ...), else None."""
+    match = _CLASS_FOLDER.match(" ".join(name.split()))
+    return None if match is None else _CLASS_OF_WORD[match.group(1).lower()]
+
+
+def find_label_file(root: Path, name: str | None = None) -> Path | None:
+    """The slice label array to use: ``name`` if given (must exist), else the preferred one present."""
+    if name is not None:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"{path}: slice label file not found (data.slice_labels_file={name!r}).")
+        return path
+    return next((root / n for n in SLICE_LABEL_FILES if (root / n).is_file()), None)
+
+
+def read_slice_labels(root: Path, label_file: str | None = None) -> dict[str, np.ndarray]:
+    """Map patient id -> int8 (200,) slice labels from Index.csv + the label array.
+
+    Returns an empty dict when the dataset ships no label files.
+    """
+    array_path = find_label_file(root, label_file)
+    index_path = root / "Index.csv"
+    if array_path is None:
+        return {}
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: missing; it is needed to map rows of {array_path.name} to patients.")
+    with index_path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "Folder/ID" not in rows[0]:
+        raise DataError(f"{index_path}: no 'Folder/ID' column (header: {list(rows[0])}).")
+    labels = np.load(array_path)
+    if labels.ndim != 2 or labels.shape[0] != len(rows):
+        raise DataError(
+            f"{array_path}: shape {labels.shape} does not match the {len(rows)} data rows of {index_path}; "
+            "row r of the array must be the r-th data row of Index.csv."
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise DataError(f"{array_path}: slice labels must be 0 or 1.")
+    return {row["Folder/ID"].strip(): labels[r].astype(np.int8) for r, row in enumerate(rows)}
+
+
+def _diagnoses(root: Path) -> dict[str, int]:
+    """Patient id -> class from Index.csv's Diagnosis column (to cross-check folders)."""
+    index_path = root / "Index.csv"
+    if not index_path.is_file():
+        return {}
+    with index_path.open(newline="", encoding="utf-8-sig") as f:
+        return {
+            row["Folder/ID"].strip(): _DIAGNOSIS[row["Diagnosis"].strip().lower()]
+            for row in csv.DictReader(f)
+            if row.get("Diagnosis", "").strip().lower() in _DIAGNOSIS
+        }
+
+
+def discover_covid_ct_md(root: str | Path, label_file: str | None = None) -> list[PatientFolder]:
+    """All patients under a COVID-CT-MD style root, sorted by class then patient id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data.root does not exist or is not a folder. Set data.root=<COVID-CT-MD folder>.")
+    class_dirs = [(class_of_folder(d.name), d) for d in sorted(root.iterdir()) if d.is_dir()]
+    class_dirs = [(c, d) for c, d in class_dirs if c is not None]
+    if not class_dirs:
+        raise DataError(
+            f"{root}: no class folders found. Expected folders such as 'COVID-19 subjects', 'Cap subjects', "
+            "'Normal subjects' (or '... Cases'), each holding one folder per patient."
+        )
+    slice_labels = read_slice_labels(root, label_file)
+    diagnoses = _diagnoses(root)
+    patients: list[PatientFolder] = []
+    seen: dict[str, Path] = {}
+    for label, class_dir in sorted(class_dirs, key=lambda cd: (cd[0], cd[1].name)):
+        for folder in sorted(p for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            pid = folder.name
+            if pid in seen:
+                raise DataError(f"{folder}: patient id {pid!r} also in {seen[pid]}; patient folder names must be unique.")
+            seen[pid] = folder
+            if pid in diagnoses and diagnoses[pid] != label:
+                raise DataError(
+                    f"{folder}: folder says {CLASS_NAMES[label]} but Index.csv says {CLASS_NAMES[diagnoses[pid]]}."
+                )
+            patients.append(PatientFolder(pid, label, folder, slice_labels.get(pid)))
+    if not patients:
+        raise DataError(f"{root}: class folders found but no patient folders inside them.")
+    return patients

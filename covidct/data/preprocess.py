@@ -1,0 +1,73 @@
+"""Hounsfield units to model-ready uint8 channels: one channel per intensity window, resized."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from covidct.errors import ConfigError
+
+#: Common CT windows (level, width) in HU.
+PRESET_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """An intensity window: HU in [level - width/2, level + width/2] maps linearly to 0..255."""
+
+    level: float
+    width: float
+
+    def apply(self, hu: np.ndarray) -> np.ndarray:
+        """float HU (any shape) -> uint8 of the same shape."""
+        low = self.level - self.width / 2.0
+        scaled = (hu - low) * (255.0 / self.width)
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def parse_windows(spec: Sequence[str | Mapping[str, float]], key: str = "data.windows") -> tuple[Window, ...]:
+    """Windows from config: preset names (``lung``, ``mediastinum``, ``bone``) or ``{level, width}``."""
+    if isinstance(spec, (str, Mapping)):
+        spec = [spec]  # type: ignore[list-item]
+    windows = []
+    for i, item in enumerate(spec):
+        if isinstance(item, str):
+            if item not in PRESET_WINDOWS:
+                raise ConfigError(
+                    f"{key}[{i}]={item!r} is not a known window; use one of {sorted(PRESET_WINDOWS)} "
+                    "or {level: HU, width: HU}"
+                )
+            windows.append(Window(*PRESET_WINDOWS[item]))
+        elif isinstance(item, Mapping) and set(item) == {"level", "width"}:
+            if float(item["width"]) <= 0:
+                raise ConfigError(f"{key}[{i}].width must be > 0 HU, got {item['width']}")
+            windows.append(Window(float(item["level"]), float(item["width"])))
+        else:
+            raise ConfigError(f"{key}[{i}]={item!r}: expected a preset name or {{level: HU, width: HU}}")
+    if not windows:
+        raise ConfigError(f"{key} is empty: give at least one window, e.g. [lung]")
+    return tuple(windows)
+
+
+@dataclass(frozen=True)
+class SlicePreprocessor:
+    """HU slice -> uint8 (C, size, size), one channel per window. Picklable for worker processes."""
+
+    windows: tuple[Window, ...]
+    image_size: int
+
+    def __call__(self, hu: np.ndarray) -> np.ndarray:
+        """float32 (rows, cols) HU -> uint8 (len(windows), image_size, image_size)."""
+        rows, cols = hu.shape
+        size = self.image_size
+        if (rows, cols) != (size, size):
+            shrinking = rows > size or cols > size
+            hu = cv2.resize(hu, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        return np.stack([w.apply(hu) for w in self.windows])

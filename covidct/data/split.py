@@ -1,0 +1,58 @@
+"""Patient-level stratified splits: no patient is ever on both sides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from covidct.errors import ConfigError
+
+
+def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.ndarray:
+    """Fold number (int64 (P,), 0..num_folds-1) of each patient, classes spread evenly over folds."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    start = 0  # rotate so small classes do not all land in fold 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        folds[members] = (start + np.arange(len(members))) % num_folds
+        start = (start + len(members)) % num_folds
+    return folds
+
+
+def train_val_split(
+    labels: Sequence[int],
+    val_fraction: float,
+    seed: int,
+    num_folds: int | None = None,
+    fold: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of patients, stratified by class and seeded.
+
+    With ``num_folds`` set, validation is fold ``fold`` of a stratified k-fold split; otherwise
+    each class contributes round(val_fraction * n) patients to validation (at least one when the
+    class has two or more patients and val_fraction > 0).
+    """
+    labels = np.asarray(labels)
+    if num_folds is not None:
+        if num_folds < 2:
+            raise ConfigError(f"data.num_folds must be >= 2 (or null), got {num_folds}")
+        if not 0 <= fold < num_folds:
+            raise ConfigError(f"data.fold must be in 0..{num_folds - 1}, got {fold}")
+        folds = stratified_folds(labels, num_folds, seed)
+        return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(val_fraction * len(members)))
+        if val_fraction > 0 and len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val.extend(members[:n_val].tolist())
+    val_idx = np.sort(np.asarray(val, dtype=np.int64))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx

@@ -1,0 +1,102 @@
+"""A short, human-readable account of the data a run used: what was read, skipped and split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from covidct import CLASS_NAMES
+from covidct.data.cache import SliceCache
+from covidct.data.labels import UNKNOWN
+from covidct.io import atomic_write_text
+
+
+@dataclass
+class DataSummary:
+    """Counts per class, skipped files with reasons, split sizes. Saved as JSON and text."""
+
+    root: str
+    cache: str
+    cache_build_seconds: float
+    label_mode: str
+    patients: dict[str, int]
+    slices: dict[str, int]
+    patients_with_slice_labels: dict[str, int]
+    slice_targets: dict[str, int]
+    train_patients: dict[str, int]
+    val_patients: dict[str, int]
+    train_slices: int
+    val_slices: int
+    unknown_slices_not_trained: int
+    skipped_files: list[dict[str, str]]
+    ignored_non_dicom_files: int
+    warnings: list[str]
+
+    @classmethod
+    def collect(
+        cls,
+        root: str,
+        cache: SliceCache,
+        label_mode: str,
+        targets: np.ndarray,
+        train_patients: np.ndarray,
+        val_patients: np.ndarray,
+        train_rows: np.ndarray,
+        warnings: list[str],
+    ) -> DataSummary:
+        labels = np.asarray([p.label for p in cache.patients])
+        n_slices = np.asarray([p.n_slices for p in cache.patients])
+        per_class = lambda values: {name: int(values[c]) for c, name in enumerate(CLASS_NAMES)}  # noqa: E731
+        count = lambda idx: per_class(np.bincount(labels[idx], minlength=len(CLASS_NAMES)))  # noqa: E731
+        in_train = np.isin(cache.patient, train_patients)
+        target_counts = {name: int((targets == c).sum()) for c, name in enumerate(CLASS_NAMES)}
+        target_counts["unknown"] = int((targets == UNKNOWN).sum())
+        return cls(
+            root=root,
+            cache=str(cache.path),
+            cache_build_seconds=round(cache.build_seconds, 2),
+            label_mode=label_mode,
+            patients=count(np.arange(len(labels))),
+            slices=per_class(np.bincount(labels, weights=n_slices, minlength=len(CLASS_NAMES))),
+            patients_with_slice_labels=count(
+                np.asarray([i for i in range(len(labels)) if (targets[cache.patient == i] != UNKNOWN).all()], int)
+            ),
+            slice_targets=target_counts,
+            train_patients=count(train_patients),
+            val_patients=count(val_patients),
+            train_slices=len(train_rows),
+            val_slices=int(np.isin(cache.patient, val_patients).sum()),
+            unknown_slices_not_trained=int((in_train & (targets == UNKNOWN)).sum()),
+            skipped_files=[s for p in cache.patients for s in p.skipped],
+            ignored_non_dicom_files=sum(p.n_ignored for p in cache.patients),
+            warnings=warnings,
+        )
+
+    def text(self) -> str:
+        def row(name: str, d: dict[str, int]) -> str:
+            return f"  {name:<28}" + "  ".join(f"{k}={v}" for k, v in d.items())
+
+        lines = [
+            f"Data: {self.root}",
+            f"  cache {self.cache} (built in {self.cache_build_seconds:.1f} s)",
+            row("patients", self.patients),
+            row("slices", self.slices),
+            row("patients with slice labels", self.patients_with_slice_labels),
+            row(f"slice targets ({self.label_mode})", self.slice_targets),
+            row("train patients", self.train_patients),
+            row("val patients", self.val_patients),
+            f"  train slices {self.train_slices}, val slices {self.val_slices}, "
+            f"slices without a target not trained on {self.unknown_slices_not_trained}",
+            f"  skipped DICOM files {len(self.skipped_files)}, ignored non-DICOM files {self.ignored_non_dicom_files}",
+        ]
+        lines += [f"    skipped {s['file']}: {s['reason']}" for s in self.skipped_files]
+        lines += [f"  WARNING {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``data_summary.json`` and ``data_summary.txt`` into ``out_dir`` (atomic)."""
+        atomic_write_text(out_dir / "data_summary.json", json.dumps(asdict(self), indent=1))
+        atomic_write_text(out_dir / "data_summary.txt", self.text() + "\n")

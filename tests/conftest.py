@@ -1,0 +1,67 @@
+"""Shared fixtures: the real COVID-CT-MD sample (skipped when absent) and a tiny DICOM writer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = Path(os.environ.get("COVIDCT_SAMPLE_DIR", REPO.parent / "shared" / "data" / "covid-ct-md-sample"))
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> Path:
+    """The real 3-patient COVID-CT-MD sample; tests using it skip when it is not on this machine."""
+    if not (SAMPLE_DIR / "Index.csv").is_file():
+        pytest.skip(f"real COVID-CT-MD sample not found at {SAMPLE_DIR} (set COVIDCT_SAMPLE_DIR to its folder)")
+    return SAMPLE_DIR
+
+
+def write_ct_slice(
+    path: Path,
+    hu: np.ndarray,
+    *,
+    slice_location: float | None = None,
+    position_z: float | None = None,
+    instance_number: int | None = None,
+    intercept: float | None = -1024.0,
+    slope: float | None = 1.0,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+) -> Path:
+    """Write one uncompressed CT slice whose pixels, through the rescale, give ``hu`` (int16 HU)."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CT", "ANONYMOUS"
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    stored = (np.asarray(hu, dtype=np.float64) - (intercept or 0.0)) / (slope or 1.0)
+    if photometric == "MONOCHROME1":
+        stored = (2**bits_stored - 1) - stored
+    ds.PixelData = np.rint(stored).astype(np.uint16).tobytes()
+    if intercept is not None:
+        ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
+    if slice_location is not None:
+        ds.SliceLocation = slice_location
+    if position_z is not None:
+        ds.ImagePositionPatient = [0.0, 0.0, position_z]
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
