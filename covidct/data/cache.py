@@ -187,6 +187,8 @@ def build_or_load_cache(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
         manifest = _write_cache(tmp, patients, preprocessor, max(1, workers))
+        if final.exists() and not (final / "manifest.json").is_file():
+            shutil.rmtree(final, ignore_errors=True)  # leftover of a cache damaged by hand
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first

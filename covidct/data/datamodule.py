@@ -66,7 +66,7 @@ class SliceDataset(Dataset):
     def _image(self, row: int) -> np.ndarray:
         if self._images is None:
             self._images = np.memmap(self.cache_path / "images.u8", dtype=np.uint8, mode="r", shape=self.shape)
-        return np.asarray(self._images[row])
+        return np.array(self._images[row])  # a writable copy out of the page cache
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.rows[i])

@@ -1,0 +1,32 @@
+# covidct: make install | test | test-fast | lint | train | clean
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision pair known to import together here (CPU or CUDA machines alike)
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: install test test-fast lint train clean
+
+install:  ## fresh venv with everything (torch first, then the project and its dev tools)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PKGS)
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+test:  ## the whole suite, slow end-to-end tests included (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast:  ## unit tests only
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check .
+
+train:  ## the default CPU demo on the embedded synthetic data
+	$(BIN)/python train.py
+
+clean:  ## run outputs and caches (generated data too); keeps the venv
+	rm -rf outputs multirun .cache .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,172 @@
+"""Gather every validation slice's probabilities, vote per patient, log patient-level metrics.
+
+Both rules are scored every validation epoch (see :mod:`covidct.voting`):
+
+* ``majority``: the paper's rule;
+* ``infected_fraction``: Normal if at most ``tau`` of the slices look infected, else the majority
+  among the infected slices. ``tau`` is tuned on the validation patients and stored in the
+  checkpoint (this callback's state) for prediction. The *reported* accuracy of this rule is
+  leave-one-patient-out: each patient is scored with a tau tuned on the other validation
+  patients, so the figure is not fitted to the patient it scores.
+
+The chosen ``rule`` is also logged as ``val/patient/acc``, the metric checkpointing monitors.
+Under DDP the slices of all ranks are gathered and deduplicated by their global index (the
+DistributedSampler pads with repeats), so every rank computes the same patient metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_recall,
+    multiclass_specificity,
+)
+
+from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.errors import ConfigError
+from covidct.io import atomic_write_csv
+from covidct.voting import PatientVote, deduplicate, patient_accuracy, tune_tau, vote_patients
+
+log = logging.getLogger(__name__)
+
+RULES = ("majority", "infected_fraction")
+
+
+def leave_one_out_predictions(fractions: np.ndarray, infected_votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Infected-fraction predictions (P,) where patient i is decided by a tau tuned without it."""
+    preds = np.empty(len(labels), dtype=np.int64)
+    for i in range(len(labels)):
+        others = np.arange(len(labels)) != i
+        tau = tune_tau(fractions[others], infected_votes[others], labels[others]) if others.any() else 0.5
+        preds[i] = NORMAL_CLASS if fractions[i] <= tau else infected_votes[i]
+    return preds
+
+
+def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAMES) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class sensitivity and specificity, confusion matrix (rows = truth)."""
+    p, t, c = torch.as_tensor(preds), torch.as_tensor(labels), len(class_names)
+    sens = multiclass_recall(p, t, c, average=None)
+    spec = multiclass_specificity(p, t, c, average=None)
+    metrics: dict[str, Any] = {
+        "acc": float(multiclass_accuracy(p, t, c, average="micro")),
+        "f1_macro": float(multiclass_f1_score(p, t, c, average="macro")),
+    }
+    for k, name in enumerate(class_names):
+        metrics[f"sensitivity/{name}"] = float(sens[k])
+        metrics[f"specificity/{name}"] = float(spec[k])
+    metrics["confusion"] = multiclass_confusion_matrix(p, t, c).numpy()
+    return metrics
+
+
+class PatientVoteCallback(pl.Callback):
+    """Patient-level voting and metrics on the validation set.
+
+    Args:
+        rule: ``majority`` or ``infected_fraction``; drives ``val/patient/acc``.
+        tau: fixed infected-fraction threshold; None = tuned on the validation patients.
+        output_dir: where ``patients.csv`` of the best epoch is written (None: not written).
+    """
+
+    def __init__(self, rule: str = "infected_fraction", tau: float | None = None, output_dir: str | None = None):
+        if rule not in RULES:
+            raise ConfigError(f"vote.rule={rule!r} is not one of {list(RULES)}")
+        if tau is not None and not 0.0 <= float(tau) <= 1.0:
+            raise ConfigError(f"vote.tau must be in [0, 1] or null (tuned), got {tau}")
+        self.rule, self.fixed_tau = rule, tau
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.tau = 0.5 if tau is None else float(tau)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_summary: dict[str, float] = {}
+        self.last_votes: list[PatientVote] = []
+        self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # ---- collection ---------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batches.append((batch["index"].detach(), batch["patient"].detach(), outputs["probs"].detach()))
+
+    def gather(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All ranks' (index (N,), patient (N,), probs (N, C)), each slice exactly once."""
+        index = torch.cat([b[0] for b in self._batches])
+        patient = torch.cat([b[1] for b in self._batches])
+        probs = torch.cat([b[2] for b in self._batches])
+        if trainer.world_size > 1:  # equal lengths per rank: DistributedSampler pads
+            index, patient, probs = (trainer.strategy.all_gather(t) for t in (index, patient, probs))
+            index, patient, probs = index.flatten(0, 1), patient.flatten(0, 1), probs.flatten(0, 1)
+        index, patient, probs = deduplicate(index, patient, probs)
+        return index.cpu().numpy(), patient.cpu().numpy(), probs.cpu().numpy()
+
+    # ---- voting -------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._batches:
+            return
+        dm = trainer.datamodule
+        _, patient, probs = self.gather(trainer)
+        order = np.argsort(patient, kind="stable")
+        votes = vote_patients(patient[order], probs[order], self.tau)
+        patient_index = np.asarray([int(v.patient) for v in votes])
+        labels = dm.patient_labels[patient_index]
+        fractions = np.asarray([v.infected_fraction for v in votes])
+        infected_votes = np.asarray([v.infected_vote for v in votes])
+        if self.fixed_tau is None:
+            self.tau = tune_tau(fractions, infected_votes, labels)
+            honest = leave_one_out_predictions(fractions, infected_votes, labels)
+        else:
+            honest = np.where(fractions <= self.tau, NORMAL_CLASS, infected_votes)
+        for v in votes:
+            v.infected_fraction_pred = NORMAL_CLASS if v.infected_fraction <= self.tau else v.infected_vote
+            v.patient = dm.patient_ids[int(v.patient)]
+        predictions = {"majority": np.asarray([v.majority for v in votes]), "infected_fraction": honest}
+        summary: dict[str, float] = {}
+        for rule, preds in predictions.items():
+            metrics = patient_metrics(preds, labels)
+            confusion = metrics.pop("confusion")
+            summary.update({f"val/patient/{rule}/{k}": v for k, v in metrics.items()})
+            if rule == self.rule:
+                self.confusion = confusion
+        summary["val/patient/acc"] = summary[f"val/patient/{self.rule}/acc"]
+        summary["val/patient/tau"] = self.tau
+        summary["val/patient/infected_fraction/acc_at_tuned_tau"] = patient_accuracy(
+            fractions, infected_votes, labels, self.tau
+        )
+        pl_module.log_dict(summary, sync_dist=False)  # identical on every rank by construction
+        self.last_votes, self.last_labels = votes, labels
+        if self.best is None or summary["val/patient/acc"] > self.best:
+            self.best, self.best_epoch, self.best_summary = summary["val/patient/acc"], trainer.current_epoch, summary
+            self.best_tau = self.tau
+            if trainer.is_global_zero:
+                self.write_patients_csv(votes, labels, predictions[self.rule])
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def write_patients_csv(self, votes: list[PatientVote], labels: np.ndarray, preds: np.ndarray) -> None:
+        """``patients.csv``: one row per validation patient of the best epoch (atomic)."""
+        if self.output_dir is None:
+            return
+        header = ["patient", "true_class", "predicted_class", "majority_vote", "infected_fraction_vote",
+                  "infected_fraction", "n_slices"]
+        header += [f"votes_{c}" for c in CLASS_NAMES] + [f"mean_prob_{c}" for c in CLASS_NAMES]
+        rows = [
+            [v.patient, CLASS_NAMES[t], CLASS_NAMES[p], CLASS_NAMES[v.majority], CLASS_NAMES[v.infected_fraction_pred],
+             round(v.infected_fraction, 4), v.n_slices, *v.votes.tolist(), *np.round(v.mean_prob, 4).tolist()]
+            for v, t, p in zip(votes, labels, preds, strict=True)
+        ]
+        atomic_write_csv(self.output_dir / "patients.csv", header, rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "tau": self.tau, "best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tau = float(state_dict["tau"])
+        self.best, self.best_epoch = state_dict["best"], state_dict["best_epoch"]

@@ -1,0 +1,146 @@
+"""One training run from a composed config: data -> model -> Lightning fit -> summary."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from covidct.callbacks.patient_vote import PatientVoteCallback
+from covidct.config import check_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``score`` is the monitored patient accuracy (what sweepers optimise)."""
+
+    score: float
+    best_epoch: int | None
+    best_checkpoint: str
+    metrics: dict[str, float]
+    output_dir: Path
+
+    def summary(self, rule: str) -> str:
+        m = self.metrics
+        lines = [
+            f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}"
+            + (f" (tau {m['val/patient/tau']:.3f}, leave-one-patient-out)" if rule == "infected_fraction" else ""),
+            f"  same logits, majority vote (the paper's rule): {m.get('val/patient/majority/acc', float('nan')):.3f}"
+            f" | infected_fraction: {m.get('val/patient/infected_fraction/acc', float('nan')):.3f}"
+            f" | patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
+            f"  outputs: {self.output_dir} (patients.csv, data_summary.txt, split.csv)",
+            f"  best checkpoint: {self.best_checkpoint}",
+        ]
+        return "\n".join(lines)
+
+
+def _wandb_run_id(ckpt_path: str | None) -> str | None:
+    """The W&B run id stored in a checkpoint, so a resumed training continues the same W&B run."""
+    if not ckpt_path:
+        return None
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True).get("wandb_run_id")
+
+
+def build_loggers(cfg: DictConfig, group: str | None) -> list[Logger]:
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if conf is None:
+            continue
+        extra: dict[str, Any] = {}
+        if conf._target_.endswith("WandbLogger"):
+            extra = {"group": conf.get("group") or group}
+            run_id = _wandb_run_id(cfg.get("ckpt_path"))
+            if run_id:
+                extra |= {"id": run_id, "resume": "allow"}
+        loggers.append(instantiate(conf, **extra))
+        log.info("Logger %s", name)
+    return loggers
+
+
+def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
+    """Fit the configured model on the configured data; returns the best patient-level score.
+
+    ``group`` names the W&B group (the sweep folder in a multirun). W&B runs are always finished,
+    even when training fails.
+    """
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    vote = PatientVoteCallback(cfg.vote.rule, cfg.vote.tau, str(output_dir))
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    scheduler = cfg.get("scheduler")
+    model = instantiate(
+        cfg.model,
+        _convert_="all",
+        in_channels=datamodule.num_channels,
+        class_counts=datamodule.train_class_counts,
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(scheduler) if scheduler and "_target_" in scheduler else None,
+        preprocessing={
+            "windows": OmegaConf.to_container(cfg.data.windows, resolve=True),
+            "image_size": cfg.data.image_size,
+            "label_mode": cfg.data.label_mode,
+            "vote_rule": cfg.vote.rule,
+        },
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [vote]
+    loggers = build_loggers(cfg, group)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if any(isinstance(lg, WandbLogger) for lg in loggers) and vote.last_votes:
+            log_wandb_tables(loggers, vote)
+    finally:
+        finish_wandb(failed=trainer.state.status.value != "finished")
+    ckpt = trainer.checkpoint_callback
+    return TrainResult(
+        score=float(vote.best) if vote.best is not None else float("nan"),
+        best_epoch=vote.best_epoch,
+        best_checkpoint=(ckpt.best_model_path if ckpt else "") or "",
+        metrics=vote.best_summary,
+        output_dir=output_dir,
+    )
+
+
+def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback) -> None:
+    """Per-patient table and confusion matrix of the last validation epoch, to W&B."""
+    import wandb
+
+    from covidct import CLASS_NAMES
+
+    for lg in loggers:
+        if not isinstance(lg, WandbLogger):
+            continue
+        columns = ["patient", "true", "majority", "infected_fraction", "infected_fraction_of_slices", "n_slices"]
+        rows = [
+            [v.patient, CLASS_NAMES[t], CLASS_NAMES[v.majority], CLASS_NAMES[v.infected_fraction_pred],
+             v.infected_fraction, v.n_slices]
+            for v, t in zip(vote.last_votes, vote.last_labels, strict=True)
+        ]
+        lg.log_table("val/patients", columns=columns, data=rows)
+        preds = [v.majority if vote.rule == "majority" else v.infected_fraction_pred for v in vote.last_votes]
+        lg.experiment.log({"val/patient_confusion": wandb.plot.confusion_matrix(
+            y_true=[int(t) for t in vote.last_labels], preds=[int(p) for p in preds], class_names=list(CLASS_NAMES))})
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close the W&B run if one is open (marked failed when training did not finish)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)

@@ -1,0 +1,326 @@
+"""The synthetic COVID-CT-MD generator: real DICOM, the real layout and label format, lesions, caching."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
+
+from covidct import CLASS_NAMES
+from covidct.data import synthetic
+from covidct.data.synthetic import (
+    CLASS_FOLDERS,
+    COMPLETE_MARKER,
+    MAX_SLICES,
+    SyntheticSpec,
+    encode_jpeg_lossless,
+    ensure_dataset,
+    generate_dataset,
+    patient_phantom,
+    plan_patients,
+    spec_hash,
+)
+from covidct.errors import ConfigError, DataError
+
+SPEC = SyntheticSpec(
+    patients_per_class=(3, 3, 2),
+    slices_min=16,
+    slices_max=24,
+    image_size=64,
+    labelled_fraction=0.7,
+    compressed_fraction=0.4,
+    rle_fraction=0.3,
+    signed_fraction=0.5,
+    seed=1,
+)
+TINY = SyntheticSpec(patients_per_class=(1, 1, 1), slices_min=8, slices_max=10, image_size=32, seed=5)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("synthetic") / "root", SPEC)
+
+
+def read_series(folder: Path) -> list[pydicom.Dataset]:
+    """All slices of a patient folder, head first (SliceLocation descending)."""
+    slices = [pydicom.dcmread(path) for path in folder.glob("*.dcm")]
+    return sorted(slices, key=lambda ds: -float(ds.SliceLocation))
+
+
+def patient_folder(root: Path, label: int, patient_id: str) -> Path:
+    return root / CLASS_FOLDERS[label] / patient_id
+
+
+def index_rows(root: Path) -> list[list[str]]:
+    with (root / "Index.csv").open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def expected_stored(label: int, number: int, signed: bool) -> np.ndarray:
+    """The stored pixel values the generator must have written: (n, H, W), head first."""
+    stored = np.rint(patient_phantom(SPEC, label, number).hu) + 1024
+    return stored.astype(np.int16) if signed else np.clip(stored, 0, 4095).astype(np.uint16)
+
+
+def test_layout_matches_covid_ct_md(dataset: Path) -> None:
+    assert sorted(p.name for p in dataset.iterdir() if p.is_dir()) == sorted(CLASS_FOLDERS)
+    assert sorted(p.name for p in (dataset / "COVID-19 subjects").iterdir()) == ["P001", "P002", "P003"]
+    assert sorted(p.name for p in (dataset / "Cap subjects").iterdir()) == ["cap001", "cap002", "cap003"]
+    assert sorted(p.name for p in (dataset / "Normal subjects").iterdir()) == ["normal001", "normal002"]
+    assert "SYNTHETIC" in (dataset / "README.txt").read_text()
+    assert "seed = 1" in (dataset / "README.txt").read_text()
+    assert (dataset / COMPLETE_MARKER).is_file()
+
+
+def test_index_csv_lists_labelled_patients_and_skips_one_label_index(dataset: Path) -> None:
+    header, *rows = index_rows(dataset)
+    assert header == ["Label Index", "Diagnosis", "Relative Path", "Folder/ID"]
+    # labelled_fraction 0.7 of 3 -> the first 2 COVID-19 and the first 2 CAP patients, Normal never
+    assert [r[1:] for r in rows] == [
+        ["COVID-19", "./COVID-19/", "P001"],
+        ["COVID-19", "./COVID-19/", "P002"],
+        ["CAP", "./CAP/", "cap001"],
+        ["CAP", "./CAP/", "cap002"],
+    ]
+    label_index = [int(r[0]) for r in rows]
+    assert label_index == [0, 1, 3, 4]  # skips one value: index rows by position, not by this column
+    assert label_index != list(range(len(rows)))
+
+
+def test_label_array_marks_one_contiguous_lesion_run_per_patient(dataset: Path) -> None:
+    _, *rows = index_rows(dataset)
+    labels = np.load(dataset / "Slice-level-labels.npy")
+    assert labels.shape == (len(rows), MAX_SLICES) and labels.dtype == np.int32
+    assert set(np.unique(labels)) <= {0, 1}
+    for row, (_, diagnosis, _, patient_id) in zip(labels, rows, strict=True):
+        n = len(list(patient_folder(dataset, CLASS_NAMES.index(diagnosis), patient_id).glob("*.dcm")))
+        ones = np.flatnonzero(row)
+        assert not row[n:].any(), f"{patient_id}: labels beyond its {n} slices"
+        assert np.all(np.diff(ones) == 1), f"{patient_id}: lesion slices {ones} are not contiguous"
+        assert 0.3 <= len(ones) / n <= 0.8, f"{patient_id}: {len(ones)} of {n} slices infected"
+
+
+def test_label_rows_are_the_phantoms_lesion_slices_head_first(dataset: Path) -> None:
+    labels = np.load(dataset / "Slice-level-labels.npy")
+    for row, (_, diagnosis, _, patient_id) in zip(labels, index_rows(dataset)[1:], strict=True):
+        plan = next(p for p in plan_patients(SPEC) if p.patient_id == patient_id)
+        assert CLASS_NAMES[plan.label] == diagnosis
+        phantom = patient_phantom(SPEC, plan.label, plan.number)
+        np.testing.assert_array_equal(row[: len(phantom.hu)], phantom.lesion_slices)
+    # the files hold that phantom, head first when sorted by SliceLocation descending
+    stored = np.stack([ds.pixel_array for ds in read_series(patient_folder(dataset, 1, "cap001"))])
+    plan = next(p for p in plan_patients(SPEC) if p.patient_id == "cap001")
+    np.testing.assert_array_equal(stored, expected_stored(1, 1, plan.signed))
+
+
+def test_files_are_anonymous_ct_dicom_with_plausible_hu(dataset: Path) -> None:
+    for plan in plan_patients(SPEC):
+        series = read_series(patient_folder(dataset, plan.label, plan.patient_id))
+        first = series[0]
+        assert first.file_meta.MediaStorageSOPClassUID == CTImageStorage == first.SOPClassUID
+        assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID
+        assert first.Modality == "CT" and first.PatientID == "ANONYMOUS" and first.PatientName == "ANONYMOUS"
+        assert (first.Rows, first.Columns) == (SPEC.image_size, SPEC.image_size)
+        assert first.RescaleIntercept == -1024 and first.RescaleSlope == 1
+        assert first.PhotometricInterpretation == "MONOCHROME2" and first.BitsAllocated == 16
+        assert len({ds.SOPInstanceUID for ds in series}) == len(series)
+        assert len({ds.SeriesInstanceUID for ds in series}) == 1
+        z = [float(ds.SliceLocation) for ds in series]
+        assert z == [float(ds.ImagePositionPatient[2]) for ds in series]
+        spacing = set(np.round(np.diff(z), 3))
+        assert len(spacing) == 1 and -5.0 <= spacing.pop() <= -2.0, "evenly spaced, head first"
+        hu = np.stack([ds.pixel_array for ds in series]).astype(np.float32) - 1024
+        assert -1200 <= hu.min() < -950, "air outside the body"
+        assert 400 < hu.max() <= 1300, "bone"
+        assert -900 < np.median(hu[:, hu.shape[1] // 2]) < 100
+        assert ((hu > -950) & (hu < -700)).mean() > 0.03, "lung tissue"
+
+
+def test_storage_variants_and_lossless_compression(dataset: Path) -> None:
+    syntaxes = set()
+    for plan in plan_patients(SPEC):
+        series = read_series(patient_folder(dataset, plan.label, plan.patient_id))
+        assert {ds.file_meta.TransferSyntaxUID for ds in series} == {plan.transfer_syntax}
+        syntaxes.add(plan.transfer_syntax)
+        first = series[0]
+        if plan.signed:
+            assert (first.PixelRepresentation, first.BitsStored) == (1, 16)
+            assert first.pixel_array.dtype == np.int16
+            assert min(ds.pixel_array.min() for ds in series) < 0, "noisy air below -1024 HU"
+        else:
+            assert (first.PixelRepresentation, first.BitsStored, first.HighBit) == (0, 12, 11)
+        if plan.transfer_syntax == JPEGLosslessSV1:
+            assert not plan.signed, "JPEG series are unsigned 12-bit, like the real data"
+        if plan.transfer_syntax != ExplicitVRLittleEndian:
+            stored = np.stack([ds.pixel_array for ds in series])
+            np.testing.assert_array_equal(stored, expected_stored(plan.label, plan.number, plan.signed))
+    assert syntaxes == {JPEGLosslessSV1, RLELossless, ExplicitVRLittleEndian}
+    assert str(JPEGLosslessSV1) == "1.2.840.10008.1.2.4.70"
+    assert any(p.signed for p in plan_patients(SPEC)) and not all(p.signed for p in plan_patients(SPEC))
+
+
+def test_jpeg_lossless_encoder_is_bit_exact_on_full_16_bit_range() -> None:
+    rng = np.random.default_rng(0)
+    steps = rng.choice([-1, 0, 1], 40 * 40) * 2 ** rng.integers(0, 16, 40 * 40)  # |diff| of every bit length
+    images = [
+        (np.cumsum(steps) % 2**16).astype(np.uint16).reshape(40, 40),
+        rng.integers(0, 2**16, (37, 53)).astype(np.uint16),  # odd sizes, large differences
+        np.zeros((8, 8), np.uint16),  # first difference -32768: category 16
+        np.full((5, 9), 65535, np.uint16),
+    ]
+    for image in images:
+        ds = pydicom.Dataset()
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.Rows, ds.Columns = image.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = pydicom.encaps.encapsulate([encode_jpeg_lossless(image)])
+        np.testing.assert_array_equal(ds.pixel_array, image)
+
+
+def test_file_names_and_instance_numbers_do_not_give_slice_order(dataset: Path) -> None:
+    reversed_instances = 0
+    for plan in plan_patients(SPEC):
+        folder = patient_folder(dataset, plan.label, plan.patient_id)
+        by_location = [Path(ds.filename).name for ds in read_series(folder)]
+        number = [int(re.fullmatch(r"[0-9A-F]{8}-SYNT_(\d+)\.dcm", name).group(1)) for name in by_location]
+        assert sorted(number) == list(range(1, len(number) + 1))
+        assert number != sorted(number) and number != sorted(number, reverse=True)
+        instances = [int(ds.InstanceNumber) for ds in read_series(folder)]
+        reversed_instances += instances[0] == len(instances)
+    assert 0 < reversed_instances < len(plan_patients(SPEC))
+
+
+def test_lesions_lie_in_the_lungs_and_raise_their_density() -> None:
+    spec = SyntheticSpec(slices_min=24, slices_max=40, image_size=64, seed=3)
+    rises = {0: [], 1: []}
+    for label in (0, 1):
+        for number in range(1, 7):
+            phantom = patient_phantom(spec, label, number)
+            assert not (phantom.lesion & ~phantom.lung).any()
+            infected = phantom.lesion_slices
+            area = phantom.lung.sum(axis=(1, 2))
+            large = area >= 0.3 * area.max()  # compare like with like: not the tiny apex / base slices
+            mean_lung = (phantom.hu * phantom.lung).sum(axis=(1, 2)) / np.maximum(area, 1)
+            if (~infected & large).any():
+                rises[label].append(mean_lung[infected & large].mean() - mean_lung[~infected & large].mean())
+            lesion_hu = phantom.hu[phantom.lesion].mean()
+            clean_lung_hu = phantom.hu[phantom.lung & ~phantom.lesion].mean()
+            assert lesion_hu - clean_lung_hu > (150 if label == 0 else 400)
+            if label == 0:  # COVID-19: bilateral
+                columns = np.flatnonzero(phantom.lesion.any(axis=(0, 1)))
+                assert columns.min() < spec.image_size / 2 < columns.max()
+    assert len(rises[0]) >= 3 and len(rises[1]) >= 3, rises
+    assert min(rises[0]) > 10, f"COVID-19 lesion slices barely denser: {rises[0]}"
+    assert min(rises[1]) > 50 and np.mean(rises[1]) > 2 * np.mean(rises[0]), rises
+
+
+def test_normal_patients_have_no_lesion(dataset: Path) -> None:
+    for number in (1, 2):
+        assert not patient_phantom(SPEC, 2, number).lesion.any()
+    assert all(row[1] != "Normal" for row in index_rows(dataset)[1:])
+
+
+def test_same_spec_gives_identical_files_other_seed_differs(tmp_path: Path) -> None:
+    a, b = generate_dataset(tmp_path / "a", TINY), generate_dataset(tmp_path / "b", TINY)
+    c = generate_dataset(tmp_path / "c", replace(TINY, seed=6))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    pixels = [
+        np.stack([ds.pixel_array for ds in read_series(root / "COVID-19 subjects" / "P001")])
+        for root in (a, c)
+    ]
+    assert pixels[0].shape != pixels[1].shape or not np.array_equal(*pixels)
+
+
+def test_ensure_dataset_generates_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = ensure_dataset(tmp_path, TINY)
+    assert root == tmp_path / f"synthetic-{spec_hash(TINY)}"
+    assert (root / COMPLETE_MARKER).is_file() and (root / "Index.csv").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [root.name], "no temporary folder left behind"
+    mtime = (root / COMPLETE_MARKER).stat().st_mtime_ns
+
+    def fail(*args: object) -> None:
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(synthetic, "generate_dataset", fail)
+    assert ensure_dataset(tmp_path, TINY) == root
+    assert (root / COMPLETE_MARKER).stat().st_mtime_ns == mtime
+    assert spec_hash(replace(TINY, seed=6)) != spec_hash(TINY)
+
+
+def test_ensure_dataset_never_takes_an_unfinished_folder(tmp_path: Path) -> None:
+    root = tmp_path / f"synthetic-{spec_hash(TINY)}"
+    (root / "COVID-19 subjects").mkdir(parents=True)  # e.g. a copy that was interrupted
+    (root / "Index.csv").write_text("partial")
+    leftover = tmp_path / f".{root.name}.tmp-crashed"  # a crashed generation's temporary folder
+    (leftover / "Cap subjects").mkdir(parents=True)
+    assert ensure_dataset(tmp_path, TINY) == root
+    assert (root / COMPLETE_MARKER).is_file()
+    assert (root / "Index.csv").read_text().startswith("Label Index")
+    assert len(list((root / "Normal subjects" / "normal001").glob("*.dcm"))) >= TINY.slices_min
+    assert leftover.is_dir(), "another caller's temporary folder is not touched"
+
+
+def test_ensure_dataset_loser_of_a_race_uses_the_winners_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / f"synthetic-{spec_hash(TINY)}"
+    real_generate = synthetic.generate_dataset
+
+    def generate_while_another_caller_finishes_first(target: Path, spec: SyntheticSpec) -> Path:
+        real_generate(target, spec)
+        real_generate(root, spec)  # the other caller's copy lands first
+        (root / "winner").write_text("")
+        return target
+
+    monkeypatch.setattr(synthetic, "generate_dataset", generate_while_another_caller_finishes_first)
+    assert ensure_dataset(tmp_path, TINY) == root
+    assert (root / "winner").is_file() and (root / COMPLETE_MARKER).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [root.name], "the loser's copy is discarded"
+
+
+def test_generate_dataset_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "something").write_text("")
+    with pytest.raises(DataError, match=str(tmp_path)):
+        generate_dataset(tmp_path, TINY)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("slices_max", 201),
+        ("slices_min", 3),
+        ("slices_min", 60),  # > slices_max
+        ("image_size", 16),
+        ("labelled_fraction", 1.5),
+        ("compressed_fraction", -0.1),
+        ("rle_fraction", "half"),
+        ("patients_per_class", (1, -1, 1)),
+        ("patients_per_class", (1, 1)),
+        ("seed", -1),
+    ],
+)
+def test_bad_spec_raises_config_error_naming_the_key(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"data\.synthetic\.{field}="):
+        SyntheticSpec(**{field: value})
+
+
+def test_spec_accepts_a_list_of_counts_as_hydra_gives_it() -> None:
+    spec = SyntheticSpec(patients_per_class=[2, 1, 0])  # type: ignore[arg-type]
+    assert spec.patients_per_class == (2, 1, 0)
+    assert [p.patient_id for p in plan_patients(spec)] == ["P001", "P002", "cap001"]
+
+
+def test_equal_specs_share_a_hash_whatever_the_number_types() -> None:
+    assert spec_hash(SyntheticSpec(labelled_fraction=1)) == spec_hash(SyntheticSpec(labelled_fraction=1.0))
+    assert spec_hash(SyntheticSpec(patients_per_class=[20, 20, 20])) == spec_hash(SyntheticSpec())  # type: ignore[arg-type]

@@ -1,0 +1,127 @@
+"""End-to-end training through the real Hydra config: compose API, CLI, multirun, resume, W&B offline."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from covidct.config import register_resolvers
+from covidct.training import train
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+register_resolvers()
+
+
+def tiny(cache_dir: Path) -> list[str]:
+    """Overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches."""
+    return [
+        "data.synthetic.patients_per_class=[4,4,4]",
+        "data.synthetic.slices_min=8",
+        "data.synthetic.slices_max=10",
+        "data.synthetic.image_size=64",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.val_fraction=0.5",
+        "data.cache_workers=1",
+        f"paths.cache_dir={cache_dir}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_train(output_dir: Path, overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(REPO)
+        del cfg.hydra
+    return cfg
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, shared_cache):
+    cfg = compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto"])
+    result = train(cfg)
+    assert 0.0 <= result.score <= 1.0 and result.best_epoch == 0
+    patients = read_csv(tmp_path / "patients.csv")
+    split = read_csv(tmp_path / "split.csv")
+    val_ids = {r["patient"] for r in split if r["subset"] == "val"}
+    assert {r["patient"] for r in patients} == val_ids and len(val_ids) == 6
+    assert {r["true_class"] for r in patients} == {"COVID-19", "CAP", "Normal"}
+    assert all(int(r["n_slices"]) >= 8 for r in patients)
+    assert (tmp_path / "data_summary.txt").read_text().startswith("Data: ")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and Path(result.best_checkpoint).is_file()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert "val/patient/acc" in result.metrics and "val/patient/majority/acc" in result.metrics
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["preprocessing"]["image_size"] == 32
+    assert ckpt["wandb_run_id"] in runs[0].name
+    vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
+    assert 0.0 <= vote_state["tau"] <= 1.0
+
+
+def test_resume_continues_training_and_the_wandb_run(tmp_path, shared_cache):
+    first = compose_train(tmp_path / "a", tiny(shared_cache) + ["logger=wandb"])
+    train(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    run_id = torch.load(last, map_location="cpu", weights_only=True)["wandb_run_id"]
+    second = compose_train(tmp_path / "b", tiny(shared_cache) + ["trainer.max_epochs=2", f"ckpt_path={last}"])
+    result = train(second)
+    assert result.best_epoch in (0, 1)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["wandb_run_id"] == run_id
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
+    out = run_cli(tiny(shared_cache) + ["loss.gamma=-1", f"paths.log_dir={tmp_path}"], tmp_path)
+    assert out.returncode != 0 and "loss.gamma must be >= 0" in out.stderr + out.stdout
+    out = run_cli(tiny(shared_cache) + ["loss.gama=2"], tmp_path)
+    assert out.returncode != 0 and "gama" in out.stderr
+    out = run_cli(tiny(shared_cache) + ["model=vgg61"], tmp_path)
+    assert out.returncode != 0 and "vgg16_bn" in out.stderr  # Hydra lists the choices
+
+
+def test_multirun_two_jobs_each_own_wandb_run_in_one_group(tmp_path, shared_cache):
+    out = run_cli(["-m", "loss.gamma=0,2", f"paths.log_dir={tmp_path}"] + tiny(shared_cache), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweeps = list((tmp_path / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    run_files = [next(j.glob("wandb/offline-run-*/run-*.wandb")) for j in jobs]
+    assert run_files[0].parent.name != run_files[1].parent.name
+    for f in run_files:
+        assert sweeps[0].name.encode() in f.read_bytes()  # the W&B group is the sweep folder
+    for j, gamma in zip(jobs, ("0", "2"), strict=True):
+        assert f"loss.gamma={gamma}" in (j / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
+        assert (j / "patients.csv").is_file()

@@ -1,0 +1,50 @@
+"""Train a slice classifier with patient voting: python train.py [group=choice] [key=value] [-m ...]
+
+Examples:
+    python train.py                                  # CPU demo on embedded synthetic data, W&B offline
+    python train.py loss.gamma=2 model=vgg16
+    python train.py -m loss.gamma=0,1,2              # three jobs, one W&B group
+    python train.py data=covid_ct_md data.root=/data/COVID-CT-MD experiment=paper
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import otherwise
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from covidct.config import register_resolvers  # noqa: E402
+from covidct.errors import CovidCTError  # noqa: E402
+
+log = logging.getLogger("train")
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from covidct.training import train
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = os.path.basename(hydra_cfg.sweep.dir) if multirun else None
+    try:
+        result = train(cfg, group=group)
+    except CovidCTError as exc:
+        if multirun:  # one bad job must not end the sweep
+            log.error("Job %s failed: %s", hydra_cfg.job.num, exc)
+            return float("nan")
+        log.error("%s", exc)
+        sys.exit(1)
+    log.info("\n%s", result.summary(cfg.vote.rule))
+    return result.score
+
+
+if __name__ == "__main__":
+    main()
