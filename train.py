@@ -36,12 +36,15 @@ def main(cfg: DictConfig) -> float:
     group = os.path.basename(hydra_cfg.sweep.dir) if multirun else None
     try:
         result = train(cfg, group=group)
-    except CovidCTError as exc:
+    except Exception as exc:  # a user error may arrive wrapped by hydra.utils.instantiate
+        exc = exc if isinstance(exc, CovidCTError) else exc.__cause__
+        if not isinstance(exc, CovidCTError):
+            raise
         if multirun:  # one bad job must not end the sweep
             log.error("Job %s failed: %s", hydra_cfg.job.num, exc)
             return float("nan")
         log.error("%s", exc)
-        sys.exit(1)
+        sys.exit(1)  # noqa: B904 (the message says it all; no traceback for user errors)
     log.info("\n%s", result.summary(cfg.vote.rule))
     return result.score
 

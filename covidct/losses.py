@@ -55,7 +55,8 @@ def validate_gamma(gamma: object) -> float:
     value = _to_number(gamma, "loss.gamma")
     if value < 0:
         raise ConfigError(
-            f"loss.gamma must be >= 0, got {gamma}: use 0 for plain cross-entropy, 2 as in the paper"
+            f"loss.gamma must be >= 0, got {gamma}: use 0 for plain cross-entropy, "
+            "2 as in the focal-loss paper (Lin et al. 2017)"
         )
     return value
 

@@ -112,7 +112,8 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
                     offset = _append(out, i, p, r, offset, entries, patient_col, slice_col, loc_col)
         else:
             for i, p in enumerate(patients):
-                offset = _append(out, i, p, _read_patient(p.folder, pre), offset, entries, patient_col, slice_col, loc_col)
+                result = _read_patient(p.folder, pre)
+                offset = _append(out, i, p, result, offset, entries, patient_col, slice_col, loc_col)
     np.savez(
         tmp / "slices.npz",
         patient=np.concatenate(patient_col).astype(np.int32),

@@ -192,7 +192,7 @@ class CTDataModule(pl.LightningDataModule):
         self.train_rows = np.flatnonzero(in_train & known)
         self.val_rows = np.flatnonzero(np.isin(cache.patient, self.val_patients))
         self.summary = DataSummary.collect(
-            root=str(self.data_root()),
+            root=str(self.data_root().resolve()),
             cache=cache,
             label_mode=self.label_mode,
             targets=self.targets,

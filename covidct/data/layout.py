@@ -124,7 +124,9 @@ def discover_covid_ct_md(root: str | Path, label_file: str | None = None) -> lis
         for folder in sorted(p for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             pid = folder.name
             if pid in seen:
-                raise DataError(f"{folder}: patient id {pid!r} also in {seen[pid]}; patient folder names must be unique.")
+                raise DataError(
+                    f"{folder}: patient id {pid!r} also in {seen[pid]}; patient folder names must be unique."
+                )
             seen[pid] = folder
             if pid in diagnoses and diagnoses[pid] != label:
                 raise DataError(

@@ -84,7 +84,7 @@ class DataSummary:
             f"  cache {self.cache} (built in {self.cache_build_seconds:.1f} s)",
             row("patients", self.patients),
             row("slices", self.slices),
-            row("patients with slice labels", self.patients_with_slice_labels),
+            row("patients, all slices labelled", self.patients_with_slice_labels),
             row(f"slice targets ({self.label_mode})", self.slice_targets),
             row("train patients", self.train_patients),
             row("val patients", self.val_patients),

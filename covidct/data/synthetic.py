@@ -329,7 +329,7 @@ class _Anatomy:
 
 
 def _draw_anatomy(rng: np.random.Generator, fov: float) -> _Anatomy:
-    body_a = rng.uniform(0.72, 0.88) * fov / 2
+    body_a = rng.uniform(0.8, 0.93) * fov / 2
     return _Anatomy(
         body_a=body_a,
         body_b=body_a * rng.uniform(0.62, 0.76),
@@ -577,7 +577,7 @@ def _add_lesions(
     for blob in blobs:
         sl = slice(blob.first, blob.last + 1)
         weight = _blob_weight(blob, geometry, xx, yy, irregular[sl]) * lung[sl]
-        patchy = blob.hu + 60.0 * irregular[sl]
+        patchy = blob.hu + 40.0 * irregular[sl]
         hu[sl] += weight * (patchy - hu[sl])
         lesion[sl] |= weight > 0
     return lesion
@@ -607,7 +607,7 @@ def _segments(
 
 
 def _covid_blobs(rng: np.random.Generator, first: int, last: int) -> list[_Blob]:
-    """Peripheral ground-glass opacities (-600..-300 HU, soft rims) in both lungs."""
+    """Peripheral ground-glass opacities (-550..-300 HU, soft rims) in both lungs."""
     length = last - first + 1
     ranges = _segments(rng, first, last, max(2, length // 5), max(2, length // 3))
     for _ in range(int(rng.integers(2, 5))):
@@ -623,11 +623,11 @@ def _covid_blobs(rng: np.random.Generator, first: int, last: int) -> list[_Blob]
             rho=rng.uniform(0.5, 0.8),
             theta=rng.uniform(-1.4, 1.4),
             drift=rng.uniform(-0.05, 0.05),
-            radius=rng.uniform(16.0, 30.0),
+            radius=rng.uniform(18.0, 34.0),
             aspect=rng.uniform(0.75, 1.3),
             tilt=rng.uniform(0, np.pi),
-            hu=rng.uniform(-600.0, -300.0),
-            edge=rng.uniform(0.3, 0.55),
+            hu=rng.uniform(-550.0, -300.0),
+            edge=rng.uniform(0.15, 0.35),
         )
         for side, (s, e) in zip(sides, ranges, strict=True)
     ]
@@ -668,7 +668,7 @@ def _blob_weight(
     theta = blob.theta + blob.drift * (k - (blob.first + blob.last) / 2)
     cx = blob.side * (geometry.cx + blob.rho * geometry.ax[k] * np.cos(theta))
     cy = geometry.cy + blob.rho * geometry.ay[k] * np.sin(theta)
-    profile = 0.5 + 0.5 * np.sin(np.pi * (k - blob.first + 0.5) / (blob.last - blob.first + 1))
+    profile = 0.6 + 0.4 * np.sin(np.pi * (k - blob.first + 0.5) / (blob.last - blob.first + 1))
     radius = (blob.radius * profile)[:, None, None]
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     c, s = math.cos(blob.tilt), math.sin(blob.tilt)

@@ -1,0 +1,112 @@
+"""The LightningDataModule on generated DICOM data and on the real sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+
+from covidct.data.datamodule import CTDataModule
+from covidct.errors import ConfigError
+
+TINY = {"patients_per_class": [4, 4, 4], "slices_min": 8, "slices_max": 10, "image_size": 64, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dm-cache")
+
+
+def make_dm(cache_dir, out=None, **kwargs) -> CTDataModule:
+    args = {"synthetic": TINY, "cache_dir": str(cache_dir), "output_dir": out, "image_size": 32,
+            "val_fraction": 0.25, "batch_size": 8, "seed": 0} | kwargs
+    dm = CTDataModule(**args)
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_have_the_documented_shapes_dtypes_and_labels(cache_dir, tmp_path):
+    dm = make_dm(cache_dir, str(tmp_path), windows=["lung", "mediastinum"])
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 2, 32, 32) and batch["image"].dtype == torch.uint8
+    for key in ("target", "patient", "slice", "index"):
+        assert batch[key].dtype == torch.int64 and batch[key].shape == (8,)
+    assert set(batch["target"].tolist()) <= {0, 1, 2}
+    # each item's target follows the paper's rule from the patient's class and slice label
+    patients = dm.discover()
+    for t, p, s in zip(batch["target"], batch["patient"], batch["slice"], strict=True):
+        patient = patients[int(p)]
+        expected = patient.label if patient.label == 2 or patient.slice_labels[int(s)] == 0 else patient.label
+        expected = 2 if patient.label != 2 and patient.slice_labels[int(s)] == 0 else expected
+        assert int(t) == expected
+    # the image is the cached slice of that patient and index
+    val = next(iter(dm.val_dataloader()))
+    row = int(val["index"][0])
+    assert torch.equal(val["image"][0], torch.from_numpy(np.array(dm.cache.images[row])))
+    assert dm.cache.patient[row] == val["patient"][0] and dm.cache.slice_index[row] == val["slice"][0]
+
+
+def test_split_has_no_shared_patient_and_is_saved(cache_dir, tmp_path):
+    dm = make_dm(cache_dir, str(tmp_path))
+    train_p = set(dm.cache.patient[dm.train_rows].tolist())
+    val_p = set(dm.cache.patient[dm.val_rows].tolist())
+    assert not train_p & val_p and len(val_p) == 3
+    with (tmp_path / "split.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["subset"] for r in rows} == {"train", "val"} and len(rows) == 12
+    summary = json.loads((tmp_path / "data_summary.json").read_text())
+    assert summary["patients"] == {"COVID-19": 4, "CAP": 4, "Normal": 4}
+    assert summary["val_patients"] == {"COVID-19": 1, "CAP": 1, "Normal": 1}
+    assert summary["train_slices"] == len(dm.train_rows)
+    # validation keeps every slice of its patients, in head-first order
+    for p in val_p:
+        slices = dm.cache.slice_index[dm.val_rows][dm.cache.patient[dm.val_rows] == p]
+        assert slices.tolist() == list(range(len(slices)))
+
+
+def test_patient_mode_and_balanced_sampler(cache_dir):
+    dm = make_dm(cache_dir, label_mode="patient", balanced_sampler=True, batch_size=64)
+    assert (dm.targets == dm.patient_labels[dm.cache.patient]).all()
+    paper = make_dm(cache_dir, balanced_sampler=True, batch_size=512)
+    counts = np.bincount(paper.targets[paper.train_rows], minlength=3)
+    assert counts[2] > counts[0]  # paper mode: most slices are Normal
+    loader = paper.train_dataloader()
+    drawn = torch.cat([b["target"] for _ in range(20) for b in loader])
+    share = np.bincount(drawn.numpy(), minlength=3) / len(drawn)
+    assert np.all(np.abs(share - 1 / 3) < 0.06)  # balanced draws despite the imbalance
+
+
+def test_augmentation_is_applied_to_training_only_and_seeded(cache_dir):
+    flip = [A.HorizontalFlip(p=1.0)]
+    plain = make_dm(cache_dir)
+    flipped = make_dm(cache_dir, train_transforms=flip)
+    i = 0
+    a, b = plain.train_dataloader().dataset[i], flipped.train_dataloader().dataset[i]
+    assert torch.equal(b["image"], a["image"].flip(-1))
+    assert torch.equal(flipped.val_dataloader().dataset[0]["image"], plain.val_dataloader().dataset[0]["image"])
+
+
+def test_config_errors_name_the_key(cache_dir):
+    with pytest.raises(ConfigError, match="data.root"):
+        CTDataModule(root=None, synthetic=None)
+    with pytest.raises(ConfigError, match="data.image_size"):
+        CTDataModule(synthetic=TINY, image_size="abc")
+    with pytest.raises(ConfigError, match="data.label_mode"):
+        make_dm(cache_dir, label_mode="slices")
+
+
+def test_real_sample_through_the_datamodule(real_sample, tmp_path):
+    dm = CTDataModule(root=str(real_sample), cache_dir=str(tmp_path), image_size=64, num_folds=3, fold=0, seed=0)
+    dm.setup("fit")
+    assert dm.patient_ids == ["P001", "cap001", "normal001"]
+    assert [p.n_slices for p in dm.cache.patients] == [148, 168, 154]
+    assert dm.cache.patients[0].order_key == "SliceLocation"
+    targets = {pid: np.bincount(dm.targets[dm.cache.patient == i], minlength=3).tolist()
+               for i, pid in enumerate(dm.patient_ids)}
+    assert targets == {"P001": [80, 0, 68], "cap001": [0, 86, 82], "normal001": [0, 0, 154]}
+    assert len(set(dm.cache.patient[dm.val_rows].tolist())) == 1
+    assert (np.diff(dm.cache.location[dm.cache.patient == 0]) < 0).all()  # head first
