@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.callbacks.patient_vote import PatientVoteCallback
 from covidct.config import check_config
 
@@ -103,7 +105,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if any(isinstance(lg, WandbLogger) for lg in loggers) and vote.last_votes:
-            log_wandb_tables(loggers, vote)
+            log_wandb_tables(loggers, vote, datamodule)
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
     ckpt = trainer.checkpoint_callback
@@ -116,25 +118,39 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     )
 
 
-def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback) -> None:
-    """Per-patient table and confusion matrix of the last validation epoch, to W&B."""
+def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback, datamodule, n_images: int = 8) -> None:
+    """Per-patient table, confusion matrix and a few sample slices of the last validation epoch, to W&B."""
     import wandb
 
-    from covidct import CLASS_NAMES
-
+    columns = ["patient", "true", "majority", "infected_fraction", "infected_fraction_of_slices", "n_slices"]
+    rows = [
+        [v.patient, CLASS_NAMES[t], CLASS_NAMES[v.majority], CLASS_NAMES[v.infected_fraction_pred],
+         v.infected_fraction, v.n_slices]
+        for v, t in zip(vote.last_votes, vote.last_labels, strict=True)
+    ]
+    preds = [v.majority if vote.rule == "majority" else v.infected_fraction_pred for v in vote.last_votes]
+    confusion = wandb.plot.confusion_matrix(
+        y_true=[int(t) for t in vote.last_labels], preds=[int(p) for p in preds], class_names=list(CLASS_NAMES)
+    )
+    # the most infected-looking slice of the first few validation patients
+    index, patient, probs = vote.last_slices
+    samples = []
+    for p in np.unique(patient)[:n_images]:
+        mine = np.flatnonzero(patient == p)
+        row = mine[np.argmin(probs[mine, NORMAL_CLASS])]
+        pred = int(probs[row].argmax())
+        caption = (f"{datamodule.patient_ids[p]} slice {datamodule.cache.slice_index[index[row]]}: "
+                   f"target {_target_name(datamodule.targets[index[row]])}, predicted {CLASS_NAMES[pred]} "
+                   f"({probs[row, pred]:.2f})")
+        samples.append(wandb.Image(np.array(datamodule.cache.images[index[row], 0]), caption=caption))
     for lg in loggers:
-        if not isinstance(lg, WandbLogger):
-            continue
-        columns = ["patient", "true", "majority", "infected_fraction", "infected_fraction_of_slices", "n_slices"]
-        rows = [
-            [v.patient, CLASS_NAMES[t], CLASS_NAMES[v.majority], CLASS_NAMES[v.infected_fraction_pred],
-             v.infected_fraction, v.n_slices]
-            for v, t in zip(vote.last_votes, vote.last_labels, strict=True)
-        ]
-        lg.log_table("val/patients", columns=columns, data=rows)
-        preds = [v.majority if vote.rule == "majority" else v.infected_fraction_pred for v in vote.last_votes]
-        lg.experiment.log({"val/patient_confusion": wandb.plot.confusion_matrix(
-            y_true=[int(t) for t in vote.last_labels], preds=[int(p) for p in preds], class_names=list(CLASS_NAMES))})
+        if isinstance(lg, WandbLogger):
+            lg.log_table("val/patients", columns=columns, data=rows)
+            lg.experiment.log({"val/patient_confusion": confusion, "val/sample_slices": samples})
+
+
+def _target_name(target: int) -> str:
+    return "unknown" if target < 0 else CLASS_NAMES[target]
 
 
 def finish_wandb(failed: bool) -> None:

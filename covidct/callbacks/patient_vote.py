@@ -87,7 +87,11 @@ class PatientVoteCallback(pl.Callback):
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_summary: dict[str, float] = {}
+        self.best_tau: float | None = None
         self.last_votes: list[PatientVote] = []
+        self.last_labels = np.zeros(0, dtype=np.int64)
+        self.last_slices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # cache row, patient, probs
+        self.confusion: np.ndarray | None = None
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ---- collection ---------------------------------------------------------------------------
@@ -113,7 +117,8 @@ class PatientVoteCallback(pl.Callback):
         if trainer.sanity_checking or not self._batches:
             return
         dm = trainer.datamodule
-        _, patient, probs = self.gather(trainer)
+        index, patient, probs = self.gather(trainer)
+        self.last_slices = (index, patient, probs)
         order = np.argsort(patient, kind="stable")
         votes = vote_patients(patient[order], probs[order], self.tau)
         patient_index = np.asarray([int(v.patient) for v in votes])

@@ -24,9 +24,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -98,27 +99,38 @@ def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
     }
 
 
+def _read_all(patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers: int) -> Iterator[dict]:
+    """``_read_patient`` results in patient order, read by ``workers`` processes."""
+    folders = [p.folder for p in patients]
+    if workers <= 1:
+        yield from (_read_patient(folder, pre) for folder in folders)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_read_patient, folders, repeat(pre))
+
+
 def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers: int) -> dict:
-    """Read all patients (in ``workers`` processes) and write the cache files into ``tmp``."""
+    """Read all patients and write the cache files into ``tmp``; returns the manifest."""
     started = time.perf_counter()
-    entries, patient_col, slice_col, loc_col = [], [], [], []
+    entries, patient_col, slice_col, location_col = [], [], [], []
     offset = 0
     with open(tmp / "images.u8", "wb") as out:
-        if workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                results = pool.map(_read_patient, [p.folder for p in patients], [pre] * len(patients))
-                for i, (p, r) in enumerate(zip(patients, results, strict=True)):
-                    offset = _append(out, i, p, r, offset, entries, patient_col, slice_col, loc_col)
-        else:
-            for i, p in enumerate(patients):
-                result = _read_patient(p.folder, pre)
-                offset = _append(out, i, p, result, offset, entries, patient_col, slice_col, loc_col)
+        for i, (patient, result) in enumerate(zip(patients, _read_all(patients, pre, workers), strict=True)):
+            images = result["images"]
+            out.write(np.ascontiguousarray(images).tobytes())
+            n = len(images)
+            entry = CachedPatient(patient.patient_id, patient.label, str(patient.folder), offset, n,
+                                  result["order_key"], result["skipped"], result["n_ignored"])
+            entries.append(asdict(entry))
+            patient_col.append(np.full(n, i))
+            slice_col.append(np.arange(n))
+            location_col.append(result["locations"])
+            offset += n
     np.savez(
         tmp / "slices.npz",
         patient=np.concatenate(patient_col).astype(np.int32),
         slice=np.concatenate(slice_col).astype(np.int32),
-        location=np.concatenate(loc_col).astype(np.float32),
+        location=np.concatenate(location_col).astype(np.float32),
     )
     manifest = {
         "version": CACHE_VERSION,
@@ -130,26 +142,6 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
-
-
-def _append(out, i, patient, result, offset, entries, patient_col, slice_col, loc_col) -> int:
-    images = result["images"]
-    out.write(np.ascontiguousarray(images).tobytes())
-    n = len(images)
-    entries.append(
-        asdict(
-            CachedPatient(
-                patient.patient_id, patient.label, str(patient.folder), offset, n,
-                result["order_key"], result["skipped"], result["n_ignored"],
-            )
-        )
-    )
-    patient_col.append(np.full(n, i))
-    slice_col.append(np.arange(n))
-    loc_col.append(result["locations"])
-    for s in result["skipped"]:
-        log.warning("Skipped %s: %s", s["file"], s["reason"])
-    return offset + n
 
 
 def open_cache(path: Path) -> SliceCache:
