@@ -1,0 +1,238 @@
+"""Patient-level prediction on new DICOM folders with a trained checkpoint (SPGC style: one CSV per test folder).
+
+Accepted inputs:
+
+* one patient folder (DICOM files directly inside)         -> one test set named after the folder;
+* a folder of patient folders (one test set)                -> one CSV;
+* a folder of test sets (e.g. ``SPGC-Test1/T1-001/*.dcm``)  -> one CSV per test set.
+
+Preprocessing (windows, image size), class names and the vote rule come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom.misc import is_dicom
+from torch.utils.data import DataLoader, Dataset
+
+from covidct import NORMAL_CLASS
+from covidct.data.dicom import IGNORED_NAMES, read_series
+from covidct.data.preprocess import SlicePreprocessor, parse_windows
+from covidct.errors import ConfigError, CovidCTError, DataError
+from covidct.io import atomic_write_csv, atomic_write_text
+from covidct.models.classifier import SliceClassifier
+from covidct.voting import infected_fraction_vote, majority_vote
+
+log = logging.getLogger(__name__)
+
+VOTE_RULES = ("majority", "infected_fraction")
+
+
+@dataclass
+class TestSet:
+    """A named group of patient folders whose predictions go into one CSV."""
+
+    name: str
+    patients: list[Path]
+
+
+def _has_dicom(folder: Path) -> bool:
+    """True if any file directly in ``folder`` is DICOM (checks the 'DICM' preamble, stops at the first)."""
+    return any(e.is_file() and e.name not in IGNORED_NAMES and is_dicom(e.path) for e in os.scandir(folder))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_test_sets(input_path: str | Path) -> list[TestSet]:
+    """Test sets under ``input_path`` (see the module docstring). Errors before any work is done."""
+    root = Path(input_path)
+    if not root.exists():
+        raise DataError(f"input={root}: does not exist.")
+    if not root.is_dir():
+        raise DataError(f"input={root}: is a file; give a patient folder or a folder of patient folders.")
+    if _has_dicom(root):
+        return [TestSet(root.name, [root])]
+    children = _subfolders(root)
+    if any(_has_dicom(c) for c in children):
+        return [TestSet(root.name, [c for c in children if _has_dicom(c)])]
+    sets = [TestSet(c.name, [g for g in _subfolders(c) if _has_dicom(g)]) for c in children]
+    sets = [s for s in sets if s.patients]
+    if not sets:
+        raise DataError(
+            f"input={root}: no DICOM file in it, its subfolders or their subfolders. Expected a patient folder "
+            "of DICOM slices, a folder of patient folders, or a folder of test sets."
+        )
+    return sets
+
+
+@dataclass
+class PredictorSettings:
+    """What prediction takes from the checkpoint (and what the user overrode)."""
+
+    windows: list
+    image_size: int
+    class_names: list[str]
+    vote_rule: str
+    tau: float
+    overridden: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassifier, PredictorSettings]:
+    """Model and settings from a Lightning checkpoint, loaded weights-only (no arbitrary pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path}: file not found (checkpoints are in <run>/checkpoints/).")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = dict(ckpt["hyper_parameters"])
+    pre = hp.pop("preprocessing")
+    hp |= {"pretrained": False, "class_counts": hp.get("class_counts")}
+    model = SliceClassifier(**hp)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval().to(device)
+    vote_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), {})
+    settings = PredictorSettings(
+        windows=pre["windows"],
+        image_size=int(pre["image_size"]),
+        class_names=list(hp["class_names"]),
+        vote_rule=pre.get("vote_rule", "majority"),
+        tau=float(vote_state.get("tau", 0.5)),
+    )
+    return model, settings
+
+
+class PatientFolders(Dataset):
+    """Reads and preprocesses one whole patient per item (run in DataLoader workers)."""
+
+    def __init__(self, folders: list[Path], preprocessor: SlicePreprocessor) -> None:
+        self.folders, self.preprocessor = folders, preprocessor
+
+    def __len__(self) -> int:
+        return len(self.folders)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        folder = self.folders[i]
+        try:
+            series = read_series(folder, self.preprocessor)
+        except CovidCTError as exc:
+            return {"folder": folder, "error": str(exc)}
+        return {
+            "folder": folder,
+            "images": torch.from_numpy(np.stack(series.slices)),
+            "locations": series.locations,
+            "skipped": [f"{s.path.name}: {s.reason}" for s in series.skipped],
+        }
+
+
+def iterate_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_workers: int) -> Iterator[dict]:
+    """Preprocessed patients in order; reading overlaps with the caller's compute when workers > 0."""
+    loader = DataLoader(
+        PatientFolders(folders, preprocessor), batch_size=None, num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+    )
+    yield from loader
+
+
+@torch.inference_mode()
+def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities, in batches."""
+    device = next(model.parameters()).device
+    out = [model(images[i : i + batch_size].to(device, non_blocking=True)).float().softmax(1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def vote(probs: np.ndarray, rule: str, tau: float) -> int:
+    if rule == "majority":
+        return majority_vote(probs)
+    return infected_fraction_vote(probs, tau, NORMAL_CLASS)
+
+
+def predict_test_set(
+    test_set: TestSet,
+    model: SliceClassifier,
+    settings: PredictorSettings,
+    output_dir: Path,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """Write ``<name>.csv`` (one row per patient) and ``<name>_slices.csv`` into ``output_dir``."""
+    from tqdm import tqdm
+
+    pre = SlicePreprocessor(parse_windows(settings.windows), settings.image_size)
+    names = settings.class_names
+    patient_rows, slice_rows = [], []
+    items = iterate_patients(test_set.patients, pre, num_workers)
+    for item in tqdm(items, total=len(test_set.patients), desc=test_set.name, disable=not progress, unit="patient"):
+        pid = item["folder"].name
+        if "error" in item:
+            log.error("%s: %s", pid, item["error"])
+            patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "error", item["error"]])
+            continue
+        probs = slice_probabilities(model, item["images"], batch_size)
+        pred = vote(probs, settings.vote_rule, settings.tau)
+        infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
+        patient_rows.append([pid, names[pred], *np.round(probs.mean(0, dtype=np.float64), 4).tolist(), round(infected, 4),
+                             len(probs), len(item["skipped"]), "ok", "; ".join(item["skipped"])])
+        slice_rows += [
+            [pid, i, loc, *np.round(p.astype(np.float64), 4).tolist()]
+            for i, (loc, p) in enumerate(zip(item["locations"], probs, strict=True))
+        ]
+    patients_csv = atomic_write_csv(
+        output_dir / f"{test_set.name}.csv",
+        ["patient", "predicted_class", *[f"prob_{n}" for n in names], "infected_fraction", "n_slices", "n_skipped",
+         "status", "detail"],
+        patient_rows,
+    )
+    slices_csv = atomic_write_csv(
+        output_dir / f"{test_set.name}_slices.csv",
+        ["patient", "slice_index", "slice_location", *[f"prob_{n}" for n in names]],
+        slice_rows,
+    )
+    return patients_csv, slices_csv
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def run_prediction(cfg) -> list[Path]:
+    """Everything ``predict.py`` does: check input, load the checkpoint, predict each test set."""
+    test_sets = find_test_sets(cfg.input)
+    if cfg.vote is not None and cfg.vote not in VOTE_RULES:
+        raise ConfigError(f"vote={cfg.vote!r} is not one of {list(VOTE_RULES)} (or null: the checkpoint's rule)")
+    if cfg.tau is not None and not 0.0 <= float(cfg.tau) <= 1.0:
+        raise ConfigError(f"tau must be in [0, 1] or null, got {cfg.tau}")
+    device = pick_device(cfg.device)
+    model, settings = load_checkpoint(cfg.ckpt_path, device)
+    for key in ("vote", "tau"):
+        value = cfg.get(key)
+        if value is not None:
+            attr = "vote_rule" if key == "vote" else key
+            settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
+            setattr(settings, attr, value)
+    output_dir = Path(cfg.paths.output_dir)
+    outputs = []
+    for test_set in test_sets:
+        outputs += predict_test_set(test_set, model, settings, output_dir, cfg.batch_size, cfg.num_workers,
+                                    cfg.progress)
+    record = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "input": str(Path(cfg.input).resolve()),
+              "device": str(device), "test_sets": {t.name: len(t.patients) for t in test_sets},
+              **settings.__dict__}
+    outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
+    return outputs
