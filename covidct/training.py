@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
@@ -97,8 +98,10 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
             "vote_rule": cfg.vote.rule,
         },
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [vote]
     loggers = build_loggers(cfg, group)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [vote]
+    if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         for lg in loggers:

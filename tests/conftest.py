@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from covidct.config import register_resolvers
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -17,6 +22,43 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("COVIDCT_SAMPLE_DIR", REPO.parent / "shared" / "data" / "covid-ct-md-sample"))
+
+
+def tiny(cache_dir: Path) -> list[str]:
+    """Train overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches."""
+    return [
+        "data.synthetic.patients_per_class=[4,4,4]",
+        "data.synthetic.slices_min=8",
+        "data.synthetic.slices_max=10",
+        "data.synthetic.image_size=64",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.val_fraction=0.5",
+        "data.cache_workers=1",
+        f"paths.cache_dir={cache_dir}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """The real train config composed with ``overrides``, as ``python train.py`` would see it."""
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(REPO)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One generated-data and slice cache folder for the whole session."""
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")

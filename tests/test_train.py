@@ -10,51 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from covidct.config import register_resolvers
 from covidct.training import train
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_train, tiny
 
 pytestmark = pytest.mark.slow
-
-register_resolvers()
-
-
-def tiny(cache_dir: Path) -> list[str]:
-    """Overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches."""
-    return [
-        "data.synthetic.patients_per_class=[4,4,4]",
-        "data.synthetic.slices_min=8",
-        "data.synthetic.slices_max=10",
-        "data.synthetic.image_size=64",
-        "data.image_size=32",
-        "data.batch_size=16",
-        "data.val_fraction=0.5",
-        "data.cache_workers=1",
-        f"paths.cache_dir={cache_dir}",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.enable_progress_bar=false",
-    ]
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-def compose_train(output_dir: Path, overrides: list[str]):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.root_dir = str(REPO)
-        del cfg.hydra
-    return cfg
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -1,0 +1,129 @@
+"""predict.py: input layouts, errors before work, one CSV per test set, preprocessing from the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidct.data.datamodule import CTDataModule
+from covidct.errors import DataError
+from covidct.inference import find_test_sets, load_checkpoint
+from covidct.training import train
+from tests.conftest import REPO, compose_train, tiny, write_ct_slice
+
+
+def patient(folder: Path, n: int = 2) -> Path:
+    for i in range(n):
+        write_ct_slice(folder / f"IM{i:04d}.dcm", np.full((8, 8), -800, np.int16), slice_location=float(i))
+    return folder
+
+
+def test_input_layouts(tmp_path):
+    one = patient(tmp_path / "single" / "T1-001")
+    assert [(t.name, [p.name for p in t.patients]) for t in find_test_sets(one)] == [("T1-001", ["T1-001"])]
+    patient(tmp_path / "set" / "T1-001")
+    patient(tmp_path / "set" / "T1-002")
+    (tmp_path / "set" / "notes.txt").write_text("x")
+    assert [len(t.patients) for t in find_test_sets(tmp_path / "set")] == [2]
+    for s, p in [("SPGC-Test1", "T1-001"), ("SPGC-Test1", "T1-002"), ("SPGC-Test2", "T2-001")]:
+        patient(tmp_path / "many" / s / p)
+    sets = find_test_sets(tmp_path / "many")
+    assert [(t.name, len(t.patients)) for t in sets] == [("SPGC-Test1", 2), ("SPGC-Test2", 1)]
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_test_sets(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no DICOM file"):
+        find_test_sets(tmp_path / "empty")
+    (tmp_path / "text" / "T1").mkdir(parents=True)
+    (tmp_path / "text" / "T1" / "a.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no DICOM file"):
+        find_test_sets(tmp_path / "text")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_cache):
+    """A checkpoint trained at 32 px on tiny synthetic data, and its datamodule."""
+    out = tmp_path_factory.mktemp("run")
+    result = train(compose_train(out, tiny(shared_cache) + ["logger=none"]))
+    return Path(result.best_checkpoint), out
+
+
+def run_predict(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args, "progress=false", "num_workers=1"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_predict_uses_the_checkpoint_preprocessing_and_reports_bad_patients(trained, shared_cache, tmp_path):
+    ckpt, run_dir = trained
+    ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data_root = Path(next(shared_cache.glob("synthetic-*")))
+    val = [r["patient"] for r in read(run_dir / "split.csv") if r["subset"] == "val"]
+    folders = {p.name: p for p in data_root.glob("*/*") if p.is_dir()}
+    # two SPGC-style test sets; one patient loses a slice to corruption, one has nothing readable
+    tests = tmp_path / "input"
+    for pid in val[:3]:
+        shutil.copytree(folders[pid], tests / "Test1" / pid)
+    shutil.copytree(folders[val[3]], tests / "Test2" / val[3])
+    damaged = sorted((tests / "Test1" / val[0]).iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    (tests / "Test2" / "broken").mkdir()
+    (tests / "Test2" / "broken" / "IM0001.dcm").write_bytes(damaged.read_bytes()[:-200])
+    out = run_predict([f"ckpt_path={ckpt}", f"input={tests}", f"paths.log_dir={tmp_path / 'logs'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result_dir = next((tmp_path / "logs" / "predict" / "runs").iterdir())
+    test1, test2 = read(result_dir / "Test1.csv"), read(result_dir / "Test2.csv")
+    assert [r["patient"] for r in test1] == sorted(val[:3])
+    damaged_row = next(r for r in test1 if r["patient"] == val[0])
+    assert damaged_row["n_skipped"] == "1" and damaged_row["status"] == "ok" and damaged.name in damaged_row["detail"]
+    broken = next(r for r in test2 if r["patient"] == "broken")
+    assert broken["status"] == "error" and broken["predicted_class"] == ""
+    assert next(r for r in test2 if r["patient"] == val[3])["status"] == "ok"
+    record = json.loads((result_dir / "prediction.json").read_text())
+    assert record["image_size"] == 32 and record["vote_rule"] == "infected_fraction"
+    assert record["tau"] == next(v for k, v in ckpt_data["callbacks"].items() if "PatientVote" in k)["tau"]
+    # the slice probabilities equal the model's on the training pipeline's own 32 px cache
+    dm = CTDataModule(synthetic=compose_train(tmp_path, tiny(shared_cache)).data.synthetic, cache_dir=str(shared_cache),
+                      image_size=32)
+    dm.setup()
+    model, _ = load_checkpoint(ckpt, torch.device("cpu"))
+    pid = val[1]
+    rows = np.flatnonzero(dm.cache.patient == dm.patient_ids.index(pid))
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(np.array(dm.cache.images[rows]))).softmax(1).numpy()
+    slices = [r for r in read(result_dir / "Test1_slices.csv") if r["patient"] == pid]
+    got = np.array([[float(r[f"prob_{c}"]) for c in ("COVID-19", "CAP", "Normal")] for r in slices])
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    np.testing.assert_allclose([float(r["slice_location"]) for r in slices], dm.cache.location[rows], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_vote_override_is_recorded_and_bad_paths_exit_nonzero(trained, shared_cache, tmp_path):
+    ckpt, _ = trained
+    data_root = Path(next(shared_cache.glob("synthetic-*")))
+    one = next((data_root / "Normal subjects").iterdir())
+    out = run_predict([f"ckpt_path={ckpt}", f"input={one}", "vote=majority", f"paths.log_dir={tmp_path}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(next(tmp_path.glob("predict/runs/*/prediction.json")).read_text())
+    assert record["vote_rule"] == "majority"
+    assert record["overridden"]["vote_rule"] == {"checkpoint": "infected_fraction", "used": "majority"}
+    bad = run_predict([f"ckpt_path={ckpt}", f"input={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}"], tmp_path)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
+    bad = run_predict([f"ckpt_path={tmp_path / 'x.ckpt'}", f"input={one}", f"paths.log_dir={tmp_path}"], tmp_path)
+    assert bad.returncode != 0 and "ckpt_path" in bad.stderr
