@@ -214,16 +214,15 @@ def pick_device(name: str) -> torch.device:
 def run_prediction(cfg) -> list[Path]:
     """Everything ``predict.py`` does: check input, load the checkpoint, predict each test set."""
     test_sets = find_test_sets(cfg.input)
-    if cfg.vote is not None and cfg.vote not in VOTE_RULES:
-        raise ConfigError(f"vote={cfg.vote!r} is not one of {list(VOTE_RULES)} (or null: the checkpoint's rule)")
+    rule = cfg.vote.rule if cfg.get("vote") else None
+    if rule is not None and rule not in VOTE_RULES:
+        raise ConfigError(f"vote.rule={rule!r} is not one of {list(VOTE_RULES)}")
     if cfg.tau is not None and not 0.0 <= float(cfg.tau) <= 1.0:
-        raise ConfigError(f"tau must be in [0, 1] or null, got {cfg.tau}")
+        raise ConfigError(f"tau must be in [0, 1] or null (the checkpoint's), got {cfg.tau}")
     device = pick_device(cfg.device)
     model, settings = load_checkpoint(cfg.ckpt_path, device)
-    for key in ("vote", "tau"):
-        value = cfg.get(key)
+    for attr, value in (("vote_rule", rule), ("tau", cfg.tau)):
         if value is not None:
-            attr = "vote_rule" if key == "vote" else key
             settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
             setattr(settings, attr, value)
     output_dir = Path(cfg.paths.output_dir)
