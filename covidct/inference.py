@@ -183,8 +183,9 @@ def predict_test_set(
         probs = slice_probabilities(model, item["images"], batch_size)
         pred = vote(probs, settings.vote_rule, settings.tau)
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
-        patient_rows.append([pid, names[pred], *np.round(probs.mean(0, dtype=np.float64), 4).tolist(), round(infected, 4),
-                             len(probs), len(item["skipped"]), "ok", "; ".join(item["skipped"])])
+        mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
+        patient_rows.append([pid, names[pred], *mean_probs, round(infected, 4), len(probs), len(item["skipped"]),
+                             "ok", "; ".join(item["skipped"])])
         slice_rows += [
             [pid, i, loc, *np.round(p.astype(np.float64), 4).tolist()]
             for i, (loc, p) in enumerate(zip(item["locations"], probs, strict=True))
