@@ -7,7 +7,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast lint train clean
+.PHONY: install test test-fast lint train predict-demo bench-predict clean
 
 install:  ## fresh venv with everything (torch first, then the project and its dev tools)
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ lint:
 
 train:  ## the default CPU demo on the embedded synthetic data
 	$(BIN)/python train.py
+
+predict-demo:  ## predict the synthetic patients with the newest checkpoint of `make train`
+	$(BIN)/python predict.py ckpt_path=$$(ls -t outputs/train/runs/*/checkpoints/last.ckpt | head -1) \
+		input=$$(ls -d .cache/covidct/synthetic-* | head -1)
+
+SAMPLE ?= ../shared/data/covid-ct-md-sample
+bench-predict:  ## seconds per 150-slice patient and overhead over a bare forward (VGG16, 224 px)
+	$(BIN)/python -m covidct.bench_predict --input $(SAMPLE) --backbone vgg16 --image-size 224
 
 clean:  ## run outputs and caches (generated data too); keeps the venv
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache

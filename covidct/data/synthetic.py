@@ -343,9 +343,9 @@ def _draw_anatomy(rng: np.random.Generator, fov: float) -> _Anatomy:
         t_top=rng.uniform(0.02, 0.07),
         t_bot=rng.uniform(0.93, 0.98),
         heart=rng.uniform(0.85, 1.15),
-        lung_hu=rng.uniform(-880.0, -820.0),
-        texture_hu=rng.uniform(8.0, 25.0),
-        vessel_threshold=rng.uniform(1.7, 2.1),
+        lung_hu=rng.uniform(-890.0, -840.0),
+        texture_hu=rng.uniform(8.0, 20.0),
+        vessel_threshold=rng.uniform(2.0, 2.4),
         rib_period=rng.uniform(28.0, 40.0),
         noise_hu=rng.uniform(10.0, 30.0),
     )
@@ -457,7 +457,7 @@ def _render_anatomy(
     _paint_spine(hu, xx, yy, spine_y, spine_r)
     _paint_trachea(hu, xx, yy, t, anatomy, 0.05 * bi)
     texture = _smooth_noise(rng, z, x, 6.0, 12.0) * anatomy.texture_hu
-    dependent = 40.0 * np.clip((yy - geometry.cy) / (0.8 * bi), 0.0, 1.0)  # denser posterior lung
+    dependent = 30.0 * np.clip((yy - geometry.cy) / (0.8 * bi), 0.0, 1.0)  # denser posterior lung
     vessel_scale = max(2.0, float(x[1] - x[0]))  # mm; no finer than a pixel
     vessel_field = _smooth_noise(rng, z, x, vessel_scale, 8.0)
     vessels = np.clip((vessel_field - anatomy.vessel_threshold) / 0.3, 0.0, 1.0)
@@ -607,7 +607,7 @@ def _segments(
 
 
 def _covid_blobs(rng: np.random.Generator, first: int, last: int) -> list[_Blob]:
-    """Peripheral ground-glass opacities (-550..-300 HU, soft rims) in both lungs."""
+    """Peripheral ground-glass opacities (-500..-300 HU, soft rims) in both lungs."""
     length = last - first + 1
     ranges = _segments(rng, first, last, max(2, length // 5), max(2, length // 3))
     for _ in range(int(rng.integers(2, 5))):
@@ -626,7 +626,7 @@ def _covid_blobs(rng: np.random.Generator, first: int, last: int) -> list[_Blob]
             radius=rng.uniform(18.0, 34.0),
             aspect=rng.uniform(0.75, 1.3),
             tilt=rng.uniform(0, np.pi),
-            hu=rng.uniform(-550.0, -300.0),
+            hu=rng.uniform(-500.0, -300.0),
             edge=rng.uniform(0.15, 0.35),
         )
         for side, (s, e) in zip(sides, ranges, strict=True)
