@@ -51,7 +51,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1,
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError, DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the generator's output changes: it is part of the cache folder name."""
 
 MAX_SLICES = 200
@@ -578,7 +578,7 @@ def _add_lesions(
         sl = slice(blob.first, blob.last + 1)
         weight = _blob_weight(blob, geometry, xx, yy, irregular[sl]) * lung[sl]
         patchy = blob.hu + 40.0 * irregular[sl]
-        hu[sl] += weight * (patchy - hu[sl])
+        hu[sl] += weight * np.maximum(patchy - hu[sl], 0.0)  # only raises density: vessels stay visible
         lesion[sl] |= weight > 0
     return lesion
 
