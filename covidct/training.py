@@ -30,6 +30,7 @@ class TrainResult:
     best_epoch: int | None
     best_checkpoint: str
     metrics: dict[str, float]
+    confusion: np.ndarray | None  # (C, C) patient confusion matrix of the best epoch, rows = truth
     output_dir: Path
 
     def summary(self, rule: str) -> str:
@@ -40,6 +41,8 @@ class TrainResult:
             f"  same logits, majority vote (the paper's rule): {m.get('val/patient/majority/acc', float('nan')):.3f}"
             f" | infected_fraction: {m.get('val/patient/infected_fraction/acc', float('nan')):.3f}"
             f" | patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
+            f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
+            f"{self.confusion.tolist() if self.confusion is not None else None}",
             f"  outputs: {self.output_dir} (patients.csv, data_summary.txt, split.csv)",
             f"  best checkpoint: {self.best_checkpoint}",
         ]
@@ -117,6 +120,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         best_epoch=vote.best_epoch,
         best_checkpoint=(ckpt.best_model_path if ckpt else "") or "",
         metrics=vote.best_summary,
+        confusion=vote.best_confusion,
         output_dir=output_dir,
     )
 

@@ -87,11 +87,11 @@ class PatientVoteCallback(pl.Callback):
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_summary: dict[str, float] = {}
-        self.best_tau: float | None = None
         self.last_votes: list[PatientVote] = []
         self.last_labels = np.zeros(0, dtype=np.int64)
         self.last_slices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # cache row, patient, probs
-        self.confusion: np.ndarray | None = None
+        self.confusion: np.ndarray | None = None  # (C, C) of the chosen rule, rows = truth; last epoch
+        self.best_confusion: np.ndarray | None = None
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ---- collection ---------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class PatientVoteCallback(pl.Callback):
         self.last_votes, self.last_labels = votes, labels
         if self.best is None or summary["val/patient/acc"] > self.best:
             self.best, self.best_epoch, self.best_summary = summary["val/patient/acc"], trainer.current_epoch, summary
-            self.best_tau = self.tau
+            self.best_confusion = self.confusion
             if trainer.is_global_zero:
                 self.write_patients_csv(votes, labels, predictions[self.rule])
 
