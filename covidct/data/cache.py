@@ -89,7 +89,7 @@ def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
     import cv2
 
     cv2.setNumThreads(1)
-    series = read_series(folder, preprocessor)
+    series = read_series(folder, preprocessor, warn=False)  # warned in the main process, into the run log
     return {
         "images": np.stack(series.slices),
         "locations": np.asarray(series.locations, dtype=np.float32),
@@ -126,6 +126,8 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
             slice_col.append(np.arange(n))
             location_col.append(result["locations"])
             offset += n
+            for skipped in result["skipped"]:
+                log.warning("Skipping %s: %s", skipped["file"], skipped["reason"])
     np.savez(
         tmp / "slices.npz",
         patient=np.concatenate(patient_col).astype(np.int32),

@@ -128,6 +128,7 @@ def list_files(folder: Path) -> list[Path]:
 def read_series(
     folder: str | Path,
     convert: Callable[[np.ndarray], T] = lambda hu: hu,  # type: ignore[assignment,return-value]
+    warn: bool = True,
 ) -> Series[T]:
     """Read every DICOM slice of one patient folder, head first.
 
@@ -135,6 +136,7 @@ def read_series(
         folder: a patient folder holding one CT series, one slice per file.
         convert: applied to each slice's HU array (float32 (rows, cols)) right after decoding,
             e.g. window + resize, so that a large series never sits in memory as float HU.
+        warn: log a warning per skipped file (callers that report ``skipped`` themselves pass False).
 
     Non-DICOM files (``.DS_Store``, text, ...) are ignored. A DICOM that cannot be decoded is
     skipped with a warning naming the file and the reason. A folder with no readable slice raises
@@ -168,7 +170,7 @@ def read_series(
         converted.append(convert(hu))
         headers.append(read_header(ds))
         paths.append(path)
-    for s in skipped:
+    for s in skipped if warn else ():
         log.warning("Skipping %s: %s", s.path, s.reason)
     if not converted:
         detail = f"; {len(skipped)} DICOM file(s) could not be decoded (first: {skipped[0].reason})" if skipped else ""

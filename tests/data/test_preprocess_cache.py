@@ -90,11 +90,13 @@ def test_cache_with_worker_processes_equals_single_process(tmp_path):
     np.testing.assert_array_equal(one.location, open_cache(two.path).location)
 
 
-def test_cache_records_skipped_files(tmp_path):
+def test_cache_records_and_warns_about_skipped_files(tmp_path, caplog):
     patients = make_patients(tmp_path / "data")
     (patients[0].folder / "bad.dcm").write_bytes((patients[0].folder / "0.dcm").read_bytes()[:-40])
     (patients[0].folder / "notes.txt").write_text("x")
-    cache = build_or_load_cache(patients, SlicePreprocessor(parse_windows(["lung"]), 8), tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        cache = build_or_load_cache(patients, SlicePreprocessor(parse_windows(["lung"]), 8), tmp_path / "cache", 2)
+    assert [r.message.count("bad.dcm") for r in caplog.records] == [1]  # once, from the main process
     assert cache.patients[0].n_slices == 3 and cache.patients[0].n_ignored == 1
     assert cache.patients[0].skipped[0]["file"].endswith("bad.dcm")
 
