@@ -110,7 +110,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        if any(isinstance(lg, WandbLogger) for lg in loggers) and vote.last_votes:
+        if any(isinstance(lg, WandbLogger) for lg in loggers) and vote.best_votes:
             log_wandb_tables(loggers, vote, datamodule)
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
@@ -126,21 +126,20 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
 
 
 def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback, datamodule, n_images: int = 8) -> None:
-    """Per-patient table, confusion matrix and a few sample slices of the last validation epoch, to W&B."""
+    """Per-patient table, confusion matrix and a few sample slices of the best validation epoch, to W&B."""
     import wandb
 
     columns = ["patient", "true", "majority", "infected_fraction", "infected_fraction_of_slices", "n_slices"]
     rows = [
         [v.patient, CLASS_NAMES[t], CLASS_NAMES[v.majority], CLASS_NAMES[v.infected_fraction_pred],
          v.infected_fraction, v.n_slices]
-        for v, t in zip(vote.last_votes, vote.last_labels, strict=True)
+        for v, t in zip(vote.best_votes, vote.best_labels, strict=True)
     ]
-    preds = [v.majority if vote.rule == "majority" else v.infected_fraction_pred for v in vote.last_votes]
     confusion = wandb.plot.confusion_matrix(
-        y_true=[int(t) for t in vote.last_labels], preds=[int(p) for p in preds], class_names=list(CLASS_NAMES)
+        y_true=vote.best_labels.tolist(), preds=vote.best_predictions.tolist(), class_names=list(CLASS_NAMES)
     )
     # the most infected-looking slice of the first few validation patients
-    index, patient, probs = vote.last_slices
+    index, patient, probs = vote.best_slices
     samples = []
     for p in np.unique(patient)[:n_images]:
         mine = np.flatnonzero(patient == p)

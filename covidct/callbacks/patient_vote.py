@@ -87,11 +87,12 @@ class PatientVoteCallback(pl.Callback):
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_summary: dict[str, float] = {}
-        self.last_votes: list[PatientVote] = []
-        self.last_labels = np.zeros(0, dtype=np.int64)
-        self.last_slices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # cache row, patient, probs
-        self.confusion: np.ndarray | None = None  # (C, C) of the chosen rule, rows = truth; last epoch
+        # the best epoch's patients, predictions (chosen rule), confusion (rows = truth) and slices
+        self.best_votes: list[PatientVote] = []
+        self.best_labels = np.zeros(0, dtype=np.int64)
+        self.best_predictions = np.zeros(0, dtype=np.int64)
         self.best_confusion: np.ndarray | None = None
+        self.best_slices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # cache row, patient, probs
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ---- collection ---------------------------------------------------------------------------
@@ -118,7 +119,6 @@ class PatientVoteCallback(pl.Callback):
             return
         dm = trainer.datamodule
         index, patient, probs = self.gather(trainer)
-        self.last_slices = (index, patient, probs)
         order = np.argsort(patient, kind="stable")
         votes = vote_patients(patient[order], probs[order], self.tau)
         patient_index = np.asarray([int(v.patient) for v in votes])
@@ -135,22 +135,23 @@ class PatientVoteCallback(pl.Callback):
             v.patient = dm.patient_ids[int(v.patient)]
         predictions = {"majority": np.asarray([v.majority for v in votes]), "infected_fraction": honest}
         summary: dict[str, float] = {}
+        confusion = None
         for rule, preds in predictions.items():
             metrics = patient_metrics(preds, labels)
-            confusion = metrics.pop("confusion")
+            rule_confusion = metrics.pop("confusion")
             summary.update({f"val/patient/{rule}/{k}": v for k, v in metrics.items()})
             if rule == self.rule:
-                self.confusion = confusion
+                confusion = rule_confusion
         summary["val/patient/acc"] = summary[f"val/patient/{self.rule}/acc"]
         summary["val/patient/tau"] = self.tau
         summary["val/patient/infected_fraction/acc_at_tuned_tau"] = patient_accuracy(
             fractions, infected_votes, labels, self.tau
         )
         pl_module.log_dict(summary, sync_dist=False)  # identical on every rank by construction
-        self.last_votes, self.last_labels = votes, labels
         if self.best is None or summary["val/patient/acc"] > self.best:
             self.best, self.best_epoch, self.best_summary = summary["val/patient/acc"], trainer.current_epoch, summary
-            self.best_confusion = self.confusion
+            self.best_votes, self.best_labels, self.best_predictions = votes, labels, predictions[self.rule]
+            self.best_confusion, self.best_slices = confusion, (index, patient, probs)
             if trainer.is_global_zero:
                 self.write_patients_csv(votes, labels, predictions[self.rule])
 
