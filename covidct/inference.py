@@ -30,12 +30,9 @@ from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import infected_fraction_vote, majority_vote
+from covidct.voting import VOTE_RULES, vote
 
 log = logging.getLogger(__name__)
-
-VOTE_RULES = ("majority", "infected_fraction")
-
 
 @dataclass
 class TestSet:
@@ -96,7 +93,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = dict(ckpt["hyper_parameters"])
     pre = hp.pop("preprocessing")
-    hp |= {"pretrained": False, "class_counts": hp.get("class_counts")}
+    hp["pretrained"] = False  # the checkpoint brings the trained weights
     model = SliceClassifier(**hp)
     model.load_state_dict(ckpt["state_dict"])
     model.eval().to(device)
@@ -150,12 +147,6 @@ def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size
     out = [model(images[i : i + batch_size].to(device, non_blocking=True)).float().softmax(1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
-
-
-def vote(probs: np.ndarray, rule: str, tau: float) -> int:
-    if rule == "majority":
-        return majority_vote(probs)
-    return infected_fraction_vote(probs, tau, NORMAL_CLASS)
 
 
 def predict_test_set(

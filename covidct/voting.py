@@ -90,6 +90,18 @@ def infected_fraction_vote(probs: np.ndarray, tau: float, normal_class: int = NO
     return _vote(probs[infected], allowed)
 
 
+VOTE_RULES: tuple[str, ...] = ("majority", "infected_fraction")
+
+
+def vote(probs: np.ndarray, rule: str, tau: float, normal_class: int = NORMAL_CLASS) -> int:
+    """One patient's class under ``rule`` (one of :data:`VOTE_RULES`); probs (n_slices, C)."""
+    if rule == "majority":
+        return majority_vote(probs)
+    if rule == "infected_fraction":
+        return infected_fraction_vote(probs, tau, normal_class)
+    raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
+
+
 def _infected_vote(probs: np.ndarray, normal_class: int) -> int:
     """The class a patient gets if called infected (``normal_class`` when no slice is infected)."""
     infected = probs.argmax(axis=1) != normal_class

@@ -205,3 +205,15 @@ def test_deduplicate_keeps_first_occurrence_and_torch_types() -> None:
     assert arr.tolist() == [3, 1, 0]
     with pytest.raises(ValueError):
         deduplicate(indices, values[:3])
+
+
+def test_vote_dispatches_on_the_rule_name():
+    from covidct.voting import vote
+
+    # 3 of 10 slices COVID-19, 7 Normal: the paper's rule says Normal, infected_fraction (tau 0.2) COVID-19
+    probs = np.array([[0.8, 0.1, 0.1]] * 3 + [[0.1, 0.1, 0.8]] * 7)
+    assert vote(probs, "majority", 0.2) == 2
+    assert vote(probs, "infected_fraction", 0.2) == 0
+    assert vote(probs, "infected_fraction", 0.3) == 2  # fraction 0.3 <= tau: Normal
+    with pytest.raises(ValueError, match="mean"):
+        vote(probs, "mean", 0.2)

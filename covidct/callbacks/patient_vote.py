@@ -34,12 +34,9 @@ from torchmetrics.functional.classification import (
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
-from covidct.voting import PatientVote, deduplicate, patient_accuracy, tune_tau, vote_patients
+from covidct.voting import VOTE_RULES, PatientVote, deduplicate, patient_accuracy, tune_tau, vote_patients
 
 log = logging.getLogger(__name__)
-
-RULES = ("majority", "infected_fraction")
-
 
 def leave_one_out_predictions(fractions: np.ndarray, infected_votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Infected-fraction predictions (P,) where patient i is decided by a tau tuned without it."""
@@ -77,8 +74,8 @@ class PatientVoteCallback(pl.Callback):
     """
 
     def __init__(self, rule: str = "infected_fraction", tau: float | None = None, output_dir: str | None = None):
-        if rule not in RULES:
-            raise ConfigError(f"vote.rule={rule!r} is not one of {list(RULES)}")
+        if rule not in VOTE_RULES:
+            raise ConfigError(f"vote.rule={rule!r} is not one of {list(VOTE_RULES)}")
         if tau is not None and not 0.0 <= float(tau) <= 1.0:
             raise ConfigError(f"vote.tau must be in [0, 1] or null (tuned), got {tau}")
         self.rule, self.fixed_tau = rule, tau
