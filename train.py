@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -28,7 +29,9 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the monitored patient accuracy for sweepers; None for a failed job of a multirun
+    (Optuna records such a trial as failed and goes on; NaN would stop Optuna 2.x)."""
     from covidct.training import train
 
     hydra_cfg = HydraConfig.get()
@@ -40,13 +43,13 @@ def main(cfg: DictConfig) -> float:
         exc = exc if isinstance(exc, CovidCTError) else exc.__cause__
         if not isinstance(exc, CovidCTError):
             raise
-        if multirun:  # one bad job must not end the sweep
+        if multirun:  # one bad job must not end the sweep; the sweep summary lists it as failed
             log.error("Job %s failed: %s", hydra_cfg.job.num, exc)
-            return float("nan")
+            return None
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message says it all; no traceback for user errors)
     log.info("\n%s", result.summary(cfg.vote.rule))
-    return result.score
+    return None if math.isnan(result.score) else result.score
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.callbacks.patient_vote import PatientVoteCallback
 from covidct.config import check_config
+from covidct.sweep_summary import write_run_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,19 @@ class TrainResult:
     confusion: np.ndarray | None  # (C, C) patient confusion matrix of the best epoch, rows = truth
     output_dir: Path
 
+    def to_json(self, rule: str) -> dict[str, Any]:
+        """What ``metrics.json`` holds (read back by the sweep summary)."""
+        return {
+            "score": self.score,
+            "monitor": "val/patient/acc",
+            "vote_rule": rule,
+            "best_epoch": self.best_epoch,
+            "best_checkpoint": self.best_checkpoint,
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            "confusion": self.confusion.tolist() if self.confusion is not None else None,
+            "class_names": list(CLASS_NAMES),
+        }
+
     def summary(self, rule: str) -> str:
         m = self.metrics
         lines = [
@@ -43,7 +57,7 @@ class TrainResult:
             f" | patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
             f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
             f"{self.confusion.tolist() if self.confusion is not None else None}",
-            f"  outputs: {self.output_dir} (patients.csv, data_summary.txt, split.csv)",
+            f"  outputs: {self.output_dir} (metrics.json, patients.csv, data_summary.txt, split.csv)",
             f"  best checkpoint: {self.best_checkpoint}",
         ]
         return "\n".join(lines)
@@ -115,7 +129,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
     ckpt = trainer.checkpoint_callback
-    return TrainResult(
+    result = TrainResult(
         score=float(vote.best) if vote.best is not None else float("nan"),
         best_epoch=vote.best_epoch,
         best_checkpoint=(ckpt.best_model_path if ckpt else "") or "",
@@ -123,6 +137,9 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         confusion=vote.best_confusion,
         output_dir=output_dir,
     )
+    if trainer.is_global_zero:
+        write_run_metrics(output_dir, result.to_json(cfg.vote.rule))
+    return result
 
 
 def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback, datamodule, n_images: int = 8) -> None:
