@@ -32,6 +32,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Returns the monitored patient accuracy for sweepers; None for a failed job of a multirun
     (Optuna records such a trial as failed and goes on; NaN would stop Optuna 2.x)."""
+    from covidct.sweep_summary import write_run_metrics
     from covidct.training import train
 
     hydra_cfg = HydraConfig.get()
@@ -45,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
         if multirun:  # one bad job must not end the sweep; the sweep summary lists it as failed
             log.error("Job %s failed: %s", hydra_cfg.job.num, exc)
+            write_run_metrics(cfg.paths.output_dir, {"status": "failed", "error": str(exc)})
             return None
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message says it all; no traceback for user errors)

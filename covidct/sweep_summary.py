@@ -1,8 +1,9 @@
 """After a multirun: one table of every job's overrides and metrics, best first, and a k-fold report.
 
-Each training job writes ``metrics.json`` into its own folder (``write_run_metrics``); this module
-reads the sweep folder back, so it works the same for every launcher (basic, joblib, submitit) and
-sweeper (basic, Optuna). A job without ``metrics.json`` is listed as failed, never left out.
+Each training job writes ``metrics.json`` into its own folder (``write_run_metrics``): its metrics, or
+``{"status": "failed", "error": ...}`` when a user error stopped it. This module reads the sweep
+folder back, so it works the same for every launcher (basic, joblib, submitit) and sweeper (basic,
+Optuna). A job folder without ``metrics.json`` is listed as crashed, never left out.
 
 Outputs in the sweep folder (atomic), also printed:
 - ``summary.csv``: one row per job: the overrides that vary across jobs, the metrics, status, folder.
@@ -40,7 +41,8 @@ RULE_ACCURACY = re.compile(r"^val/patient/(\w+)/acc$")
 
 
 def write_run_metrics(output_dir: Path, payload: dict[str, Any]) -> Path:
-    """``<output_dir>/metrics.json`` (atomic): the run's score, vote rule, best epoch and patient metrics."""
+    """``<output_dir>/metrics.json`` (atomic): the run's score, vote rule, best epoch and patient metrics,
+    or ``{"status": "failed", "error": message}``."""
     return atomic_write_text(Path(output_dir) / METRICS_FILE, json.dumps(payload, indent=2, default=float) + "\n")
 
 
@@ -63,8 +65,8 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         record: dict[str, Any] = {"job": job_dir.name, "dir": str(job_dir)}
         record["overrides"] = _parse_overrides(overrides_file)
         metrics_file = job_dir / METRICS_FILE
-        if metrics_file.is_file():
-            payload = json.loads(metrics_file.read_text())
+        payload = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "crashed"}
+        if payload.get("status", "ok") == "ok":
             metrics = payload.get("metrics", {})
             record |= {"status": "ok", "best_epoch": payload.get("best_epoch")}
             record["metrics"] = {
@@ -72,8 +74,8 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
                 "f1_macro": metrics.get(f"val/patient/{payload.get('vote_rule')}/f1_macro", math.nan),
             } | {f"{m[1]}_acc": v for k, v in metrics.items() if (m := RULE_ACCURACY.match(k))}
         else:
-            record |= {"status": f"failed (no {METRICS_FILE}; see the job's .log file)", "best_epoch": None}
-            record["metrics"] = {"score": math.nan}
+            reason = payload.get("error") or f"no {METRICS_FILE}; see the job's .log file"
+            record |= {"status": f"{payload['status']}: {reason}", "best_epoch": None, "metrics": {"score": math.nan}}
         jobs.append(record)
     return jobs
 
@@ -103,7 +105,7 @@ def summary_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
     ordered = sorted(jobs, key=lambda j: (_sort_key(j["metrics"]["score"]), _job_number(Path(j["dir"]))))
     rows = [
         [rank, j["job"], *(j["overrides"].get(k, "") for k in varying),
-         *(_fmt(j["metrics"].get(c, math.nan)) for c in metrics), j["best_epoch"], j["status"], j["dir"]]
+         *(_fmt(j["metrics"].get(c, math.nan)) for c in metrics), _fmt(j["best_epoch"]), j["status"], j["dir"]]
         for rank, j in enumerate(ordered, start=1)
     ]
     return header, rows
@@ -126,7 +128,8 @@ def fold_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]] |
     rows = []
     for key, members in groups.items():
         done = [j for j in members if j["status"] == "ok"]
-        row: list[Any] = [*key, ";".join(sorted(j["overrides"][FOLD_KEY] for j in members)), len(members) - len(done)]
+        folds = sorted((j["overrides"][FOLD_KEY] for j in members), key=lambda f: (len(f), f))
+        row: list[Any] = [*key, ";".join(folds), len(members) - len(done)]
         for column in metrics:
             values = [v for j in done if not math.isnan(v := float(j["metrics"].get(column, math.nan)))]
             row += [_fmt(_mean(values)), _fmt(_std(values))]
@@ -148,13 +151,26 @@ def _std(values: list[float]) -> float:
 
 
 def _fmt(value: Any) -> Any:
+    """Metrics rounded to 4 decimals; None (no best epoch) as an empty cell."""
+    if value is None:
+        return ""
     return round(value, 4) if isinstance(value, float) else value
+
+
+def _cell(value: Any) -> str:
+    """Printed cell: numbers sampled by Optuna (1.3066739238053272e-05) shortened to 4 significant digits."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return f"{number:.4g}" if len(text) > 8 and math.isfinite(number) else text
 
 
 def format_table(header: list[str], rows: list[list[Any]], skip: tuple[str, ...] = ("dir",)) -> str:
     """Aligned plain-text table (columns in ``skip`` left out)."""
     keep = [i for i, h in enumerate(header) if h not in skip]
-    cells = [[str(header[i]) for i in keep]] + [[str(r[i]) for i in keep] for r in rows]
+    cells = [[str(header[i]) for i in keep]] + [[_cell(r[i]) for i in keep] for r in rows]
     widths = [max(len(row[c]) for row in cells) for c in range(len(keep))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
@@ -179,11 +195,12 @@ def write_sweep_summary(sweep_dir: str | Path) -> str:
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: writes and logs the sweep summary when a multirun ends (any launcher/sweeper)."""
+    """Hydra callback: writes the sweep summary when a multirun ends (any launcher or sweeper) and
+    prints it on stdout (logs go to stderr)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            log.info("\n%s", write_sweep_summary(config.hydra.sweep.dir))
+            print(write_sweep_summary(config.hydra.sweep.dir), flush=True)
         except Exception:  # a summary problem must not turn a finished sweep into a failed one
             log.exception("Could not write the sweep summary for %s", config.hydra.sweep.dir)
 

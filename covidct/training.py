@@ -37,6 +37,7 @@ class TrainResult:
     def to_json(self, rule: str) -> dict[str, Any]:
         """What ``metrics.json`` holds (read back by the sweep summary)."""
         return {
+            "status": "ok",
             "score": self.score,
             "monitor": "val/patient/acc",
             "vote_rule": rule,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,10 @@ def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
     assert out.returncode != 0 and "gama" in out.stderr
     out = run_cli(tiny(shared_cache) + ["model=vgg61"], tmp_path)
     assert out.returncode != 0 and "vgg16_bn" in out.stderr  # Hydra lists the choices
+    out = run_cli(tiny(shared_cache) + ["data.image_size=abc"], tmp_path)  # the schema's type check
+    assert out.returncode != 0 and "full_key: data.image_size" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(tiny(shared_cache) + ["loss.alpha=[0.2,0.3]", f"paths.log_dir={tmp_path}"], tmp_path)
+    assert out.returncode == 1 and "loss.alpha has 2 values" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_multirun_two_jobs_each_own_wandb_run_in_one_group(tmp_path, shared_cache):
@@ -85,3 +90,34 @@ def test_multirun_two_jobs_each_own_wandb_run_in_one_group(tmp_path, shared_cach
     for j, gamma in zip(jobs, ("0", "2"), strict=True):
         assert f"loss.gamma={gamma}" in (j / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
         assert (j / "patients.csv").is_file()
+
+
+def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(tmp_path, shared_cache, real_sample,
+                                                                         monkeypatch):
+    """experiment=paper as a user runs it on COVID-CT-MD (3 real patients here, one per fold), with a
+    VGG16 ImageNet weights file this test writes into torch hub's cache (no download)."""
+    from covidct.models.backbones import BACKBONES, imagenet_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    reference = BACKBONES["vgg16"].builder(weights=None).state_dict()
+    imagenet_weights_path("vgg16").parent.mkdir(parents=True)
+    torch.save(reference, imagenet_weights_path("vgg16"))
+    cfg = compose_train(tmp_path / "run", [
+        "experiment=paper", f"data.root={real_sample}", "data.num_folds=3", "data.fold=0",
+        f"paths.cache_dir={shared_cache}", "data.image_size=64", "data.batch_size=8", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false", "logger=none",
+    ])
+    result = train(cfg)
+    (patient,) = read_csv(tmp_path / "run" / "patients.csv")  # one validation patient in fold 0 of 3
+    assert patient["predicted_class"] == patient["majority_vote"]  # the paper's rule decides
+    assert int(patient["n_slices"]) in (148, 154, 168)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["vote_rule"] == "majority" and metrics["score"] == result.score
+    ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["backbone"] == "vgg16" and hparams["loss"] == {"name": "focal", "gamma": 2.0, "alpha": 0.25}
+    assert hparams["preprocessing"]["windows"] == ["lung"] and hparams["preprocessing"]["vote_rule"] == "majority"
+    # started from the weights file: two Adam steps at lr 1e-4 move each weight by ~2e-4 at most
+    trained = ckpt["state_dict"]["net.features.0.weight"]
+    assert torch.allclose(trained, reference["features.0.weight"], atol=1e-3)
+    assert not torch.allclose(trained, BACKBONES["vgg16"].builder(weights=None).features[0].weight, atol=1e-2)

@@ -1,0 +1,128 @@
+"""The config schema and value checks: wrong types and values fail while composing or before any
+data is read, naming the key; experiment and launcher configs compose to what they promise."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from covidct.config import check_config, register_resolvers
+from covidct.errors import ConfigError
+from covidct.schema import DataConfig
+from tests.conftest import REPO, compose_train
+
+
+def composition_error(tmp_path, overrides: list[str]) -> str:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(tmp_path, overrides)
+    return f"{err.value} {err.value.__cause__}"
+
+
+def test_the_composed_config_is_typed_by_the_schema(tmp_path):
+    cfg = compose_train(tmp_path, [])
+    assert OmegaConf.get_type(cfg.data) is DataConfig
+    assert cfg.data.image_size == 64 and cfg.model.backbone == "resnet18"  # the demo experiment
+    check_config(cfg)  # the defaults are valid
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.image_size=abc", "data.image_size"),
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("model.pretrained=maybe", "model.pretrained"),
+        ("loss.gamma=strong", "loss.gamma"),
+        ("loss.gama=2", "loss.gama"),  # a typo is an unknown key, not a new one
+        ("data.windos=[lung]", "data.windos"),
+    ],
+)
+def test_wrong_types_and_unknown_keys_fail_while_composing(tmp_path, override, expected):
+    assert expected in composition_error(tmp_path, [override])
+
+
+def test_an_unknown_group_choice_lists_the_choices(tmp_path):
+    with pytest.raises(MissingConfigException) as err:
+        compose_train(tmp_path, ["model=vgg61"])
+    assert all(name in str(err.value) for name in ("vgg16", "vgg16_bn", "resnet18", "efficientnet_b0"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["loss.gamma=-1"], "loss.gamma must be >= 0"),
+        (["loss.alpha=[0.2,0.3]"], "loss.alpha has 2 values"),
+        (["loss.alpha=1.5"], "loss.alpha must be in [0, 1]"),
+        (["loss.name=dice"], "loss.name='dice' is not known"),
+        (["vote.rule=median"], "vote.rule='median' is not known"),
+        (["vote.tau=2"], "vote.tau must be in [0, 1]"),
+        (["data.label_mode=slice"], "data.label_mode='slice' is not known"),
+        (["data.image_size=16"], "data.image_size must be an integer >= 32"),
+        (["data.val_fraction=1.0"], "data.val_fraction must be in (0, 1)"),
+        (["data.num_folds=5", "data.fold=5"], "0 <= data.fold < data.num_folds"),
+        (["data=covid_ct_md"], "data.root is not set"),
+        (["data=covid_ct_md", "data.root=/no/such/folder"], "data.root='/no/such/folder' is not a folder"),
+        (["optimizer.lr=-0.1"], "optimizer.lr must be a positive number"),
+        (["model.backbone=vgg61"], "model.backbone='vgg61' is not known"),
+    ],
+)
+def test_bad_values_fail_before_data_is_read_naming_the_key(tmp_path, overrides, expected):
+    cfg = compose_train(tmp_path, overrides)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert expected in str(err.value)
+
+
+def test_paper_experiment_is_the_papers_recipe(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper", f"data.root={tmp_path}"])
+    assert cfg.model.backbone == "vgg16" and cfg.model.pretrained is True
+    assert (cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha) == ("focal", 2.0, 0.25)
+    assert list(cfg.data.windows) == ["lung"] and cfg.data.image_size == 224
+    assert cfg.data.label_mode == "paper" and cfg.vote.rule == "majority"
+    assert cfg.data.synthetic is None and cfg.data.root == str(tmp_path)
+    assert "paper" in cfg.tags
+    check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "changed"),
+    [
+        ("paper_ce", {"loss.name": "ce", "loss.gamma": 0.0, "loss.alpha": None}),
+        ("paper_patient_labels", {"data.label_mode": "patient"}),
+        ("paper_infected_fraction", {"vote.rule": "infected_fraction"}),
+    ],
+)
+def test_paper_variants_change_one_thing(tmp_path, experiment, changed):
+    paper = compose_train(tmp_path, ["experiment=paper", f"data.root={tmp_path}"])
+    variant = compose_train(tmp_path, [f"experiment={experiment}", f"data.root={tmp_path}"])
+    for key, value in changed.items():
+        assert OmegaConf.select(variant, key) == value != OmegaConf.select(paper, key)
+    for key in ("model", "data.windows", "data.image_size", "optimizer", "trainer.max_epochs"):
+        assert OmegaConf.select(variant, key) == OmegaConf.select(paper, key)
+
+
+def test_command_line_wins_over_the_experiment(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper", "model=resnet18", "loss.gamma=1", "data.image_size=128"])
+    assert (cfg.model.backbone, cfg.loss.gamma, cfg.data.image_size) == ("resnet18", 1.0, 128)
+
+
+def compose_with_hydra(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_optuna_search_config(tmp_path):
+    cfg = compose_with_hydra(["hparams_search=focal_optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.max_failure_rate == 1.0
+    assert set(sweeper.params) == {"loss.gamma", "loss.alpha", "optimizer.lr", "optimizer.weight_decay"}
+
+
+def test_slurm_launcher_config(tmp_path):
+    cfg = compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 1, 240)
