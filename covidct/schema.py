@@ -50,8 +50,9 @@ class DataConfig:
     fold: int = 0
     seed: int = 0
     batch_size: int = 32
-    num_workers: int = 0
-    pin_memory: bool = False
+    num_workers: int | None = None  # None = auto
+    pin_memory: bool | None = None  # None = auto
+    prefetch_factor: int = 4
     balanced_sampler: bool = False
     cache_workers: int = 1
     slice_labels_file: str | None = None
@@ -87,6 +88,15 @@ class VoteConfig:
 
 
 @dataclass
+class CompileConfig:
+    """``compile``: ``torch.compile`` the model for training (``mode``: default | reduce-overhead | max-autotune)."""
+
+    enabled: bool = False
+    backend: str = "inductor"
+    mode: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """The whole ``python train.py`` config."""
 
@@ -100,6 +110,7 @@ class TrainConfig:
     logger: dict[str, Any] | None = None
     callbacks: dict[str, Any] | None = None
     paths: dict[str, Any] = MISSING
+    compile: CompileConfig = field(default_factory=CompileConfig)
     task_name: str = "train"
     seed: int = 42
     ckpt_path: str | None = None

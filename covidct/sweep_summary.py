@@ -177,7 +177,7 @@ def format_table(header: list[str], rows: list[list[Any]], skip: tuple[str, ...]
 
 def write_sweep_summary(sweep_dir: str | Path) -> str:
     """Write ``summary.csv`` (and ``folds.csv`` for k-fold sweeps) into ``sweep_dir``; returns the text report."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = Path(sweep_dir).resolve()
     jobs = collect_jobs(sweep_dir)
     if not jobs:
         return f"No job folders with .hydra/overrides.yaml in {sweep_dir}"

@@ -124,6 +124,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     try:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        compile_network(model, cfg.compile)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if any(isinstance(lg, WandbLogger) for lg in loggers) and vote.best_votes:
             log_wandb_tables(loggers, vote, datamodule)
@@ -141,6 +142,14 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     if trainer.is_global_zero:
         write_run_metrics(output_dir, result.to_json(cfg.vote.rule))
     return result
+
+
+def compile_network(model: pl.LightningModule, settings: DictConfig) -> None:
+    """``compile.enabled``: compile the network in place (``nn.Module.compile``), not the whole
+    LightningModule, so metrics and logging stay eager and checkpoint keys stay plain."""
+    if settings.enabled:
+        log.info("torch.compile(backend=%s, mode=%s) of the network", settings.backend, settings.mode)
+        model.net.compile(backend=settings.backend, mode=settings.mode)
 
 
 def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback, datamodule, n_images: int = 8) -> None:

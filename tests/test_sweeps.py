@@ -70,6 +70,17 @@ def test_fold_report_gives_mean_and_std_per_setting(tmp_path):
 
 
 @pytest.mark.slow
+def test_multirun_with_default_paths_lands_in_the_working_folder(tmp_path, shared_cache):
+    """No paths.* override: the sweep folder must resolve before Hydra's runtime exists."""
+    overrides = [o for o in tiny(shared_cache) if not o.startswith("paths.")]
+    out = run_cli(["-m", "loss.gamma=0,2", "logger=none", *overrides], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    assert [r["status"] for r in read_csv(sweep / "summary.csv")] == ["ok", "ok"]
+    assert str(sweep) in out.stdout  # the table names the sweep folder, absolute
+
+
+@pytest.mark.slow
 def test_kfold_multirun_in_parallel_with_joblib(tmp_path, shared_cache):
     out = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.num_folds=2", "data.fold=0,1",
                    "logger=csv", f"paths.log_dir={tmp_path}", *tiny(shared_cache)], tmp_path)

@@ -121,3 +121,16 @@ def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(tmp_pa
     trained = ckpt["state_dict"]["net.features.0.weight"]
     assert torch.allclose(trained, reference["features.0.weight"], atol=1e-3)
     assert not torch.allclose(trained, BACKBONES["vgg16"].builder(weights=None).features[0].weight, atol=1e-2)
+
+
+def test_compiled_training_saves_plain_checkpoints(tmp_path, shared_cache, monkeypatch):
+    """compile.enabled compiles the network in place (the eager backend here: no C++ toolchain
+    needed), so the checkpoint has the plain module's keys for predict.py."""
+    calls = []
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw) or original(self, **kw))
+    cfg = compose_train(tmp_path, tiny(shared_cache) + ["compile.enabled=true", "compile.backend=eager", "logger=none"])
+    result = train(cfg)
+    assert calls == [{"backend": "eager", "mode": None}]
+    keys = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"].keys()
+    assert "net.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)

@@ -14,6 +14,7 @@ Every batch is a dict:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 class SliceDataset(Dataset):
     """Slices of the cache selected by ``rows``, with optional albumentations augmentation.
 
-    The memmap is opened lazily in each process, so the dataset pickles cheaply to workers.
+    Each slice is read with one ``pread`` from the cache file, opened lazily in each process (the
+    dataset pickles cheaply to workers). Reading instead of memory-mapping keeps the process's
+    memory flat: the kernel's page cache holds the data, however large the cache is.
     """
 
     def __init__(
@@ -57,16 +60,28 @@ class SliceDataset(Dataset):
         self.cache_path, self.shape = cache_path, shape
         self.rows, self.targets, self.patients, self.slices = rows, targets, patients, slices
         self.transform = transform
-        self._images: np.ndarray | None = None
+        self._fd: int | None = None
         self._seeded = False
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_fd": None}  # each worker opens its own file
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def _image(self, row: int) -> np.ndarray:
-        if self._images is None:
-            self._images = np.memmap(self.cache_path / "images.u8", dtype=np.uint8, mode="r", shape=self.shape)
-        return np.array(self._images[row])  # a writable copy out of the page cache
+        """(C, S, S) uint8, a writable array of its own."""
+        if self._fd is None:
+            self._fd = os.open(self.cache_path / "images.u8", os.O_RDONLY)
+        nbytes = int(np.prod(self.shape[1:]))
+        data = os.pread(self._fd, nbytes, row * nbytes)
+        if len(data) != nbytes:
+            raise OSError(f"{self.cache_path / 'images.u8'}: slice {row} is cut short; delete the cache folder")
+        return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(self.shape[1:])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.rows[i])
@@ -98,7 +113,11 @@ class CTDataModule(pl.LightningDataModule):
         image_size: model input side in px.
         label_mode: ``paper`` or ``patient`` (see :func:`covidct.data.labels.slice_targets`).
         val_fraction, num_folds, fold, seed: patient-level split (see :func:`train_val_split`).
-        batch_size, num_workers, pin_memory: DataLoader settings.
+        batch_size: slices per batch.
+        num_workers: DataLoader worker processes; None = auto: 0 without a GPU (reading the cache is
+            cheap and workers would take CPU from the model), else min(8, CPUs - 1).
+        pin_memory: page-locked batches for faster host-to-GPU copies; None = auto (when CUDA is there).
+        prefetch_factor: batches each worker keeps ready (with workers; they persist across epochs).
         balanced_sampler: draw training slices with probability inversely proportional to their
             class frequency (replacement sampling, one epoch = as many slices as the split has).
         train_transforms: albumentations transforms applied to HWC uint8 training images.
@@ -120,8 +139,9 @@ class CTDataModule(pl.LightningDataModule):
         fold: int = 0,
         seed: int = 0,
         batch_size: int = 32,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 4,
         balanced_sampler: bool = False,
         train_transforms: Sequence[A.BasicTransform] | None = None,
         cache_workers: int = 1,
@@ -143,7 +163,12 @@ class CTDataModule(pl.LightningDataModule):
         self.preprocessor = SlicePreprocessor(parse_windows(list(windows)), image_size)
         self.label_mode = label_mode
         self.val_fraction, self.num_folds, self.fold, self.seed = val_fraction, num_folds, fold, seed
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        gpu = torch.cuda.is_available()
+        self.batch_size = batch_size
+        auto_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if gpu else 0
+        self.num_workers = auto_workers if num_workers is None else num_workers
+        self.pin_memory = gpu if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
         self.balanced_sampler = balanced_sampler
         self.train_transform = A.Compose(list(train_transforms)) if train_transforms else None
         self.cache_workers = cache_workers
@@ -241,6 +266,7 @@ class CTDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
