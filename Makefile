@@ -1,4 +1,4 @@
-# covidct: make install | test | test-fast | lint | train | clean
+# covidct: make install | test | test-fast | lint | train | bench | clean
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast lint train predict-demo bench-predict clean
+.PHONY: install test test-fast lint train predict-demo bench bench-predict clean
 
 install:  ## fresh venv with everything (torch first, then the project and its dev tools)
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ bench-predict:  ## seconds per 150-slice patient and overhead over a bare forwar
 clean:  ## run outputs and caches (generated data too); keeps the venv
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +
+
+bench:  ## where the time goes: loader, cache build, framework, memory, inference ratios (bench.json)
+	$(BIN)/python -m covidct.bench $(ARGS)

@@ -34,6 +34,37 @@ def best_of(repeats: int, fn) -> float:
     return min(times)
 
 
+def measure_predict(
+    input_path: str | Path, backbone: str = "vgg16", image_size: int = 224, batch_size: int = 32,
+    num_workers: int = 2, repeats: int = 2,
+) -> dict:
+    """predict.py's work on ``input_path`` vs a bare forward over the same preprocessed slices (best of
+    ``repeats`` each); returns the figures (seconds, per-patient time, overhead ratio)."""
+    torch.manual_seed(0)
+    model = SliceClassifier(backbone=backbone, in_channels=1).eval()
+    settings = PredictorSettings(["lung"], image_size, ["COVID-19", "CAP", "Normal"], "majority", 0.5)
+    test_sets = find_test_sets(input_path)
+    patients = [p for t in test_sets for p in t.patients]
+    pre = SlicePreprocessor(parse_windows(["lung"]), image_size)
+    images = torch.from_numpy(np.concatenate([np.stack(read_series(p, pre).slices) for p in patients]))
+    n_slices = len(images)
+    slice_probabilities(model, images[:batch_size], batch_size)  # warm-up
+
+    def end_to_end() -> None:
+        with tempfile.TemporaryDirectory() as out:
+            for t in test_sets:
+                predict_test_set(t, model, settings, Path(out), batch_size, num_workers, progress=False)
+
+    forward = best_of(repeats, lambda: slice_probabilities(model, images, batch_size))
+    full = best_of(repeats, end_to_end)
+    return {
+        "backbone": backbone, "image_size": image_size, "patients": len(patients), "slices": n_slices,
+        "threads": torch.get_num_threads(), "num_workers": num_workers,
+        "end_to_end_s": round(full, 2), "forward_s": round(forward, 2),
+        "seconds_per_150_slice_patient": round(full / n_slices * 150, 2), "overhead_ratio": round(full / forward, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="folder of patients or of test sets")
@@ -44,31 +75,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    model = SliceClassifier(backbone=args.backbone, in_channels=1).eval()
-    settings = PredictorSettings(["lung"], args.image_size, ["COVID-19", "CAP", "Normal"], "majority", 0.5)
-    test_sets = find_test_sets(args.input)
-    patients = [p for t in test_sets for p in t.patients]
-    pre = SlicePreprocessor(parse_windows(["lung"]), args.image_size)
-    images = torch.from_numpy(np.concatenate([np.stack(read_series(p, pre).slices) for p in patients]))
-    n_slices = len(images)
-    slice_probabilities(model, images[: args.batch_size], args.batch_size)  # warm-up
-
-    def end_to_end() -> None:
-        with tempfile.TemporaryDirectory() as out:
-            for t in test_sets:
-                predict_test_set(t, model, settings, Path(out), args.batch_size, args.num_workers, progress=False)
-
-    forward = best_of(args.repeats, lambda: slice_probabilities(model, images, args.batch_size))
-    full = best_of(args.repeats, end_to_end)
-    per_patient = full / n_slices * 150
-    result = {
-        "backbone": args.backbone, "image_size": args.image_size, "patients": len(patients), "slices": n_slices,
-        "threads": torch.get_num_threads(), "num_workers": args.num_workers,
-        "end_to_end_s": round(full, 2), "forward_s": round(forward, 2),
-        "seconds_per_150_slice_patient": round(per_patient, 2), "overhead_ratio": round(full / forward, 3),
-    }
+    result = measure_predict(args.input, args.backbone, args.image_size, args.batch_size, args.num_workers,
+                             args.repeats)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

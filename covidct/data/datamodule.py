@@ -39,6 +39,14 @@ from covidct.io import atomic_write_csv
 log = logging.getLogger(__name__)
 
 
+def to_model_input(image: np.ndarray, transform: A.Compose | None) -> torch.Tensor:
+    """uint8 (C, S, S) -> augmented uint8 tensor (C, S, S); albumentations works on HWC."""
+    if transform is not None:
+        image = transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)))["image"]
+        image = image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(image))
+
+
 class SliceDataset(Dataset):
     """Slices of the cache selected by ``rows``, with optional albumentations augmentation.
 
@@ -86,14 +94,12 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.rows[i])
         image = self._image(row)  # (C, S, S) uint8
-        if self.transform is not None:
-            if not self._seeded:  # different per worker and epoch, reproducible from the global seed
-                self.transform.set_random_seed(torch.initial_seed() % 2**32)
-                self._seeded = True
-            image = self.transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)))["image"]
-            image = image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1)
+        if self.transform is not None and not self._seeded:
+            # different per worker and epoch, reproducible from the global seed
+            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+            self._seeded = True
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "image": to_model_input(image, self.transform),
             "target": int(self.targets[i]),
             "patient": int(self.patients[i]),
             "slice": int(self.slices[i]),

@@ -1,0 +1,398 @@
+"""Where does the time go? ``make bench`` (``python -m covidct.bench [bench.scale=4]``).
+
+Every row compares two ways of doing the same work, on the same data, in the same run (this machine
+is shared and noisy: only ratios measured side by side mean anything) and reports the ratio:
+
+1. loader: model-ready slices/s (augmentation on) from the slice cache vs decoding DICOM every
+   epoch vs the paper's route (DICOM converted once to JPEG files, JPEGs decoded every epoch);
+2. cache build: slices/s with N worker processes vs one process vs raw ``pydicom`` decode (the floor);
+3. framework: a Lightning epoch (our module, vote callback, checkpoint, CSV logging) vs a
+   hand-written PyTorch loop over the same batches, model and optimizer;
+4. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
+5. inference: predict.py per patient vs a bare forward over the same slices.
+
+Data rows use the synthetic generator at real size (512 x 512, JPEG Lossless); rows marked "real"
+use the 3-patient COVID-CT-MD sample. Results: a table on stdout and ``<run dir>/bench.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from covidct.config import register_resolvers  # noqa: E402
+from covidct.data.cache import build_or_load_cache  # noqa: E402
+from covidct.data.datamodule import CTDataModule, SliceDataset, to_model_input  # noqa: E402
+from covidct.data.dicom import list_files, to_hounsfield  # noqa: E402
+from covidct.data.layout import PatientFolder, discover_covid_ct_md  # noqa: E402
+from covidct.data.preprocess import SlicePreprocessor, parse_windows  # noqa: E402
+from covidct.data.synthetic import SyntheticSpec, ensure_dataset  # noqa: E402
+from covidct.io import atomic_write_text  # noqa: E402
+
+log = logging.getLogger("bench")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Row:
+    """One comparison: ``a`` vs ``b`` (same unit); ratio = a / b; ``ok`` is None without a target."""
+
+    name: str
+    data: str
+    a_label: str
+    a: float
+    b_label: str
+    b: float
+    unit: str
+    target: str = ""
+    ok: bool | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.a / self.b if self.b else float("nan")
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def training_augmentation() -> A.Compose:
+    """The default training augmentation, instantiated from ``conf/data/synthetic.yaml``."""
+    transforms = OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml").train_transforms
+    return A.Compose([instantiate(t) for t in transforms])
+
+
+def slice_files(patients: list[PatientFolder]) -> list[Path]:
+    return [f for p in patients for f in list_files(p.folder)]
+
+
+# ---- row 1: loaders ---------------------------------------------------------------------------
+class DicomSlices(Dataset):
+    """Decode a DICOM file every time: HU -> windows -> resize -> augmentation."""
+
+    def __init__(self, files: list[Path], pre: SlicePreprocessor, transform: A.Compose) -> None:
+        self.files, self.pre, self.transform = files, pre, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_model_input(self.pre(to_hounsfield(pydicom.dcmread(self.files[i]))), self.transform)
+
+
+class JpegSlices(Dataset):
+    """The paper's route: 8-bit lung-window JPEG files (made once), decoded every time, resized, augmented."""
+
+    def __init__(self, files: list[Path], image_size: int, transform: A.Compose) -> None:
+        self.files, self.image_size, self.transform = files, image_size, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as im:
+            image = np.asarray(im)
+        image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        return to_model_input(image[None], self.transform)
+
+
+def convert_to_jpeg(files: list[Path], pre: SlicePreprocessor, out_dir: Path) -> list[Path]:
+    """DICOM -> full-size lung-window JPEG (quality 95), as the paper prepared its data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    window = pre.windows[0]
+    jpegs = []
+    for i, f in enumerate(files):
+        path = out_dir / f"{i:06d}.jpg"
+        Image.fromarray(window.apply(to_hounsfield(pydicom.dcmread(f)))).save(path, quality=95)
+        jpegs.append(path)
+    return jpegs
+
+
+def loader_throughput(dataset: Dataset, batch_size: int, workers: int) -> float:
+    """Slices/s of the second epoch through a DataLoader (the first one starts the workers)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0)
+    for _ in loader:
+        pass
+    seconds = timed(lambda: [None for _ in loader])
+    return len(dataset) / seconds
+
+
+def measure_loaders(patients: list[PatientFolder], pre: SlicePreprocessor, cfg: DictConfig, work: Path,
+                    data: str, with_jpeg: bool) -> list[Row]:
+    cache = build_or_load_cache(patients, pre, work / "cache", workers=cfg.cache_build.workers)
+    n = len(cache.patient)
+    transform = training_augmentation()
+    rows_all = np.arange(n)
+    cached = SliceDataset(cache.path, cache.images.shape, rows_all, np.zeros(n, np.int64), cache.patient,
+                          cache.slice_index, transform)
+    bs, workers = cfg.loader.batch_size, cfg.loader.num_workers
+    rate_cache = loader_throughput(cached, bs, workers)
+    files = slice_files(patients)
+    rate_dicom = loader_throughput(DicomSlices(files, pre, transform), bs, workers)
+    rows = [Row("loader", data, "cache", rate_cache, "DICOM every epoch", rate_dicom, "slices/s", ">= 20x",
+                rate_cache / rate_dicom >= 20)]
+    if with_jpeg:
+        jpegs = convert_to_jpeg(files, pre, work / "jpeg")
+        rate_jpeg = loader_throughput(JpegSlices(jpegs, pre.image_size, transform), bs, workers)
+        rows.append(Row("loader", data, "cache", rate_cache, "JPEG files (paper)", rate_jpeg, "slices/s"))
+    return rows
+
+
+# ---- row 2: cache build -------------------------------------------------------------------------
+def measure_cache_build(patients: list[PatientFolder], pre: SlicePreprocessor, workers: int, work: Path,
+                        data: str) -> list[Row]:
+    files = slice_files(patients)
+    raw = len(files) / timed(lambda: [pydicom.dcmread(f).pixel_array for f in files])  # also warms the page cache
+
+    def build(n_workers: int) -> float:
+        target = Path(tempfile.mkdtemp(dir=work))
+        seconds = timed(lambda: build_or_load_cache(patients, pre, target, workers=n_workers))
+        shutil.rmtree(target)
+        return len(files) / seconds
+
+    one, many = build(1), build(workers)
+    return [
+        Row("cache build", data, "1 process", one, "raw pydicom decode", raw, "slices/s", ">= 0.8x", one / raw >= 0.8),
+        Row("cache build", data, f"{workers} workers", many, "1 process", one, "slices/s"),
+    ]
+
+
+# ---- row 3: framework overhead -----------------------------------------------------------------
+def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from covidct.callbacks.patient_vote import PatientVoteCallback
+
+    model = new_model(dm, cfg)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=cfg.epochs, logger=CSVLogger(work, name="csv"),
+        callbacks=[PatientVoteCallback("infected_fraction", None, str(work)),
+                   ModelCheckpoint(dirpath=work / "ckpt", monitor="val/patient/acc", mode="max", save_last=True)],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
+    )
+    return timed(lambda: trainer.fit(model, datamodule=dm))
+
+
+def hand_loop_epochs(dm: CTDataModule, cfg: DictConfig) -> float:
+    """The same work written by hand: train steps (forward, focal loss, backward, step) + validation forward."""
+    model = new_model(dm, cfg)
+
+    def run() -> None:
+        optimizer = model.optimizer_factory(params=model.parameters())
+        train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+        for _ in range(cfg.epochs):
+            model.train()
+            for batch in train_loader:
+                loss = model.criterion(model(batch["image"]), batch["target"])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            with torch.inference_mode():
+                for batch in val_loader:
+                    model(batch["image"]).softmax(1)
+
+    return timed(run)
+
+
+def new_model(dm: CTDataModule, cfg: DictConfig):
+    from functools import partial
+
+    from covidct.models.classifier import SliceClassifier
+
+    torch.manual_seed(0)
+    return SliceClassifier(backbone=cfg.backbone, in_channels=dm.num_channels, class_counts=dm.train_class_counts,
+                           optimizer=partial(torch.optim.Adam, lr=3e-4))
+
+
+def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> list[Row]:
+    dm = CTDataModule(root=str(root), cache_dir=str(work / "cache"), image_size=cfg.image_size, batch_size=32,
+                      val_fraction=0.3, num_workers=0, train_transforms=None, seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    lightning, hand = [], []
+    for i in range(cfg.repeats):  # alternate, keep the best of each
+        lightning.append(lightning_epochs(dm, cfg, work / f"lightning-{i}"))
+        hand.append(hand_loop_epochs(dm, cfg))
+    slices = cfg.epochs * (len(dm.train_rows) + len(dm.val_rows))
+    return [Row("framework", f"{data}, {cfg.backbone} {cfg.image_size} px, {cfg.epochs} epochs", "Lightning",
+                min(lightning) / slices * 1000, "hand-written loop", min(hand) / slices * 1000, "ms/slice",
+                "<= 1.05x", min(lightning) / min(hand) <= 1.05)]
+
+
+# ---- row 4: memory ------------------------------------------------------------------------------
+MEMORY_CHILD = """
+import json, resource, sys
+from covidct.bench import memory_child
+memory_child(json.loads(sys.argv[1]))
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory_child(overrides: list[str]) -> None:
+    """Run one training from the train config with ``overrides`` (in a fresh process)."""
+    from hydra import compose, initialize_config_dir
+
+    from covidct.training import train
+
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=overrides)
+    train(cfg)
+
+
+def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
+    peaks, sizes = [], []
+    for factor in (1, 10):
+        spec = SyntheticSpec(patients_per_class=(cfg.patients_per_class * factor,) * 3, slices_min=cfg.slices,
+                             slices_max=cfg.slices, image_size=128, seed=1)
+        root = ensure_dataset(cache_dir, spec)  # generated and cached here, so the run only reads
+        pre = SlicePreprocessor(parse_windows(["lung"]), cfg.image_size)
+        cache = build_or_load_cache(discover_covid_ct_md(root), pre, cache_dir, workers=2)
+        sizes.append((len(cache.patient), (cache.path / "images.u8").stat().st_size))
+        overrides = [
+            f"data.synthetic.{k}={v}" for k, v in asdict(spec).items() if k != "patients_per_class"
+        ] + [
+            f"data.synthetic.patients_per_class=[{spec.patients_per_class[0]},{spec.patients_per_class[0]},"
+            f"{spec.patients_per_class[0]}]", f"paths.cache_dir={cache_dir}", f"paths.output_dir={work / str(factor)}",
+            f"data.image_size={cfg.image_size}", "data.num_workers=0", "logger=csv", "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={cfg.batches}", f"trainer.limit_val_batches={cfg.batches}",
+            "trainer.enable_progress_bar=false", "model=resnet18", "model.pretrained=false",
+        ]
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(overrides)], capture_output=True,
+                             text=True, env=os.environ | {"WANDB_MODE": "offline"}, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"memory run failed:\n{out.stderr[-3000:]}")
+        peaks.append(int(out.stdout.split("PEAK_RSS_KB")[-1]) / 1024)
+    (n, bytes_n), (n10, bytes_10n) = sizes
+    data = f"synthetic, {n} vs {n10} slices, cache {bytes_n / 2**20:.0f} vs {bytes_10n / 2**20:.0f} MiB"
+    return [Row("memory", data, "peak RSS 10N", peaks[1], "peak RSS N", peaks[0], "MiB", "<= 1.15x",
+                peaks[1] / peaks[0] <= 1.15)]
+
+
+# ---- row 5: inference ---------------------------------------------------------------------------
+def measure_inference(sample: Path, cfg: DictConfig) -> list[Row]:
+    from covidct.bench_predict import measure_predict
+
+    r = measure_predict(sample, cfg.backbone, cfg.image_size, 32, cfg.num_workers, cfg.repeats)
+    data = f"real, {r['patients']} patients, {r['slices']} slices, {cfg.backbone} {cfg.image_size} px"
+    return [Row("inference", data, "predict.py", r["end_to_end_s"] / r["slices"] * 150, "bare forward",
+                r["forward_s"] / r["slices"] * 150, "s/150-slice patient", "<= 1.3x", r["overhead_ratio"] <= 1.3)]
+
+
+# ---- report -------------------------------------------------------------------------------------
+def format_rows(rows: list[Row]) -> str:
+    header = ["row", "data", "A", "value A", "B", "value B", "unit", "A/B", "target", "met"]
+    cells = [header] + [
+        [r.name, r.data, r.a_label, f"{r.a:.4g}", r.b_label, f"{r.b:.4g}", r.unit, f"{r.ratio:.3g}x", r.target,
+         "" if r.ok is None else ("yes" if r.ok else "NO")]
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip() for c in cells)
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "max_rss_mib_of_bench": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
+    """All rows for ``cfg`` (the ``bench`` node); writes ``bench.json`` into ``output_dir``."""
+    scale = int(cfg.scale)
+    cache_dir = Path(cfg.cache_dir)
+    work = Path(tempfile.mkdtemp(prefix="covidct-bench-"))
+    pre = SlicePreprocessor(parse_windows(list(cfg.windows)), cfg.image_size)
+    spec = SyntheticSpec(patients_per_class=(cfg.data.patients_per_class * scale,) * 3, slices_min=cfg.data.slices,
+                         slices_max=cfg.data.slices, image_size=512, compressed_fraction=1.0, seed=0)
+    started = time.perf_counter()
+    rows: list[Row] = []
+    try:
+        root = ensure_dataset(cache_dir, spec)
+        synthetic = discover_covid_ct_md(root)
+        data = f"synthetic 512 px JPEG-LS, {len(slice_files(synthetic))} slices"
+        steps: list[tuple[str, Callable[[], list[Row]]]] = [
+            ("loader", lambda: measure_loaders(synthetic, pre, cfg, work / "syn", data, with_jpeg=True)),
+            ("cache build", lambda: measure_cache_build(synthetic, pre, cfg.cache_build.workers, work, data)),
+        ]
+        sample = Path(cfg.real_sample)
+        if (sample / "Index.csv").is_file():
+            real = discover_covid_ct_md(sample)
+            real_data = f"real sample, {len(slice_files(real))} slices"
+            steps += [
+                ("loader (real)", lambda: measure_loaders(real, pre, cfg, work / "real", real_data, with_jpeg=False)),
+                ("cache build (real)", lambda: measure_cache_build(real, pre, cfg.cache_build.workers, work,
+                                                                   real_data)),
+            ]
+        else:
+            log.warning("Real sample not found at %s: its rows are skipped (bench.real_sample=...)", sample)
+        memory = OmegaConf.merge(cfg.memory, {"patients_per_class": cfg.memory.patients_per_class * scale})
+        steps += [
+            ("framework", lambda: measure_framework(root, cfg.framework, work / "framework", "synthetic")),
+            ("memory", lambda: measure_memory(memory, cache_dir, work / "memory")),
+        ]
+        if (sample / "Index.csv").is_file():
+            steps.append(("inference", lambda: measure_inference(sample, cfg.inference)))
+        for name, step in steps:
+            log.info("Measuring %s ...", name)
+            new = step()
+            rows += new
+            log.info("\n%s", format_rows(new))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"rows": [asdict(r) | {"ratio": r.ratio} for r in rows], "environment": environment(),
+              "bench": OmegaConf.to_container(cfg, resolve=True), "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_text(output_dir / "bench.json", json.dumps(report, indent=2) + "\n")
+    return rows
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    output_dir = Path(cfg.paths.output_dir)
+    rows = run_bench(cfg.bench, output_dir)
+    env = environment()
+    print(f"covidct bench on {env['cpus']} CPUs ({env['torch_threads']} torch threads), GPU: {env['gpu']}; "
+          f"A/B measured side by side in this run")
+    print(format_rows(rows))
+    print(f"figures: {output_dir / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
