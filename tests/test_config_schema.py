@@ -126,3 +126,10 @@ def test_slurm_launcher_config(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 1, 240)
+
+
+def test_gpu_trainer_config_is_ready_for_a_gpu(tmp_path):
+    cfg = compose_train(tmp_path, ["trainer=gpu", "compile.enabled=true"])
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.trainer.benchmark) == ("gpu", "bf16-mixed", True)
+    assert cfg.model.channels_last is True and cfg.compile.enabled is True
+    assert cfg.data.num_workers is None and cfg.data.pin_memory is None  # auto: decided by the data module

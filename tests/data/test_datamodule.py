@@ -109,3 +109,24 @@ def test_real_sample_through_the_datamodule(real_sample, tmp_path):
     assert targets == {"P001": [80, 0, 68], "cap001": [0, 86, 82], "normal001": [0, 0, 154]}
     assert len(set(dm.cache.patient[dm.val_rows].tolist())) == 1
     assert (np.diff(dm.cache.location[dm.cache.patient == 0]) < 0).all()  # head first
+
+
+def test_loader_settings_are_automatic_without_a_gpu_and_explicit_when_given(cache_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loader = make_dm(cache_dir).train_dataloader()
+    assert (loader.num_workers, loader.pin_memory) == (0, False)  # CPU: workers would take the model's cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dm = make_dm(cache_dir)
+    assert dm.num_workers >= 0 and dm.pin_memory is True  # a GPU: pinned batches, workers by CPU count
+    loader = make_dm(cache_dir, num_workers=2, pin_memory=False, prefetch_factor=3).val_dataloader()
+    assert (loader.num_workers, loader.pin_memory, loader.prefetch_factor, loader.persistent_workers) == (2, False, 3,
+                                                                                                          True)
+
+
+def test_slices_are_read_not_mapped_and_equal_the_cache(cache_dir):
+    dm = make_dm(cache_dir, train_transforms=None)
+    dataset = dm.val_dataloader().dataset
+    for i in (0, len(dataset) - 1):
+        item = dataset[i]
+        assert torch.equal(item["image"], torch.from_numpy(np.array(dm.cache.images[item["index"]])))
+    assert dataset._fd is not None and not any(isinstance(v, np.memmap) for v in vars(dataset).values())
