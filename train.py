@@ -32,8 +32,10 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Returns the monitored patient accuracy for sweepers; None for a failed job of a multirun
     (Optuna records such a trial as failed and goes on; NaN would stop Optuna 2.x)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
     from covidct.sweep_summary import write_run_metrics
-    from covidct.training import train
+    from covidct.training import LaunchError, train
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -44,13 +46,14 @@ def main(cfg: DictConfig) -> float | None:
         exc = exc if isinstance(exc, CovidCTError) else exc.__cause__
         if not isinstance(exc, CovidCTError):
             raise
-        if multirun:  # one bad job must not end the sweep; the sweep summary lists it as failed
+        if multirun and not isinstance(exc, LaunchError):  # one bad job must not end the sweep; the summary lists it
             log.error("Job %s failed: %s", hydra_cfg.job.num, exc)
             write_run_metrics(cfg.paths.output_dir, {"status": "failed", "error": str(exc)})
             return None
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message says it all; no traceback for user errors)
-    log.info("\n%s", result.summary(cfg.vote.rule))
+    if rank_zero_only.rank == 0:  # under DDP every rank returns here; one summary is enough
+        log.info("\n%s", result.summary(cfg.vote.rule))
     return None if math.isnan(result.score) else result.score
 
 

@@ -10,14 +10,19 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.callbacks.patient_vote import PatientVoteCallback
 from covidct.config import check_config
+from covidct.errors import ConfigError
 from covidct.sweep_summary import write_run_metrics
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,44 @@ class TrainResult:
         return "\n".join(lines)
 
 
+class LaunchError(ConfigError):
+    """A launch setting no job of a sweep can run with: ``train.py`` stops the whole sweep on it."""
+
+
+def check_launch(trainer: pl.Trainer) -> None:
+    """Refuse DDP that Lightning would start by re-running the script, inside a Hydra multirun.
+
+    Lightning starts ranks 1..N-1 by running ``sys.argv`` again (with ``hydra.run.dir`` set to rank 0's
+    run folder). In a single run that rejoins rank 0's run; in a multirun the copy runs the whole sweep
+    again, in a second sweep folder. Ranks started by SLURM (or torchrun) are not re-run: allowed.
+    """
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return
+    launcher = trainer.strategy.launcher
+    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+            and not launcher.cluster_environment.creates_processes_externally):
+        raise LaunchError(
+            f"-m (multirun) cannot start {launcher.num_processes} DDP processes per job (Lightning would re-run the "
+            "whole sweep for each extra rank): sweep DDP jobs with hydra/launcher=slurm "
+            "hydra.launcher.tasks_per_node=<GPUs per node> (SLURM starts every rank), or run each setting without -m"
+        )
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, else on SLURM the newest ``hpc_ckpt_<n>.ckpt`` in the run folder: the checkpoint
+    Lightning saves on SLURM's requeue signal (SIGUSR1). Lightning would find it by itself; resolving
+    it here also lets the requeued job continue the same W&B run."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    if not SLURMEnvironment.detect():
+        return None
+    saved = Path(cfg.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+    newest = max(saved, key=lambda p: int(p.stem.removeprefix("hpc_ckpt_")), default=None)
+    if newest is not None:
+        log.info("SLURM requeue: resuming from %s", newest)
+    return str(newest) if newest else None
+
+
 def _wandb_run_id(ckpt_path: str | None) -> str | None:
     """The W&B run id stored in a checkpoint, so a resumed training continues the same W&B run."""
     if not ckpt_path:
@@ -71,7 +114,8 @@ def _wandb_run_id(ckpt_path: str | None) -> str | None:
     return torch.load(ckpt_path, map_location="cpu", weights_only=True).get("wandb_run_id")
 
 
-def build_loggers(cfg: DictConfig, group: str | None) -> list[Logger]:
+def build_loggers(cfg: DictConfig, group: str | None, ckpt_path: str | None = None) -> list[Logger]:
+    """The configured loggers; W&B continues the run stored in ``ckpt_path`` (a resumed training)."""
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
@@ -79,7 +123,7 @@ def build_loggers(cfg: DictConfig, group: str | None) -> list[Logger]:
         extra: dict[str, Any] = {}
         if conf._target_.endswith("WandbLogger"):
             extra = {"group": conf.get("group") or group}
-            run_id = _wandb_run_id(cfg.get("ckpt_path"))
+            run_id = _wandb_run_id(ckpt_path)
             if run_id:
                 extra |= {"id": run_id, "resume": "allow"}
         loggers.append(instantiate(conf, **extra))
@@ -96,7 +140,16 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_checkpoint(cfg)
     vote = PatientVoteCallback(cfg.vote.rule, cfg.vote.tau, str(output_dir))
+    loggers = build_loggers(cfg, group, ckpt_path)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [vote]
+    if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)  # before any data is read
+    # Every process prepares the data here (the model needs the class counts). Under DDP started by
+    # Lightning, rank 0 has built the caches before it starts the other ranks, which only load them.
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -116,17 +169,13 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
             "vote_rule": cfg.vote.rule,
         },
     )
-    loggers = build_loggers(cfg, group)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [vote]
-    if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         compile_network(model, cfg.compile)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        if any(isinstance(lg, WandbLogger) for lg in loggers) and vote.best_votes:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        has_wandb = any(isinstance(lg, WandbLogger) for lg in loggers)
+        if trainer.is_global_zero and has_wandb and vote.best_votes:
             log_wandb_tables(loggers, vote, datamodule)
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")

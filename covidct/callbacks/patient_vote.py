@@ -17,12 +17,14 @@ DistributedSampler pads with repeats), so every rank computes the same patient m
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_confusion_matrix,
@@ -37,6 +39,11 @@ from covidct.io import atomic_write_csv
 from covidct.voting import VOTE_RULES, PatientVote, deduplicate, patient_accuracy, tune_tau, vote_patients
 
 log = logging.getLogger(__name__)
+# The patient metrics are computed from all ranks' gathered slices, so every rank logs the same values
+# and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/patient/",
+                        category=PossibleUserWarning)
+
 
 def leave_one_out_predictions(fractions: np.ndarray, infected_votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Infected-fraction predictions (P,) where patient i is decided by a tau tuned without it."""
@@ -168,8 +175,15 @@ class PatientVoteCallback(pl.Callback):
         atomic_write_csv(self.output_dir / "patients.csv", header, rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "tau": self.tau, "best": self.best, "best_epoch": self.best_epoch}
+        # the best epoch's metrics and confusion too: a resumed run (ckpt_path, SLURM requeue) that does
+        # not improve on it still reports them
+        confusion = None if self.best_confusion is None else self.best_confusion.tolist()
+        return {"rule": self.rule, "tau": self.tau, "best": self.best, "best_epoch": self.best_epoch,
+                "best_summary": {k: float(v) for k, v in self.best_summary.items()}, "best_confusion": confusion}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tau = float(state_dict["tau"])
         self.best, self.best_epoch = state_dict["best"], state_dict["best_epoch"]
+        self.best_summary = dict(state_dict.get("best_summary", {}))  # absent in older checkpoints
+        confusion = state_dict.get("best_confusion")
+        self.best_confusion = None if confusion is None else np.asarray(confusion, dtype=np.int64)

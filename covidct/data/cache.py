@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -105,8 +106,17 @@ def _read_all(patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers
     if workers <= 1:
         yield from (_read_patient(folder, pre) for folder in folders)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
         yield from pool.map(_read_patient, folders, repeat(pre))
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork on Linux, spawn elsewhere. A spawned worker re-imports the main module (train.py pulls in
+    torch, Lightning and Hydra: ~8 s per worker on 2 cores, measured), which made 2 workers slower
+    than 1 process on a 470-slice build (19.6 s vs 12.1 s); forked ones start at once (7.8 s). The
+    workers only decode DICOM (pydicom, numpy, single-threaded OpenCV), as DataLoader workers do,
+    which also fork by default on Linux."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers: int) -> dict:

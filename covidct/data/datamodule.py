@@ -23,7 +23,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache, build_or_load_cache
@@ -92,6 +92,10 @@ class SliceDataset(Dataset):
         return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(self.shape[1:])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Item ``i``; ``i >= len(self)`` is a padding repeat of item ``i % len(self)`` (see
+        :class:`PaddedEvalSampler`): same slice, target -1, so slice metrics and the loss skip it."""
+        padding = i >= len(self.rows)
+        i %= len(self.rows)
         row = int(self.rows[i])
         image = self._image(row)  # (C, S, S) uint8
         if self.transform is not None and not self._seeded:
@@ -100,11 +104,24 @@ class SliceDataset(Dataset):
             self._seeded = True
         return {
             "image": to_model_input(image, self.transform),
-            "target": int(self.targets[i]),
+            "target": UNKNOWN if padding else int(self.targets[i]),
             "patient": int(self.patients[i]),
             "slice": int(self.slices[i]),
             "index": row,
         }
+
+
+class PaddedEvalSampler(DistributedSampler):
+    """Validation under DDP: ``DistributedSampler(shuffle=False)``'s shares (equal lengths, padded with
+    repeats of the first slices), but each repeat comes as ``index + len(dataset)``, which
+    :class:`SliceDataset` serves with target -1. Slice metrics and the loss then count every slice
+    exactly once, as in one process; the patient vote drops repeats by cache row. Lightning keeps a
+    DistributedSampler it is given instead of adding its own."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        padded = list(range(n)) + [n + i % n for i in range(self.total_size - n)]
+        return iter(padded[self.rank : self.total_size : self.num_replicas])
 
 
 class CTDataModule(pl.LightningDataModule):
@@ -290,4 +307,7 @@ class CTDataModule(pl.LightningDataModule):
                 "No validation patients: data.val_fraction is 0 or every class has a single patient. "
                 "Raise data.val_fraction or add patients."
             )
-        return self._loader(self._dataset(self.val_rows, None), shuffle=False)
+        dataset = self._dataset(self.val_rows, None)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = PaddedEvalSampler(dataset, shuffle=False) if distributed else None
+        return self._loader(dataset, shuffle=False, sampler=sampler)

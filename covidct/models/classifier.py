@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from covidct import CLASS_NAMES
@@ -95,6 +96,7 @@ class SliceClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNKNOWN)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNKNOWN)
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", ignore_index=UNKNOWN)
+        self.val_loss = MeanMetric()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float logits (B, num_classes)."""
@@ -117,7 +119,8 @@ class SliceClassifier(pl.LightningModule):
         target = batch["target"]
         bs = int((target != UNKNOWN).sum())
         if bs:
-            self.log(f"{stage}/loss", self.criterion(logits, target), on_epoch=True, batch_size=bs, sync_dist=True)
+            self.val_loss.update(self.criterion(logits, target), weight=bs)  # slice-weighted, summed over ranks
+            self.log(f"{stage}/loss", self.val_loss, on_epoch=True, batch_size=bs)
             self.val_acc(logits, target)
             self.val_f1(logits, target)
             self.log(f"{stage}/slice_acc", self.val_acc, on_epoch=True, batch_size=bs)
