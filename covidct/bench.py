@@ -50,7 +50,7 @@ from covidct.data.cache import build_or_load_cache  # noqa: E402
 from covidct.data.datamodule import CTDataModule, SliceDataset, to_model_input  # noqa: E402
 from covidct.data.dicom import list_files, to_hounsfield  # noqa: E402
 from covidct.data.layout import PatientFolder, discover_covid_ct_md  # noqa: E402
-from covidct.data.preprocess import SlicePreprocessor, parse_windows  # noqa: E402
+from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows  # noqa: E402
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset  # noqa: E402
 from covidct.io import atomic_write_text  # noqa: E402
 
@@ -104,6 +104,7 @@ class DicomSlices(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        one_thread_per_worker()
         return to_model_input(self.pre(to_hounsfield(pydicom.dcmread(self.files[i]))), self.transform)
 
 
@@ -117,6 +118,7 @@ class JpegSlices(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        one_thread_per_worker()
         with Image.open(self.files[i]) as im:
             image = np.asarray(im)
         image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
 from covidct.data.dicom import IGNORED_NAMES, read_series
-from covidct.data.preprocess import SlicePreprocessor, parse_windows
+from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
@@ -118,6 +118,7 @@ class PatientFolders(Dataset):
         return len(self.folders)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        one_thread_per_worker()
         folder = self.folders[i]
         try:
             series = read_series(folder, self.preprocessor)

@@ -29,7 +29,7 @@ from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.labels import UNKNOWN, check_label_lengths, slice_targets
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
-from covidct.data.preprocess import SlicePreprocessor, parse_windows
+from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
 from covidct.data.split import train_val_split
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
@@ -98,9 +98,10 @@ class SliceDataset(Dataset):
         i %= len(self.rows)
         row = int(self.rows[i])
         image = self._image(row)  # (C, S, S) uint8
-        if self.transform is not None and not self._seeded:
-            # different per worker and epoch, reproducible from the global seed
-            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+        if not self._seeded:
+            one_thread_per_worker()
+            if self.transform is not None:  # different per worker and epoch, reproducible from the global seed
+                self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded = True
         return {
             "image": to_model_input(image, self.transform),
