@@ -6,8 +6,9 @@ is shared and noisy: only ratios measured side by side mean anything) and report
 1. loader: model-ready slices/s (augmentation on) from the slice cache vs decoding DICOM every
    epoch vs the paper's route (DICOM converted once to JPEG files, JPEGs decoded every epoch);
 2. cache build: slices/s with N worker processes vs one process vs raw ``pydicom`` decode (the floor);
-3. framework: a Lightning epoch (our module, vote callback, checkpoint, CSV logging) vs a
-   hand-written PyTorch loop over the same batches, model and optimizer;
+3. framework: Lightning epochs (our module and vote callback, metrics, CSV logging; checkpoints off,
+   their disk writes are the same in any loop) vs a hand-written PyTorch loop over the same
+   batches, model and optimizer;
 4. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
 5. inference: predict.py per patient vs a bare forward over the same slices.
 
@@ -190,7 +191,6 @@ def measure_cache_build(patients: list[PatientFolder], pre: SlicePreprocessor, w
 # ---- row 3: framework overhead -----------------------------------------------------------------
 def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
     from covidct.callbacks.patient_vote import PatientVoteCallback
@@ -198,8 +198,7 @@ def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
     model = new_model(dm, cfg)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=cfg.epochs, logger=CSVLogger(work, name="csv"),
-        callbacks=[PatientVoteCallback("infected_fraction", None, str(work)),
-                   ModelCheckpoint(dirpath=work / "ckpt", monitor="val/patient/acc", mode="max", save_last=True)],
+        callbacks=[PatientVoteCallback("infected_fraction", None, str(work))], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
     )
     return timed(lambda: trainer.fit(model, datamodule=dm))
