@@ -28,7 +28,8 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
             "bench.loader.num_workers=0", "bench.cache_build.workers=2",
             "bench.framework.epochs=1", "bench.framework.repeats=1", "bench.framework.image_size=32",
             "bench.memory.patients_per_class=2", "bench.memory.slices=6", "bench.memory.image_size=64",
-            "bench.memory.batches=1", "bench.inference.image_size=64", "bench.inference.num_workers=0",
+            "bench.memory.batches=1", "bench.inference.backbone=resnet18", "bench.inference.image_size=64",
+            "bench.inference.num_workers=0", "bench.inference.patients=2",
         ])
     rows = run_bench(cfg.bench, tmp_path / "out")
     names = [(r.name, r.b_label) for r in rows]
@@ -41,6 +42,7 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
     assert all(r.a > 0 and r.b > 0 and math.isfinite(r.ratio) for r in rows)
     assert "36 slices" in rows[0].data and "18 slices" in rows[4].data  # 2 x 3 x 6 synthetic, 3 x 6 stand-in
     assert "36 vs 360 slices" in rows[8].data  # N vs 10N
+    assert "2 patients, 12 slices" in rows[9].data
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len(report["rows"]) == len(rows) and report["environment"]["cpus"] >= 1
     assert report["rows"][0]["ratio"] == pytest.approx(rows[0].ratio)
