@@ -20,7 +20,9 @@ from omegaconf import MISSING
 
 @dataclass
 class SyntheticConfig:
-    """``data.synthetic``: the generated COVID-CT-MD look-alike (see ``covidct.data.synthetic.SyntheticSpec``)."""
+    """``data.synthetic``: the generated COVID-CT-MD look-alike. A mutable mirror of the frozen
+    ``covidct.data.synthetic.SyntheticSpec`` (a frozen node would refuse overrides); a test keeps
+    the two identical."""
 
     patients_per_class: list[int] = field(default_factory=lambda: [20, 20, 20])
     slices_min: int = 32

@@ -133,3 +133,14 @@ def test_gpu_trainer_config_is_ready_for_a_gpu(tmp_path):
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.trainer.benchmark) == ("gpu", "bf16-mixed", True)
     assert cfg.model.channels_last is True and cfg.compile.enabled is True
     assert cfg.data.num_workers is None and cfg.data.pin_memory is None  # auto: decided by the data module
+
+
+def test_synthetic_schema_mirrors_the_generator_spec():
+    """SyntheticConfig (mutable, for overrides) must not drift from the frozen SyntheticSpec it feeds."""
+    from dataclasses import asdict
+
+    from covidct.data.synthetic import SyntheticSpec
+    from covidct.schema import SyntheticConfig
+
+    config, spec = asdict(SyntheticConfig()), asdict(SyntheticSpec())
+    assert config == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
