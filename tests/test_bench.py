@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from covidct.bench import run_bench
 from covidct.config import register_resolvers
+from covidct.errors import ConfigError
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from tests.conftest import REPO
 
@@ -46,3 +47,17 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len(report["rows"]) == len(rows) and report["environment"]["cpus"] >= 1
     assert report["rows"][0]["ratio"] == pytest.approx(rows[0].ratio)
+
+
+def test_rows_selects_rows_and_names_unknown_ones(tmp_path):
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        overrides = [f"paths.cache_dir={tmp_path / 'cache'}", f"bench.real_sample={tmp_path / 'absent'}",
+                     "bench.data.patients_per_class=2", "bench.data.slices=4", "bench.image_size=32",
+                     "bench.framework.epochs=1", "bench.framework.repeats=3", "bench.framework.image_size=32"]
+        cfg = compose("bench", overrides=[*overrides, "bench.rows=[framework]"])
+        bad = compose("bench", overrides=[*overrides, "bench.rows=[framwork]"])
+    rows = run_bench(cfg.bench, tmp_path / "out")
+    assert [r.name for r in rows] == ["framework"] and "median of 3 pairs" in rows[0].data
+    with pytest.raises(ConfigError, match=r"bench.rows.*'framwork'"):
+        run_bench(bad.bench, tmp_path / "out2")
