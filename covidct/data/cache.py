@@ -7,7 +7,8 @@ A cache folder ``<cache_dir>/slices-<key>/`` holds
 * ``slices.npz``: ``patient`` int32 (N,) index into the manifest's patients, ``slice`` int32 (N,)
   head-first slice index within the patient, ``location`` float32 (N,) position in mm;
 * ``manifest.json``: settings, shape, and per patient: id, class, folder, offset, slice count,
-  ordering key, skipped files with reasons.
+  ordering key, skipped and ignored files with reasons; patients skipped (no usable slice) with
+  reasons. Written last: a folder without it (or with a short ``images.u8``) is not a cache.
 
 The key hashes the preprocessing settings and every input file's path, size and mtime, so a
 change of either builds a new cache. A cache is built in a temporary folder and renamed into place
@@ -22,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -36,10 +38,11 @@ import numpy as np
 from covidct.data.dicom import list_files, read_series
 from covidct.data.layout import PatientFolder
 from covidct.data.preprocess import SlicePreprocessor
+from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: more unusable slices skipped (issue 8), ignored files listed, skipped patients
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class CachedPatient:
     offset: int
     n_slices: int
     order_key: str
-    skipped: list[dict[str, str]]
-    n_ignored: int
+    skipped: list[dict[str, str]]  # {"file", "reason"}: DICOM files not used
+    ignored: list[dict[str, str]]  # {"file", "reason"}: other entries of the folder
 
 
 @dataclass
@@ -67,6 +70,7 @@ class SliceCache:
     location: np.ndarray
     patients: list[CachedPatient]
     build_seconds: float
+    skipped_patients: list[dict[str, str]]  # {"patient", "folder", "reason"}: folders without a usable slice
 
     @property
     def num_slices(self) -> int:
@@ -78,25 +82,29 @@ def cache_key(patients: Sequence[PatientFolder], preprocessor: SlicePreprocessor
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "pre": asdict(preprocessor)}, sort_keys=True).encode())
     for p in patients:
-        h.update(f"\0{p.patient_id}\0{p.label}\0{p.folder.resolve()}".encode())
-        for f in list_files(p.folder):
+        h.update(os.fsencode(f"\0{p.patient_id}\0{p.label}\0{p.folder.resolve()}"))  # any bytes in names
+        for f in list_files(p.folder) if p.folder.is_dir() else ():
             st = f.stat()
-            h.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            h.update(os.fsencode(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}"))
     return h.hexdigest()[:20]
 
 
 def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
-    """Worker: one patient folder -> uint8 (n, C, S, S) stack plus order and skip information."""
+    """Worker: one patient folder -> uint8 (n, C, S, S) stack plus order and skip information;
+    ``{"error": reason}`` when the folder has no usable slice."""
     import cv2
 
     cv2.setNumThreads(1)
-    series = read_series(folder, preprocessor, warn=False)  # warned in the main process, into the run log
+    try:
+        series = read_series(folder, preprocessor, warn=False)  # warned in the main process, into the run log
+    except DataError as exc:
+        return {"error": str(exc)}
     return {
         "images": np.stack(series.slices),
         "locations": np.asarray(series.locations, dtype=np.float32),
         "order_key": series.order_key,
         "skipped": [{"file": str(s.path), "reason": s.reason} for s in series.skipped],
-        "n_ignored": len(series.ignored),
+        "ignored": [{"file": str(s.path), "reason": s.reason} for s in series.ignored],
     }
 
 
@@ -122,15 +130,21 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers: int) -> dict:
     """Read all patients and write the cache files into ``tmp``; returns the manifest."""
     started = time.perf_counter()
-    entries, patient_col, slice_col, location_col = [], [], [], []
+    entries, patient_col, slice_col, location_col, skipped_patients = [], [], [], [], []
     offset = 0
     with open(tmp / "images.u8", "wb") as out:
-        for i, (patient, result) in enumerate(zip(patients, _read_all(patients, pre, workers), strict=True)):
+        for patient, result in zip(patients, _read_all(patients, pre, workers), strict=True):
+            if "error" in result:
+                log.warning("Skipping patient %s: %s", patient.patient_id, result["error"])
+                skipped_patients.append({"patient": patient.patient_id, "folder": str(patient.folder),
+                                         "reason": result["error"]})
+                continue
+            i = len(entries)
             images = result["images"]
             out.write(np.ascontiguousarray(images).tobytes())
             n = len(images)
             entry = CachedPatient(patient.patient_id, patient.label, str(patient.folder), offset, n,
-                                  result["order_key"], result["skipped"], result["n_ignored"])
+                                  result["order_key"], result["skipped"], result["ignored"])
             entries.append(asdict(entry))
             patient_col.append(np.full(n, i))
             slice_col.append(np.arange(n))
@@ -138,6 +152,9 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
             offset += n
             for skipped in result["skipped"]:
                 log.warning("Skipping %s: %s", skipped["file"], skipped["reason"])
+    if not entries:
+        raise DataError(f"no patient has a usable slice (first: {skipped_patients[0]['reason']})"
+                        if skipped_patients else "no patients to cache")
     np.savez(
         tmp / "slices.npz",
         patient=np.concatenate(patient_col).astype(np.int32),
@@ -149,11 +166,21 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
         "preprocessor": asdict(pre),
         "shape": [offset, len(pre.windows), pre.image_size, pre.image_size],
         "patients": entries,
+        "skipped_patients": skipped_patients,
         "build_seconds": time.perf_counter() - started,
         "workers": workers,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _is_complete(path: Path) -> bool:
+    """A finished cache: manifest written last, and an images file of the size the manifest declares."""
+    try:
+        shape = json.loads((path / "manifest.json").read_text())["shape"]
+        return (path / "images.u8").stat().st_size == int(np.prod(shape)) and (path / "slices.npz").is_file()
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def open_cache(path: Path) -> SliceCache:
@@ -169,7 +196,34 @@ def open_cache(path: Path) -> SliceCache:
         location=table["location"],
         patients=[CachedPatient(**p) for p in manifest["patients"]],
         build_seconds=float(manifest["build_seconds"]),
+        skipped_patients=manifest["skipped_patients"],
     )
+
+
+def _tmp_prefix(final: Path, pid: int | None = None) -> str:
+    """Name prefix of a build in progress: ``.<final>.tmp-<host>-<pid>-`` (who is building it)."""
+    return f".{final.name}.tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}-"
+
+
+def _remove_dead_builds(final: Path) -> None:
+    """Delete half-written builds of ``final`` left by killed processes of this host (their pid is gone).
+    Builds of live processes, or of other hosts sharing the folder, are left alone."""
+    host_prefix = f".{final.name}.tmp-{socket.gethostname()}-"
+    for tmp in final.parent.glob(f"{host_prefix}*"):
+        pid = tmp.name.removeprefix(host_prefix).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.warning("Removing %s: a cache build that was killed before it finished", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def build_or_load_cache(
@@ -181,23 +235,26 @@ def build_or_load_cache(
     """Return the cache for these patients and settings, building it first if it does not exist.
 
     Safe when several processes (sweep jobs, DDP ranks) race: each builds into its own temporary
-    folder and the first rename wins; the others discard theirs.
+    folder and the first rename wins; the others discard theirs. A build killed part-way leaves only
+    its temporary folder, never a cache: the next build removes it and starts again.
     """
     cache_dir = Path(cache_dir)
     final = cache_dir / f"slices-{cache_key(patients, preprocessor)}"
-    if (final / "manifest.json").is_file():
+    if _is_complete(final):
         log.info("Using slice cache %s", final)
         return open_cache(final)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    _remove_dead_builds(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=cache_dir))
     try:
         manifest = _write_cache(tmp, patients, preprocessor, max(1, workers))
-        if final.exists() and not (final / "manifest.json").is_file():
-            shutil.rmtree(final, ignore_errors=True)  # leftover of a cache damaged by hand
+        if final.exists() and not _is_complete(final):
+            log.warning("Replacing %s: incomplete (damaged or cut short)", final)
+            shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first
-            if not (final / "manifest.json").is_file():
+            if not _is_complete(final):
                 raise
         else:
             log.info(

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRa
 
 from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache, build_or_load_cache
+from covidct.data.dicom import Skipped
 from covidct.data.labels import UNKNOWN, check_label_lengths, slice_targets
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
@@ -215,8 +216,8 @@ class CTDataModule(pl.LightningDataModule):
             return Path(self.root)
         return ensure_dataset(self.cache_dir, self.synthetic)  # type: ignore[arg-type]
 
-    def discover(self) -> list[PatientFolder]:
-        return discover_covid_ct_md(self.data_root(), self.slice_labels_file)
+    def discover(self, skipped: list[Skipped] | None = None) -> list[PatientFolder]:
+        return discover_covid_ct_md(self.data_root(), self.slice_labels_file, skipped)
 
     def prepare_data(self) -> None:
         """Generate (synthetic) data and build the slice cache once; later runs reuse it."""
@@ -225,11 +226,13 @@ class CTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache is not None:
             return
-        patients = self.discover()
+        skipped_entries: list[Skipped] = []
+        patients = self.discover(skipped_entries)
         self.cache = cache = build_or_load_cache(patients, self.preprocessor, self.cache_dir, self.cache_workers)
+        labels_of = {p.patient_id: p.slice_labels for p in patients}
         self.patient_ids = [p.patient_id for p in cache.patients]
         self.patient_labels = np.asarray([p.label for p in cache.patients], dtype=np.int64)
-        slice_labels = [p.slice_labels for p in patients]
+        slice_labels = [labels_of[p.patient_id] for p in cache.patients]  # skipped patients are not in the cache
         self.targets = slice_targets(
             self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
         )
@@ -249,6 +252,7 @@ class CTDataModule(pl.LightningDataModule):
             val_patients=self.val_patients,
             train_rows=self.train_rows,
             warnings=check_label_lengths(self.patient_ids, [p.n_slices for p in cache.patients], slice_labels),
+            skipped_entries=skipped_entries,
         )
         log.info("\n%s", self.summary.text())
         if self.output_dir is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ class Series(Generic[T]):
     paths: list[Path]
     order_key: str
     skipped: list[Skipped] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)
+    ignored: list[Skipped] = field(default_factory=list)
 
 
 def _float_or_none(value: object) -> float | None:
@@ -125,6 +126,100 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(Path(e.path) for e in os.scandir(folder) if e.is_file())
 
 
+def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """Files to try as DICOM (sorted by name), and every other entry of ``folder`` with why it is not read."""
+    files: list[Path] = []
+    ignored: list[Skipped] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.name in IGNORED_NAMES or entry.name.startswith("."):
+            ignored.append(Skipped(path, "system or hidden file"))
+        elif entry.is_file():  # follows symlinks; False for a broken or looping one
+            files.append(path)
+        elif entry.is_dir():
+            ignored.append(Skipped(path, "subfolder not read (slices must lie directly in the patient folder)"))
+        elif entry.is_symlink():
+            ignored.append(Skipped(path, "broken or looping symbolic link"))
+        else:
+            ignored.append(Skipped(path, "not a regular file"))
+    return files, ignored
+
+
+#: The only tags parsed from each file: pixel description, rescale, position, modality. Patient
+#: attributes (PatientName, PatientID, dates, InstitutionName, AccessionNumber, ...) are never read,
+#: so they cannot reach a log, a cache, a CSV, a checkpoint or W&B.
+READ_TAGS = [
+    "Modality", "SOPClassUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "SliceLocation", "ImagePositionPatient", "InstanceNumber", "PixelData",
+]
+
+#: Largest accepted Rows or Columns (px). CT slices are 512 (sometimes 768 or 1024) px a side; a
+#: larger declared size is refused before decoding, so a corrupt header cannot exhaust memory.
+MAX_SIDE = 4096
+
+
+class SliceRejected(Exception):
+    """A DICOM file that is not a usable CT slice; the message says why."""
+
+
+def check_slice_header(ds: pydicom.Dataset) -> None:
+    """Refuse, before any pixel is decoded, a file that is not a single-frame CT slice with HU rescale."""
+    modality = str(ds.get("Modality", "") or "").strip()
+    if modality and modality != "CT":
+        raise SliceRejected(f"Modality {modality}, not CT")
+    if "PixelData" not in ds:
+        raise SliceRejected("no pixel data (e.g. a structured report, or a header-only file)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
+        raise SliceRejected(f"declares a {rows} x {cols} px image; refused before decoding "
+                            f"(a CT slice is at most {MAX_SIDE} px a side)")
+    has_rescale = "RescaleSlope" in ds and "RescaleIntercept" in ds
+    if not has_rescale and "ModalityLUTSequence" not in ds and int(ds.get("PixelRepresentation", 0) or 0) != 1:
+        raise SliceRejected("no RescaleSlope/RescaleIntercept and unsigned pixels: Hounsfield units unknown "
+                            "(CT usually has slope 1, intercept -1024: add the tags to the files)")
+
+
+def _read_slice(path: Path) -> pydicom.Dataset:
+    """The tags of :data:`READ_TAGS` of one file; raises InvalidDicomError, SliceRejected or a pydicom error."""
+    ds = pydicom.dcmread(path, specific_tags=READ_TAGS)
+    check_slice_header(ds)
+    return ds
+
+
+@dataclass
+class _Decoded:
+    path: Path
+    header: SliceHeader
+    shape: tuple[int, int]
+    value: object
+
+
+def _drop_odd_sizes(decoded: list[_Decoded], skipped: list[Skipped]) -> list[_Decoded]:
+    """Keep the slices of the series' most common (rows, cols); the others go to ``skipped``."""
+    common = Counter(d.shape for d in decoded).most_common(1)[0][0]
+    for d in decoded:
+        if d.shape != common:
+            skipped.append(Skipped(d.path, f"image size {d.shape[0]} x {d.shape[1]} px differs from the series' "
+                                           f"{common[0]} x {common[1]} px"))
+    return [d for d in decoded if d.shape == common]
+
+
+def _drop_duplicate_positions(ordered: list[_Decoded], keys: list[float], order_key: str,
+                              skipped: list[Skipped]) -> tuple[list[_Decoded], list[float]]:
+    """Drop slices at the position (within 0.001) of the slice before them in head-first order."""
+    kept, kept_keys = [], []
+    for d, key in zip(ordered, keys, strict=True):
+        if kept and abs(key - kept_keys[-1]) < 1e-3:
+            skipped.append(Skipped(d.path, f"same {order_key} ({abs(key):g}) as {kept[-1].path.name}: a duplicate "
+                                           "slice or a second series in the folder"))
+            continue
+        kept.append(d)
+        kept_keys.append(key)
+    return kept, kept_keys
+
+
 def read_series(
     folder: str | Path,
     convert: Callable[[np.ndarray], T] = lambda hu: hu,  # type: ignore[assignment,return-value]
@@ -138,59 +233,58 @@ def read_series(
             e.g. window + resize, so that a large series never sits in memory as float HU.
         warn: log a warning per skipped file (callers that report ``skipped`` themselves pass False).
 
-    Non-DICOM files (``.DS_Store``, text, ...) are ignored. A DICOM that cannot be decoded is
-    skipped with a warning naming the file and the reason. A folder with no readable slice raises
-    :class:`DataError` naming it.
+    Every file not used is listed with its reason: in ``ignored`` (system files, subfolders, links,
+    non-DICOM files not named ``.dcm``) or in ``skipped`` (DICOM, or named ``.dcm``, but unusable:
+    unreadable, not CT, no pixel data, absurd size, no rescale, undecodable, a size differing from
+    the series, a position already taken). A folder with no usable slice raises :class:`DataError`.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder. Point data.root (or input) at an existing patient folder.")
-    converted: list[T] = []
-    headers: list[SliceHeader] = []
-    paths: list[Path] = []
+    files, ignored = scan_folder(folder)
     skipped: list[Skipped] = []
-    ignored: list[Path] = []
-    for path in list_files(folder):
-        if path.name in IGNORED_NAMES or path.name.startswith("."):
-            ignored.append(path)
-            continue
+    decoded: list[_Decoded] = []
+    for path in files:
         try:
-            ds = pydicom.dcmread(path)
+            ds = _read_slice(path)
         except InvalidDicomError:
-            ignored.append(path)
+            if path.suffix.lower() == ".dcm":
+                skipped.append(Skipped(path, "named .dcm but not a DICOM file (no 'DICM' header)"))
+            else:
+                ignored.append(Skipped(path, "not a DICOM file"))
+            continue
+        except SliceRejected as exc:
+            skipped.append(Skipped(path, str(exc)))
             continue
         except Exception as exc:  # truncated or corrupt file: pydicom raises many types
             skipped.append(Skipped(path, f"unreadable DICOM: {type(exc).__name__}: {exc}"))
             continue
         try:
             hu = to_hounsfield(ds)
-        except Exception as exc:  # missing decoder, corrupt pixel data, wrong shape, ...
+        except Exception as exc:  # missing decoder, truncated or corrupt pixel data, wrong shape, ...
             skipped.append(Skipped(path, f"cannot decode pixel data: {type(exc).__name__}: {exc}"))
             continue
-        converted.append(convert(hu))
-        headers.append(read_header(ds))
-        paths.append(path)
+        decoded.append(_Decoded(path, read_header(ds), hu.shape, convert(hu)))
+    if decoded:
+        decoded = _drop_odd_sizes(decoded, skipped)
+        order_key, keys = _order([d.header for d in decoded], folder)
+        order = sorted(range(len(decoded)), key=lambda i: (keys[i], decoded[i].path.name))
+        decoded, keys = _drop_duplicate_positions([decoded[i] for i in order], [keys[i] for i in order], order_key,
+                                                  skipped)
     for s in skipped if warn else ():
         log.warning("Skipping %s: %s", s.path, s.reason)
-    if not converted:
-        detail = f"; {len(skipped)} DICOM file(s) could not be decoded (first: {skipped[0].reason})" if skipped else ""
+    if not decoded:
+        detail = f"; {len(skipped)} DICOM file(s) unusable (first: {skipped[0].reason})" if skipped else ""
         raise DataError(
-            f"{folder}: no readable DICOM slice ({len(ignored)} non-DICOM file(s) ignored{detail}). "
+            f"{folder}: no readable DICOM slice ({len(ignored)} other entr(ies) ignored{detail}). "
             "Check the folder, or remove the patient."
         )
-    order_key, sort_values = _order(headers, folder)
-    order = sorted(range(len(converted)), key=lambda i: (sort_values[i], paths[i].name))
-    locations = {
-        "SliceLocation": [h.slice_location for h in headers],
-        "ImagePositionPatient": [h.position_z for h in headers],
-        "InstanceNumber": [h.instance_number for h in headers],
-    }[order_key]
     return Series(
         folder=folder,
-        slices=[converted[i] for i in order],
-        locations=[float(locations[i]) for i in order],  # type: ignore[arg-type]
-        paths=[paths[i] for i in order],
+        slices=[d.value for d in decoded],  # type: ignore[misc]
+        locations=[-key if order_key != "InstanceNumber" else key for key in keys],
+        paths=[d.path for d in decoded],
         order_key=order_key,
-        skipped=skipped,
+        skipped=sorted(skipped, key=lambda s: s.path.name),
         ignored=ignored,
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from covidct import CLASS_NAMES
+from covidct.data.dicom import Skipped, scan_folder
 from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,14 @@ def _diagnoses(root: Path) -> dict[str, int]:
         }
 
 
-def discover_covid_ct_md(root: str | Path, label_file: str | None = None) -> list[PatientFolder]:
-    """All patients under a COVID-CT-MD style root, sorted by class then patient id."""
+def discover_covid_ct_md(
+    root: str | Path, label_file: str | None = None, skipped: list[Skipped] | None = None
+) -> list[PatientFolder]:
+    """All patients under a COVID-CT-MD style root, sorted by class then patient id.
+
+    Entries of a class folder that are not patient folders (files, broken or looping links) are
+    appended to ``skipped`` with the reason, when given. Hidden entries are ignored.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data.root does not exist or is not a folder. Set data.root=<COVID-CT-MD folder>.")
@@ -121,7 +128,12 @@ def discover_covid_ct_md(root: str | Path, label_file: str | None = None) -> lis
     patients: list[PatientFolder] = []
     seen: dict[str, Path] = {}
     for label, class_dir in sorted(class_dirs, key=lambda cd: (cd[0], cd[1].name)):
-        for folder in sorted(p for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        folders, others = scan_folder(class_dir)
+        if skipped is not None:
+            skipped += [Skipped(o.path, f"not a patient folder: {o.reason}") for o in others
+                        if o.path.is_symlink() and not o.path.is_dir()]
+            skipped += [Skipped(f, "a file where patient folders are expected") for f in folders]
+        for folder in sorted(o.path for o in others if o.path.is_dir() and not o.path.name.startswith(".")):
             pid = folder.name
             if pid in seen:
                 raise DataError(

@@ -10,8 +10,11 @@ import numpy as np
 
 from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache
+from covidct.data.dicom import Skipped
 from covidct.data.labels import UNKNOWN
 from covidct.io import atomic_write_text
+
+MAX_IGNORED_SHOWN = 20  # ignored entries listed in the text summary (all are in the JSON)
 
 
 @dataclass
@@ -31,8 +34,9 @@ class DataSummary:
     train_slices: int
     val_slices: int
     unknown_slices_not_trained: int
-    skipped_files: list[dict[str, str]]
-    ignored_non_dicom_files: int
+    skipped_patients: list[dict[str, str]]  # {"patient", "folder", "reason"}: no usable slice
+    skipped_files: list[dict[str, str]]  # {"file", "reason"}: DICOM (or .dcm) files not used
+    ignored_files: list[dict[str, str]]  # {"file", "reason"}: other entries (system files, links, ...)
     warnings: list[str]
 
     @classmethod
@@ -46,7 +50,9 @@ class DataSummary:
         val_patients: np.ndarray,
         train_rows: np.ndarray,
         warnings: list[str],
+        skipped_entries: list[Skipped] = (),
     ) -> DataSummary:
+        """``skipped_entries``: entries of the class folders that are not patient folders (from discovery)."""
         labels = np.asarray([p.label for p in cache.patients])
         n_slices = np.asarray([p.n_slices for p in cache.patients])
         per_class = lambda values: {name: int(values[c]) for c, name in enumerate(CLASS_NAMES)}  # noqa: E731
@@ -70,8 +76,10 @@ class DataSummary:
             train_slices=len(train_rows),
             val_slices=int(np.isin(cache.patient, val_patients).sum()),
             unknown_slices_not_trained=int((in_train & (targets == UNKNOWN)).sum()),
-            skipped_files=[s for p in cache.patients for s in p.skipped],
-            ignored_non_dicom_files=sum(p.n_ignored for p in cache.patients),
+            skipped_patients=list(cache.skipped_patients),
+            skipped_files=[s for p in cache.patients for s in p.skipped]
+            + [{"file": str(s.path), "reason": s.reason} for s in skipped_entries],
+            ignored_files=[s for p in cache.patients for s in p.ignored],
             warnings=warnings,
         )
 
@@ -90,9 +98,14 @@ class DataSummary:
             row("val patients", self.val_patients),
             f"  train slices {self.train_slices}, val slices {self.val_slices}, "
             f"slices without a target not trained on {self.unknown_slices_not_trained}",
-            f"  skipped DICOM files {len(self.skipped_files)}, ignored non-DICOM files {self.ignored_non_dicom_files}",
+            f"  skipped patients {len(self.skipped_patients)}, skipped files {len(self.skipped_files)}, "
+            f"ignored other files {len(self.ignored_files)} (all listed in data_summary.json)",
         ]
+        lines += [f"    skipped patient {s['patient']}: {s['reason']}" for s in self.skipped_patients]
         lines += [f"    skipped {s['file']}: {s['reason']}" for s in self.skipped_files]
+        lines += [f"    ignored {s['file']}: {s['reason']}" for s in self.ignored_files[:MAX_IGNORED_SHOWN]]
+        if len(self.ignored_files) > MAX_IGNORED_SHOWN:
+            lines.append(f"    ... and {len(self.ignored_files) - MAX_IGNORED_SHOWN} more ignored (data_summary.json)")
         lines += [f"  WARNING {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -104,7 +104,7 @@ def test_non_dicom_ignored_and_corrupt_dicom_skipped_with_warning(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         series = read_series(tmp_path)
     assert len(series.slices) == 3
-    assert {p.name for p in series.ignored} == {".DS_Store", "Thumbs.db", "notes.txt"}
+    assert {s.path.name for s in series.ignored} == {".DS_Store", "Thumbs.db", "notes.txt"}
     assert [s.path.name for s in series.skipped] == ["broken.dcm"]
     assert "broken.dcm" in caplog.text
 

@@ -97,7 +97,7 @@ def test_cache_records_and_warns_about_skipped_files(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         cache = build_or_load_cache(patients, SlicePreprocessor(parse_windows(["lung"]), 8), tmp_path / "cache", 2)
     assert [r.message.count("bad.dcm") for r in caplog.records] == [1]  # once, from the main process
-    assert cache.patients[0].n_slices == 3 and cache.patients[0].n_ignored == 1
+    assert cache.patients[0].n_slices == 3 and len(cache.patients[0].ignored) == 1
     assert cache.patients[0].skipped[0]["file"].endswith("bad.dcm")
 
 
