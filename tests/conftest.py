@@ -80,22 +80,27 @@ def write_ct_slice(
     slope: float | None = 1.0,
     photometric: str = "MONOCHROME2",
     bits_stored: int = 12,
+    signed: bool = False,
+    modality: str = "CT",
 ) -> Path:
-    """Write one uncompressed CT slice whose pixels, through the rescale, give ``hu`` (int16 HU)."""
+    """Write one uncompressed CT slice whose pixels, through the rescale, give ``hu`` (int16 HU).
+
+    ``signed``: int16 pixels (PixelRepresentation 1) instead of uint16."""
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CT", "ANONYMOUS"
+    ds.Modality, ds.PatientID = modality, "ANONYMOUS"
     ds.Rows, ds.Columns = hu.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
     stored = (np.asarray(hu, dtype=np.float64) - (intercept or 0.0)) / (slope or 1.0)
     if photometric == "MONOCHROME1":
         stored = (2**bits_stored - 1) - stored
-    ds.PixelData = np.rint(stored).astype(np.uint16).tobytes()
+    ds.PixelData = np.rint(stored).astype(np.int16 if signed else np.uint16).tobytes()
     if intercept is not None:
         ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
     if slice_location is not None:

@@ -132,17 +132,30 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
     ignored: list[Skipped] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
+        kind = _entry_kind(entry)
         if entry.name in IGNORED_NAMES or entry.name.startswith("."):
             ignored.append(Skipped(path, "system or hidden file"))
-        elif entry.is_file():  # follows symlinks; False for a broken or looping one
+        elif kind == "file":
             files.append(path)
-        elif entry.is_dir():
+        elif kind == "dir":
             ignored.append(Skipped(path, "subfolder not read (slices must lie directly in the patient folder)"))
-        elif entry.is_symlink():
+        elif kind == "bad link":
             ignored.append(Skipped(path, "broken or looping symbolic link"))
         else:
             ignored.append(Skipped(path, "not a regular file"))
     return files, ignored
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """``file`` or ``dir`` (links followed), ``bad link`` (broken or looping) or ``other`` (fifo, socket, ...)."""
+    try:
+        if entry.is_file():
+            return "file"
+        if entry.is_dir():
+            return "dir"
+    except OSError:  # ELOOP: a link that points back to itself
+        return "bad link"
+    return "bad link" if entry.is_symlink() else "other"
 
 
 #: The only tags parsed from each file: pixel description, rescale, position, modality. Patient
@@ -170,7 +183,7 @@ def check_slice_header(ds: pydicom.Dataset) -> None:
     if modality and modality != "CT":
         raise SliceRejected(f"Modality {modality}, not CT")
     if "PixelData" not in ds:
-        raise SliceRejected("no pixel data (e.g. a structured report, or a header-only file)")
+        raise SliceRejected("no pixel data (a structured report, a header-only file, or a file cut short)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
         raise SliceRejected(f"declares a {rows} x {cols} px image; refused before decoding "

@@ -128,12 +128,12 @@ def discover_covid_ct_md(
     patients: list[PatientFolder] = []
     seen: dict[str, Path] = {}
     for label, class_dir in sorted(class_dirs, key=lambda cd: (cd[0], cd[1].name)):
-        folders, others = scan_folder(class_dir)
+        files, others = scan_folder(class_dir)  # ``others`` holds the patient folders (and hidden entries)
+        visible = [o for o in others if not o.path.name.startswith(".")]
         if skipped is not None:
-            skipped += [Skipped(o.path, f"not a patient folder: {o.reason}") for o in others
-                        if o.path.is_symlink() and not o.path.is_dir()]
-            skipped += [Skipped(f, "a file where patient folders are expected") for f in folders]
-        for folder in sorted(o.path for o in others if o.path.is_dir() and not o.path.name.startswith(".")):
+            skipped += [Skipped(o.path, f"not a patient folder: {o.reason}") for o in visible if not o.path.is_dir()]
+            skipped += [Skipped(f, "a file where patient folders are expected") for f in files]
+        for folder in sorted(o.path for o in visible if o.path.is_dir()):
             pid = folder.name
             if pid in seen:
                 raise DataError(
