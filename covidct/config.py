@@ -15,7 +15,7 @@ from covidct.errors import ConfigError
 from covidct.losses import LOSS_NAMES, resolve_alpha, validate_gamma
 from covidct.models.backbones import BACKBONES
 from covidct.schema import register_configs
-from covidct.voting import VOTE_RULES
+from covidct.voting import check_vote_settings
 
 
 def register_resolvers() -> None:
@@ -39,9 +39,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.loss.alpha != "auto":
         resolve_alpha(cfg.loss.alpha, None, len(CLASS_NAMES))
     _choice("model.backbone", cfg.model.backbone, BACKBONES)
-    _choice("vote.rule", cfg.vote.rule, VOTE_RULES)
-    if cfg.vote.tau is not None and not 0.0 <= cfg.vote.tau <= 1.0:
-        raise ConfigError(f"vote.tau must be in [0, 1] (a fraction of slices) or null, got {cfg.vote.tau}")
+    check_vote_settings(cfg.vote.rule, cfg.vote.tau, cfg.vote.k, cfg.vote.center_slices)
     data = cfg.data
     _choice("data.label_mode", data.label_mode, LABEL_MODES)
     size = data.image_size

@@ -83,10 +83,14 @@ class LossConfig:
 
 @dataclass
 class VoteConfig:
-    """``vote``: the patient rule that drives checkpointing; ``tau`` null = tuned on validation patients."""
+    """``vote``: the patient rule that drives checkpointing (every rule is scored) and the rules' parameters:
+    ``tau`` (infected_fraction; null = tuned on validation patients), ``k`` (topk_mean: slices averaged per
+    class), ``center_slices`` (weighted_center: central slices that count fully)."""
 
     rule: str = "majority"
     tau: float | None = None
+    k: int = 5
+    center_slices: int = 40
 
 
 @dataclass

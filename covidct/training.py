@@ -21,9 +21,11 @@ from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.callbacks.patient_vote import PatientVoteCallback
+from covidct.callbacks.step_seed import StepSeed
 from covidct.config import check_config
 from covidct.errors import ConfigError
 from covidct.sweep_summary import write_run_metrics
+from covidct.voting import VOTE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,9 @@ class TrainResult:
         lines = [
             f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}"
             + (f" (tau {m['val/patient/tau']:.3f}, leave-one-patient-out)" if rule == "infected_fraction" else ""),
-            f"  same logits, majority vote (the paper's rule): {m.get('val/patient/majority/acc', float('nan')):.3f}"
-            f" | infected_fraction: {m.get('val/patient/infected_fraction/acc', float('nan')):.3f}"
-            f" | patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
+            "  same logits, patient accuracy per rule (majority is the paper's): "
+            + " | ".join(f"{r} {m.get(f'val/patient/{r}/acc', float('nan')):.3f}" for r in VOTE_RULES)
+            + f"; patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
             f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
             f"{self.confusion.tolist() if self.confusion is not None else None}",
             f"  outputs: {self.output_dir} (metrics.json, patients.csv, data_summary.txt, split.csv)",
@@ -141,9 +143,11 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg)
-    vote = PatientVoteCallback(cfg.vote.rule, cfg.vote.tau, str(output_dir))
+    vote = PatientVoteCallback(cfg.vote.rule, cfg.vote.tau, str(output_dir), k=cfg.vote.k,
+                               center_slices=cfg.vote.center_slices)
     loggers = build_loggers(cfg, group, ckpt_path)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [vote]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += [vote, StepSeed(cfg.seed)]  # a step's randomness depends on (seed, epoch, step): exact resumes
     if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -205,9 +209,9 @@ def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback, datamodul
     """Per-patient table, confusion matrix and a few sample slices of the best validation epoch, to W&B."""
     import wandb
 
-    columns = ["patient", "true", "majority", "infected_fraction", "infected_fraction_of_slices", "n_slices"]
+    columns = ["patient", "true", *VOTE_RULES, "infected_fraction_of_slices", "n_slices"]
     rows = [
-        [v.patient, CLASS_NAMES[t], CLASS_NAMES[v.majority], CLASS_NAMES[v.infected_fraction_pred],
+        [v.patient, CLASS_NAMES[t], *[CLASS_NAMES[v.rule_votes[r]] for r in VOTE_RULES],
          v.infected_fraction, v.n_slices]
         for v, t in zip(vote.best_votes, vote.best_labels, strict=True)
     ]

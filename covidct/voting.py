@@ -1,26 +1,42 @@
 """Patient-level decisions from slice predictions (pure numpy; no Lightning).
 
-Two rules turn the softmax probabilities of one patient's slices into one patient class:
+Five rules turn the softmax probabilities of one patient's slices, ``probs`` (n_slices, C) float, into
+one patient class (an int in [0, C)). Slices must be in position order along the body axis (covidct's
+caches and ``read_series`` give them head first); only :func:`weighted_center_vote` uses the order.
 
 * :func:`majority_vote` - every slice votes for its argmax class (the paper's rule).
 * :func:`infected_fraction_vote` - the patient is Normal unless more than a fraction ``tau`` of the
   slices is predicted infected; then the infected slices vote (the organisers' COVID-FACT rule).
+* :func:`mean_prob_vote` - the argmax of the mean slice probabilities.
+* :func:`weighted_center_vote` - the SPGC 2021 winner's rule: argmax votes weighted 1 in the central
+  ``center_slices`` slices, and 0.7 (COVID-19, CAP) or 0.5 (Normal) outside them.
+* :func:`topk_mean_vote` - per class, the mean of its ``k`` most confident slice probabilities.
 
-Tie rule (both): among the classes with the most votes, the one with the highest summed probability
-over the voting slices wins (equal within 1e-9 relative, to ignore summation rounding); if still
-tied, the lowest class index.
+Tie rule (all): among the classes with the best score (votes, weighted votes, mean or top-k mean
+probability; equal within 1e-9 relative, to ignore summation rounding), the one with the highest summed
+probability over the voting slices wins (same tolerance); if still tied, the lowest class index.
+:func:`weighted_center_vote` first gives a tie to COVID-19 when it is among the tied classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from covidct import NORMAL_CLASS
+from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.errors import ConfigError
+
+COVID_CLASS: int = CLASS_NAMES.index("COVID-19")
+#: defaults of the rules' parameters (``vote.center_slices``, ``vote.k``)
+CENTER_SLICES: int = 40
+TOP_K: int = 5
+#: weighted_center: weight of an argmax vote outside the central slices, by the class voted for
+OUTER_WEIGHT_INFECTED: float = 0.7
+OUTER_WEIGHT_NORMAL: float = 0.5
 
 
 def _check_probs(probs: np.ndarray) -> np.ndarray:
@@ -42,22 +58,34 @@ def _check_tau(tau: float) -> float:
     return tau
 
 
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _winner(scores: np.ndarray, probs: np.ndarray, preferred: int | None = None) -> int:
+    """Index of the best of ``scores`` (C,) float with the module's tie rule; ``probs`` (n, C) are the
+    voting slices. ``preferred``: the class that wins any tie it is part of (before the other rules)."""
+    tied = np.isclose(scores, scores.max(), rtol=1e-9, atol=0.0)
+    if preferred is not None and tied[preferred]:
+        return preferred
+    if np.count_nonzero(tied) == 1:
+        return int(np.flatnonzero(tied)[0])
+    sums = np.where(tied, probs.sum(axis=0), -np.inf)
+    close = tied & np.isclose(sums, sums.max(), rtol=1e-9, atol=0.0)
+    return int(np.flatnonzero(close)[0])
+
+
 def _vote(probs: np.ndarray, allowed: np.ndarray | None = None) -> int:
     """Majority of argmax votes of ``probs`` (n, C) float64, n >= 1, with the module's tie rule.
 
     ``allowed`` (C,) bool restricts the winner to those classes (every slice must vote for one).
     """
-    num_classes = probs.shape[1]
-    votes = np.bincount(probs.argmax(axis=1), minlength=num_classes)
+    votes = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]).astype(np.float64)
     if allowed is not None:
-        votes = np.where(allowed, votes, -1)
-    tied = votes == votes.max()
-    if np.count_nonzero(tied) == 1:
-        return int(np.flatnonzero(tied)[0])
-    sums = np.where(tied, probs.sum(axis=0), -np.inf)
-    best = sums.max()
-    close = tied & np.isclose(sums, best, rtol=1e-9, atol=0.0)
-    return int(np.flatnonzero(close)[0])
+        votes = np.where(allowed, votes, -1.0)
+    return _winner(votes, probs)
 
 
 def majority_vote(probs: np.ndarray) -> int:
@@ -90,15 +118,94 @@ def infected_fraction_vote(probs: np.ndarray, tau: float, normal_class: int = NO
     return _vote(probs[infected], allowed)
 
 
-VOTE_RULES: tuple[str, ...] = ("majority", "infected_fraction")
+def mean_prob_vote(probs: np.ndarray) -> int:
+    """Argmax of the mean of ``probs`` (n_slices, C) over slices (ties: the lowest class index)."""
+    probs = _check_probs(probs)
+    return _winner(probs.mean(axis=0), probs)
 
 
-def vote(probs: np.ndarray, rule: str, tau: float, normal_class: int = NORMAL_CLASS) -> int:
-    """One patient's class under ``rule`` (one of :data:`VOTE_RULES`); probs (n_slices, C)."""
+def central_mask(n_slices: int, center_slices: int = CENTER_SLICES) -> np.ndarray:
+    """(n_slices,) bool: True for the ``center_slices`` slices centred on the middle of the series
+    (all of them when there are fewer); with an odd surplus the extra outer slice is at the end."""
+    center_slices = _check_positive_int("center_slices", center_slices)
+    start = max(0, (n_slices - center_slices) // 2)
+    central = np.zeros(n_slices, dtype=bool)
+    central[start : start + center_slices] = True
+    return central
+
+
+def weighted_center_vote(
+    probs: np.ndarray, center_slices: int = CENTER_SLICES, normal_class: int = NORMAL_CLASS
+) -> int:
+    """SPGC 2021 winner's rule on ``probs`` (n_slices, C) in position order along the body axis.
+
+    Each slice votes for its argmax with weight 1 if it is among the central ``center_slices`` slices
+    (see :func:`central_mask`), else ``OUTER_WEIGHT_INFECTED`` (0.7) for an infected class and
+    ``OUTER_WEIGHT_NORMAL`` (0.5) for ``normal_class``. The largest weighted count wins; a tie goes to
+    COVID-19 if it is tied, else the module's tie rule.
+    """
+    probs = _check_probs(probs)
+    _check_normal(normal_class, probs.shape[1])
+    pred = probs.argmax(axis=1)
+    outer = np.where(pred == normal_class, OUTER_WEIGHT_NORMAL, OUTER_WEIGHT_INFECTED)
+    weights = np.where(central_mask(len(probs), center_slices), 1.0, outer)
+    scores = np.bincount(pred, weights=weights, minlength=probs.shape[1])
+    covid = COVID_CLASS if COVID_CLASS < probs.shape[1] and COVID_CLASS != normal_class else None
+    return _winner(scores, probs, preferred=covid)
+
+
+def topk_mean(probs: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """(C,) float64: per class, the mean of its ``min(k, n_slices)`` largest probabilities in ``probs``
+    (n_slices, C)."""
+    probs = _check_probs(probs)
+    k = min(_check_positive_int("k", k), len(probs))
+    return np.sort(probs, axis=0)[-k:].mean(axis=0)
+
+
+def topk_mean_vote(probs: np.ndarray, k: int = TOP_K) -> int:
+    """Argmax over classes of :func:`topk_mean` of ``probs`` (n_slices, C); the module's tie rule."""
+    probs = _check_probs(probs)
+    return _winner(topk_mean(probs, k), probs)
+
+
+VOTE_RULES: tuple[str, ...] = ("majority", "infected_fraction", "mean_prob", "weighted_center", "topk_mean")
+
+
+def check_vote_settings(rule: str | None, tau: float | None = None, k: int | None = None,
+                        center_slices: int | None = None) -> None:
+    """Raise :class:`ConfigError` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``,
+    ``vote.center_slices``) for a bad value; None values are not checked (tau None = tuned)."""
+    if rule is not None and rule not in VOTE_RULES:
+        raise ConfigError(f"vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES)}")
+    if tau is not None and not 0.0 <= float(tau) <= 1.0:
+        raise ConfigError(f"vote.tau must be in [0, 1] (a fraction of slices) or null (tuned), got {tau}")
+    for key, value in (("vote.k", k), ("vote.center_slices", center_slices)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key} must be an integer >= 1 (slices), got {value!r}")
+
+
+def vote(
+    probs: np.ndarray,
+    rule: str,
+    tau: float = 0.5,
+    normal_class: int = NORMAL_CLASS,
+    *,
+    k: int = TOP_K,
+    center_slices: int = CENTER_SLICES,
+) -> int:
+    """One patient's class under ``rule`` (one of :data:`VOTE_RULES`); probs (n_slices, C) in position
+    order. ``tau`` is used by ``infected_fraction``, ``k`` by ``topk_mean``, ``center_slices`` by
+    ``weighted_center``."""
     if rule == "majority":
         return majority_vote(probs)
     if rule == "infected_fraction":
         return infected_fraction_vote(probs, tau, normal_class)
+    if rule == "mean_prob":
+        return mean_prob_vote(probs)
+    if rule == "weighted_center":
+        return weighted_center_vote(probs, center_slices, normal_class)
+    if rule == "topk_mean":
+        return topk_mean_vote(probs, k)
     raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
 
 
@@ -188,6 +295,7 @@ class PatientVote:
     majority: int
     infected_fraction_pred: int
     infected_vote: int  # class if called infected (normal_class when no slice is infected); for tune_tau
+    rule_votes: dict[str, int] = field(default_factory=dict)  # every rule of VOTE_RULES -> class
 
 
 def vote_patients(
@@ -195,13 +303,17 @@ def vote_patients(
     probs: np.ndarray,
     tau: float,
     normal_class: int = NORMAL_CLASS,
+    *,
+    k: int = TOP_K,
+    center_slices: int = CENTER_SLICES,
 ) -> list[PatientVote]:
-    """Group slices by patient (in order of first appearance) and apply both voting rules.
+    """Group slices by patient (in order of first appearance) and apply every rule of :data:`VOTE_RULES`.
 
     Args:
         patient_ids: (N,) patient id of each slice (converted to str).
-        probs: (N, C) float softmax probabilities of each slice.
+        probs: (N, C) float softmax probabilities of each slice, each patient's slices in position order.
         tau: infected-fraction threshold for :func:`infected_fraction_vote`.
+        k, center_slices: parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`.
     """
     probs = _check_probs(probs)
     ids = [str(p) for p in np.asarray(patient_ids, dtype=object).reshape(-1)]
@@ -220,6 +332,7 @@ def vote_patients(
         pred = p.argmax(axis=1)
         fraction = float(np.mean(pred != normal_class))
         infected_vote = _infected_vote(p, normal_class)
+        rule_votes = {rule: vote(p, rule, tau, normal_class, k=k, center_slices=center_slices) for rule in VOTE_RULES}
         results.append(
             PatientVote(
                 patient=pid,
@@ -227,9 +340,10 @@ def vote_patients(
                 votes=np.bincount(pred, minlength=probs.shape[1]).astype(np.int64),
                 mean_prob=p.mean(axis=0),
                 infected_fraction=fraction,
-                majority=_vote(p),
-                infected_fraction_pred=normal_class if fraction <= tau else infected_vote,
+                majority=rule_votes["majority"],
+                infected_fraction_pred=rule_votes["infected_fraction"],
                 infected_vote=infected_vote,
+                rule_votes=rule_votes,
             )
         )
     return results

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from covidct.config import check_config, register_resolvers
 from covidct.errors import ConfigError
 from covidct.schema import DataConfig
+from covidct.voting import VOTE_RULES
 from tests.conftest import REPO, compose_train
 
 
@@ -36,6 +37,8 @@ def test_the_composed_config_is_typed_by_the_schema(tmp_path):
         ("loss.gamma=strong", "loss.gamma"),
         ("loss.gama=2", "loss.gama"),  # a typo is an unknown key, not a new one
         ("data.windos=[lung]", "data.windos"),
+        ("vote.k=five", "vote.k"),
+        ("vote.center_slices=1.5", "vote.center_slices"),
     ],
 )
 def test_wrong_types_and_unknown_keys_fail_while_composing(tmp_path, override, expected):
@@ -57,6 +60,9 @@ def test_an_unknown_group_choice_lists_the_choices(tmp_path):
         (["loss.name=dice"], "loss.name='dice' is not known"),
         (["vote.rule=median"], "vote.rule='median' is not known"),
         (["vote.tau=2"], "vote.tau must be in [0, 1]"),
+        (["vote.rule=foo"], "vote.rule='foo' is not known"),
+        (["vote=topk_mean", "vote.k=0"], "vote.k must be an integer >= 1"),
+        (["vote=weighted_center", "vote.center_slices=-4"], "vote.center_slices must be an integer >= 1"),
         (["data.label_mode=slice"], "data.label_mode='slice' is not known"),
         (["data.image_size=16"], "data.image_size must be an integer >= 32"),
         (["data.val_fraction=1.0"], "data.val_fraction must be in (0, 1)"),
@@ -72,6 +78,22 @@ def test_bad_values_fail_before_data_is_read_naming_the_key(tmp_path, overrides,
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     assert expected in str(err.value)
+
+
+def test_every_vote_rule_has_a_config_file():
+    assert sorted(p.stem for p in (REPO / "conf" / "vote").glob("*.yaml")) == sorted(VOTE_RULES)
+
+
+@pytest.mark.parametrize("rule", VOTE_RULES)
+def test_every_vote_rule_composes(tmp_path, rule):
+    cfg = compose_train(tmp_path, [f"vote={rule}"])
+    assert (cfg.vote.rule, cfg.vote.k, cfg.vote.center_slices) == (rule, 5, 40)
+    check_config(cfg)
+
+
+def test_vote_parameters_override(tmp_path):
+    cfg = compose_train(tmp_path, ["vote=topk_mean", "vote.k=3", "vote.center_slices=30"])
+    assert (cfg.vote.rule, cfg.vote.k, cfg.vote.center_slices) == ("topk_mean", 3, 30)
 
 
 def test_paper_experiment_is_the_papers_recipe(tmp_path):

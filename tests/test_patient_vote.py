@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import logging
 from types import SimpleNamespace
+from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from torch.utils.data import DistributedSampler
 
 from covidct.callbacks.patient_vote import PatientVoteCallback, leave_one_out_predictions, patient_metrics
 from covidct.errors import ConfigError
+from covidct.voting import VOTE_RULES
 
 
 def test_patient_metrics_on_known_predictions():
@@ -64,3 +68,94 @@ def test_gather_counts_every_slice_once_despite_distributed_sampler_padding():
     assert index.tolist() == list(range(n))
     np.testing.assert_array_equal(patient_out, patient.numpy())
     np.testing.assert_allclose(probs_out, probs.numpy())
+
+
+def _slices(rows: list[list[float]], n: int) -> list[list[float]]:
+    return [row for row in rows for _ in range(n)]
+
+
+def tiny_validation() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4 patients (COVID-19, CAP, Normal, Normal), slices head first: cache rows, patient, probs (N, 3).
+
+    P0: 4 confident COVID-19 slices (rows 3-6) among 6 hesitant Normal ones: majority says Normal,
+    mean_prob / weighted_center (centre 4) / topk_mean say COVID-19. P3: one confident COVID-19 slice
+    (the last, outside the centre) among 4 hesitant Normal ones: only topk_mean (k=2) says COVID-19.
+    """
+    p0 = _slices([[0.4, 0.05, 0.55]], 3) + _slices([[0.95, 0.03, 0.02]], 4) + _slices([[0.4, 0.05, 0.55]], 3)
+    p1 = _slices([[0.1, 0.8, 0.1]], 3)
+    p2 = _slices([[0.1, 0.1, 0.8]], 4)
+    p3 = _slices([[0.3, 0.1, 0.6]], 4) + [[0.99, 0.005, 0.005]]
+    probs = np.array(p0 + p1 + p2 + p3, dtype=np.float32)
+    patient = np.repeat([0, 1, 2, 3], [10, 3, 4, 5])
+    return np.arange(len(probs)), patient, probs
+
+
+def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> dict[str, float]:
+    """One validation epoch on :func:`tiny_validation`, fed in shuffled batches; returns the logged dict."""
+    index, patient, probs = tiny_validation()
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(log_dict=lambda metrics, sync_dist: logged.update(metrics))
+    dm = SimpleNamespace(patient_labels=np.array([0, 1, 2, 2]), patient_ids=["P0", "P1", "P2", "P3"])
+    trainer = SimpleNamespace(sanity_checking=False, datamodule=dm, world_size=1, is_global_zero=True,
+                              current_epoch=0, loggers=loggers)
+    cb.on_validation_epoch_start(trainer, module)
+    for rows in np.array_split(np.random.default_rng(0).permutation(len(index)), 3):
+        batch = {"index": torch.as_tensor(index[rows]), "patient": torch.as_tensor(patient[rows])}
+        cb.on_validation_batch_end(trainer, module, {"probs": torch.as_tensor(probs[rows])}, batch, 0)
+    cb.on_validation_epoch_end(trainer, module)
+    return logged
+
+
+def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path, caplog):
+    from pytorch_lightning.loggers import WandbLogger
+
+    wandb_logger = MagicMock(spec=WandbLogger)
+    cb = PatientVoteCallback("weighted_center", output_dir=str(tmp_path), k=2, center_slices=4)
+    with caplog.at_level(logging.INFO, logger="covidct.callbacks.patient_vote"):
+        logged = run_validation_epoch(cb, [wandb_logger])
+    # truth COVID-19, CAP, Normal, Normal -> (predictions, acc, macro F1, sensitivity COVID-19 / CAP / Normal).
+    # infected_fraction is leave-one-out: without P0 (40% infected) tau lands above it, without P3 (20%) at 0
+    expected = {
+        "majority": ([2, 1, 2, 2], 0.75, 0.6, [0.0, 1.0, 1.0]),
+        "infected_fraction": ([2, 1, 2, 0], 0.5, 0.5, [0.0, 1.0, 0.5]),
+        "mean_prob": ([0, 1, 2, 2], 1.0, 1.0, [1.0, 1.0, 1.0]),
+        "weighted_center": ([0, 1, 2, 2], 1.0, 1.0, [1.0, 1.0, 1.0]),
+        "topk_mean": ([0, 1, 2, 0], 0.75, 7 / 9, [1.0, 1.0, 0.5]),
+    }
+    columns, rows = cb.rule_table
+    assert columns == ["rule", "acc", "f1_macro", "sensitivity/COVID-19", "sensitivity/CAP", "sensitivity/Normal"]
+    assert [r[0] for r in rows] == list(VOTE_RULES) == list(expected)
+    for (rule, (preds, acc, f1, sens)), row in zip(expected.items(), rows, strict=True):
+        if rule != "infected_fraction":  # rule_votes holds its vote at the tau tuned on all patients
+            assert [v.rule_votes[rule] for v in cb.best_votes] == preds
+        assert row[1:] == pytest.approx([acc, f1, *sens])
+        assert logged[f"val/patient/{rule}/acc"] == pytest.approx(acc)
+        assert logged[f"val/patient/{rule}/f1_macro"] == pytest.approx(f1)
+        assert logged[f"val/patient/{rule}/sensitivity/Normal"] == pytest.approx(sens[2])
+    # the configured rule drives val/patient/acc, the best epoch's predictions and patients.csv
+    assert logged["val/patient/acc"] == 1.0 and cb.best_epoch == 0
+    assert cb.best_predictions.tolist() == [0, 1, 2, 2] and cb.best_labels.tolist() == [0, 1, 2, 2]
+    with (tmp_path / "patients.csv").open() as f:
+        first = next(csv.DictReader(f))
+    assert (first["patient"], first["predicted_class"], first["majority_vote"]) == ("P0", "COVID-19", "Normal")
+    assert (first["weighted_center_vote"], first["topk_mean_vote"], first["mean_prob_vote"]) == ("COVID-19",) * 3
+    wandb_logger.log_table.assert_called_once_with(key="val/rules", columns=columns, data=rows)
+    text = caplog.text
+    assert "* weighted_center    1.000     1.000" in text and "  topk_mean          0.750     0.778" in text
+    assert all(rule in text for rule in VOTE_RULES) and "sens COVID-19" in text
+
+
+def test_vote_state_holds_the_rule_parameters_and_older_states_load():
+    cb = PatientVoteCallback("topk_mean", k=3, center_slices=20)
+    state = cb.state_dict()
+    assert (state["rule"], state["k"], state["center_slices"]) == ("topk_mean", 3, 20)
+    old = PatientVoteCallback("topk_mean", k=3)  # a checkpoint without k / center_slices
+    old.load_state_dict({"rule": "majority", "tau": 0.4, "best": 0.5, "best_epoch": 1})
+    assert (old.rule, old.k, old.center_slices, old.tau) == ("topk_mean", 3, 40, 0.4)  # the config's rule wins
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [({"k": 0}, "vote.k"), ({"center_slices": 2.5}, "vote.center_slices"),
+                                             ({"rule": "median"}, "vote.rule")])
+def test_bad_rule_parameters_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        PatientVoteCallback(**kwargs)

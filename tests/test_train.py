@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from covidct.training import train
+from covidct.voting import VOTE_RULES
 from tests.conftest import REPO, compose_train, tiny
 
 pytestmark = pytest.mark.slow
@@ -134,3 +135,18 @@ def test_compiled_training_saves_plain_checkpoints(tmp_path, shared_cache, monke
     assert calls == [{"backend": "eager", "mode": None}]
     keys = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"].keys()
     assert "net.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_weighted_center_vote_drives_checkpointing_and_every_rule_is_logged(tmp_path, shared_cache):
+    cfg = compose_train(tmp_path, tiny(shared_cache) + ["vote=weighted_center", "vote.center_slices=4",
+                                                        "logger=csv"])
+    result = train(cfg)
+    assert result.metrics["val/patient/acc"] == result.metrics["val/patient/weighted_center/acc"] == result.score
+    patients = read_csv(tmp_path / "patients.csv")
+    assert all(p["predicted_class"] == p["weighted_center_vote"] for p in patients)
+    logged = read_csv(next(tmp_path.glob("csv/version_*/metrics.csv")))[0].keys()
+    assert all(f"val/patient/{rule}/sensitivity/CAP" in logged for rule in VOTE_RULES)
+    ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+    vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
+    assert (vote_state["rule"], vote_state["center_slices"], vote_state["k"]) == ("weighted_center", 4, 5)
+    assert ckpt["hyper_parameters"]["preprocessing"]["vote_rule"] == "weighted_center"

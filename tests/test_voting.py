@@ -7,13 +7,20 @@ import pytest
 import torch
 
 from covidct.voting import (
+    VOTE_RULES,
+    central_mask,
     deduplicate,
     infected_fraction,
     infected_fraction_vote,
     majority_vote,
+    mean_prob_vote,
     patient_accuracy,
+    topk_mean,
+    topk_mean_vote,
     tune_tau,
+    vote,
     vote_patients,
+    weighted_center_vote,
 )
 
 COVID, CAP, NORMAL = 0, 1, 2
@@ -70,6 +77,98 @@ def test_infected_fraction_vote_ignores_normal_and_breaks_ties() -> None:
     # Normal may have the most votes overall, but never wins once the patient is called infected.
     assert infected_fraction_vote(slices(CAP, NORMAL, NORMAL), tau=0.2) == CAP
 
+
+
+def mostly_clean_covid() -> np.ndarray:
+    """10 slices: 4 confident COVID-19 slices in the middle (rows 3-6), 6 hesitant Normal slices around them."""
+    probs = np.tile([0.4, 0.05, 0.55], (10, 1))
+    probs[3:7] = [0.95, 0.03, 0.02]
+    return probs
+
+
+def test_majority_says_normal_where_mean_weighted_center_and_topk_say_covid() -> None:
+    probs = mostly_clean_covid()
+    assert majority_vote(probs) == NORMAL  # 6 Normal votes vs 4
+    assert infected_fraction_vote(probs, tau=0.5) == NORMAL  # 40% infected <= 0.5
+    assert mean_prob_vote(probs) == COVID  # means 0.62 vs 0.338 (Normal)
+    assert weighted_center_vote(probs, center_slices=4) == COVID  # 4 x 1 vs 6 x 0.5 (outer Normal)
+    assert topk_mean_vote(probs, k=5) == COVID  # top-5 means 0.84 vs 0.55
+    assert [vote(probs, r, 0.5, k=5, center_slices=4) for r in VOTE_RULES] == [NORMAL, NORMAL, COVID, COVID, COVID]
+
+
+def test_mean_prob_vote_and_its_tie() -> None:
+    # 2 confident CAP slices outvoted by 3 hesitant COVID-19 slices, but not on average
+    probs = np.array([[0.1, 0.9, 0.0]] * 2 + [[0.5, 0.4, 0.1]] * 3)
+    assert majority_vote(probs) == COVID and mean_prob_vote(probs) == CAP  # means 0.34 vs 0.6
+    assert mean_prob_vote(np.array([[0.5, 0.5, 0.0]])) == COVID  # exact tie: lowest index
+
+
+def test_central_mask_takes_the_middle_slices() -> None:
+    assert central_mask(10, 4).tolist() == [False] * 3 + [True] * 4 + [False] * 3
+    assert np.flatnonzero(central_mask(7, 4)).tolist() == [1, 2, 3, 4]  # odd surplus: extra outer slice at the end
+    assert central_mask(5, 40).all()  # fewer slices than the centre: all count 1
+    assert central_mask(40, 40).all() and np.count_nonzero(central_mask(100)) == 40  # default 40
+
+
+def test_weighted_center_outer_slices_weigh_less_and_normal_least() -> None:
+    # centre (rows 2-3): 2 Normal = 2; outer: 3 CAP x 0.7 = 2.1 against 1 Normal x 0.5 -> Normal 2.5 wins
+    probs = slices(CAP, CAP, NORMAL, NORMAL, CAP, NORMAL)
+    assert weighted_center_vote(probs, center_slices=2) == NORMAL
+    assert majority_vote(probs) == CAP  # 3 vs 3, same summed probability: lowest index
+    assert weighted_center_vote(probs, center_slices=6) == CAP  # every slice counts 1: the majority vote
+    # centre (row 4): CAP = 1; outer: 4 COVID-19 x 0.7 = 2.8 beat 5 Normal x 0.5 = 2.5
+    probs = slices(COVID, COVID, NORMAL, NORMAL, CAP, NORMAL, NORMAL, NORMAL, COVID, COVID)
+    assert weighted_center_vote(probs, center_slices=1) == COVID
+    assert majority_vote(probs) == NORMAL
+
+
+def test_weighted_center_tie_goes_to_covid_then_the_summed_probability() -> None:
+    # centre (rows 6-7): 1 COVID-19 + 1 Normal; outer: 5 COVID-19 x 0.7 = 3.5 vs 7 Normal x 0.5 = 3.5
+    classes = [COVID] * 5 + [NORMAL] + [COVID, NORMAL] + [NORMAL] * 6
+    probs = slices(*classes)
+    assert weighted_center_vote(probs, center_slices=2) == COVID  # though Normal has the larger summed probability
+    assert probs[:, NORMAL].sum() > probs[:, COVID].sum() and majority_vote(probs) == NORMAL
+    # a CAP / Normal tie (no COVID-19 in it): the larger summed probability, here Normal's
+    assert weighted_center_vote(slices(NORMAL, CAP, NORMAL), center_slices=1) == NORMAL  # 1 vs 0.5 + 0.5
+
+
+def test_topk_mean_uses_the_most_confident_slices_and_caps_k() -> None:
+    # 2 very confident CAP slices among 8 moderately COVID-19 ones
+    probs = np.array([[0.05, 0.95, 0.0]] * 2 + [[0.6, 0.1, 0.3]] * 8)
+    np.testing.assert_allclose(topk_mean(probs, k=2), [0.6, 0.95, 0.3])
+    assert topk_mean_vote(probs, k=2) == CAP
+    assert majority_vote(probs) == COVID and mean_prob_vote(probs) == COVID  # means 0.49 vs 0.27
+    np.testing.assert_allclose(topk_mean(probs, k=100), probs.mean(axis=0))  # k > n: all slices
+    assert topk_mean_vote(probs, k=100) == COVID
+    with pytest.raises(ValueError, match="k must be"):
+        topk_mean_vote(probs, k=0)
+
+
+def test_vote_dispatches_every_rule_with_its_parameters() -> None:
+    probs = mostly_clean_covid()
+    assert vote(probs, "infected_fraction", tau=0.3) == COVID  # 40% infected > 0.3
+    assert vote(probs, "weighted_center", center_slices=10) == NORMAL  # every slice counts 1: the majority
+    confident_cap = np.array([[0.05, 0.95, 0.0]] * 2 + [[0.6, 0.1, 0.3]] * 8)
+    assert vote(confident_cap, "topk_mean", k=2) == CAP and vote(confident_cap, "topk_mean", k=100) == COVID
+    with pytest.raises(ValueError, match="unknown vote rule"):
+        vote(probs, "median")
+    with pytest.raises(ValueError, match="center_slices must be"):
+        vote(probs, "weighted_center", center_slices=0)
+
+
+def test_vote_patients_votes_every_rule_in_slice_order() -> None:
+    ids = ["a"] * 10 + ["b"] * 3
+    probs = np.concatenate([mostly_clean_covid(), slices(NORMAL, CAP, NORMAL)])
+    a, b = vote_patients(ids, probs, tau=0.5, k=5, center_slices=4)
+    assert a.rule_votes == {"majority": NORMAL, "infected_fraction": NORMAL, "mean_prob": COVID,
+                            "weighted_center": COVID, "topk_mean": COVID}
+    assert (a.majority, a.infected_fraction_pred) == (NORMAL, NORMAL)
+    assert set(b.rule_votes) == set(VOTE_RULES)
+    # interleaved patients: each keeps its slices in the given order (b: Normal, CAP, CAP, Normal, Normal)
+    ids = ["b", "a", "b", "b", "a", "b", "b"]
+    (b, _) = vote_patients(ids, slices(NORMAL, COVID, CAP, CAP, COVID, NORMAL, NORMAL), tau=0.5, center_slices=2)
+    assert b.rule_votes["weighted_center"] == CAP  # centre: 2 CAP = 2; outer: 3 Normal x 0.5 = 1.5
+    assert b.majority == NORMAL
 
 def _separable() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fractions = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
