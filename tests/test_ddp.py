@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from covidct.callbacks.patient_vote import PatientVoteCallback
 from covidct.training import resume_checkpoint, train
+from covidct.voting import VOTE_RULES
 from tests.conftest import REPO, compose_train, tiny
 
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "covidct", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
@@ -109,7 +110,7 @@ def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path
     assert rank0["votes"] == single["votes"]  # votes per class, both rules, infected fraction, slices
     assert rank0["predictions"] == single["predictions"]
     patient_metrics = {k: v for k, v in single["metrics"].items() if k.startswith("val/patient/")}
-    assert len(patient_metrics) == 19  # 8 per rule, acc, tau, acc_at_tuned_tau
+    assert len(patient_metrics) == 8 * len(VOTE_RULES) + 3  # 8 per rule, acc, tau, acc_at_tuned_tau
     assert {k: rank0["metrics"][k] for k in patient_metrics} == patient_metrics
     # every rank computed the same (so each logs and monitors the same val/patient/acc)
     del rank0["rank_slices"], rank1["rank_slices"]

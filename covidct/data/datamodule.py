@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache, build_or_load_cache
@@ -36,6 +36,7 @@ from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
+from covidct.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class SliceDataset(Dataset):
         self.rows, self.targets, self.patients, self.slices = rows, targets, patients, slices
         self.transform = transform
         self._fd: int | None = None
-        self._seeded = False
+        self._threads_set = False
+        self._seed_key: tuple[int, int] | None = None  # (seed, worker) the transform was last seeded from
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,18 +94,29 @@ class SliceDataset(Dataset):
             raise OSError(f"{self.cache_path / 'images.u8'}: slice {row} is cut short; delete the cache folder")
         return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(self.shape[1:])
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Item ``i``; ``i >= len(self)`` is a padding repeat of item ``i % len(self)`` (see
-        :class:`PaddedEvalSampler`): same slice, target -1, so slice metrics and the loss skip it."""
+    def _seed_transform(self, draw_seed: int | None) -> None:
+        """Seed the augmentation from the epoch's seed (given by :class:`EpochSampler`) and the worker id;
+        without one, from torch's seed (differs per worker). Reseeds only when either changes."""
+        worker = torch.utils.data.get_worker_info()
+        key = (torch.initial_seed() if draw_seed is None else draw_seed, worker.id if worker else 0)
+        if key != self._seed_key:
+            self.transform.set_random_seed(derive_seed(key[0] % 2**63, key[1]))  # type: ignore[union-attr]
+            self._seed_key = key
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``key`` (an index, or (index, epoch seed) from :class:`EpochSampler`). An index
+        ``>= len(self)`` is a padding repeat of item ``i % len(self)`` (see :class:`PaddedEvalSampler`):
+        same slice, target -1, so slice metrics and the loss skip it."""
+        i, draw_seed = key if isinstance(key, tuple) else (key, None)
         padding = i >= len(self.rows)
         i %= len(self.rows)
         row = int(self.rows[i])
         image = self._image(row)  # (C, S, S) uint8
-        if not self._seeded:
+        if not self._threads_set:
             one_thread_per_worker()
-            if self.transform is not None:  # different per worker and epoch, reproducible from the global seed
-                self.transform.set_random_seed(torch.initial_seed() % 2**32)
-            self._seeded = True
+            self._threads_set = True
+        if self.transform is not None:
+            self._seed_transform(draw_seed)
         return {
             "image": to_model_input(image, self.transform),
             "target": UNKNOWN if padding else int(self.targets[i]),
@@ -111,6 +124,35 @@ class SliceDataset(Dataset):
             "slice": int(self.slices[i]),
             "index": row,
         }
+
+
+class EpochSampler(DistributedSampler):
+    """Training draws that depend only on (seed, epoch): a permutation of the ``n`` slices, or with
+    ``weights`` (n,) ``n`` weighted draws with replacement. Yields (index, epoch seed); the dataset
+    seeds its augmentation from the epoch seed. Under DDP each of ``num_replicas`` ranks takes every
+    ``num_replicas``-th draw (the draws padded by repeats to a multiple, as DistributedSampler does).
+
+    ``epoch()`` is read when an epoch's iteration starts (None: count the iterations, outside a
+    trainer). Lightning restores the epoch from a checkpoint before it starts iterating, so a resumed
+    run draws what the uninterrupted run drew. (``set_epoch`` comes too late for that: Lightning makes
+    the first iterator of a fit before calling it.) Being a DistributedSampler, Lightning uses it as it
+    is instead of wrapping it.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: Callable[[], int] | None, weights: np.ndarray | None = None,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n, self.epoch_of_trainer, self.iterations = n, epoch, 0
+        self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch_of_trainer() if self.epoch_of_trainer else self.iterations
+        self.iterations += 1
+        seed = derive_seed(self.seed, epoch)
+        rng = np.random.default_rng(seed)
+        draws = rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, replace=True, p=self.p)
+        draws = np.resize(draws, self.total_size)  # pads with the first draws
+        return ((int(i), seed) for i in draws[self.rank : self.total_size : self.num_replicas])
 
 
 class PaddedEvalSampler(DistributedSampler):
@@ -298,13 +340,16 @@ class CTDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = None
+        weights = None
         if self.balanced_sampler:
             counts = np.asarray(self.train_class_counts, dtype=np.float64)
             weights = 1.0 / counts[self.targets[self.train_rows]]
-            generator = torch.Generator().manual_seed(self.seed)
-            sampler = WeightedRandomSampler(weights.tolist(), len(weights), replacement=True, generator=generator)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        sampler = EpochSampler(len(self.train_rows), self.seed, epoch, weights, world, rank)
         return self._loader(self._dataset(self.train_rows, self.train_transform), shuffle=True, sampler=sampler)
+
 
     def val_dataloader(self) -> DataLoader:
         if len(self.val_rows) == 0:
