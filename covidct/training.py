@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -22,6 +21,7 @@ from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.callbacks.patient_vote import PatientVoteCallback
 from covidct.callbacks.step_seed import StepSeed
+from covidct.checkpoint import read_checkpoint
 from covidct.config import check_config
 from covidct.errors import ConfigError
 from covidct.sweep_summary import write_run_metrics
@@ -109,15 +109,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(newest) if newest else None
 
 
-def _wandb_run_id(ckpt_path: str | None) -> str | None:
-    """The W&B run id stored in a checkpoint, so a resumed training continues the same W&B run."""
-    if not ckpt_path:
-        return None
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True).get("wandb_run_id")
-
-
-def build_loggers(cfg: DictConfig, group: str | None, ckpt_path: str | None = None) -> list[Logger]:
-    """The configured loggers; W&B continues the run stored in ``ckpt_path`` (a resumed training)."""
+def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None = None) -> list[Logger]:
+    """The configured loggers; W&B continues run ``wandb_run_id`` (a resumed training's, from its checkpoint)."""
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
@@ -125,9 +118,8 @@ def build_loggers(cfg: DictConfig, group: str | None, ckpt_path: str | None = No
         extra: dict[str, Any] = {}
         if conf._target_.endswith("WandbLogger"):
             extra = {"group": conf.get("group") or group}
-            run_id = _wandb_run_id(ckpt_path)
-            if run_id:
-                extra |= {"id": run_id, "resume": "allow"}
+            if wandb_run_id:
+                extra |= {"id": wandb_run_id, "resume": "allow"}
         loggers.append(instantiate(conf, **extra))
         log.info("Logger %s", name)
     return loggers
@@ -143,9 +135,12 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg)
+    # read once, weights-only: a tampered or broken file is refused before anything starts
+    resumed = read_checkpoint(ckpt_path) if ckpt_path else {}
     vote = PatientVoteCallback(cfg.vote.rule, cfg.vote.tau, str(output_dir), k=cfg.vote.k,
                                center_slices=cfg.vote.center_slices)
-    loggers = build_loggers(cfg, group, ckpt_path)
+    loggers = build_loggers(cfg, group, resumed.get("wandb_run_id"))
+    del resumed  # Lightning reads it again (weights-only) to restore every state
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [vote, StepSeed(cfg.seed)]  # a step's randomness depends on (seed, epoch, step): exact resumes
     if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
@@ -177,7 +172,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         compile_network(model, cfg.compile)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         has_wandb = any(isinstance(lg, WandbLogger) for lg in loggers)
         if trainer.is_global_zero and has_wandb and vote.best_votes:
             log_wandb_tables(loggers, vote, datamodule)
