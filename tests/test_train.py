@@ -75,6 +75,10 @@ def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
     assert out.returncode != 0 and "full_key: data.image_size" in out.stderr and "Traceback" not in out.stderr
     out = run_cli(tiny(shared_cache) + ["loss.alpha=[0.2,0.3]", f"paths.log_dir={tmp_path}"], tmp_path)
     assert out.returncode == 1 and "loss.alpha has 2 values" in out.stderr and "Traceback" not in out.stderr
+    for root in (f"data.root={tmp_path / 'no such folder'}", "data.root=null"):  # missing data root: one line
+        out = run_cli(["data=covid_ct_md", root, f"paths.log_dir={tmp_path}"], tmp_path)
+        errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
+        assert out.returncode == 1 and len(errors) == 1 and "data.root" in errors[0] and "Traceback" not in out.stderr
 
 
 def test_multirun_two_jobs_each_own_wandb_run_in_one_group(tmp_path, shared_cache):

@@ -132,7 +132,7 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
     ignored: list[Skipped] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
-        kind = _entry_kind(entry)
+        kind = entry_kind(entry)
         if entry.name in IGNORED_NAMES or entry.name.startswith("."):
             ignored.append(Skipped(path, "system or hidden file"))
         elif kind == "file":
@@ -146,7 +146,7 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
     return files, ignored
 
 
-def _entry_kind(entry: os.DirEntry) -> str:
+def entry_kind(entry: os.DirEntry) -> str:
     """``file`` or ``dir`` (links followed), ``bad link`` (broken or looping) or ``other`` (fifo, socket, ...)."""
     try:
         if entry.is_file():

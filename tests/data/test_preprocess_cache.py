@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from covidct.data.cache import build_or_load_cache, open_cache
 from covidct.data.labels import UNKNOWN, check_label_lengths, slice_targets
-from covidct.data.layout import PatientFolder
+from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, Window, parse_windows
 from covidct.data.split import stratified_folds, train_val_split
+from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
-from tests.conftest import write_ct_slice
+from tests.conftest import REPO, write_ct_slice
 
 
 def test_lung_window_maps_hu_linearly_to_uint8():
@@ -79,6 +84,51 @@ def test_interrupted_build_is_not_taken_for_a_cache(tmp_path):
     rebuilt = build_or_load_cache(patients, pre, tmp_path / "cache")
     assert (rebuilt.path / "manifest.json").is_file()
     assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]  # no temp leftovers
+
+
+BUILD_CACHE = """
+import sys
+from pathlib import Path
+from covidct.data.cache import build_or_load_cache
+from covidct.data.layout import discover_covid_ct_md
+from covidct.data.preprocess import SlicePreprocessor, parse_windows
+build_or_load_cache(discover_covid_ct_md(sys.argv[1]), SlicePreprocessor(parse_windows(["lung"]), 128), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_a_cache_build_killed_part_way_is_never_used_and_is_rebuilt(tmp_path, caplog):
+    root = ensure_dataset(tmp_path / "gen", SyntheticSpec(patients_per_class=(3, 3, 3), slices_min=24,
+                                                          slices_max=24, image_size=256, compressed_fraction=1.0))
+    cache_dir = tmp_path / "cache"
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1"}
+    builder = subprocess.Popen([sys.executable, "-c", BUILD_CACHE, str(root), str(cache_dir)], cwd=REPO, env=env)
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_size for p in cache_dir.glob(".slices-*.tmp-*/images.u8")):  # first patient written
+        assert builder.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
+        time.sleep(0.01)
+    builder.send_signal(signal.SIGKILL)
+    builder.wait()
+    left = list(cache_dir.iterdir())
+    assert len(left) == 1 and ".tmp-" in left[0].name  # only the half-written build: no cache folder
+
+    patients = discover_covid_ct_md(root)
+    pre = SlicePreprocessor(parse_windows(["lung"]), 128)
+    with caplog.at_level("WARNING"):
+        cache = build_or_load_cache(patients, pre, cache_dir)
+    assert any("killed before it finished" in r.message for r in caplog.records)
+    assert [p.name for p in cache_dir.iterdir()] == [cache.path.name]  # the leftover is gone
+    reference = build_or_load_cache(patients, pre, tmp_path / "reference")
+    np.testing.assert_array_equal(np.asarray(cache.images), np.asarray(reference.images))
+    assert cache.num_slices == 9 * 24
+
+    # a cache whose image file was cut short afterwards (disk full, copy interrupted) is rebuilt too
+    with open(cache.path / "images.u8", "r+b") as f:
+        f.truncate(1000)
+    with caplog.at_level("WARNING"):
+        again = build_or_load_cache(patients, pre, cache_dir)
+    assert any("incomplete" in r.message for r in caplog.records)
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(reference.images))
 
 
 def test_cache_with_worker_processes_equals_single_process(tmp_path):
