@@ -89,6 +89,25 @@ def test_augmentation_is_applied_to_training_only_and_seeded(cache_dir):
     assert torch.equal(flipped.val_dataloader().dataset[0]["image"], plain.val_dataloader().dataset[0]["image"])
 
 
+def epoch_batches(loader) -> list[torch.Tensor]:
+    return [torch.cat([b["index"].view(-1, 1, 1, 1).expand_as(b["image"]).float(), b["image"].float()]) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_is_replayed_exactly_by_a_fresh_loader(cache_dir, workers):
+    """What resuming at epoch 1 needs: a fresh loader (new workers) draws epoch 1's order and
+    augmentation exactly as the loader that went through epoch 0 first (persistent workers)."""
+    dm = make_dm(cache_dir, num_workers=workers, balanced_sampler=True, train_transforms=[
+        A.Affine(rotate=(-20, 20), p=1.0), A.RandomBrightnessContrast(p=1.0)])
+    loader = dm.train_dataloader()
+    first, second = epoch_batches(loader), epoch_batches(loader)
+    fresh = dm.train_dataloader()
+    fresh.sampler.iterations = 1  # as Lightning's restored epoch would say
+    replay = epoch_batches(fresh)
+    assert len(second) == len(replay) and all(torch.equal(a, b) for a, b in zip(second, replay, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # epochs differ
+
+
 def test_config_errors_name_the_key(cache_dir):
     with pytest.raises(ConfigError, match="data.root"):
         CTDataModule(root=None, synthetic=None)
