@@ -25,12 +25,13 @@ from pydicom.misc import is_dicom
 from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
-from covidct.data.dicom import IGNORED_NAMES, read_series
+from covidct.checkpoint import read_checkpoint
+from covidct.data.dicom import IGNORED_NAMES, entry_kind, read_series
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import VOTE_RULES, vote
+from covidct.voting import CENTER_SLICES, TOP_K, check_vote_settings, vote
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class TestSet:
 
 def _has_dicom(folder: Path) -> bool:
     """True if any file directly in ``folder`` is DICOM (checks the 'DICM' preamble, stops at the first)."""
-    return any(e.is_file() and e.name not in IGNORED_NAMES and is_dicom(e.path) for e in os.scandir(folder))
+    return any(entry_kind(e) == "file" and e.name not in IGNORED_NAMES and is_dicom(e.path)
+               for e in os.scandir(folder))
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -60,11 +62,15 @@ def find_test_sets(input_path: str | Path) -> list[TestSet]:
         raise DataError(f"input={root}: is a file; give a patient folder or a folder of patient folders.")
     if _has_dicom(root):
         return [TestSet(root.name, [root])]
+    # every subfolder of a test set is a patient: one without a readable slice gets a row saying why
     children = _subfolders(root)
     if any(_has_dicom(c) for c in children):
-        return [TestSet(root.name, [c for c in children if _has_dicom(c)])]
-    sets = [TestSet(c.name, [g for g in _subfolders(c) if _has_dicom(g)]) for c in children]
-    sets = [s for s in sets if s.patients]
+        return [TestSet(root.name, children)]
+    sets = [TestSet(c.name, _subfolders(c)) for c in children]
+    for s in sets:
+        if not any(_has_dicom(p) for p in s.patients):
+            log.warning("input: %s holds no patient folder with DICOM files; not a test set, skipped", root / s.name)
+    sets = [s for s in sets if any(_has_dicom(p) for p in s.patients)]
     if not sets:
         raise DataError(
             f"input={root}: no DICOM file in it, its subfolders or their subfolders. Expected a patient folder "
@@ -82,15 +88,14 @@ class PredictorSettings:
     class_names: list[str]
     vote_rule: str
     tau: float
+    k: int = TOP_K  # topk_mean
+    center_slices: int = CENTER_SLICES  # weighted_center
     overridden: dict[str, Any] = field(default_factory=dict)
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassifier, PredictorSettings]:
     """Model and settings from a Lightning checkpoint, loaded weights-only (no arbitrary pickle)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={path}: file not found (checkpoints are in <run>/checkpoints/).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
     pre = hp.pop("preprocessing")
     hp["pretrained"] = False  # the checkpoint brings the trained weights
@@ -104,6 +109,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         class_names=list(hp["class_names"]),
         vote_rule=pre.get("vote_rule", "majority"),
         tau=float(vote_state.get("tau", 0.5)),
+        k=int(vote_state.get("k", TOP_K)),  # older checkpoints: the defaults
+        center_slices=int(vote_state.get("center_slices", CENTER_SLICES)),
     )
     return model, settings
 
@@ -158,10 +165,14 @@ def predict_test_set(
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = True,
+    cam_slices: int = 0,
 ) -> tuple[Path, Path]:
-    """Write ``<name>.csv`` (one row per patient) and ``<name>_slices.csv`` into ``output_dir``."""
+    """Write ``<name>.csv`` (one row per patient) and ``<name>_slices.csv`` into ``output_dir``; with
+    ``cam_slices`` > 0 also Grad-CAM PNGs of each patient's most decisive slices in ``<name>_cam/<patient>/``."""
     from tqdm import tqdm
 
+    if cam_slices:  # pytorch-grad-cam imports matplotlib, scipy and scikit-learn: only when asked
+        from covidct.cam import lung_channel, write_patient_cams
     pre = SlicePreprocessor(parse_windows(settings.windows), settings.image_size)
     names = settings.class_names
     patient_rows, slice_rows = [], []
@@ -173,9 +184,12 @@ def predict_test_set(
             patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "error", item["error"]])
             continue
         probs = slice_probabilities(model, item["images"], batch_size)
-        pred = vote(probs, settings.vote_rule, settings.tau)
+        pred = vote(probs, settings.vote_rule, settings.tau, k=settings.k, center_slices=settings.center_slices)
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
+        if cam_slices:
+            write_patient_cams(model, item["images"], probs, pred, names, output_dir / f"{test_set.name}_cam" / pid,
+                               cam_slices, lung_channel(settings.windows), pid)
         patient_rows.append([pid, names[pred], *mean_probs, round(infected, 4), len(probs), len(item["skipped"]),
                              "ok", "; ".join(item["skipped"])])
         slice_rows += [
@@ -204,17 +218,28 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_cam(cfg) -> int:
+    """Slices per patient to draw Grad-CAM overlays of: ``cam_slices`` when ``cam=true``, else 0."""
+    if not cfg.get("cam", False):
+        return 0
+    n = cfg.get("cam_slices", 4)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"cam_slices must be an integer >= 1 (with cam=true), got {n!r}")
+    return n
+
+
 def run_prediction(cfg) -> list[Path]:
     """Everything ``predict.py`` does: check input, load the checkpoint, predict each test set."""
     test_sets = find_test_sets(cfg.input)
-    rule = cfg.vote.rule if cfg.get("vote") else None
-    if rule is not None and rule not in VOTE_RULES:
-        raise ConfigError(f"vote.rule={rule!r} is not one of {list(VOTE_RULES)}")
+    chosen = cfg.get("vote") or {}  # vote=<rule>: that file's rule and parameters override the checkpoint's
+    rule, k, center_slices = chosen.get("rule"), chosen.get("k"), chosen.get("center_slices")
+    check_vote_settings(rule, None, k, center_slices)
     if cfg.tau is not None and not 0.0 <= float(cfg.tau) <= 1.0:
         raise ConfigError(f"tau must be in [0, 1] or null (the checkpoint's), got {cfg.tau}")
+    cam_slices = check_cam(cfg)
     device = pick_device(cfg.device)
     model, settings = load_checkpoint(cfg.ckpt_path, device)
-    for attr, value in (("vote_rule", rule), ("tau", cfg.tau)):
+    for attr, value in (("vote_rule", rule), ("tau", cfg.tau), ("k", k), ("center_slices", center_slices)):
         if value is not None:
             settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
             setattr(settings, attr, value)
@@ -222,9 +247,10 @@ def run_prediction(cfg) -> list[Path]:
     outputs = []
     for test_set in test_sets:
         outputs += predict_test_set(test_set, model, settings, output_dir, cfg.batch_size, cfg.num_workers,
-                                    cfg.progress)
+                                    cfg.progress, cam_slices)
     record = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "input": str(Path(cfg.input).resolve()),
               "device": str(device), "test_sets": {t.name: len(t.patients) for t in test_sets},
+              "cam": cam_slices > 0, "cam_slices": cam_slices,
               **settings.__dict__}
     outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
     return outputs

@@ -24,6 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("COVIDCT_SAMPLE_DIR", REPO.parent / "shared" / "data" / "covid-ct-md-sample"))
 
 
+def cli_env() -> dict[str, str]:
+    """Environment for a ``train.py`` / ``predict.py`` subprocess: W&B offline, and without the W&B
+    service address that an in-process W&B run of this pytest process left in ``os.environ`` (a child
+    would join that service, which outlives the child: a SIGKILLed run's id would stay "in use")."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return env | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
 def tiny(cache_dir: Path) -> list[str]:
     """Train overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches."""
     return [

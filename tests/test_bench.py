@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 
 from covidct.bench import run_bench
 from covidct.config import register_resolvers
-from covidct.errors import ConfigError
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
+from covidct.errors import ConfigError
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

@@ -85,6 +85,8 @@ def test_predict_uses_the_checkpoint_preprocessing_and_reports_bad_patients(trai
     damaged.write_bytes(damaged.read_bytes()[:-100])
     (tests / "Test2" / "broken").mkdir()
     (tests / "Test2" / "broken" / "IM0001.dcm").write_bytes(damaged.read_bytes()[:-200])
+    (tests / "Test2" / "empty").mkdir()  # listed with the reason, not silently dropped
+    (tests / "Test2" / val[3] / "loop").symlink_to(tests / "Test2" / val[3] / "loop")  # ignored, no crash
     out = run_predict([f"ckpt_path={ckpt}", f"input={tests}", f"paths.log_dir={tmp_path / 'logs'}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result_dir = next((tmp_path / "logs" / "predict" / "runs").iterdir())
@@ -95,6 +97,8 @@ def test_predict_uses_the_checkpoint_preprocessing_and_reports_bad_patients(trai
     broken = next(r for r in test2 if r["patient"] == "broken")
     assert broken["status"] == "error" and broken["predicted_class"] == ""
     assert next(r for r in test2 if r["patient"] == val[3])["status"] == "ok"
+    empty = next(r for r in test2 if r["patient"] == "empty")
+    assert empty["status"] == "error" and "no readable DICOM slice" in empty["detail"]
     record = json.loads((result_dir / "prediction.json").read_text())
     assert record["image_size"] == 32 and record["vote_rule"] == "infected_fraction"
     assert record["tau"] == next(v for k, v in ckpt_data["callbacks"].items() if "PatientVote" in k)["tau"]

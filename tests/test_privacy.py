@@ -23,7 +23,7 @@ import torch
 from covidct.checkpoint import read_checkpoint
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import DataError
-from tests.conftest import REPO, tiny
+from tests.conftest import REPO, cli_env, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def files_under(*folders: Path) -> list[Path]:
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = cli_env()
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -4,7 +4,6 @@ checkpoint, ends exactly where an uninterrupted run ends, in the same W&B run.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny
+from tests.conftest import REPO, cli_env, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,7 @@ def overrides(cache: Path) -> list[str]:
 
 
 def train_cli(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = cli_env()
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 

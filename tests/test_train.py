@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from covidct.training import train
 from covidct.voting import VOTE_RULES
-from tests.conftest import REPO, compose_train, tiny
+from tests.conftest import REPO, cli_env, compose_train, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +58,7 @@ def test_resume_continues_training_and_the_wandb_run(tmp_path, shared_cache):
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = cli_env()
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
