@@ -65,7 +65,7 @@ class TrainResult:
             + f"; patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
             f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
             f"{self.confusion.tolist() if self.confusion is not None else None}",
-            f"  outputs: {self.output_dir} (metrics.json, patients.csv, data_summary.txt, split.csv)",
+            f"  outputs: {self.output_dir} (report.html, metrics.json, patients.csv, data_summary.txt, split.csv)",
             f"  best checkpoint: {self.best_checkpoint}",
         ]
         return "\n".join(lines)
