@@ -66,11 +66,13 @@ def find_test_sets(input_path: str | Path) -> list[TestSet]:
     children = _subfolders(root)
     if any(_has_dicom(c) for c in children):
         return [TestSet(root.name, children)]
-    sets = [TestSet(c.name, _subfolders(c)) for c in children]
-    for s in sets:
-        if not any(_has_dicom(p) for p in s.patients):
-            log.warning("input: %s holds no patient folder with DICOM files; not a test set, skipped", root / s.name)
-    sets = [s for s in sets if any(_has_dicom(p) for p in s.patients)]
+    sets = []
+    for child in children:
+        patients = _subfolders(child)
+        if any(_has_dicom(p) for p in patients):
+            sets.append(TestSet(child.name, patients))
+        else:
+            log.warning("input: %s holds no patient folder with DICOM files; not a test set, skipped", child)
     if not sets:
         raise DataError(
             f"input={root}: no DICOM file in it, its subfolders or their subfolders. Expected a patient folder "
