@@ -66,7 +66,8 @@ class RunReportCallback(pl.Callback):
             return
         vote = next((c for c in trainer.callbacks if isinstance(c, PatientVoteCallback)), None)
         if vote is None or not vote.best_votes or vote.best_slices is None:
-            log.warning("Run report skipped: no validation epoch was voted (PatientVoteCallback has no best epoch)")
+            log.warning("Run report skipped: no best validation epoch in this run (none was voted, or a resumed "
+                        "run did not improve on its checkpoint's best, whose slices are not stored)")
             return
         from covidct.report import write_report
 

@@ -9,8 +9,11 @@ same weights and metrics.
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytorch_lightning as pl
-from lightning_fabric.utilities.seed import seed_everything
+import torch
 
 from covidct.seeding import derive_seed
 
@@ -23,4 +26,7 @@ class StepSeed(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         seed = derive_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
-        seed_everything(seed, verbose=False)
+        # the generators themselves (not seed_everything, which also rewrites PL_GLOBAL_SEED and logs)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
