@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
 from covidct.checkpoint import read_checkpoint
-from covidct.data.dicom import IGNORED_NAMES, entry_kind, read_series
+from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line, read_series
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
@@ -132,11 +132,14 @@ class PatientFolders(Dataset):
         try:
             series = read_series(folder, self.preprocessor)
         except CovidCTError as exc:
-            return {"folder": folder, "error": str(exc)}
+            return {"folder": folder, "error": one_line(exc)}
         return {
             "folder": folder,
             "images": torch.from_numpy(np.stack(series.slices)),
             "locations": series.locations,
+            "ranks": series.ranks,
+            "order_key": series.order_key,
+            "order_note": series.order_note,
             "skipped": [f"{s.path.name}: {s.reason}" for s in series.skipped],
         }
 
@@ -183,7 +186,7 @@ def predict_test_set(
         pid = item["folder"].name
         if "error" in item:
             log.error("%s: %s", pid, item["error"])
-            patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "error", item["error"]])
+            patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
             continue
         probs = slice_probabilities(model, item["images"], batch_size)
         pred = vote(probs, settings.vote_rule, settings.tau, k=settings.k, center_slices=settings.center_slices)
@@ -192,16 +195,17 @@ def predict_test_set(
         if cam_slices:
             write_patient_cams(model, item["images"], probs, pred, names, output_dir / f"{test_set.name}_cam" / pid,
                                cam_slices, lung_channel(settings.windows), pid)
+        detail = "; ".join(([item["order_note"]] if item["order_note"] else []) + item["skipped"])
         patient_rows.append([pid, names[pred], *mean_probs, round(infected, 4), len(probs), len(item["skipped"]),
-                             "ok", "; ".join(item["skipped"])])
+                             item["order_key"], "ok", detail])
         slice_rows += [
-            [pid, i, loc, *np.round(p.astype(np.float64), 4).tolist()]
-            for i, (loc, p) in enumerate(zip(item["locations"], probs, strict=True))
+            [pid, rank, loc, *np.round(p.astype(np.float64), 4).tolist()]
+            for rank, loc, p in zip(item["ranks"], item["locations"], probs, strict=True)
         ]
     patients_csv = atomic_write_csv(
         output_dir / f"{test_set.name}.csv",
         ["patient", "predicted_class", *[f"prob_{n}" for n in names], "infected_fraction", "n_slices", "n_skipped",
-         "status", "detail"],
+         "order_key", "status", "detail"],
         patient_rows,
     )
     slices_csv = atomic_write_csv(
@@ -217,6 +221,9 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"device={name!r}: use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available here (or torch is a CPU build): use device=cpu "
+                          "or device=auto")
     return torch.device(name)
 
 

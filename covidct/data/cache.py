@@ -5,10 +5,13 @@ A cache folder ``<cache_dir>/slices-<key>/`` holds
 * ``images.u8``: raw uint8 array (N, C, S, S), C = number of windows, S = image size (px),
   patients one after another, each patient's slices head first;
 * ``slices.npz``: ``patient`` int32 (N,) index into the manifest's patients, ``slice`` int32 (N,)
-  head-first slice index within the patient, ``location`` float32 (N,) position in mm;
+  head-first rank of the slice in its whole series (skipped slices whose position is known keep
+  their rank, so this is the column of the dataset's slice labels; see
+  :class:`covidct.data.dicom.Series`), ``location`` float32 (N,) position along the ordering key;
 * ``manifest.json``: settings, shape, and per patient: id, class, folder, offset, slice count,
-  ordering key, skipped and ignored files with reasons; patients skipped (no usable slice) with
-  reasons. Written last: a folder without it (or with a short ``images.u8``) is not a cache.
+  series length, ordering key and note, skipped, unplaced and ignored files with reasons; patients
+  skipped (no usable slice) with reasons. Written last: a folder without it (or with a short
+  ``images.u8``, or an unreadable ``slices.npz``) is not a cache.
 
 The key hashes the preprocessing settings and every input file's path, size and mtime, so a
 change of either builds a new cache. A cache is built in a temporary folder and renamed into place
@@ -42,7 +45,7 @@ from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: more unusable slices skipped (issue 8), ignored files listed, skipped patients
+CACHE_VERSION = 3  # 3: series ranks (labels survive skipped slices), ordering fallbacks and notes (issue 14)
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,11 @@ class CachedPatient:
     folder: str
     offset: int
     n_slices: int
+    series_length: int  # kept slices + skipped slices whose position is known (duplicates once)
     order_key: str
+    order_note: str  # why a preferred ordering key was not used ("" when none)
     skipped: list[dict[str, str]]  # {"file", "reason"}: DICOM files not used
+    unplaced: list[dict[str, str]]  # {"file", "reason"}: skipped files whose position is unknown
     ignored: list[dict[str, str]]  # {"file", "reason"}: other entries of the folder
 
 
@@ -66,7 +72,7 @@ class SliceCache:
     path: Path
     images: np.ndarray
     patient: np.ndarray
-    slice_index: np.ndarray
+    slice_index: np.ndarray  # int32 (N,) head-first rank in the patient's whole series
     location: np.ndarray
     patients: list[CachedPatient]
     build_seconds: float
@@ -99,12 +105,17 @@ def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
         series = read_series(folder, preprocessor, warn=False)  # warned in the main process, into the run log
     except DataError as exc:
         return {"error": str(exc)}
+    listed = lambda entries: [{"file": str(s.path), "reason": s.reason} for s in entries]  # noqa: E731
     return {
         "images": np.stack(series.slices),
         "locations": np.asarray(series.locations, dtype=np.float32),
+        "ranks": np.asarray(series.ranks, dtype=np.int32),
+        "series_length": series.series_length,
         "order_key": series.order_key,
-        "skipped": [{"file": str(s.path), "reason": s.reason} for s in series.skipped],
-        "ignored": [{"file": str(s.path), "reason": s.reason} for s in series.ignored],
+        "order_note": series.order_note,
+        "skipped": listed(series.skipped),
+        "unplaced": listed(series.unplaced),
+        "ignored": listed(series.ignored),
     }
 
 
@@ -144,10 +155,11 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
             out.write(np.ascontiguousarray(images).tobytes())
             n = len(images)
             entry = CachedPatient(patient.patient_id, patient.label, str(patient.folder), offset, n,
-                                  result["order_key"], result["skipped"], result["ignored"])
+                                  result["series_length"], result["order_key"], result["order_note"],
+                                  result["skipped"], result["unplaced"], result["ignored"])
             entries.append(asdict(entry))
             patient_col.append(np.full(n, i))
-            slice_col.append(np.arange(n))
+            slice_col.append(result["ranks"])
             location_col.append(result["locations"])
             offset += n
             for skipped in result["skipped"]:
@@ -175,18 +187,23 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
 
 
 def _is_complete(path: Path) -> bool:
-    """A finished cache: manifest written last, and an images file of the size the manifest declares."""
+    """A finished cache: manifest written last, an images file of the size the manifest declares, and a
+    readable slice table with one row per image."""
     try:
         shape = json.loads((path / "manifest.json").read_text())["shape"]
-        return (path / "images.u8").stat().st_size == int(np.prod(shape)) and (path / "slices.npz").is_file()
-    except (OSError, ValueError, KeyError):
+        if (path / "images.u8").stat().st_size != int(np.prod(shape)):
+            return False
+        with np.load(path / "slices.npz") as table:
+            return all(len(table[column]) == shape[0] for column in ("patient", "slice", "location"))
+    except Exception:  # missing, cut short or damaged (OSError, BadZipFile, KeyError, ValueError, ...)
         return False
 
 
 def open_cache(path: Path) -> SliceCache:
     """Open a finished cache folder (memory-mapped, read-only)."""
     manifest = json.loads((path / "manifest.json").read_text())
-    table = np.load(path / "slices.npz")
+    with np.load(path / "slices.npz") as npz:
+        table = {column: npz[column] for column in ("patient", "slice", "location")}
     images = np.memmap(path / "images.u8", dtype=np.uint8, mode="r", shape=tuple(manifest["shape"]))
     return SliceCache(
         path=path,

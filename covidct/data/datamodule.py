@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.dicom import Skipped
-from covidct.data.labels import UNKNOWN, check_label_lengths, slice_targets
+from covidct.data.labels import UNKNOWN, slice_targets, usable_slice_labels
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
 from covidct.data.split import train_val_split
@@ -274,7 +274,11 @@ class CTDataModule(pl.LightningDataModule):
         labels_of = {p.patient_id: p.slice_labels for p in patients}
         self.patient_ids = [p.patient_id for p in cache.patients]
         self.patient_labels = np.asarray([p.label for p in cache.patients], dtype=np.int64)
-        slice_labels = [labels_of[p.patient_id] for p in cache.patients]  # skipped patients are not in the cache
+        slice_labels, label_problems = [], []
+        for p in cache.patients:  # skipped patients are not in the cache
+            row, problem = usable_slice_labels(p.patient_id, labels_of[p.patient_id], p.series_length, p.unplaced)
+            slice_labels.append(row)
+            label_problems += [problem] if problem else []
         self.targets = slice_targets(
             self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
         )
@@ -285,6 +289,8 @@ class CTDataModule(pl.LightningDataModule):
         known = self.targets != UNKNOWN
         self.train_rows = np.flatnonzero(in_train & known)
         self.val_rows = np.flatnonzero(np.isin(cache.patient, self.val_patients))
+        if len(self.train_rows) == 0:
+            raise ConfigError(self._no_training_slices(label_problems))
         self.summary = DataSummary.collect(
             root=str(self.data_root().resolve()),
             cache=cache,
@@ -293,7 +299,7 @@ class CTDataModule(pl.LightningDataModule):
             train_patients=self.train_patients,
             val_patients=self.val_patients,
             train_rows=self.train_rows,
-            warnings=check_label_lengths(self.patient_ids, [p.n_slices for p in cache.patients], slice_labels),
+            warnings=label_problems,
             skipped_entries=skipped_entries,
         )
         log.info("\n%s", self.summary.text())
@@ -301,14 +307,27 @@ class CTDataModule(pl.LightningDataModule):
             self.summary.save(self.output_dir)
             self.save_split(self.output_dir / "split.csv")
 
+    def _no_training_slices(self, label_problems: list[str]) -> str:
+        """Why no training slice has a target, and what to change."""
+        names = [self.patient_ids[i] for i in self.train_patients]
+        text = (f"no training slices: the {len(names)} training patient(s) ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}) have no slice with a known target in "
+                f"data.label_mode={self.label_mode}")
+        if self.label_mode == "paper":
+            text += (" (slices of a sick patient without usable slice labels are UNKNOWN and not trained on). "
+                     "Use data.label_mode=patient (every slice takes its patient's class), add Normal patients, "
+                     "or give slice labels (data.slice_labels_file)")
+        return text + ("; " + "; ".join(label_problems) if label_problems else "")
+
     def save_split(self, path: Path) -> None:
-        """Write ``patient,class,subset,n_slices`` for every patient (atomic)."""
+        """Write ``patient,class,subset,n_slices,series_length,order_key`` for every patient (atomic)."""
         subset = {int(i): "train" for i in self.train_patients} | {int(i): "val" for i in self.val_patients}
         atomic_write_csv(
             path,
-            ["patient", "class", "subset", "n_slices"],
+            ["patient", "class", "subset", "n_slices", "series_length", "order_key"],
             [
-                (p.patient_id, CLASS_NAMES[p.label], subset.get(i, "unused"), p.n_slices)
+                (p.patient_id, CLASS_NAMES[p.label], subset.get(i, "unused"), p.n_slices, p.series_length,
+                 p.order_key)
                 for i, p in enumerate(self.cache.patients)  # type: ignore[union-attr]
             ],
         )

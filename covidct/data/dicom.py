@@ -9,9 +9,12 @@ use (column i = i-th slice by SliceLocation descending).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -33,11 +36,37 @@ IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "DICOMDIR"}
 
 @dataclass(frozen=True)
 class SliceHeader:
-    """Position tags of one slice (mm), whichever the file has."""
+    """Position tags of one slice, whichever the file has: SliceLocation and ImagePositionPatient z
+    in mm, InstanceNumber a count. A tag that is absent or not a number is None; a value that is a
+    number but not finite (nan, inf) is kept, so that the ordering can say why it was not used."""
 
     slice_location: float | None
     position_z: float | None
-    instance_number: int | None
+    instance_number: float | None
+
+    def value(self, key: str) -> float | None:
+        """The head-first sort value of ``key`` (one of :data:`ORDER_KEYS`): smaller = nearer the head."""
+        if key == "SliceLocation":
+            return None if self.slice_location is None else -self.slice_location
+        if key == "ImagePositionPatient":
+            return None if self.position_z is None else -self.position_z
+        return self.instance_number
+
+
+#: Slice ordering keys, most trusted first. SliceLocation and ImagePositionPatient z grow towards the
+#: head (sorted descending: head first); InstanceNumber is sorted ascending.
+ORDER_KEYS = ("SliceLocation", "ImagePositionPatient", "InstanceNumber")
+
+#: Largest believable |position| (mm) of a slice: 100 m. Larger values (1e300, a corrupt header) mean
+#: the tag is broken, and the series is ordered by the next key instead.
+MAX_POSITION_MM = 1e5
+
+#: Two positions closer than this (mm, or instance numbers) are the same position.
+SAME_POSITION = 1e-3
+
+#: A series in which more than this share of the CT slices fails to decode is corrupt as a whole: the
+#: few slices that do decode (possibly into noise) are not voted on; the patient is an error.
+MAX_UNDECODABLE_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,12 +77,36 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class SeriesOrder:
+    """How a series was ordered: ``keys`` (from :data:`ORDER_KEYS`) sort it, the first most
+    significant, the next ones breaking its ties; ``note`` says why a preferred key was not used or
+    had ties ("" when SliceLocation alone ordered the series)."""
+
+    keys: tuple[str, ...]
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.keys[0]
+
+    def sort_values(self, header: SliceHeader) -> tuple[float, ...] | None:
+        """Head-first sort tuple of a slice; None when it lacks a finite, believable value of a key."""
+        values = tuple(header.value(k) for k in self.keys)
+        return values if all(v is not None and _believable(v) for v in values) else None  # type: ignore[misc]
+
+
 @dataclass
 class Series(Generic[T]):
     """The readable slices of one patient folder, head first.
 
     ``slices[i]`` is what ``convert`` returned for the i-th slice; ``locations[i]`` its position
-    (mm) along the ordering key named by ``order_key``.
+    (mm, or the instance number) along ``order_key``; ``ranks[i]`` its head-first index in the whole
+    series: the kept slices *and* the skipped slices whose position is known (an undecodable slice
+    still takes its place, so the slices after it keep their own rank, which is the column of the
+    dataset's slice labels). ``series_length`` counts those positions. ``unplaced`` lists skipped
+    files that may be slices of the series but whose position cannot be read: with any of them, the
+    ranks (and so the slice labels) of this series are ambiguous.
     """
 
     folder: Path
@@ -61,6 +114,10 @@ class Series(Generic[T]):
     locations: list[float]
     paths: list[Path]
     order_key: str
+    ranks: list[int] = field(default_factory=list)
+    series_length: int = 0
+    order_note: str = ""
+    unplaced: list[Skipped] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     ignored: list[Skipped] = field(default_factory=list)
 
@@ -72,15 +129,26 @@ def _float_or_none(value: object) -> float | None:
         return None
 
 
+def _believable(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= MAX_POSITION_MM
+
+
+def one_line(text: object) -> str:
+    """A message on one line (decoder errors come over several)."""
+    return " ".join(str(text).split())
+
+
 def read_header(ds: pydicom.Dataset) -> SliceHeader:
     """Position tags of a dataset; a tag that is absent or malformed becomes None."""
     ipp = ds.get("ImagePositionPatient")
-    z = _float_or_none(ipp[2]) if ipp is not None and len(ipp) == 3 else None
-    instance = _float_or_none(ds.get("InstanceNumber"))
+    try:
+        z = _float_or_none(ipp[2]) if ipp is not None and len(ipp) == 3 else None
+    except TypeError:  # a single value where three are expected
+        z = None
     return SliceHeader(
         slice_location=_float_or_none(ds.get("SliceLocation")),
         position_z=z,
-        instance_number=None if instance is None else int(instance),
+        instance_number=_float_or_none(ds.get("InstanceNumber")),
     )
 
 
@@ -96,7 +164,8 @@ def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
         raise ValueError(f"multi-frame image ({ds.NumberOfFrames} frames); expected one slice per file")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ValueError(f"SamplesPerPixel={ds.SamplesPerPixel}; a CT slice must be grayscale")
-    stored = ds.pixel_array
+    with _quiet_pydicom():  # pydicom logs a traceback per undecodable frame; the caller reports the error
+        stored = ds.pixel_array
     if stored.ndim != 2:
         raise ValueError(f"pixel array has shape {stored.shape}; expected (rows, cols)")
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
@@ -107,18 +176,50 @@ def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
 
 
-def _order(headers: list[SliceHeader], folder: Path) -> tuple[str, list[float]]:
-    """Pick the ordering key every slice has; return its name and per-slice head-first sort values."""
-    if all(h.slice_location is not None for h in headers):
-        return "SliceLocation", [-h.slice_location for h in headers]  # type: ignore[operator]
-    if all(h.position_z is not None for h in headers):
-        return "ImagePositionPatient", [-h.position_z for h in headers]  # type: ignore[operator]
-    if all(h.instance_number is not None for h in headers):
-        return "InstanceNumber", [float(h.instance_number) for h in headers]  # type: ignore[arg-type]
-    raise DataError(
-        f"{folder}: cannot order slices: not every file has SliceLocation, ImagePositionPatient or "
-        "InstanceNumber. File names are never used for order; fix the headers or remove the odd files."
-    )
+@contextmanager
+def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """Silence pydicom's own log records and warnings (collected in the yielded list) while reading
+    one file: every problem is reported once, by the caller, as the file's skip reason."""
+    logger = logging.getLogger("pydicom")
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        logger.disabled = disabled
+
+
+def choose_order(headers: Sequence[SliceHeader], folder: Path) -> SeriesOrder:
+    """The keys that order a series: every key of :data:`ORDER_KEYS` that each slice has with a finite,
+    believable value, and that does not hold one value for the whole series (a shared SliceLocation
+    orders nothing). The first sorts; the later ones break its ties."""
+    notes, keys = [], []
+    n = len(headers)
+    for key in ORDER_KEYS:
+        values = [h.value(key) for h in headers]
+        present = [v for v in values if v is not None]
+        bad = [v for v in present if not _believable(v)]
+        if len(present) < n:
+            problem = f"{key} missing on {n - len(present)} of {n} slices"
+        elif bad:
+            problem = f"{key} not finite or beyond {MAX_POSITION_MM:g} mm on {len(bad)} of {n} slices ({bad[0]:g})"
+        elif n > 1 and max(present) - min(present) < SAME_POSITION:
+            problem = f"{key} is the same ({abs(present[0]):g}) on every slice"
+        else:
+            keys.append(key)
+            continue
+        if not keys:  # a problem of a key after the one that sorts does not matter
+            notes.append(problem)
+    if not keys:
+        raise DataError(
+            f"{folder}: cannot order slices: {'; '.join(notes)}. File names are never used for order; "
+            "fix the headers or remove the odd files."
+        )
+    if notes:
+        notes.append(f"ordered by {keys[0]}")
+    return SeriesOrder(tuple(keys), "; ".join(notes))
 
 
 def list_files(folder: Path) -> list[Path]:
@@ -174,15 +275,24 @@ MAX_SIDE = 4096
 
 
 class SliceRejected(Exception):
-    """A DICOM file that is not a usable CT slice; the message says why."""
+    """A DICOM CT file that is not a usable slice; the message says why."""
 
 
-def check_slice_header(ds: pydicom.Dataset) -> None:
-    """Refuse, before any pixel is decoded, a file that is not a single-frame CT slice with HU rescale."""
+class NotCTSlice(SliceRejected):
+    """A DICOM file of another modality (MR, a structured report, ...): not part of the CT series."""
+
+
+def check_slice_header(ds: pydicom.Dataset, read_warnings: Sequence[str] = ()) -> None:
+    """Refuse, before any pixel is decoded, a file that is not a single-frame CT slice with a usable HU
+    rescale. ``read_warnings``: what pydicom warned while reading the file (the reason a PixelData
+    element that is there could not be parsed)."""
     modality = str(ds.get("Modality", "") or "").strip()
     if modality and modality != "CT":
-        raise SliceRejected(f"Modality {modality}, not CT")
+        raise NotCTSlice(f"Modality {modality}, not CT")
     if "PixelData" not in ds:
+        if read_warnings:
+            raise SliceRejected(f"pixel data cannot be parsed ({one_line(read_warnings[0])}): a corrupt or "
+                                "cut-short file")
         raise SliceRejected("no pixel data (a structured report, a header-only file, or a file cut short)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
@@ -192,45 +302,104 @@ def check_slice_header(ds: pydicom.Dataset) -> None:
     if not has_rescale and "ModalityLUTSequence" not in ds and int(ds.get("PixelRepresentation", 0) or 0) != 1:
         raise SliceRejected("no RescaleSlope/RescaleIntercept and unsigned pixels: Hounsfield units unknown "
                             "(CT usually has slope 1, intercept -1024: add the tags to the files)")
-
-
-def _read_slice(path: Path) -> pydicom.Dataset:
-    """The tags of :data:`READ_TAGS` of one file; raises InvalidDicomError, SliceRejected or a pydicom error."""
-    ds = pydicom.dcmread(path, specific_tags=READ_TAGS)
-    check_slice_header(ds)
-    return ds
+    if has_rescale:
+        slope, intercept = _float_or_none(ds.RescaleSlope), _float_or_none(ds.RescaleIntercept)
+        if slope is None or intercept is None or not math.isfinite(slope) or not math.isfinite(intercept) \
+                or slope == 0:
+            raise SliceRejected(f"RescaleSlope {ds.RescaleSlope}, RescaleIntercept {ds.RescaleIntercept}: not a "
+                                "usable rescale (a slope of 0 or a non-finite value would turn every pixel into "
+                                "one HU value); fix the header")
 
 
 @dataclass
-class _Decoded:
+class _SeriesFile:
+    """One CT file of a patient folder: its header, and its decoded slice or why it was skipped."""
+
     path: Path
-    header: SliceHeader
-    shape: tuple[int, int]
-    value: object
+    header: SliceHeader | None  # None: the header cannot be read, so neither can the position
+    shape: tuple[int, int] = (0, 0)
+    value: object = None
+    skip_reason: str = ""
 
 
-def _drop_odd_sizes(decoded: list[_Decoded], skipped: list[Skipped]) -> list[_Decoded]:
-    """Keep the slices of the series' most common (rows, cols); the others go to ``skipped``."""
+def _read_file(path: Path, convert: Callable[[np.ndarray], object]) -> _SeriesFile | Skipped | None:
+    """Read and decode one file. Returns a :class:`_SeriesFile` for a file that is (or may be, when its
+    header cannot be read) a CT slice: decoded, or with ``skip_reason``; a :class:`Skipped` for a DICOM
+    file of another modality; None for a file that is not DICOM at all."""
+    try:
+        with _quiet_pydicom() as caught:
+            ds = pydicom.dcmread(path, specific_tags=READ_TAGS)
+    except InvalidDicomError:
+        if path.suffix.lower() != ".dcm":
+            return None
+        return _SeriesFile(path, None, skip_reason="named .dcm but not a DICOM file (no 'DICM' header)")
+    except Exception as exc:  # truncated or corrupt file: pydicom raises many types
+        return _SeriesFile(path, None, skip_reason=f"unreadable DICOM: {type(exc).__name__}: {one_line(exc)}")
+    header = read_header(ds)
+    try:
+        check_slice_header(ds, [str(w.message) for w in caught])
+    except NotCTSlice as exc:
+        return Skipped(path, str(exc))
+    except SliceRejected as exc:
+        return _SeriesFile(path, header, skip_reason=str(exc))
+    try:
+        hu = to_hounsfield(ds)
+    except Exception as exc:  # missing decoder, truncated or corrupt pixel data, wrong shape, ...
+        return _SeriesFile(path, header, skip_reason=f"cannot decode pixel data: {type(exc).__name__}: "
+                                                     f"{one_line(exc)}")
+    return _SeriesFile(path, header, hu.shape, convert(hu))
+
+
+def _drop_odd_sizes(decoded: list[_SeriesFile]) -> None:
+    """Mark the slices whose (rows, cols) differ from the series' most common size as skipped."""
     common = Counter(d.shape for d in decoded).most_common(1)[0][0]
     for d in decoded:
         if d.shape != common:
-            skipped.append(Skipped(d.path, f"image size {d.shape[0]} x {d.shape[1]} px differs from the series' "
-                                           f"{common[0]} x {common[1]} px"))
-    return [d for d in decoded if d.shape == common]
+            d.skip_reason = (f"image size {d.shape[0]} x {d.shape[1]} px differs from the series' "
+                             f"{common[0]} x {common[1]} px")
 
 
-def _drop_duplicate_positions(ordered: list[_Decoded], keys: list[float], order_key: str,
-                              skipped: list[Skipped]) -> tuple[list[_Decoded], list[float]]:
-    """Drop slices at the position (within 0.001) of the slice before them in head-first order."""
-    kept, kept_keys = [], []
-    for d, key in zip(ordered, keys, strict=True):
-        if kept and abs(key - kept_keys[-1]) < 1e-3:
-            skipped.append(Skipped(d.path, f"same {order_key} ({abs(key):g}) as {kept[-1].path.name}: a duplicate "
-                                           "slice or a second series in the folder"))
-            continue
-        kept.append(d)
-        kept_keys.append(key)
-    return kept, kept_keys
+def _place(files: list[_SeriesFile], order: SeriesOrder) -> tuple[list[tuple[int, _SeriesFile]], list[Skipped]]:
+    """Head-first (rank, file) of every file whose position is known, and the skipped files whose
+    position is not (their place in the series is unknown).
+
+    Files are sorted by ``order``'s keys, then by name. A file at the same position as the file
+    before it (every key within :data:`SAME_POSITION`) takes the same rank; a *kept* slice there is
+    marked a duplicate (skipped).
+    """
+    placed, unplaced = [], []
+    for f in files:
+        values = None if f.header is None else order.sort_values(f.header)
+        if values is None:
+            if not f.skip_reason:  # choose_order picked keys every kept slice has: cannot happen
+                raise AssertionError(f"{f.path}: a kept slice without a position")
+            unplaced.append(Skipped(f.path, f"{f.skip_reason}; its position ({', '.join(order.keys)}) is unknown"))
+        else:
+            placed.append((values, f))
+    placed.sort(key=lambda vf: (vf[0], vf[1].path.name))
+    ranked: list[tuple[int, _SeriesFile]] = []
+    rank, previous, previous_kept = -1, None, None
+    for values, f in placed:
+        same = previous is not None and all(abs(a - b) < SAME_POSITION for a, b in zip(values, previous, strict=True))
+        if not same:
+            rank, previous_kept = rank + 1, None
+        if not f.skip_reason:
+            if previous_kept is not None:
+                where = ", ".join(f"{_location(f.header, k):g}" for k in order.keys)  # type: ignore[arg-type]
+                f.skip_reason = (f"same {', '.join(order.keys)} ({where}) as {previous_kept.path.name}: a "
+                                 "duplicate slice or a second series in the folder")
+            else:
+                previous_kept = f
+        previous = values
+        ranked.append((rank, f))
+    return ranked, unplaced
+
+
+def _location(header: SliceHeader, key: str) -> float:
+    """The slice's value of ``key``: mm for the positions, the number for InstanceNumber."""
+    value = header.value(key)
+    assert value is not None
+    return value if key == "InstanceNumber" else -value
 
 
 def read_series(
@@ -248,56 +417,60 @@ def read_series(
 
     Every file not used is listed with its reason: in ``ignored`` (system files, subfolders, links,
     non-DICOM files not named ``.dcm``) or in ``skipped`` (DICOM, or named ``.dcm``, but unusable:
-    unreadable, not CT, no pixel data, absurd size, no rescale, undecodable, a size differing from
-    the series, a position already taken). A folder with no usable slice raises :class:`DataError`.
+    unreadable, not CT, no pixel data, absurd size, no or broken rescale, undecodable, a size differing
+    from the series, a position already taken). The order uses :func:`choose_order`; see
+    :class:`Series` for ranks. A folder with no usable slice, or where more than
+    :data:`MAX_UNDECODABLE_FRACTION` of the CT slices cannot be decoded, raises :class:`DataError`.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder. Point data.root (or input) at an existing patient folder.")
     files, ignored = scan_folder(folder)
-    skipped: list[Skipped] = []
-    decoded: list[_Decoded] = []
+    ct_files: list[_SeriesFile] = []
+    skipped: list[Skipped] = []  # files of other modalities here; every unusable CT file below
     for path in files:
-        try:
-            ds = _read_slice(path)
-        except InvalidDicomError:
-            if path.suffix.lower() == ".dcm":
-                skipped.append(Skipped(path, "named .dcm but not a DICOM file (no 'DICM' header)"))
-            else:
-                ignored.append(Skipped(path, "not a DICOM file"))
-            continue
-        except SliceRejected as exc:
-            skipped.append(Skipped(path, str(exc)))
-            continue
-        except Exception as exc:  # truncated or corrupt file: pydicom raises many types
-            skipped.append(Skipped(path, f"unreadable DICOM: {type(exc).__name__}: {exc}"))
-            continue
-        try:
-            hu = to_hounsfield(ds)
-        except Exception as exc:  # missing decoder, truncated or corrupt pixel data, wrong shape, ...
-            skipped.append(Skipped(path, f"cannot decode pixel data: {type(exc).__name__}: {exc}"))
-            continue
-        decoded.append(_Decoded(path, read_header(ds), hu.shape, convert(hu)))
+        result = _read_file(path, convert)
+        if result is None:
+            ignored.append(Skipped(path, "not a DICOM file"))
+        elif isinstance(result, Skipped):
+            skipped.append(result)
+        else:
+            ct_files.append(result)
+    undecodable = [f for f in ct_files if f.skip_reason.startswith("cannot decode")]
+    attempted = undecodable + [f for f in ct_files if not f.skip_reason]
+    if attempted and len(undecodable) > MAX_UNDECODABLE_FRACTION * len(attempted):
+        raise DataError(
+            f"{folder}: {len(undecodable)} of {len(attempted)} CT slices cannot be decoded (first: "
+            f"{undecodable[0].path.name}: {undecodable[0].skip_reason}). A series that is mostly corrupt is not "
+            f"used (the limit is {MAX_UNDECODABLE_FRACTION:.0%}): copy the folder again from its source."
+        )
+    decoded = [f for f in ct_files if not f.skip_reason]
+    order, ranked, unplaced = None, [], []
     if decoded:
-        decoded = _drop_odd_sizes(decoded, skipped)
-        order_key, keys = _order([d.header for d in decoded], folder)
-        order = sorted(range(len(decoded)), key=lambda i: (keys[i], decoded[i].path.name))
-        decoded, keys = _drop_duplicate_positions([decoded[i] for i in order], [keys[i] for i in order], order_key,
-                                                  skipped)
+        _drop_odd_sizes(decoded)
+        order = choose_order([f.header for f in ct_files if not f.skip_reason], folder)  # type: ignore[misc]
+        ranked, unplaced = _place(ct_files, order)
+    skipped += [Skipped(f.path, f.skip_reason) for f in ct_files if f.skip_reason]
     for s in skipped if warn else ():
         log.warning("Skipping %s: %s", s.path, s.reason)
-    if not decoded:
+    kept = [(rank, f) for rank, f in ranked if not f.skip_reason]
+    if not kept:
         detail = f"; {len(skipped)} DICOM file(s) unusable (first: {skipped[0].reason})" if skipped else ""
         raise DataError(
             f"{folder}: no readable DICOM slice ({len(ignored)} other entr(ies) ignored{detail}). "
             "Check the folder, or remove the patient."
         )
+    assert order is not None
     return Series(
         folder=folder,
-        slices=[d.value for d in decoded],  # type: ignore[misc]
-        locations=[-key if order_key != "InstanceNumber" else key for key in keys],
-        paths=[d.path for d in decoded],
-        order_key=order_key,
+        slices=[f.value for _, f in kept],  # type: ignore[misc]
+        locations=[_location(f.header, order.key) for _, f in kept],  # type: ignore[arg-type]
+        paths=[f.path for _, f in kept],
+        order_key=order.key,
+        ranks=[rank for rank, _ in kept],
+        series_length=ranked[-1][0] + 1,
+        order_note=order.note,
+        unplaced=sorted(unplaced, key=lambda s: s.path.name),
         skipped=sorted(skipped, key=lambda s: s.path.name),
         ignored=ignored,
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -30,9 +31,10 @@ def slice_targets(
             slice labels are UNKNOWN (-1: not trained on, not scored at slice level);
             ``patient``: every slice takes its patient's class.
         patient_labels: class index per patient (P,).
-        slice_labels: per patient, int8 (>= n_slices,) 0/1 head-first labels, or None.
+        slice_labels: per patient, int8 (L,) 0/1 head-first labels, or None (see
+            :func:`usable_slice_labels`); L exceeds every slice index of the patient.
         slice_patient: int (N,) patient index of each slice.
-        slice_index: int (N,) head-first index of each slice within its patient.
+        slice_index: int (N,) head-first rank of each slice in its patient's whole series.
 
     Returns:
         int64 (N,) class index per slice, or UNKNOWN.
@@ -55,14 +57,37 @@ def slice_targets(
     return targets
 
 
-def check_label_lengths(patient_ids: Sequence[str], n_slices: Sequence[int], slice_labels) -> list[str]:
-    """Warnings for label rows that mark slices beyond a patient's slice count (a sign of a
-    wrong ordering, a missing file or the wrong label file)."""
-    problems = []
-    for pid, n, row in zip(patient_ids, n_slices, slice_labels, strict=True):
-        if row is not None and np.asarray(row)[n:].any():
-            problems.append(
-                f"{pid}: slice labels mark infected slices beyond its {n} slices "
-                f"(last labelled index {int(np.flatnonzero(row).max())}); slices missing or wrong label file?"
-            )
-    return problems
+def usable_slice_labels(
+    patient_id: str, row: np.ndarray | None, series_length: int, unplaced: Sequence[Mapping[str, str]]
+) -> tuple[np.ndarray | None, str | None]:
+    """A patient's slice label row if it can be matched to the slices, else (None, why).
+
+    Column i of a label row is the i-th position of the whole series, head first; the cache's slice
+    ranks count every position (skipped slices included), so the row is used as it is, unless:
+
+    * a skipped file's position is unknown (``unplaced``: its header is unreadable): any column after
+      it may be off by one, so the labels are not used (never guessed);
+    * the row marks infected slices at or beyond ``series_length``: the series and the labels
+      disagree (files missing, another ordering, or the wrong label file);
+    * the series has more positions than the row has columns: the extra slices have no label.
+
+    Args:
+        row: int8 (L,) 0/1 labels, zero padded; None when the dataset has none for the patient.
+        series_length: positions in the patient's series (kept + skipped with a known position).
+        unplaced: ``{"file", "reason"}`` of skipped files whose position is unknown.
+    """
+    if row is None:
+        return None, None
+    marked = np.flatnonzero(row)
+    if unplaced:
+        first = unplaced[0]
+        why = (f"{len(unplaced)} skipped file(s) of unknown position (first: {Path(first['file']).name}: "
+               f"{first['reason']}), so label columns cannot be matched to slices")
+    elif len(marked) and marked[-1] >= series_length:
+        why = (f"the labels mark infected slices up to column {marked[-1]} but the series has {series_length} "
+               "slice positions: files missing, another slice order, or the wrong label file")
+    elif series_length > len(row):
+        why = f"the series has {series_length} slice positions but the label row only {len(row)} columns"
+    else:
+        return row, None
+    return None, f"{patient_id}: slice labels not used: {why}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class DataSummary:
     train_slices: int
     val_slices: int
     unknown_slices_not_trained: int
+    slice_order: dict[str, int]  # patients per ordering key
+    series: list[dict[str, object]]  # per patient: patient, n_slices, series_length, order_key, order_note
     skipped_patients: list[dict[str, str]]  # {"patient", "folder", "reason"}: no usable slice
     skipped_files: list[dict[str, str]]  # {"file", "reason"}: DICOM (or .dcm) files not used
     ignored_files: list[dict[str, str]]  # {"file", "reason"}: other entries (system files, links, ...)
@@ -76,6 +79,9 @@ class DataSummary:
             train_slices=len(train_rows),
             val_slices=int(np.isin(cache.patient, val_patients).sum()),
             unknown_slices_not_trained=int((in_train & (targets == UNKNOWN)).sum()),
+            slice_order=dict(Counter(p.order_key for p in cache.patients)),
+            series=[{"patient": p.patient_id, "n_slices": p.n_slices, "series_length": p.series_length,
+                     "order_key": p.order_key, "order_note": p.order_note} for p in cache.patients],
             skipped_patients=list(cache.skipped_patients),
             skipped_files=[s for p in cache.patients for s in p.skipped]
             + [{"file": str(s.path), "reason": s.reason} for s in skipped_entries],
@@ -85,7 +91,7 @@ class DataSummary:
 
     def text(self) -> str:
         def row(name: str, d: dict[str, int]) -> str:
-            return f"  {name:<28}" + "  ".join(f"{k}={v}" for k, v in d.items())
+            return f"  {name:<30}  " + "  ".join(f"{k}={v}" for k, v in d.items())
 
         lines = [
             f"Data: {self.root}",
@@ -98,6 +104,10 @@ class DataSummary:
             row("val patients", self.val_patients),
             f"  train slices {self.train_slices}, val slices {self.val_slices}, "
             f"slices without a target not trained on {self.unknown_slices_not_trained}",
+            row("patients, slices ordered by", self.slice_order),
+        ]
+        lines += [f"    {s['patient']}: {s['order_note']}" for s in self.series if s["order_note"]]
+        lines += [
             f"  skipped patients {len(self.skipped_patients)}, skipped files {len(self.skipped_files)}, "
             f"ignored other files {len(self.ignored_files)} (all listed in data_summary.json)",
         ]

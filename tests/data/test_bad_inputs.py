@@ -60,7 +60,7 @@ def plant_bad_files(folder: Path) -> dict[str, str]:
         "report_sr.dcm": "Modality SR, not CT",
         "small.dcm": "image size 8 x 8 px differs from the series' 16 x 16 px",
         "unsigned_no_rescale.dcm": "Hounsfield units unknown",
-        "dup.dcm": "same SliceLocation (5) as IM1.dcm",
+        "dup.dcm": "same SliceLocation (-5) as IM1.dcm",
         "huge.dcm": "refused before decoding",
     }
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from covidct.data.cache import build_or_load_cache, open_cache
-from covidct.data.labels import UNKNOWN, check_label_lengths, slice_targets
+from covidct.data.labels import UNKNOWN, slice_targets, usable_slice_labels
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, Window, parse_windows
 from covidct.data.split import stratified_folds, train_val_split
@@ -162,7 +162,19 @@ def test_paper_and_patient_label_modes():
     assert patient.tolist() == [0, 0, 0, 1, 1, 2, 2, 0]
     with pytest.raises(ConfigError, match="data.label_mode"):
         slice_targets("slice", patient_labels, slice_labels, slice_patient, slice_index)
-    assert check_label_lengths(["a", "b"], [4, 1], [slice_labels[0], np.array([0, 1], np.int8)])[0].startswith("b:")
+
+
+def test_slice_labels_are_used_only_when_they_fit_the_series():
+    row = np.array([0, 1, 1, 0, 0, 0], np.int8)  # zero padded to 6 columns
+    assert usable_slice_labels("a", row, 4, [])[0] is row
+    assert usable_slice_labels("a", None, 4, []) == (None, None)
+    unplaced = [{"file": "/d/a/x.dcm", "reason": "unreadable DICOM: EOFError"}]
+    labels, why = usable_slice_labels("a", row, 4, unplaced)
+    assert labels is None and why.startswith("a: slice labels not used: 1 skipped file(s) of unknown position (first: x.dcm")
+    labels, why = usable_slice_labels("b", row, 2, [])  # marks column 2 of a 2-slice series
+    assert labels is None and "up to column 2 but the series has 2 slice positions" in why
+    labels, why = usable_slice_labels("c", row, 7, [])
+    assert labels is None and "7 slice positions but the label row only 6 columns" in why
 
 
 def test_split_is_stratified_seeded_and_disjoint():
