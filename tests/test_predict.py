@@ -94,6 +94,7 @@ def test_predict_uses_the_checkpoint_preprocessing_and_reports_bad_patients(trai
     assert [r["patient"] for r in test1] == sorted(val[:3])
     damaged_row = next(r for r in test1 if r["patient"] == val[0])
     assert damaged_row["n_skipped"] == "1" and damaged_row["status"] == "ok" and damaged.name in damaged_row["detail"]
+    assert damaged_row["order_key"] == "SliceLocation" and "\n" not in damaged_row["detail"]
     broken = next(r for r in test2 if r["patient"] == "broken")
     assert broken["status"] == "error" and broken["predicted_class"] == ""
     assert next(r for r in test2 if r["patient"] == val[3])["status"] == "ok"

@@ -180,15 +180,15 @@ def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
 def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """Silence pydicom's own log records and warnings (collected in the yielded list) while reading
     one file: every problem is reported once, by the caller, as the file's skip reason."""
-    logger = logging.getLogger("pydicom")
-    disabled = logger.disabled
-    logger.disabled = True
+    logger = logging.getLogger("pydicom")  # its child loggers (pixels.decoders.base, ...) inherit the level
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield caught
     finally:
-        logger.disabled = disabled
+        logger.setLevel(level)
 
 
 def choose_order(headers: Sequence[SliceHeader], folder: Path) -> SeriesOrder:

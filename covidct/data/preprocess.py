@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,14 +47,26 @@ def parse_windows(spec: Sequence[str | Mapping[str, float]], key: str = "data.wi
                 )
             windows.append(Window(*PRESET_WINDOWS[item]))
         elif isinstance(item, Mapping) and set(item) == {"level", "width"}:
-            if float(item["width"]) <= 0:
+            level, width = _hu(item["level"], f"{key}[{i}].level"), _hu(item["width"], f"{key}[{i}].width")
+            if width <= 0:
                 raise ConfigError(f"{key}[{i}].width must be > 0 HU, got {item['width']}")
-            windows.append(Window(float(item["level"]), float(item["width"])))
+            windows.append(Window(level, width))
         else:
             raise ConfigError(f"{key}[{i}]={item!r}: expected a preset name or {{level: HU, width: HU}}")
     if not windows:
         raise ConfigError(f"{key} is empty: give at least one window, e.g. [lung]")
     return tuple(windows)
+
+
+def _hu(value: object, key: str) -> float:
+    """A finite number of HU from config, else a ConfigError naming ``key``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number of HU, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
