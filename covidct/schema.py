@@ -11,28 +11,44 @@ dictionaries: Lightning and torch validate their own arguments.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from covidct.data.synthetic.spec import SyntheticSpec
 
-@dataclass
-class SyntheticConfig:
-    """``data.synthetic``: the generated COVID-CT-MD look-alike. A mutable mirror of the frozen
-    ``covidct.data.synthetic.SyntheticSpec`` (a frozen node would refuse overrides); a test keeps
-    the two identical."""
 
-    patients_per_class: list[int] = field(default_factory=lambda: [20, 20, 20])
-    slices_min: int = 32
-    slices_max: int = 48
-    image_size: int = 128
-    labelled_fraction: float = 1.0
-    compressed_fraction: float = 0.3
-    rle_fraction: float = 0.1
-    signed_fraction: float = 0.3
-    seed: int = 0
+def _mutable_mirror(frozen: type, name: str, doc: str) -> type:
+    """A plain (mutable) dataclass with the fields, types and defaults of the ``frozen`` dataclass,
+    tuples turned into lists: OmegaConf refuses overrides on a frozen node and has no tuple type."""
+    hints = get_type_hints(frozen)
+    specs: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(frozen):
+        kind, default = hints[f.name], f.default
+        if default is dataclasses.MISSING:
+            raise TypeError(f"{frozen.__name__}.{f.name}: give it a plain default to mirror it in the schema")
+        if get_origin(kind) is tuple:
+            items = {a for a in get_args(kind) if a is not Ellipsis}
+            kind = list[items.pop() if len(items) == 1 else Any]
+            specs.append((f.name, kind, field(default_factory=partial(list, default))))
+        else:
+            specs.append((f.name, kind, field(default=default)))
+    mirror = dataclasses.make_dataclass(name, specs)
+    mirror.__module__, mirror.__doc__ = __name__, doc
+    return mirror
+
+
+SyntheticConfig = _mutable_mirror(
+    SyntheticSpec,
+    "SyntheticConfig",
+    """``data.synthetic``: the generated COVID-CT-MD look-alike. Made from the frozen
+    ``covidct.data.synthetic.SyntheticSpec`` (fields, types, defaults; tuples as lists), which
+    checks the values when the data module builds it.""",
+)
 
 
 @dataclass

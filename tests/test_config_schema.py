@@ -157,12 +157,24 @@ def test_gpu_trainer_config_is_ready_for_a_gpu(tmp_path):
     assert cfg.data.num_workers is None and cfg.data.pin_memory is None  # auto: decided by the data module
 
 
-def test_synthetic_schema_mirrors_the_generator_spec():
-    """SyntheticConfig (mutable, for overrides) must not drift from the frozen SyntheticSpec it feeds."""
-    from dataclasses import asdict
+def test_synthetic_schema_is_made_from_the_generator_spec_and_the_yaml_agrees(tmp_path):
+    """``data.synthetic`` is typed by a schema made from the frozen SyntheticSpec it feeds: the same keys
+    and defaults (tuples as lists), conf/data/synthetic.yaml sets the same values, overrides and type
+    errors work on every key, and the composed node builds the spec."""
+    from dataclasses import asdict, fields
 
     from covidct.data.synthetic import SyntheticSpec
     from covidct.schema import SyntheticConfig
 
-    config, spec = asdict(SyntheticConfig()), asdict(SyntheticSpec())
-    assert config == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+    spec = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(SyntheticSpec()).items()}
+    assert asdict(SyntheticConfig()) == spec
+    cfg = compose_train(tmp_path, [])
+    assert OmegaConf.get_type(cfg.data.synthetic) is SyntheticConfig
+    assert OmegaConf.to_container(cfg.data.synthetic) == spec  # the YAML repeats the spec's defaults
+    assert SyntheticSpec(**OmegaConf.to_container(cfg.data.synthetic)) == SyntheticSpec()
+    cfg = compose_train(tmp_path, ["data.synthetic.patients_per_class=[2,2,2]", "data.synthetic.seed=3"])
+    built = SyntheticSpec(**OmegaConf.to_container(cfg.data.synthetic))
+    assert (built.patients_per_class, built.seed) == ((2, 2, 2), 3)
+    for f in fields(SyntheticSpec):
+        assert f"data.synthetic.{f.name}" in composition_error(tmp_path, [f"data.synthetic.{f.name}=abc"])
+    assert "data.synthetic.slice_min" in composition_error(tmp_path, ["data.synthetic.slice_min=8"])  # a typo

@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 
 #: Class folder names, matched case-insensitively after collapsing spaces/underscores.
 _CLASS_FOLDER = re.compile(r"^(covid-?19|cap|normal)([ _-]+(subjects|cases))?$", re.IGNORECASE)
+#: Class word (a class folder's first word, or Index.csv's Diagnosis), lower case -> class index.
 _CLASS_OF_WORD = {"covid-19": 0, "covid19": 0, "cap": 1, "normal": 2}
-_DIAGNOSIS = {"covid-19": 0, "covid19": 0, "cap": 1, "normal": 2}
+
+INDEX_FILE = "Index.csv"
+#: Index.csv's columns, as in the real file; rows are matched by "Folder/ID", never by "Label Index".
+INDEX_COLUMNS = ("Label Index", "Diagnosis", "Relative Path", "Folder/ID")
+_DIAGNOSIS_COLUMN, _ID_COLUMN = INDEX_COLUMNS[1], INDEX_COLUMNS[3]
 
 #: Label files in order of preference (the authors' Sep 2021 correction first).
 SLICE_LABEL_FILES = ("Slice-level-labels-updated-1.npy", "Slice-level-labels.npy")
@@ -66,21 +71,33 @@ def find_label_file(root: Path, name: str | None = None) -> Path | None:
     return next((root / n for n in SLICE_LABEL_FILES if (root / n).is_file()), None)
 
 
+def read_index(root: Path) -> list[dict[str, str]] | None:
+    """The data rows of ``root/Index.csv`` as dicts keyed by its header, in file order; None when absent."""
+    index_path = root / INDEX_FILE
+    if not index_path.is_file():
+        return None
+    with index_path.open(newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
 def read_slice_labels(root: Path, label_file: str | None = None) -> dict[str, np.ndarray]:
     """Map patient id -> int8 (200,) slice labels from Index.csv + the label array.
 
     Returns an empty dict when the dataset ships no label files.
     """
+    return _slice_labels(root, label_file, read_index(root))
+
+
+def _slice_labels(root: Path, label_file: str | None, rows: list[dict[str, str]] | None) -> dict[str, np.ndarray]:
+    """:func:`read_slice_labels` given Index.csv's ``rows`` (None: no Index.csv)."""
     array_path = find_label_file(root, label_file)
-    index_path = root / "Index.csv"
+    index_path = root / INDEX_FILE
     if array_path is None:
         return {}
-    if not index_path.is_file():
+    if rows is None:
         raise DataError(f"{index_path}: missing; it is needed to map rows of {array_path.name} to patients.")
-    with index_path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if rows and "Folder/ID" not in rows[0]:
-        raise DataError(f"{index_path}: no 'Folder/ID' column (header: {list(rows[0])}).")
+    if rows and _ID_COLUMN not in rows[0]:
+        raise DataError(f"{index_path}: no {_ID_COLUMN!r} column (header: {list(rows[0])}).")
     labels = np.load(array_path)
     if labels.ndim != 2 or labels.shape[0] != len(rows):
         raise DataError(
@@ -89,20 +106,16 @@ def read_slice_labels(root: Path, label_file: str | None = None) -> dict[str, np
         )
     if not np.isin(labels, (0, 1)).all():
         raise DataError(f"{array_path}: slice labels must be 0 or 1.")
-    return {row["Folder/ID"].strip(): labels[r].astype(np.int8) for r, row in enumerate(rows)}
+    return {row[_ID_COLUMN].strip(): labels[r].astype(np.int8) for r, row in enumerate(rows)}
 
 
-def _diagnoses(root: Path) -> dict[str, int]:
+def _diagnoses(rows: list[dict[str, str]] | None) -> dict[str, int]:
     """Patient id -> class from Index.csv's Diagnosis column (to cross-check folders)."""
-    index_path = root / "Index.csv"
-    if not index_path.is_file():
-        return {}
-    with index_path.open(newline="", encoding="utf-8-sig") as f:
-        return {
-            row["Folder/ID"].strip(): _DIAGNOSIS[row["Diagnosis"].strip().lower()]
-            for row in csv.DictReader(f)
-            if row.get("Diagnosis", "").strip().lower() in _DIAGNOSIS
-        }
+    return {
+        row[_ID_COLUMN].strip(): _CLASS_OF_WORD[row[_DIAGNOSIS_COLUMN].strip().lower()]
+        for row in rows or ()
+        if row.get(_DIAGNOSIS_COLUMN, "").strip().lower() in _CLASS_OF_WORD
+    }
 
 
 def discover_covid_ct_md(
@@ -123,8 +136,9 @@ def discover_covid_ct_md(
             f"{root}: no class folders found. Expected folders such as 'COVID-19 subjects', 'Cap subjects', "
             "'Normal subjects' (or '... Cases'), each holding one folder per patient."
         )
-    slice_labels = read_slice_labels(root, label_file)
-    diagnoses = _diagnoses(root)
+    index_rows = read_index(root)  # read once: slice label rows and the diagnoses to cross-check
+    slice_labels = _slice_labels(root, label_file, index_rows)
+    diagnoses = _diagnoses(index_rows)
     patients: list[PatientFolder] = []
     seen: dict[str, Path] = {}
     for label, class_dir in sorted(class_dirs, key=lambda cd: (cd[0], cd[1].name)):

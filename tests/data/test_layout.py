@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -87,4 +89,32 @@ def test_alias_folders_and_label_array_row_mismatch(tmp_path):
     np.save(tmp_path / "Slice-level-labels.npy", np.zeros((1, 200), dtype=np.int32))
     (tmp_path / "Index.csv").write_text("Label Index,Diagnosis,Relative Path,Folder/ID\n0,CAP,./CAP/,P7\n")
     with pytest.raises(DataError, match="Index.csv says CAP"):
+        discover_covid_ct_md(tmp_path)
+
+
+def test_discovery_reads_index_csv_once_for_labels_and_diagnoses(tmp_path, monkeypatch):
+    hu = np.full((8, 8), -800, dtype=np.int16)
+    for cls, pid in [("COVID-19 subjects", "P1"), ("Cap subjects", "c1"), ("Normal subjects", "n1")]:
+        write_ct_slice(tmp_path / cls / pid / "a.dcm", hu, slice_location=0.0)
+    (tmp_path / "Index.csv").write_text(
+        "Label Index,Diagnosis,Relative Path,Folder/ID\n0,COVID-19,./COVID-19/,P1\n2,CAP,./CAP/,c1\n"
+    )
+    labels = np.zeros((2, 200), dtype=np.int32)
+    labels[1, 3] = 1
+    np.save(tmp_path / "Slice-level-labels.npy", labels)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self, *args, **kwargs):
+        opened.append(self.name)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    patients = {p.patient_id: p for p in discover_covid_ct_md(tmp_path)}
+    assert opened.count("Index.csv") == 1
+    assert patients["c1"].slice_labels.tolist()[:5] == [0, 0, 0, 1, 0] and patients["n1"].slice_labels is None
+    (tmp_path / "Index.csv").write_text(
+        "Label Index,Diagnosis,Relative Path,Folder/ID\n0,Normal,./N/,P1\n1,CAP,./CAP/,c1\n"
+    )
+    with pytest.raises(DataError, match="Index.csv says Normal"):  # the same rows cross-check the folders
         discover_covid_ct_md(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 
 from covidct import CLASS_NAMES
-from covidct.data import synthetic
+from covidct.data.layout import class_of_folder
 from covidct.data.synthetic import (
     CLASS_FOLDERS,
     COMPLETE_MARKER,
@@ -26,6 +26,7 @@ from covidct.data.synthetic import (
     plan_patients,
     spec_hash,
 )
+from covidct.data.synthetic import dataset as generation  # where ensure_dataset looks up generate_dataset
 from covidct.errors import ConfigError, DataError
 
 SPEC = SyntheticSpec(
@@ -76,6 +77,7 @@ def test_layout_matches_covid_ct_md(dataset: Path) -> None:
     assert "SYNTHETIC" in (dataset / "README.txt").read_text()
     assert "seed = 1" in (dataset / "README.txt").read_text()
     assert (dataset / COMPLETE_MARKER).is_file()
+    assert [class_of_folder(name) for name in CLASS_FOLDERS] == [0, 1, 2], "the reader's class folders"
 
 
 def test_index_csv_lists_labelled_patients_and_skips_one_label_index(dataset: Path) -> None:
@@ -252,7 +254,7 @@ def test_ensure_dataset_generates_once_then_reuses(tmp_path: Path, monkeypatch: 
     def fail(*args: object) -> None:
         raise AssertionError("generated again")
 
-    monkeypatch.setattr(synthetic, "generate_dataset", fail)
+    monkeypatch.setattr(generation, "generate_dataset", fail)
     assert ensure_dataset(tmp_path, TINY) == root
     assert (root / COMPLETE_MARKER).stat().st_mtime_ns == mtime
     assert spec_hash(replace(TINY, seed=6)) != spec_hash(TINY)
@@ -275,7 +277,7 @@ def test_ensure_dataset_loser_of_a_race_uses_the_winners_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / f"synthetic-{spec_hash(TINY)}"
-    real_generate = synthetic.generate_dataset
+    real_generate = generation.generate_dataset
 
     def generate_while_another_caller_finishes_first(target: Path, spec: SyntheticSpec) -> Path:
         real_generate(target, spec)
@@ -283,7 +285,7 @@ def test_ensure_dataset_loser_of_a_race_uses_the_winners_copy(
         (root / "winner").write_text("")
         return target
 
-    monkeypatch.setattr(synthetic, "generate_dataset", generate_while_another_caller_finishes_first)
+    monkeypatch.setattr(generation, "generate_dataset", generate_while_another_caller_finishes_first)
     assert ensure_dataset(tmp_path, TINY) == root
     assert (root / "winner").is_file() and (root / COMPLETE_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == [root.name], "the loser's copy is discarded"

@@ -1,0 +1,76 @@
+"""What to generate: the validated :class:`SyntheticSpec`, its hash and the generator's version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from covidct.errors import ConfigError
+
+GENERATOR_VERSION = 2
+"""Bump when the generator's output changes: it is part of the cache folder name."""
+
+MAX_SLICES = 200
+"""Columns of the slice label array (as in the real dataset)."""
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate. Config keys are ``data.synthetic.<field>``.
+
+    patients_per_class: patients of COVID-19, CAP, Normal.
+    slices_min, slices_max: slices per patient, uniform in [min, max], max <= 200.
+    image_size: Rows = Columns in pixels (512 in the real data).
+    labelled_fraction: fraction of COVID-19 / CAP patients (the first ones, as in the real data) that
+        have a row in Index.csv and the label array.
+    compressed_fraction: fraction of patients stored JPEG Lossless SV1 (unsigned 12-bit).
+    rle_fraction: fraction of the other patients stored RLE Lossless.
+    signed_fraction: fraction of the other patients stored signed 16-bit instead of unsigned 12-bit.
+    seed: the seed everything derives from.
+    """
+
+    patients_per_class: tuple[int, int, int] = (20, 20, 20)
+    slices_min: int = 32
+    slices_max: int = 48
+    image_size: int = 128
+    labelled_fraction: float = 1.0
+    compressed_fraction: float = 0.3
+    rle_fraction: float = 0.1
+    signed_fraction: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        counts = tuple(self.patients_per_class)
+        if len(counts) != 3 or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            _bad("patients_per_class", counts, "give 3 counts >= 0 (COVID-19, CAP, Normal), e.g. [20,20,20]")
+        object.__setattr__(self, "patients_per_class", counts)
+        _check_int(self, "slices_min", 4, MAX_SLICES, "lungs and a lesion run need at least 4 slices")
+        _check_int(self, "slices_max", 4, MAX_SLICES, f"the label array has {MAX_SLICES} columns")
+        if self.slices_min > self.slices_max:
+            _bad("slices_min", self.slices_min, f"it must be <= data.synthetic.slices_max={self.slices_max}")
+        _check_int(self, "image_size", 32, None, "use at least 32 pixels (the real data has 512)")
+        _check_int(self, "seed", 0, None, "use an integer >= 0")
+        for name in ("labelled_fraction", "compressed_fraction", "rle_fraction", "signed_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                _bad(name, value, "use a fraction between 0 and 1")
+            object.__setattr__(self, name, float(value))  # 1 and 1.0: the same spec, the same hash
+
+
+def _bad(name: str, value: object, what_to_do: str) -> None:
+    raise ConfigError(f"data.synthetic.{name}={value!r} is invalid: {what_to_do}.")
+
+
+def _check_int(spec: SyntheticSpec, name: str, low: int, high: int | None, why: str) -> None:
+    value = getattr(spec, name)
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        _bad(name, value, f"set it to an integer {bounds}; {why}")
+
+
+def spec_hash(spec: SyntheticSpec) -> str:
+    """Short hex digest of the spec and GENERATOR_VERSION (names the cache folder)."""
+    payload = json.dumps({**asdict(spec), "generator_version": GENERATOR_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
