@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision pair known to import together here (CPU or CUDA machines alike)
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
-export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
 .PHONY: install test test-fast lint train predict-demo bench bench-predict clean
@@ -21,8 +20,9 @@ test:  ## the whole suite, slow end-to-end tests included (what CI runs)
 test-fast:  ## unit tests only
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint:
+lint:  ## ruff's lint rules and its formatting (ruff format . fixes the latter)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 train:  ## the default CPU demo on the embedded synthetic data
 	$(BIN)/python train.py
@@ -33,7 +33,7 @@ predict-demo:  ## predict the synthetic patients with the newest checkpoint of `
 
 SAMPLE ?= ../shared/data/covid-ct-md-sample
 bench-predict:  ## seconds per 150-slice patient and overhead over a bare forward (VGG16, 224 px)
-	$(BIN)/python -m covidct.bench_predict --input $(SAMPLE) --backbone vgg16 --image-size 224
+	$(BIN)/python -m covidct.bench_predict input=$(SAMPLE) backbone=vgg16 image_size=224 $(ARGS)
 
 clean:  ## run outputs and caches (generated data too); keeps the venv
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache

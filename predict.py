@@ -8,16 +8,13 @@ per-slice CSV per test set, and prediction.json recording the checkpoint and set
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from covidct.config import register_resolvers  # noqa: E402
-from covidct.errors import CovidCTError  # noqa: E402
+from covidct.config import register_resolvers
+from covidct.errors import CovidCTError
 
 log = logging.getLogger("predict")
 register_resolvers()
@@ -27,6 +24,11 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     from covidct.inference import run_prediction
 
+    missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        log.error("%s not set: python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt "
+                  "input=<patient folder | test set | folder of test sets>", " and ".join(missing))
+        sys.exit(1)
     try:
         outputs = run_prediction(cfg)
     except CovidCTError as exc:

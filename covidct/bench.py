@@ -14,6 +14,9 @@ is shared and noisy: only ratios measured side by side mean anything) and report
 
 Data rows use the synthetic generator at real size (512 x 512, JPEG Lossless); rows marked "real"
 use the 3-patient COVID-CT-MD sample. Results: a table on stdout and ``<run dir>/bench.json``.
+
+Importing this module only defines things: each row imports the libraries it needs, and the process
+setup (environment, resolvers) happens in :func:`main`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,33 +35,28 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import hydra  # noqa: E402
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from covidct.errors import ConfigError, CovidCTError
+from covidct.io import atomic_write_text
+from covidct.text_table import format_table
 
-from covidct.config import register_resolvers  # noqa: E402
-from covidct.data.cache import build_or_load_cache  # noqa: E402
-from covidct.data.datamodule import CTDataModule, SliceDataset, to_model_input  # noqa: E402
-from covidct.data.dicom import list_files, to_hounsfield  # noqa: E402
-from covidct.data.layout import PatientFolder, discover_covid_ct_md  # noqa: E402
-from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows  # noqa: E402
-from covidct.data.synthetic import SyntheticSpec, ensure_dataset  # noqa: E402
-from covidct.errors import ConfigError  # noqa: E402
-from covidct.io import atomic_write_text  # noqa: E402
+if TYPE_CHECKING:
+    import albumentations as A
+    import torch
+    from torch.utils.data import Dataset
+
+    from covidct.data.datamodule import CTDataModule
+    from covidct.data.layout import PatientFolder
+    from covidct.data.preprocess import SlicePreprocessor
+    from covidct.models.classifier import SliceClassifier
 
 log = logging.getLogger("bench")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+BENCH_ROWS = ("loader", "cache_build", "framework", "memory", "inference")
 
 
 @dataclass
@@ -87,17 +86,22 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def training_augmentation() -> A.Compose:
     """The default training augmentation, instantiated from ``conf/data/synthetic.yaml``."""
+    import albumentations as A
+    from hydra.utils import instantiate
+
     transforms = OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml").train_transforms
     return A.Compose([instantiate(t) for t in transforms])
 
 
 def slice_files(patients: list[PatientFolder]) -> list[Path]:
+    from covidct.data.dicom import list_files
+
     return [f for p in patients for f in list_files(p.folder)]
 
 
 # ---- row 1: loaders ---------------------------------------------------------------------------
-class DicomSlices(Dataset):
-    """Decode a DICOM file every time: HU -> windows -> resize -> augmentation."""
+class DicomSlices:
+    """Decode a DICOM file every time: HU -> windows -> resize -> augmentation (a map-style dataset)."""
 
     def __init__(self, files: list[Path], pre: SlicePreprocessor, transform: A.Compose) -> None:
         self.files, self.pre, self.transform = files, pre, transform
@@ -106,11 +110,17 @@ class DicomSlices(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        import pydicom
+
+        from covidct.data.datamodule import to_model_input
+        from covidct.data.dicom import to_hounsfield
+        from covidct.data.preprocess import one_thread_per_worker
+
         one_thread_per_worker()
         return to_model_input(self.pre(to_hounsfield(pydicom.dcmread(self.files[i]))), self.transform)
 
 
-class JpegSlices(Dataset):
+class JpegSlices:
     """The paper's route: 8-bit lung-window JPEG files (made once), decoded every time, resized, augmented."""
 
     def __init__(self, files: list[Path], image_size: int, transform: A.Compose) -> None:
@@ -120,6 +130,13 @@ class JpegSlices(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        import cv2
+        import numpy as np
+        from PIL import Image
+
+        from covidct.data.datamodule import to_model_input
+        from covidct.data.preprocess import one_thread_per_worker
+
         one_thread_per_worker()
         with Image.open(self.files[i]) as im:
             image = np.asarray(im)
@@ -129,6 +146,11 @@ class JpegSlices(Dataset):
 
 def convert_to_jpeg(files: list[Path], pre: SlicePreprocessor, out_dir: Path) -> list[Path]:
     """DICOM -> full-size lung-window JPEG (quality 95), as the paper prepared its data."""
+    import pydicom
+    from PIL import Image
+
+    from covidct.data.dicom import to_hounsfield
+
     out_dir.mkdir(parents=True, exist_ok=True)
     window = pre.windows[0]
     jpegs = []
@@ -141,6 +163,8 @@ def convert_to_jpeg(files: list[Path], pre: SlicePreprocessor, out_dir: Path) ->
 
 def loader_throughput(dataset: Dataset, batch_size: int, workers: int) -> float:
     """Slices/s of the second epoch through a DataLoader (the first one starts the workers)."""
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0)
     for _ in loader:
@@ -151,6 +175,11 @@ def loader_throughput(dataset: Dataset, batch_size: int, workers: int) -> float:
 
 def measure_loaders(patients: list[PatientFolder], pre: SlicePreprocessor, cfg: DictConfig, work: Path,
                     data: str, with_jpeg: bool) -> list[Row]:
+    import numpy as np
+
+    from covidct.data.cache import build_or_load_cache
+    from covidct.data.datamodule import SliceDataset
+
     cache = build_or_load_cache(patients, pre, work / "cache", workers=cfg.cache_build.workers)
     n = len(cache.patient)
     transform = training_augmentation()
@@ -175,6 +204,10 @@ def measure_cache_build(patients: list[PatientFolder], pre: SlicePreprocessor, w
                         data: str, repeats: int = 1) -> list[Row]:
     """Slices/s of a cache build with 1 process vs raw decoding (alternating ``repeats`` times, the best
     of each counts), then with ``workers`` processes."""
+    import pydicom
+
+    from covidct.data.cache import build_or_load_cache
+
     files = slice_files(patients)
 
     def decode() -> float:
@@ -213,6 +246,8 @@ def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
 
 def hand_loop_epochs(dm: CTDataModule, cfg: DictConfig) -> float:
     """The same work written by hand: train steps (forward, focal loss, backward, step) + validation forward."""
+    import torch
+
     model = new_model(dm, cfg)
 
     def run() -> None:
@@ -233,17 +268,21 @@ def hand_loop_epochs(dm: CTDataModule, cfg: DictConfig) -> float:
     return timed(run)
 
 
-def new_model(dm: CTDataModule, cfg: DictConfig):
+def new_model(dm: CTDataModule, cfg: DictConfig) -> SliceClassifier:
     from functools import partial
+
+    import torch
 
     from covidct.models.classifier import SliceClassifier
 
     torch.manual_seed(0)
-    return SliceClassifier(backbone=cfg.backbone, in_channels=dm.num_channels, class_counts=dm.train_class_counts,
+    return SliceClassifier(backbone=cfg.backbone, in_channels=dm.num_channels,
                            optimizer=partial(torch.optim.Adam, lr=3e-4))
 
 
 def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> list[Row]:
+    from covidct.data.datamodule import CTDataModule
+
     dm = CTDataModule(root=str(root), cache_dir=str(work / "cache"), image_size=cfg.image_size, batch_size=32,
                       val_fraction=0.3, num_workers=0, train_transforms=None, seed=0)
     dm.prepare_data()
@@ -259,7 +298,7 @@ def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> lis
         if not i % 2:
             hand.append(hand_loop_epochs(dm, cfg))
     ratios = sorted(a / b for a, b in zip(lightning, hand, strict=True))
-    median_ratio = ratios[len(ratios) // 2]  # of the pairs (odd repeats: the middle pair)
+    median_ratio = statistics.median_high(ratios)  # a measured pair's ratio (odd repeats: the middle pair)
     slices = cfg.epochs * (len(dm.train_rows) + len(dm.val_rows))
     hand_ms = min(hand) / slices * 1000
     log.info("framework pairs (Lightning/hand): %s", ", ".join(f"{r:.3f}" for r in ratios))
@@ -281,6 +320,7 @@ def memory_child(overrides: list[str]) -> None:
     """Run one training from the train config with ``overrides`` (in a fresh process)."""
     from hydra import compose, initialize_config_dir
 
+    from covidct.config import register_resolvers
     from covidct.training import train
 
     register_resolvers()
@@ -290,6 +330,11 @@ def memory_child(overrides: list[str]) -> None:
 
 
 def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
+    from covidct.data.cache import build_or_load_cache
+    from covidct.data.layout import discover_covid_ct_md
+    from covidct.data.preprocess import SlicePreprocessor, parse_windows
+    from covidct.data.synthetic import SyntheticSpec, ensure_dataset
+
     peaks, sizes = [], []
     for factor in (1, 10):
         spec = SyntheticSpec(patients_per_class=(cfg.patients_per_class * factor,) * 3, slices_min=cfg.slices,
@@ -322,6 +367,7 @@ def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
 def measure_inference(sample: Path, cfg: DictConfig) -> list[Row]:
     """predict.py on the first ``cfg.patients`` patients of the sample (each a patient folder)."""
     from covidct.bench_predict import measure_predict
+    from covidct.data.layout import discover_covid_ct_md
 
     folders = [p.folder for p in discover_covid_ct_md(sample)[: cfg.patients]]
     results = [measure_predict(f, cfg.backbone, cfg.image_size, 32, cfg.num_workers, cfg.repeats) for f in folders]
@@ -340,11 +386,12 @@ def format_rows(rows: list[Row]) -> str:
          "" if r.ok is None else ("yes" if r.ok else "NO")]
         for r in rows
     ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip() for c in cells)
+    return format_table(cells[0], cells[1:])
 
 
 def environment() -> dict[str, Any]:
+    import torch
+
     return {
         "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
@@ -353,22 +400,42 @@ def environment() -> dict[str, Any]:
     }
 
 
-BENCH_ROWS = ("loader", "cache_build", "framework", "memory", "inference")
-
-
 def row_key(step_name: str) -> str:
     """``"cache build (real)"`` -> ``"cache_build"`` (the name ``bench.rows`` uses)."""
     return step_name.removesuffix(" (real)").replace(" ", "_")
 
 
+def check_bench(cfg: DictConfig) -> None:
+    """Fail before any data is made, naming the key, on the values only the bench reads."""
+    from covidct.bench_predict import check_backbone
+
+    rows = cfg.rows
+    if not OmegaConf.is_list(rows):
+        raise ConfigError(f"bench.rows={rows!r} must be a list, e.g. bench.rows=[framework]")
+    unknown = set(rows) - set(BENCH_ROWS)
+    if unknown:
+        raise ConfigError(f"bench.rows has unknown rows {sorted(unknown)}; choose from {list(BENCH_ROWS)}")
+    scale = cfg.scale
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ConfigError(f"bench.scale={scale!r} must be a whole number >= 1")
+    for row in ("framework", "inference"):
+        if row in rows:
+            check_backbone(f"bench.{row}.backbone", cfg[row].backbone)
+
+
 def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
     """All rows for ``cfg`` (the ``bench`` node); writes ``bench.json`` into ``output_dir``."""
-    scale = int(cfg.scale)
+    from covidct.data.layout import discover_covid_ct_md
+    from covidct.data.preprocess import SlicePreprocessor, parse_windows
+    from covidct.data.synthetic import SyntheticSpec, ensure_dataset
+
+    check_bench(cfg)
+    scale = cfg.scale
     cache_dir = Path(cfg.cache_dir)
-    work = Path(tempfile.mkdtemp(prefix="covidct-bench-"))
-    pre = SlicePreprocessor(parse_windows(list(cfg.windows)), cfg.image_size)
+    pre = SlicePreprocessor(parse_windows(list(cfg.windows), key="bench.windows"), cfg.image_size)
     spec = SyntheticSpec(patients_per_class=(cfg.data.patients_per_class * scale,) * 3, slices_min=cfg.data.slices,
                          slices_max=cfg.data.slices, image_size=512, compressed_fraction=1.0, seed=0)
+    work = Path(tempfile.mkdtemp(prefix="covidct-bench-"))
     started = time.perf_counter()
     rows: list[Row] = []
     try:
@@ -398,9 +465,6 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
         ]
         if (sample / "Index.csv").is_file():
             steps.append(("inference", lambda: measure_inference(sample, cfg.inference)))
-        unknown = set(cfg.rows) - set(BENCH_ROWS)
-        if unknown:
-            raise ConfigError(f"bench.rows has unknown rows {sorted(unknown)}; choose from {list(BENCH_ROWS)}")
         steps = [(name, step) for name, step in steps if row_key(name) in cfg.rows]
         for name, step in steps:
             log.info("Measuring %s ...", name)
@@ -415,18 +479,28 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
     return rows
 
 
-register_resolvers()
-
-
+# ---- command line -------------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
-def main(cfg: DictConfig) -> None:
+def bench_app(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
-    rows = run_bench(cfg.bench, output_dir)
+    try:
+        rows = run_bench(cfg.bench, output_dir)
+    except CovidCTError as exc:
+        log.error("%s", exc)
+        sys.exit(1)  # noqa: B904 (the message names the key; no traceback for user errors)
     env = environment()
     print(f"covidct bench on {env['cpus']} CPUs ({env['torch_threads']} torch threads), GPU: {env['gpu']}; "
           f"A/B measured side by side in this run")
     print(format_rows(rows))
     print(f"figures: {output_dir / 'bench.json'}")
+
+
+def main() -> None:
+    """``python -m covidct.bench [key=value ...]``: process setup (here, not at import), then Hydra."""
+    from covidct.config import register_resolvers
+
+    register_resolvers()  # ${run_suffix:} names the run folder
+    bench_app()
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
     """Model and settings from a Lightning checkpoint, loaded weights-only (no arbitrary pickle)."""
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
+    hp.pop("loss", None)  # what the training loss was (recorded for the reader); not needed to predict
+    hp.pop("class_counts", None)  # older checkpoints
     pre = hp.pop("preprocessing")
     hp["pretrained"] = False  # the checkpoint brings the trained weights
     model = SliceClassifier(**hp)

@@ -1,6 +1,7 @@
 """Slice-level losses: multi-class focal loss (Lin et al., RetinaNet) and plain cross-entropy.
 
-Focal loss on softmax probabilities::
+Both are built by Hydra from ``conf/loss/*.yaml`` as partial constructors (``_partial_: true``); the
+model completes them with ``num_classes`` and ``ignore_index``. Focal loss on softmax probabilities::
 
     FL(p_t) = -alpha_t * (1 - p_t) ** gamma * log(p_t)
 
@@ -20,8 +21,6 @@ from torch import nn
 
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError
-
-LOSS_NAMES: tuple[str, ...] = ("focal", "ce")
 
 AlphaSpec = None | float | Sequence[float] | str
 
@@ -133,10 +132,12 @@ class FocalLoss(nn.Module):
         gamma: focusing parameter >= 0 (0 = cross-entropy).
         alpha: ``None`` = no class weighting; one number = the same weight for every class, i.e. it
             only scales the loss (as in RetinaNet's multi-class use); a sequence = one weight per class,
-            ``alpha_t = alpha[target]``. ``"auto"`` must be resolved first with :func:`resolve_alpha`.
+            ``alpha_t = alpha[target]``; ``"auto"`` = inverse class frequency of the training slices,
+            resolved by :meth:`fit_class_counts` (the model calls it in ``setup`` with the data's counts).
         num_classes: number of classes C.
         ignore_index: targets with this value contribute nothing.
 
+    Every value is checked here, when the config is instantiated (before any data is read).
     ``alpha`` is a non-persistent buffer: it follows ``.to(device)`` but is not saved in checkpoints,
     so a checkpoint loads whatever the loss config is.
     """
@@ -146,7 +147,7 @@ class FocalLoss(nn.Module):
     def __init__(
         self,
         gamma: float = 2.0,
-        alpha: None | float | Sequence[float] = None,
+        alpha: AlphaSpec = None,
         num_classes: int = 3,
         ignore_index: int = -100,
     ) -> None:
@@ -154,17 +155,30 @@ class FocalLoss(nn.Module):
         self.gamma = validate_gamma(gamma)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
-        resolved = resolve_alpha(alpha, None, self.num_classes)
+        self.auto_alpha = isinstance(alpha, str) and alpha.strip().lower() == "auto"
+        self.register_buffer("alpha", None if self.auto_alpha else self._weights(alpha, None), persistent=False)
+        self.alpha_setting = "auto" if self.auto_alpha else resolve_alpha(alpha, None, self.num_classes)
+
+    def settings(self) -> dict[str, object]:
+        """What this loss was configured with, as plain data (saved in the model's checkpoint)."""
+        return {"_target_": "covidct.losses.FocalLoss", "gamma": self.gamma, "alpha": self.alpha_setting}
+
+    def _weights(self, alpha: AlphaSpec, class_counts: Sequence[int] | None) -> torch.Tensor | None:
+        resolved = resolve_alpha(alpha, class_counts, self.num_classes)
         if resolved is None:
-            weights = None
-        elif isinstance(resolved, float):
-            weights = torch.full((self.num_classes,), resolved, dtype=torch.float32)
-        else:
-            weights = torch.tensor(resolved, dtype=torch.float32)
-        self.register_buffer("alpha", weights, persistent=False)
+            return None
+        if isinstance(resolved, float):
+            return torch.full((self.num_classes,), resolved, dtype=torch.float32)
+        return torch.tensor(resolved, dtype=torch.float32)
+
+    def fit_class_counts(self, class_counts: Sequence[int]) -> None:
+        """With ``alpha="auto"``: set alpha from the training slices per class (C,) int; else nothing."""
+        if self.auto_alpha:
+            self.alpha = self._weights("auto", class_counts)
 
     def extra_repr(self) -> str:
-        alpha = None if self.alpha is None else [round(a, 4) for a in self.alpha.tolist()]
+        alpha = "auto (not fitted)" if self.auto_alpha and self.alpha is None else (
+            None if self.alpha is None else [round(a, 4) for a in self.alpha.tolist()])
         return (
             f"gamma={self.gamma}, alpha={alpha}, num_classes={self.num_classes}, "
             f"ignore_index={self.ignore_index}"
@@ -176,6 +190,8 @@ class FocalLoss(nn.Module):
             raise ValueError(f"logits must have shape (B, {self.num_classes}), got {tuple(logits.shape)}")
         if target.shape != logits.shape[:1]:
             raise ValueError(f"target must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
+        if self.auto_alpha and self.alpha is None:
+            raise RuntimeError("loss.alpha=auto is not fitted: call fit_class_counts() with the training counts")
         valid = target != self.ignore_index
         logits, target = logits[valid], target[valid].long()
         if target.numel() == 0:
@@ -192,20 +208,17 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
-def build_loss(
-    name: str,
-    gamma: object = 2.0,
-    alpha: AlphaSpec = None,
-    class_counts: Sequence[int] | None = None,
-    num_classes: int = 3,
-    ignore_index: int = -100,
-) -> nn.Module:
-    """The slice loss for ``loss.name``: ``"focal"`` -> :class:`FocalLoss` (``alpha="auto"`` resolved from
-    ``class_counts``); ``"ce"`` -> plain ``nn.CrossEntropyLoss`` (``gamma`` and ``alpha`` are not used)."""
-    key = str(name).strip().lower()
-    if key == "focal":
-        weights = resolve_alpha(alpha, class_counts, num_classes)
-        return FocalLoss(gamma=gamma, alpha=weights, num_classes=num_classes, ignore_index=ignore_index)
-    if key == "ce":
-        return nn.CrossEntropyLoss(ignore_index=ignore_index)
-    raise ConfigError(f"loss.name must be one of {', '.join(LOSS_NAMES)}, got {name!r}")
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """Plain cross-entropy (``loss=ce``), built like :class:`FocalLoss` so that the model treats every
+    loss alike: ``num_classes`` and ``ignore_index`` from the model, :meth:`fit_class_counts` a no-op."""
+
+    def __init__(self, num_classes: int = 3, ignore_index: int = -100) -> None:
+        super().__init__(ignore_index=int(ignore_index))
+        self.num_classes = int(num_classes)
+
+    def settings(self) -> dict[str, object]:
+        """What this loss was configured with, as plain data (saved in the model's checkpoint)."""
+        return {"_target_": "covidct.losses.CrossEntropyLoss"}
+
+    def fit_class_counts(self, class_counts: Sequence[int]) -> None:
+        """Nothing to fit: cross-entropy has no class weights here."""

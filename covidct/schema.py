@@ -2,11 +2,12 @@
 
 ``conf/train.yaml`` lists it first in its defaults, so every group file and every command-line override
 is merged onto these dataclasses: a wrong type (``data.image_size=abc``) or an unknown key
-(``loss.gama=2``) fails during composition, naming the key, before any data is read. Value ranges
-and choices (``loss.gamma >= 0``, alpha length, ``vote.rule``) are checked by ``covidct.config.check_config``.
+(``loss.gama=2``) fails during composition, naming the key, before any data is read. The schema holds
+types only: every default lives in one YAML file. Value ranges and choices (``loss.gamma >= 0``,
+alpha length, ``vote.rule``) are checked by the constructors the config builds.
 
-Groups whose keys depend on the choice (optimizer, scheduler, trainer, logger, callbacks) stay open
-dictionaries: Lightning and torch validate their own arguments.
+Groups whose keys depend on the choice (loss, optimizer, scheduler, trainer, logger, callbacks) stay
+open dictionaries: their constructors (ours, Lightning's, torch's) check their own arguments.
 """
 
 from __future__ import annotations
@@ -51,60 +52,68 @@ SyntheticConfig = _mutable_mirror(
 )
 
 
+# Every value below is MISSING: the YAML files in conf/ are the one source of every default, and the
+# schema gives only the types. (tests/test_config_schema.py composes every choice of every group.)
+
+
 @dataclass
 class DataConfig:
-    """``data``: arguments of ``covidct.data.datamodule.CTDataModule``."""
+    """``data``: arguments of ``covidct.data.datamodule.CTDataModule`` (defaults: ``conf/data/*.yaml``)."""
 
-    _target_: str = "covidct.data.datamodule.CTDataModule"
-    root: str | None = None
-    synthetic: SyntheticConfig | None = None
+    _target_: str = MISSING
+    root: str | None = MISSING
+    synthetic: SyntheticConfig | None = MISSING
     cache_dir: str = MISSING
     output_dir: str = MISSING
-    windows: list[Any] = field(default_factory=lambda: ["lung"])  # preset names or {level, width} in HU
-    image_size: int = 224
-    label_mode: str = "paper"
-    val_fraction: float = 0.2
-    num_folds: int | None = None
-    fold: int = 0
-    seed: int = 0
-    batch_size: int = 32
-    num_workers: int | None = None  # None = auto
-    pin_memory: bool | None = None  # None = auto
-    prefetch_factor: int = 4
-    balanced_sampler: bool = False
-    cache_workers: int = 1
-    slice_labels_file: str | None = None
-    train_transforms: list[Any] = field(default_factory=list)
+    windows: list[Any] = MISSING  # preset names or {level, width} in HU
+    image_size: int = MISSING
+    label_mode: str = MISSING
+    val_fraction: float = MISSING
+    num_folds: int | None = MISSING
+    fold: int = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+    num_workers: int | None = MISSING  # None = auto
+    pin_memory: bool | None = MISSING  # None = auto
+    prefetch_factor: int = MISSING
+    balanced_sampler: bool = MISSING
+    cache_workers: int = MISSING
+    slice_labels_file: str | None = MISSING
+    train_transforms: list[Any] = MISSING
+
+
+@dataclass
+class PreprocessingConfig:
+    """``model.preprocessing``: the data settings saved in the checkpoint (interpolated from ``data``, ``vote``)."""
+
+    windows: list[Any] = MISSING
+    image_size: int = MISSING
+    label_mode: str = MISSING
+    vote_rule: str = MISSING
 
 
 @dataclass
 class ModelConfig:
-    """``model``: arguments of ``covidct.models.classifier.SliceClassifier`` chosen in the config."""
+    """``model``: arguments of ``covidct.models.classifier.SliceClassifier`` (defaults: ``conf/model/*.yaml``)."""
 
-    _target_: str = "covidct.models.classifier.SliceClassifier"
+    _target_: str = MISSING
     backbone: str = MISSING
-    pretrained: bool = False
-    weights_path: str | None = None
-    channels_last: bool = True
-
-
-@dataclass
-class LossConfig:
-    """``loss``: focal loss; ``alpha`` is null, one number, one weight per class, or ``auto``."""
-
-    name: str = "focal"
-    gamma: float = 2.0
-    alpha: Any = None
+    pretrained: bool = MISSING
+    weights_path: str | None = MISSING
+    channels_last: bool = MISSING
+    in_channels: int = MISSING
+    preprocessing: PreprocessingConfig = MISSING
 
 
 @dataclass
 class VoteConfig:
     """``vote``: the patient rule that drives checkpointing (every rule is scored) and the rules' parameters:
     ``tau`` (infected_fraction; null = tuned on validation patients), ``k`` (topk_mean: slices averaged per
-    class), ``center_slices`` (weighted_center: central slices that count fully)."""
+    class), ``center_slices`` (weighted_center: central slices that count fully). Only the rules that use
+    ``k`` and ``center_slices`` set them in their file; the others take the values here."""
 
-    rule: str = "majority"
-    tau: float | None = None
+    rule: str = MISSING
+    tau: float | None = MISSING
     k: int = 5
     center_slices: int = 40
 
@@ -113,30 +122,30 @@ class VoteConfig:
 class CompileConfig:
     """``compile``: ``torch.compile`` the model for training (``mode``: default | reduce-overhead | max-autotune)."""
 
-    enabled: bool = False
-    backend: str = "inductor"
-    mode: str | None = None
+    enabled: bool = MISSING
+    backend: str = MISSING
+    mode: str | None = MISSING
 
 
 @dataclass
 class TrainConfig:
-    """The whole ``python train.py`` config."""
+    """The whole ``python train.py`` config (defaults: ``conf/train.yaml`` and its groups)."""
 
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
-    loss: LossConfig = MISSING
+    loss: dict[str, Any] = MISSING  # a partial constructor: its keys depend on the choice (focal, ce)
     vote: VoteConfig = MISSING
     optimizer: dict[str, Any] = MISSING
-    scheduler: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = MISSING
     trainer: dict[str, Any] = MISSING
-    logger: dict[str, Any] | None = None
-    callbacks: dict[str, Any] | None = None
+    logger: dict[str, Any] | None = MISSING
+    callbacks: dict[str, Any] | None = MISSING
     paths: dict[str, Any] = MISSING
-    compile: CompileConfig = field(default_factory=CompileConfig)
-    task_name: str = "train"
-    seed: int = 42
-    ckpt_path: str | None = None
-    tags: list[str] = field(default_factory=list)
+    compile: CompileConfig = MISSING
+    task_name: str = MISSING
+    seed: int = MISSING
+    ckpt_path: str | None = MISSING
+    tags: list[str] = MISSING
 
 
 def register_configs() -> None:

@@ -1,9 +1,10 @@
 """After a multirun: one table of every job's overrides and metrics, best first, and a k-fold report.
 
 Each training job writes ``metrics.json`` into its own folder (``write_run_metrics``): its metrics, or
-``{"status": "failed", "error": ...}`` when a user error stopped it. This module reads the sweep
-folder back, so it works the same for every launcher (basic, joblib, submitit) and sweeper (basic,
-Optuna). A job folder without ``metrics.json`` is listed as crashed, never left out.
+``{"status": "failed" | "crashed" | "interrupted", "error": ...}`` when a user error, an exception or
+SIGTERM stopped it. This module reads the sweep folder back, so it works the same for every launcher
+(basic, joblib, submitit) and sweeper (basic, Optuna). A job folder without ``metrics.json`` (a job
+killed outright) is listed as crashed, never left out.
 
 Outputs in the sweep folder (atomic), also printed:
 - ``summary.csv``: one row per job: the overrides that vary across jobs, the metrics, status, folder.
@@ -11,7 +12,8 @@ Outputs in the sweep folder (atomic), also printed:
   one row per combination of the other varying overrides.
 
 Hydra calls :class:`SweepSummaryCallback` at the end of a multirun (``conf/hydra/default.yaml``);
-``python -m covidct.sweep_summary <sweep dir>`` rebuilds the tables by hand.
+``python -m covidct.sweep_summary <sweep dir>`` rebuilds the tables by hand. A sweep with a crashed or
+interrupted job exits 1 once the table is written; failed jobs (bad values) do not change the exit code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from covidct.io import atomic_write_csv, atomic_write_text
+from covidct.text_table import format_table
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+#: job statuses that make a finished multirun exit 1 (``failed``, a user error, does not)
+BROKEN = ("crashed", "interrupted")
 FOLD_KEY = "data.fold"
 #: "score" is the monitored patient accuracy (the configured vote rule's); then the configured rule's
 #: macro F1, then ``<rule>_acc``: the patient accuracy of every vote rule scored on the same logits.
@@ -140,14 +146,12 @@ def fold_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]] |
 
 
 def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+    return statistics.fmean(values) if values else math.nan
 
 
 def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return math.nan
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    """Sample standard deviation (ddof=1); nan for fewer than two values."""
+    return statistics.stdev(values) if len(values) >= 2 else math.nan
 
 
 def _fmt(value: Any) -> Any:
@@ -167,12 +171,15 @@ def _cell(value: Any) -> str:
     return f"{number:.4g}" if len(text) > 8 and math.isfinite(number) else text
 
 
-def format_table(header: list[str], rows: list[list[Any]], skip: tuple[str, ...] = ("dir",)) -> str:
-    """Aligned plain-text table (columns in ``skip`` left out)."""
+def sweep_table(header: list[str], rows: list[list[Any]], skip: tuple[str, ...] = ("dir",)) -> str:
+    """The printed table: columns in ``skip`` left out, long numbers shortened (:func:`_cell`)."""
     keep = [i for i, h in enumerate(header) if h not in skip]
-    cells = [[str(header[i]) for i in keep]] + [[_cell(r[i]) for i in keep] for r in rows]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(keep))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return format_table([header[i] for i in keep], [[_cell(r[i]) for i in keep] for r in rows])
+
+
+def broken_jobs(sweep_dir: str | Path) -> list[str]:
+    """Numbers of the jobs of ``sweep_dir`` that crashed or were interrupted (see :data:`BROKEN`)."""
+    return [j["job"] for j in collect_jobs(Path(sweep_dir)) if j["status"].startswith(BROKEN)]
 
 
 def write_sweep_summary(sweep_dir: str | Path) -> str:
@@ -184,25 +191,36 @@ def write_sweep_summary(sweep_dir: str | Path) -> str:
     header, rows = summary_rows(jobs)
     atomic_write_csv(sweep_dir / "summary.csv", header, rows)
     failed = sum(j["status"] != "ok" for j in jobs)
-    report = [f"Sweep {sweep_dir}: {len(jobs)} jobs, {failed} failed, best first (summary.csv)",
-              format_table(header, rows)]
+    broken = sum(j["status"].startswith(BROKEN) for j in jobs)
+    report = [f"Sweep {sweep_dir}: {len(jobs)} jobs, {failed} failed ({broken} crashed or interrupted), "
+              "best first (summary.csv)", sweep_table(header, rows)]
     folds = fold_rows(jobs)
     if folds is not None:
         atomic_write_csv(sweep_dir / "folds.csv", *folds)
         report += ["", "Cross-validation over data.fold: mean and std (ddof=1) per setting (folds.csv)",
-                   format_table(*folds)]
+                   sweep_table(*folds)]
     return "\n".join(report)
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: writes the sweep summary when a multirun ends (any launcher or sweeper) and
-    prints it on stdout (logs go to stderr)."""
+    """Hydra callback: writes the sweep summary when a ``train`` multirun ends (any launcher or sweeper)
+    and prints it on stdout (logs go to stderr). Then, if a job crashed or was interrupted, the process
+    exits 1: the summary lists every job, and the exit status says that not all of them ran to the end.
+    (It runs in the process that launched the jobs, so this holds for every launcher.)"""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("task_name") != "train":  # only train.py jobs write metrics.json
+            return
+        sweep_dir = config.hydra.sweep.dir
         try:
-            print(write_sweep_summary(config.hydra.sweep.dir), flush=True)
+            print(write_sweep_summary(sweep_dir), flush=True)
+            broken = broken_jobs(sweep_dir)
         except Exception:  # a summary problem must not turn a finished sweep into a failed one
-            log.exception("Could not write the sweep summary for %s", config.hydra.sweep.dir)
+            log.exception("Could not write the sweep summary for %s", sweep_dir)
+            return
+        if broken:
+            log.error("Jobs %s crashed or were interrupted (see summary.csv and their .log files)", ", ".join(broken))
+            raise SystemExit(1)  # Hydra turns an Exception raised in a callback into a warning
 
 
 def main() -> None:

@@ -10,24 +10,28 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
-from covidct.callbacks.patient_vote import PatientVoteCallback
+from covidct import CLASS_NAMES
 from covidct.callbacks.step_seed import StepSeed
-from covidct.checkpoint import read_checkpoint
+from covidct.checkpoint import check_resume_settings, read_checkpoint
 from covidct.config import check_config
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, CovidCTError
 from covidct.sweep_summary import write_run_metrics
 from covidct.voting import VOTE_RULES
 
 log = logging.getLogger(__name__)
+
+#: what a finished run writes into its folder, in the order the summary names them
+RUN_FILES = ("report.html", "metrics.json", "patients.csv", "data_summary.txt", "split.csv")
 
 
 @dataclass
@@ -56,19 +60,35 @@ class TrainResult:
         }
 
     def summary(self, rule: str) -> str:
+        """The end-of-run text: best epoch, every rule's patient accuracy, confusion, files written.
+        Metrics missing (no validation epoch was voted) print as nan; only files that exist are named."""
         m = self.metrics
+        nan = float("nan")
+        if self.best_epoch is None:
+            head = f"No best epoch: no validation epoch was voted in this run (vote={rule})"
+        else:
+            tau = m.get("val/patient/tau")
+            head = (f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}"
+                    + (f" (tau {tau:.3f}, leave-one-patient-out)" if rule == "infected_fraction" and tau is not None
+                       else ""))
+        written = [name for name in RUN_FILES if (self.output_dir / name).is_file()]
         lines = [
-            f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}"
-            + (f" (tau {m['val/patient/tau']:.3f}, leave-one-patient-out)" if rule == "infected_fraction" else ""),
+            head,
             "  same logits, patient accuracy per rule (majority is the paper's): "
-            + " | ".join(f"{r} {m.get(f'val/patient/{r}/acc', float('nan')):.3f}" for r in VOTE_RULES)
-            + f"; patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', float('nan')):.3f}",
+            + " | ".join(f"{r} {m.get(f'val/patient/{r}/acc', nan):.3f}" for r in VOTE_RULES)
+            + f"; patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', nan):.3f}",
             f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
             f"{self.confusion.tolist() if self.confusion is not None else None}",
-            f"  outputs: {self.output_dir} (report.html, metrics.json, patients.csv, data_summary.txt, split.csv)",
-            f"  best checkpoint: {self.best_checkpoint}",
+            f"  outputs: {self.output_dir} ({', '.join(written) or 'none of ' + ', '.join(RUN_FILES)})",
+            f"  best checkpoint: {self.best_checkpoint or 'none'}",
         ]
         return "\n".join(lines)
+
+
+class RunInterrupted(Exception):
+    """SIGTERM (what SLURM, Kubernetes and ``kill`` send) stopped training. ``metrics.json`` says
+    ``interrupted``; ``train.py`` exits 143 (128 + SIGTERM), also in a multirun, which stops: the
+    signal is for the whole process. Not a :class:`CovidCTError`: nothing is wrong with the config."""
 
 
 class LaunchError(ConfigError):
@@ -125,11 +145,56 @@ def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None =
     return loggers
 
 
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising a covidct user error (bad value, missing file) that a
+    constructor raised as itself, instead of wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, CovidCTError):
+            raise exc.__cause__ from None
+        raise
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, instantiated from the config, before any data is read."""
+
+    datamodule: pl.LightningDataModule
+    model: pl.LightningModule
+    callbacks: list[pl.Callback]
+    loggers: list[Logger]
+    trainer: pl.Trainer
+
+
+def build_run(cfg: DictConfig, group: str | None = None, wandb_run_id: str | None = None) -> Run:
+    """Instantiate data, model, callbacks, loggers and trainer. Every constructor checks its own values,
+    so a bad one stops the run here, naming its key, before any data is read."""
+    datamodule = instantiate_checked(cfg.data, _convert_="all")
+    scheduler = cfg.get("scheduler")
+    model = instantiate_checked(
+        cfg.model,
+        _convert_="all",
+        loss=instantiate_checked(cfg.loss),
+        optimizer=instantiate_checked(cfg.optimizer),
+        scheduler=instantiate_checked(scheduler) if scheduler and "_target_" in scheduler else None,
+    )
+    callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(StepSeed(cfg.seed))  # a step's randomness depends on (seed, epoch, step): exact resumes
+    loggers = build_loggers(cfg, group, wandb_run_id)
+    if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)
+    return Run(datamodule, model, callbacks, loggers, trainer)
+
+
 def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     """Fit the configured model on the configured data; returns the best patient-level score.
 
     ``group`` names the W&B group (the sweep folder in a multirun). W&B runs are always finished,
-    even when training fails.
+    even when training fails. The data is read once, by Lightning (``prepare_data`` on one process per
+    node builds the cache; ``setup`` on every process opens it).
     """
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -137,59 +202,55 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     ckpt_path = resume_checkpoint(cfg)
     # read once, weights-only: a tampered or broken file is refused before anything starts
     resumed = read_checkpoint(ckpt_path) if ckpt_path else {}
-    vote = PatientVoteCallback(cfg.vote.rule, cfg.vote.tau, str(output_dir), k=cfg.vote.k,
-                               center_slices=cfg.vote.center_slices)
-    loggers = build_loggers(cfg, group, resumed.get("wandb_run_id"))
+    if resumed:  # another input size, window or backbone: refused before any data is read
+        check_resume_settings(resumed, cfg, ckpt_path)
+    run = build_run(cfg, group, resumed.get("wandb_run_id"))
     del resumed  # Lightning reads it again (weights-only) to restore every state
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += [vote, StepSeed(cfg.seed)]  # a step's randomness depends on (seed, epoch, step): exact resumes
-    if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    check_launch(trainer)  # before any data is read
-    # Every process prepares the data here (the model needs the class counts). Under DDP started by
-    # Lightning, rank 0 has built the caches before it starts the other ranks, which only load them.
-    datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    scheduler = cfg.get("scheduler")
-    model = instantiate(
-        cfg.model,
-        _convert_="all",
-        in_channels=datamodule.num_channels,
-        class_counts=datamodule.train_class_counts,
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(scheduler) if scheduler and "_target_" in scheduler else None,
-        preprocessing={
-            "windows": OmegaConf.to_container(cfg.data.windows, resolve=True),
-            "image_size": cfg.data.image_size,
-            "label_mode": cfg.data.label_mode,
-            "vote_rule": cfg.vote.rule,
-        },
-    )
+    datamodule, model, loggers, trainer = run.datamodule, run.model, run.loggers, run.trainer
     try:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         compile_network(model, cfg.compile)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        has_wandb = any(isinstance(lg, WandbLogger) for lg in loggers)
-        if trainer.is_global_zero and has_wandb and vote.best_votes:
-            log_wandb_tables(loggers, vote, datamodule)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # Lightning ends fit with SystemExit(0) on SIGTERM: not a success
+            raise RunInterrupted(record_interruption(trainer, model, output_dir, ckpt_path, cfg.vote.rule)) from None
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
-    ckpt = trainer.checkpoint_callback
+    ckpt, best = trainer.checkpoint_callback, model.patient_votes
     result = TrainResult(
-        score=float(vote.best) if vote.best is not None else float("nan"),
-        best_epoch=vote.best_epoch,
+        score=float(best.score) if best is not None else float("nan"),
+        best_epoch=best.epoch if best is not None else None,
         best_checkpoint=(ckpt.best_model_path if ckpt else "") or "",
-        metrics=vote.best_summary,
-        confusion=vote.best_confusion,
+        metrics=dict(best.metrics) if best is not None else {},
+        confusion=best.confusion if best is not None and best.confusion.size else None,
         output_dir=output_dir,
     )
     if trainer.is_global_zero:
         write_run_metrics(output_dir, result.to_json(cfg.vote.rule))
     return result
+
+
+def record_interruption(trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path, resumed_from: str | None,
+                        rule: str) -> str:
+    """After SIGTERM: ``metrics.json`` with status ``interrupted`` (rank 0), the best epoch so far and the
+    checkpoint to resume from (the newest one saved at an epoch end; the interrupted epoch restarts).
+    Returns the one-line message."""
+    saved = [Path(p) for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p]
+    newest = max((p for p in saved if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
+    resume = str(newest) if newest else resumed_from
+    message = (f"Training interrupted by SIGTERM in epoch {trainer.current_epoch} (step {trainer.global_step}): "
+               + (f"resume with ckpt_path={resume}" if resume else "no checkpoint was saved yet"))
+    best = model.patient_votes
+    if trainer.is_global_zero:
+        write_run_metrics(output_dir, {
+            "status": "interrupted", "error": message, "resume_from": resume,
+            "score": float(best.score) if best is not None else float("nan"), "monitor": "val/patient/acc",
+            "vote_rule": rule, "best_epoch": best.epoch if best is not None else None, "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "metrics": {k: float(v) for k, v in best.metrics.items()} if best is not None else {},
+        })
+    return message
 
 
 def compile_network(model: pl.LightningModule, settings: DictConfig) -> None:
@@ -198,40 +259,6 @@ def compile_network(model: pl.LightningModule, settings: DictConfig) -> None:
     if settings.enabled:
         log.info("torch.compile(backend=%s, mode=%s) of the network", settings.backend, settings.mode)
         model.net.compile(backend=settings.backend, mode=settings.mode)
-
-
-def log_wandb_tables(loggers: list[Logger], vote: PatientVoteCallback, datamodule, n_images: int = 8) -> None:
-    """Per-patient table, confusion matrix and a few sample slices of the best validation epoch, to W&B."""
-    import wandb
-
-    columns = ["patient", "true", *VOTE_RULES, "infected_fraction_of_slices", "n_slices"]
-    rows = [
-        [v.patient, CLASS_NAMES[t], *[CLASS_NAMES[v.rule_votes[r]] for r in VOTE_RULES],
-         v.infected_fraction, v.n_slices]
-        for v, t in zip(vote.best_votes, vote.best_labels, strict=True)
-    ]
-    confusion = wandb.plot.confusion_matrix(
-        y_true=vote.best_labels.tolist(), preds=vote.best_predictions.tolist(), class_names=list(CLASS_NAMES)
-    )
-    # the most infected-looking slice of the first few validation patients
-    index, patient, probs = vote.best_slices
-    samples = []
-    for p in np.unique(patient)[:n_images]:
-        mine = np.flatnonzero(patient == p)
-        row = mine[np.argmin(probs[mine, NORMAL_CLASS])]
-        pred = int(probs[row].argmax())
-        caption = (f"{datamodule.patient_ids[p]} slice {datamodule.cache.slice_index[index[row]]}: "
-                   f"target {_target_name(datamodule.targets[index[row]])}, predicted {CLASS_NAMES[pred]} "
-                   f"({probs[row, pred]:.2f})")
-        samples.append(wandb.Image(np.array(datamodule.cache.images[index[row], 0]), caption=caption))
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.log_table("val/patients", columns=columns, data=rows)
-            lg.experiment.log({"val/patient_confusion": confusion, "val/sample_slices": samples})
-
-
-def _target_name(target: int) -> str:
-    return "unknown" if target < 0 else CLASS_NAMES[target]
 
 
 def finish_wandb(failed: bool) -> None:

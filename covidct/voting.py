@@ -21,7 +21,7 @@ probability over the voting slices wins (same tolerance); if still tied, the low
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,18 +104,26 @@ def infected_fraction(probs: np.ndarray, normal_class: int = NORMAL_CLASS) -> fl
     return float(np.mean(probs.argmax(axis=1) != normal_class))
 
 
-def infected_fraction_vote(probs: np.ndarray, tau: float, normal_class: int = NORMAL_CLASS) -> int:
-    """COVID-FACT rule on ``probs`` (n_slices, C): ``normal_class`` if the infected fraction is <= ``tau``,
-    else the majority vote (same tie rule) of the infected slices over the non-normal classes."""
+def infected_class(probs: np.ndarray, normal_class: int = NORMAL_CLASS) -> int:
+    """The class a patient of ``probs`` (n_slices, C) gets if called infected: the majority vote (module
+    tie rule) of its infected slices over the non-normal classes; ``normal_class`` if none is infected."""
     probs = _check_probs(probs)
     _check_normal(normal_class, probs.shape[1])
-    tau = _check_tau(tau)
     infected = probs.argmax(axis=1) != normal_class
-    if infected.mean() <= tau:
+    if not infected.any():
         return normal_class
     allowed = np.ones(probs.shape[1], dtype=bool)
     allowed[normal_class] = False
     return _vote(probs[infected], allowed)
+
+
+def infected_fraction_vote(probs: np.ndarray, tau: float, normal_class: int = NORMAL_CLASS) -> int:
+    """COVID-FACT rule on ``probs`` (n_slices, C): ``normal_class`` if the :func:`infected_fraction` is <=
+    ``tau``, else the :func:`infected_class`."""
+    tau = _check_tau(tau)
+    if infected_fraction(probs, normal_class) <= tau:
+        return normal_class
+    return infected_class(probs, normal_class)
 
 
 def mean_prob_vote(probs: np.ndarray) -> int:
@@ -209,16 +217,6 @@ def vote(
     raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
 
 
-def _infected_vote(probs: np.ndarray, normal_class: int) -> int:
-    """The class a patient gets if called infected (``normal_class`` when no slice is infected)."""
-    infected = probs.argmax(axis=1) != normal_class
-    if not infected.any():
-        return normal_class
-    allowed = np.ones(probs.shape[1], dtype=bool)
-    allowed[normal_class] = False
-    return _vote(probs[infected], allowed)
-
-
 def tune_tau(
     fractions: np.ndarray,
     infected_votes: np.ndarray,
@@ -270,32 +268,50 @@ def tune_tau(
     return float(taus[best[(len(best) - 1) // 2]])
 
 
-def patient_accuracy(
-    fractions: np.ndarray,
-    infected_votes: np.ndarray,
-    labels: np.ndarray,
-    tau: float,
-    normal_class: int = NORMAL_CLASS,
-) -> float:
-    """Patient accuracy of the infected-fraction rule at ``tau`` (arrays as in :func:`tune_tau`)."""
-    fractions = np.asarray(fractions, dtype=np.float64)
-    pred = np.where(fractions <= tau, normal_class, np.asarray(infected_votes))
-    return float(np.mean(pred == np.asarray(labels)))
+def leave_one_out_predictions(
+    fractions: np.ndarray, infected_classes: np.ndarray, labels: np.ndarray, normal_class: int = NORMAL_CLASS
+) -> np.ndarray:
+    """Infected-fraction predictions (P,) int64 where patient i is decided by a tau tuned (:func:`tune_tau`)
+    on the other patients only: an honest figure for a threshold fitted on the patients it scores.
+    Arrays as in :func:`tune_tau`; a single patient is decided at tau 0.5."""
+    fractions, infected_classes, labels = (np.asarray(a).reshape(-1) for a in (fractions, infected_classes, labels))
+    preds = np.empty(len(labels), dtype=np.int64)
+    for i in range(len(labels)):
+        others = np.arange(len(labels)) != i
+        tau = tune_tau(fractions[others], infected_classes[others], labels[others], normal_class) if others.any() \
+            else 0.5
+        preds[i] = normal_class if fractions[i] <= tau else infected_classes[i]
+    return preds
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatientVote:
-    """Patient-level summary of its slice predictions (C = number of classes)."""
+    """One patient's slice predictions summed up, and every rule's vote (C = number of classes)."""
 
     patient: str
     n_slices: int
     votes: np.ndarray  # (C,) int64 slice argmax counts
     mean_prob: np.ndarray  # (C,) float64 mean softmax probability over slices
-    infected_fraction: float
-    majority: int
-    infected_fraction_pred: int
-    infected_vote: int  # class if called infected (normal_class when no slice is infected); for tune_tau
-    rule_votes: dict[str, int] = field(default_factory=dict)  # every rule of VOTE_RULES -> class
+    infected_fraction: float  # see infected_fraction()
+    infected_class: int  # see infected_class(): the class if called infected
+    rule_votes: dict[str, int]  # every rule of VOTE_RULES -> class
+
+
+def group_slices(patient_ids: Sequence[str] | np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Patient id -> its rows of ``probs`` (N, C), in the given order; patients in order of first appearance.
+
+    Args:
+        patient_ids: (N,) patient id of each slice (converted to str).
+        probs: (N, C) float softmax probabilities, each patient's slices in position order.
+    """
+    probs = _check_probs(probs)
+    ids = [str(p) for p in np.asarray(patient_ids, dtype=object).reshape(-1)]
+    if len(ids) != probs.shape[0]:
+        raise ValueError(f"got {len(ids)} patient ids for {probs.shape[0]} slices")
+    rows: dict[str, list[int]] = {}
+    for i, pid in enumerate(ids):
+        rows.setdefault(pid, []).append(i)
+    return {pid: probs[r] for pid, r in rows.items()}
 
 
 def vote_patients(
@@ -307,46 +323,26 @@ def vote_patients(
     k: int = TOP_K,
     center_slices: int = CENTER_SLICES,
 ) -> list[PatientVote]:
-    """Group slices by patient (in order of first appearance) and apply every rule of :data:`VOTE_RULES`.
+    """Group slices by patient (:func:`group_slices`) and apply every rule of :data:`VOTE_RULES` once.
 
-    Args:
-        patient_ids: (N,) patient id of each slice (converted to str).
-        probs: (N, C) float softmax probabilities of each slice, each patient's slices in position order.
-        tau: infected-fraction threshold for :func:`infected_fraction_vote`.
-        k, center_slices: parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`.
+    ``tau`` is the infected-fraction threshold (tune it first, e.g. with :func:`tune_tau` on the
+    :func:`infected_fraction` and :func:`infected_class` of each group); ``k`` and ``center_slices``
+    are the parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`.
     """
-    probs = _check_probs(probs)
-    ids = [str(p) for p in np.asarray(patient_ids, dtype=object).reshape(-1)]
-    if len(ids) != probs.shape[0]:
-        raise ValueError(f"got {len(ids)} patient ids for {probs.shape[0]} slices")
-    _check_normal(normal_class, probs.shape[1])
     tau = _check_tau(tau)
-
-    groups: dict[str, list[int]] = {}
-    for i, pid in enumerate(ids):
-        groups.setdefault(pid, []).append(i)
-
-    results = []
-    for pid, rows in groups.items():
-        p = probs[rows]
-        pred = p.argmax(axis=1)
-        fraction = float(np.mean(pred != normal_class))
-        infected_vote = _infected_vote(p, normal_class)
-        rule_votes = {rule: vote(p, rule, tau, normal_class, k=k, center_slices=center_slices) for rule in VOTE_RULES}
-        results.append(
-            PatientVote(
-                patient=pid,
-                n_slices=len(rows),
-                votes=np.bincount(pred, minlength=probs.shape[1]).astype(np.int64),
-                mean_prob=p.mean(axis=0),
-                infected_fraction=fraction,
-                majority=rule_votes["majority"],
-                infected_fraction_pred=rule_votes["infected_fraction"],
-                infected_vote=infected_vote,
-                rule_votes=rule_votes,
-            )
+    _check_normal(normal_class, _check_probs(probs).shape[1])
+    return [
+        PatientVote(
+            patient=pid,
+            n_slices=len(p),
+            votes=np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.int64),
+            mean_prob=p.mean(axis=0),
+            infected_fraction=infected_fraction(p, normal_class),
+            infected_class=infected_class(p, normal_class),
+            rule_votes={r: vote(p, r, tau, normal_class, k=k, center_slices=center_slices) for r in VOTE_RULES},
         )
-    return results
+        for pid, p in group_slices(patient_ids, probs).items()
+    ]
 
 
 def deduplicate(indices: np.ndarray | torch.Tensor, *arrays: Any) -> tuple:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from covidct.config import register_resolvers
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -29,7 +30,7 @@ def cli_env() -> dict[str, str]:
     service address that an in-process W&B run of this pytest process left in ``os.environ`` (a child
     would join that service, which outlives the child: a SIGKILLed run's id would stay "in use")."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return env | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return env | {"WANDB_MODE": "offline"}
 
 
 def tiny(cache_dir: Path) -> list[str]:
@@ -120,3 +121,26 @@ def write_ct_slice(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, shared_cache) -> tuple[Path, Path]:
+    """(best checkpoint, run folder) of one tiny in-process training (resnet18, lung window, 32 px),
+    shared by every test of the session that needs a trained model."""
+    from covidct.training import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    result = train(compose_train(run, tiny(shared_cache) + ["logger=none"]))
+    return Path(result.best_checkpoint), run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(trained) -> Path:
+    """``last.ckpt`` of the session's tiny training (:func:`trained`)."""
+    return trained[1] / "checkpoints" / "last.ckpt"
+
+
+def run_cli(args: list[str], cwd: Path, script: str = "train.py") -> subprocess.CompletedProcess:
+    """``python <script> <args>`` in ``cwd`` with :func:`cli_env`; output captured as text."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)

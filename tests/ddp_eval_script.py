@@ -9,11 +9,9 @@ PatientVoteCallback writes ``OUT/patients.csv`` (from rank 0 only).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -39,21 +37,20 @@ def main(out_dir: Path, ckpt_path: str, overrides: list[str]) -> None:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[vote], logger=False, enable_checkpointing=False)
     trainer.validate(model, datamodule=datamodule)
 
-    index, patient, probs = vote.best_slices
+    best = vote.best
     result = {
         "world_size": trainer.world_size,
         "rank_slices": sum(len(batch[0]) for batch in vote._batches),  # this rank's share, padding included
         "val_rows": len(datamodule.val_rows),
-        "index": index.tolist(),
-        "patient": patient.tolist(),
-        "probs": probs.tolist(),
+        "index": best.slice_rows.tolist(),
+        "patient": best.slice_patient.tolist(),
+        "probs": best.slice_probs.tolist(),
         "votes": [
-            {"patient": v.patient, "votes": v.votes.tolist(), "majority": v.majority,
-             "infected_fraction": v.infected_fraction, "infected_fraction_pred": v.infected_fraction_pred,
-             "n_slices": v.n_slices}
-            for v in vote.best_votes
+            {"patient": v.patient, "votes": v.votes.tolist(), "rule_votes": v.rule_votes,
+             "infected_fraction": v.infected_fraction, "infected_class": v.infected_class, "n_slices": v.n_slices}
+            for v in best.patients
         ],
-        "predictions": vote.best_predictions.tolist(),
+        "predictions": best.predicted.tolist(),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

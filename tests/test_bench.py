@@ -1,9 +1,13 @@
-"""The benchmark's code paths on tiny sizes (every row, bench.json). No timing is asserted."""
+"""The benchmark's code paths on tiny sizes (every row, bench.json), its command lines' one-line errors, and
+imports that only define things. No timing is asserted."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,11 +16,10 @@ from covidct.bench import run_bench
 from covidct.config import register_resolvers
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
-from tests.conftest import REPO
-
-pytestmark = pytest.mark.slow
+from tests.conftest import REPO, cli_env
 
 
+@pytest.mark.slow
 def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
     # a tiny stand-in for the real sample, so its rows (loader, cache build, inference) run too
     stand_in = ensure_dataset(tmp_path / "stand-in", SyntheticSpec(patients_per_class=(1, 1, 1), slices_min=6,
@@ -49,6 +52,7 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
     assert report["rows"][0]["ratio"] == pytest.approx(rows[0].ratio)
 
 
+@pytest.mark.slow
 def test_rows_selects_rows_and_names_unknown_ones(tmp_path):
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
@@ -61,3 +65,51 @@ def test_rows_selects_rows_and_names_unknown_ones(tmp_path):
     assert [r.name for r in rows] == ["framework"] and "median of 3 pairs" in rows[0].data
     with pytest.raises(ConfigError, match=r"bench.rows.*'framwork'"):
         run_bench(bad.bench, tmp_path / "out2")
+
+
+IMPORT_PROBE = textwrap.dedent("""
+    import json, logging, os, sys, warnings
+    import covidct  # the package's own import is not the bench's doing
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    def state():
+        return {"environ": dict(os.environ), "root_logger": [logging.root.level, len(logging.root.handlers)],
+                "warning_filters": len(warnings.filters), "resolvers": OmegaConf.has_resolver("run_suffix"),
+                "config_store": sorted(ConfigStore.instance().repo)}
+
+    before, modules = state(), set(sys.modules)
+    import covidct.bench, covidct.bench_predict
+    after = state()
+    changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    if "environ" in changed:
+        changed["environ"] = sorted(set(after["environ"].items()) ^ set(before["environ"].items()))
+    heavy = ("torch", "albumentations", "pytorch_lightning", "torchvision", "cv2", "pydicom", "numpy")
+    print(json.dumps({"changed": changed, "heavy": sorted(m for m in set(sys.modules) - modules if m in heavy)}))
+""")
+
+
+def test_importing_the_bench_modules_only_defines_things():
+    """In a fresh process without NO_ALBUMENTATIONS_UPDATE: importing covidct.bench and covidct.bench_predict
+    leaves the environment, logging, warning filters, OmegaConf resolvers and Hydra's ConfigStore as they were
+    and imports none of the libraries the rows use (before: the variable was set, resolvers and the train
+    schema registered, and torch, Lightning and albumentations imported, 4000 modules)."""
+    env = {k: v for k, v in cli_env().items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == {"changed": {}, "heavy": []}
+
+
+@pytest.mark.parametrize(("module", "args", "key"), [
+    ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
+    ("covidct.bench", ["bench.framework.backbone=vgg61"], "bench.framework.backbone='vgg61' is not known"),
+    ("covidct.bench_predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
+    ("covidct.bench_predict", [], "input not set"),
+])
+def test_a_bad_value_ends_in_one_line_naming_the_key(tmp_path, module, args, key):
+    out = subprocess.run([sys.executable, "-m", module, *args, f"paths.log_dir={tmp_path}",
+                          f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and key in lines[0] and "ERROR" in lines[0], out.stderr
+    assert not (tmp_path / "cache").exists()  # it failed before making any data

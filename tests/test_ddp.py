@@ -32,7 +32,7 @@ DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MA
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without SLURM's or a launcher's rank variables (so Lightning starts the ranks)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in DIST_VARS}
-    return env | {"WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"} | extra
+    return env | {"WANDB_MODE": "offline"} | extra
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -58,18 +58,24 @@ def test_resume_checkpoint_is_the_newest_hpc_checkpoint_under_slurm_only(tmp_pat
 def test_vote_state_keeps_the_best_epochs_metrics_for_a_resumed_run():
     """A resumed run that never beats the restored best still reports the best epoch's figures."""
     before = PatientVoteCallback()
-    before.best, before.best_epoch, before.tau = 0.75, 3, 0.2
-    before.best_summary = {"val/patient/acc": 0.75, "val/patient/tau": 0.2}
-    before.best_confusion = np.eye(3, dtype=np.int64)
+    before.tau = 0.2
+    before.best = before.decide(3, *_one_patient_per_class(), ["P0", "P1", "P2"], np.array([0, 1, 2]))
     state = torch.load(_roundtrip(before.state_dict()), weights_only=True)  # as checkpoints are read
     after = PatientVoteCallback()
     after.load_state_dict(state)
-    assert (after.best, after.best_epoch, after.tau) == (0.75, 3, 0.2)
-    assert after.best_summary == before.best_summary
-    np.testing.assert_array_equal(after.best_confusion, before.best_confusion)
+    assert (after.best.score, after.best.epoch, after.tau) == (before.best.score, 3, before.tau)
+    assert after.best.metrics == pytest.approx(before.best.metrics)
+    np.testing.assert_array_equal(after.best.confusion, before.best.confusion)
+    assert after.best.patients == []  # the slices are not stored: no report for a run that does not improve
     old = PatientVoteCallback()  # a checkpoint from before these keys existed
     old.load_state_dict({"rule": "infected_fraction", "tau": 0.4, "best": 0.5, "best_epoch": 1})
-    assert old.best_summary == {} and old.best_confusion is None
+    assert old.best.metrics == {"val/patient/acc": 0.5} and old.best.confusion.size == 0
+
+
+def _one_patient_per_class() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index, patient, probs) of 3 patients of 2 slices each, every slice called its patient's class."""
+    probs = np.repeat(np.eye(3, dtype=np.float32) * 0.7 + 0.1, 2, axis=0)
+    return np.arange(6), np.repeat([0, 1, 2], 2), probs
 
 
 def _roundtrip(obj) -> io.BytesIO:

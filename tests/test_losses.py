@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from covidct.errors import ConfigError
-from covidct.losses import FocalLoss, build_loss, resolve_alpha, validate_gamma
+from covidct.losses import CrossEntropyLoss, FocalLoss, resolve_alpha, validate_gamma
 
 LOGITS = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [1.0, 1.0, 1.0]]
 TARGET = [0, 2, 1, 0]
@@ -89,8 +89,13 @@ def test_alpha_is_a_buffer_that_follows_dtype_and_device() -> None:
 
 def test_auto_alpha_is_normalised_inverse_frequency() -> None:
     assert resolve_alpha("auto", [100, 50, 10], 3) == pytest.approx([1 / 13, 2 / 13, 10 / 13])
-    loss = build_loss("focal", 2.0, "auto", [100, 50, 10], 3, -100)
+    loss = FocalLoss(gamma=2.0, alpha="auto")
+    with pytest.raises(RuntimeError, match="loss.alpha=auto is not fitted"):
+        loss(torch.tensor(LOGITS), torch.tensor(TARGET))  # never silently unweighted
+    loss.fit_class_counts([100, 50, 10])
     torch.testing.assert_close(loss.alpha, torch.tensor([1 / 13, 2 / 13, 10 / 13]))
+    with pytest.raises(ConfigError, match="needs every class in the training split"):
+        loss.fit_class_counts([100, 0, 10])
 
 
 def test_resolve_alpha_accepts_valid_values() -> None:
@@ -144,10 +149,21 @@ def test_negative_gamma_message() -> None:
     assert validate_gamma("2") == 2.0
 
 
-def test_build_loss() -> None:
-    focal = build_loss("focal", 2.0, [0.2, 0.3, 0.5], None, 3, -100)
-    assert isinstance(focal, FocalLoss) and focal.gamma == 2.0
-    ce = build_loss("ce", 2.0, "auto", None, 3, -1)  # alpha and gamma are not used by ce
-    assert isinstance(ce, torch.nn.CrossEntropyLoss) and ce.weight is None and ce.ignore_index == -1
-    with pytest.raises(ConfigError, match="loss.name"):
-        build_loss("dice", 2.0, None, None, 3, -100)
+def test_the_loss_configs_build_the_losses_the_model_completes(tmp_path) -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+
+    focal = instantiate(compose_train(tmp_path, ["loss.alpha=[0.2,0.3,0.5]"]).loss)(num_classes=3, ignore_index=-1)
+    assert isinstance(focal, FocalLoss) and focal.gamma == 2.0 and focal.ignore_index == -1
+    torch.testing.assert_close(focal.alpha, torch.tensor([0.2, 0.3, 0.5]))
+    ce_config = compose_train(tmp_path, ["loss=ce"]).loss
+    assert "gamma" not in ce_config and "alpha" not in ce_config  # nothing unused
+    ce = instantiate(ce_config)(num_classes=3, ignore_index=-1)
+    assert isinstance(ce, CrossEntropyLoss) and isinstance(ce, torch.nn.CrossEntropyLoss)
+    assert ce.weight is None and ce.ignore_index == -1
+    ce.fit_class_counts([1, 2, 3])  # nothing to fit
+    torch.testing.assert_close(ce(torch.tensor(LOGITS), torch.tensor(TARGET)),
+                               torch.nn.functional.cross_entropy(torch.tensor(LOGITS), torch.tensor(TARGET)))
+    with pytest.raises(ConfigError, match="loss.gamma must be a number"):
+        instantiate(compose_train(tmp_path, ["loss.gamma=strong"]).loss)(num_classes=3, ignore_index=-1)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import urllib.error
+from functools import partial
 
 import pytest
 import torch
 
 from covidct.errors import ConfigError
+from covidct.losses import FocalLoss
 from covidct.models import backbones
 from covidct.models.backbones import BACKBONES, build_backbone, imagenet_weights_path
 from covidct.models.classifier import InputAdapter, SliceClassifier
@@ -69,8 +71,9 @@ def test_input_adapter_normalises_uint8_with_imagenet_statistics():
 
 def test_training_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = SliceClassifier(backbone="resnet18", in_channels=1, loss={"name": "focal", "gamma": 2, "alpha": "auto"},
-                            class_counts=[10, 10, 20], optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    model = SliceClassifier(backbone="resnet18", in_channels=1, loss=partial(FocalLoss, gamma=2, alpha="auto"),
+                            optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    model.criterion.fit_class_counts([10, 10, 20])  # what setup() does with the training split's counts
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
     batch = {"image": images, "target": torch.arange(12) % 3}
     opt = model.configure_optimizers()

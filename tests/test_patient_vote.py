@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from covidct.callbacks.patient_vote import PatientVoteCallback, leave_one_out_predictions, patient_metrics
+from covidct.callbacks.patient_vote import PatientVoteCallback, patient_metrics
+from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
-from covidct.voting import VOTE_RULES
+from covidct.voting import VOTE_RULES, leave_one_out_predictions
 
 
 def test_patient_metrics_on_known_predictions():
@@ -90,12 +91,15 @@ def tiny_validation() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.arange(len(probs)), patient, probs
 
 
-def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> dict[str, float]:
-    """One validation epoch on :func:`tiny_validation`, fed in shuffled batches; returns the logged dict."""
+def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> tuple[dict[str, float], SimpleNamespace]:
+    """One validation epoch on :func:`tiny_validation`, fed in shuffled batches; returns the logged dict
+    and the (stand-in) LightningModule."""
     index, patient, probs = tiny_validation()
     logged: dict[str, float] = {}
-    module = SimpleNamespace(log_dict=lambda metrics, sync_dist: logged.update(metrics))
-    dm = SimpleNamespace(patient_labels=np.array([0, 1, 2, 2]), patient_ids=["P0", "P1", "P2", "P3"])
+    module = SimpleNamespace(log_dict=lambda metrics, sync_dist: logged.update(metrics), patient_votes=None)
+    empty = np.zeros(0, dtype=np.int64)
+    table = SliceTable(["P0", "P1", "P2", "P3"], np.array([0, 1, 2, 2]), empty, empty, empty, empty, empty, ())
+    dm = SimpleNamespace(slice_table=table)
     trainer = SimpleNamespace(sanity_checking=False, datamodule=dm, world_size=1, is_global_zero=True,
                               current_epoch=0, loggers=loggers)
     cb.on_validation_epoch_start(trainer, module)
@@ -103,7 +107,7 @@ def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> dict[str, fl
         batch = {"index": torch.as_tensor(index[rows]), "patient": torch.as_tensor(patient[rows])}
         cb.on_validation_batch_end(trainer, module, {"probs": torch.as_tensor(probs[rows])}, batch, 0)
     cb.on_validation_epoch_end(trainer, module)
-    return logged
+    return logged, module
 
 
 def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path, caplog):
@@ -112,7 +116,7 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
     wandb_logger = MagicMock(spec=WandbLogger)
     cb = PatientVoteCallback("weighted_center", output_dir=str(tmp_path), k=2, center_slices=4)
     with caplog.at_level(logging.INFO, logger="covidct.callbacks.patient_vote"):
-        logged = run_validation_epoch(cb, [wandb_logger])
+        logged, module = run_validation_epoch(cb, [wandb_logger])
     # truth COVID-19, CAP, Normal, Normal -> (predictions, acc, macro F1, sensitivity COVID-19 / CAP / Normal).
     # infected_fraction is leave-one-out: without P0 (40% infected) tau lands above it, without P3 (20%) at 0
     expected = {
@@ -127,14 +131,16 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
     assert [r[0] for r in rows] == list(VOTE_RULES) == list(expected)
     for (rule, (preds, acc, f1, sens)), row in zip(expected.items(), rows, strict=True):
         if rule != "infected_fraction":  # rule_votes holds its vote at the tau tuned on all patients
-            assert [v.rule_votes[rule] for v in cb.best_votes] == preds
+            assert [v.rule_votes[rule] for v in cb.best.patients] == preds
         assert row[1:] == pytest.approx([acc, f1, *sens])
         assert logged[f"val/patient/{rule}/acc"] == pytest.approx(acc)
         assert logged[f"val/patient/{rule}/f1_macro"] == pytest.approx(f1)
         assert logged[f"val/patient/{rule}/sensitivity/Normal"] == pytest.approx(sens[2])
     # the configured rule drives val/patient/acc, the best epoch's predictions and patients.csv
-    assert logged["val/patient/acc"] == 1.0 and cb.best_epoch == 0
-    assert cb.best_predictions.tolist() == [0, 1, 2, 2] and cb.best_labels.tolist() == [0, 1, 2, 2]
+    assert logged["val/patient/acc"] == 1.0 and cb.best.epoch == 0 and cb.best.score == 1.0
+    assert cb.best.predicted.tolist() == [0, 1, 2, 2] and cb.best.labels.tolist() == [0, 1, 2, 2]
+    assert [v.patient for v in cb.best.patients] == ["P0", "P1", "P2", "P3"]  # ids from the start
+    assert module.patient_votes is cb.best  # published for the report and W&B callbacks
     with (tmp_path / "patients.csv").open() as f:
         first = next(csv.DictReader(f))
     assert (first["patient"], first["predicted_class"], first["majority_vote"]) == ("P0", "COVID-19", "Normal")
@@ -148,7 +154,8 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
 def test_vote_state_holds_the_rule_parameters_and_older_states_load():
     cb = PatientVoteCallback("topk_mean", k=3, center_slices=20)
     state = cb.state_dict()
-    assert (state["rule"], state["k"], state["center_slices"]) == ("topk_mean", 3, 20)
+    assert (state["k"], state["center_slices"]) == (3, 20)
+    assert "rule" not in state  # stored once, in the model's hyper_parameters (preprocessing.vote_rule)
     old = PatientVoteCallback("topk_mean", k=3)  # a checkpoint without k / center_slices
     old.load_state_dict({"rule": "majority", "tau": 0.4, "best": 0.5, "best_epoch": 1})
     assert (old.rule, old.k, old.center_slices, old.tau) == ("topk_mean", 3, 40, 0.4)  # the config's rule wins

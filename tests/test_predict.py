@@ -16,7 +16,6 @@ import torch
 from covidct.data.datamodule import CTDataModule
 from covidct.errors import DataError
 from covidct.inference import find_test_sets, load_checkpoint
-from covidct.training import train
 from tests.conftest import REPO, compose_train, tiny, write_ct_slice
 
 
@@ -49,14 +48,6 @@ def test_bad_input_fails_before_any_work(tmp_path):
     (tmp_path / "text" / "T1" / "a.txt").write_text("not an image")
     with pytest.raises(DataError, match="no DICOM file"):
         find_test_sets(tmp_path / "text")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, shared_cache):
-    """A checkpoint trained at 32 px on tiny synthetic data, and its datamodule."""
-    out = tmp_path_factory.mktemp("run")
-    result = train(compose_train(out, tiny(shared_cache) + ["logger=none"]))
-    return Path(result.best_checkpoint), out
 
 
 def run_predict(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

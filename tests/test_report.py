@@ -23,7 +23,8 @@ def test_auc_of_perfect_constant_and_random_scorers():
     assert roc(perfect, labels, 3).auc.tolist() == [1.0, 1.0, 1.0]
     constant = roc(np.full((9, 3), 1 / 3), labels, 3)
     assert constant.auc.tolist() == [0.5, 0.5, 0.5]
-    np.testing.assert_allclose(constant.fpr[0], [0.0, 1.0]) and np.testing.assert_allclose(constant.tpr[0], [0, 1])
+    np.testing.assert_allclose(constant.fpr[0], [0.0, 1.0])
+    np.testing.assert_allclose(constant.tpr[0], [0.0, 1.0])
     rng = np.random.default_rng(0)
     scores = rng.dirichlet(np.ones(3), size=40)
     labels = rng.integers(0, 3, size=40)

@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from covidct.sweep_summary import write_run_metrics, write_sweep_summary
-from tests.conftest import tiny
-from tests.test_train import run_cli
+from tests.conftest import run_cli, tiny
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

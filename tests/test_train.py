@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from covidct.data import cache, datamodule
 from covidct.training import train
 from covidct.voting import VOTE_RULES
-from tests.conftest import REPO, cli_env, compose_train, tiny
+from tests.conftest import compose_train, run_cli, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +22,20 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, shared_cache):
+def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, shared_cache, monkeypatch):
     cfg = compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto"])
+    calls = {"discover": 0, "cache_key": 0}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(datamodule, "discover_covid_ct_md", counted("discover", datamodule.discover_covid_ct_md))
+    monkeypatch.setattr(cache, "cache_key", counted("cache_key", cache.cache_key))
     result = train(cfg)
+    assert calls == {"discover": 1, "cache_key": 1}  # the files are listed and hashed once per run
     assert 0.0 <= result.score <= 1.0 and result.best_epoch == 0
     patients = read_csv(tmp_path / "patients.csv")
     split = read_csv(tmp_path / "split.csv")
@@ -43,6 +53,8 @@ def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, share
     assert ckpt["wandb_run_id"] in runs[0].name
     vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
     assert 0.0 <= vote_state["tau"] <= 1.0
+    assert ckpt["hyper_parameters"]["loss"] == {"_target_": "covidct.losses.FocalLoss", "gamma": 2.0, "alpha": "auto"}
+    assert "class_counts" not in ckpt["hyper_parameters"]
 
 
 def test_resume_continues_training_and_the_wandb_run(tmp_path, shared_cache):
@@ -55,12 +67,6 @@ def test_resume_continues_training_and_the_wandb_run(tmp_path, shared_cache):
     assert result.best_epoch in (0, 1)
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["wandb_run_id"] == run_id
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = cli_env()
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
@@ -119,7 +125,8 @@ def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(tmp_pa
     assert metrics["vote_rule"] == "majority" and metrics["score"] == result.score
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]
-    assert hparams["backbone"] == "vgg16" and hparams["loss"] == {"name": "focal", "gamma": 2.0, "alpha": 0.25}
+    assert hparams["backbone"] == "vgg16"
+    assert hparams["loss"] == {"_target_": "covidct.losses.FocalLoss", "gamma": 2.0, "alpha": 0.25}
     assert hparams["preprocessing"]["windows"] == ["lung"] and hparams["preprocessing"]["vote_rule"] == "majority"
     # started from the weights file: two Adam steps at lr 1e-4 move each weight by ~2e-4 at most
     trained = ckpt["state_dict"]["net.features.0.weight"]
@@ -151,5 +158,5 @@ def test_weighted_center_vote_drives_checkpointing_and_every_rule_is_logged(tmp_
     assert all(f"val/patient/{rule}/sensitivity/CAP" in logged for rule in VOTE_RULES)
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
-    assert (vote_state["rule"], vote_state["center_slices"], vote_state["k"]) == ("weighted_center", 4, 5)
-    assert ckpt["hyper_parameters"]["preprocessing"]["vote_rule"] == "weighted_center"
+    assert (vote_state["center_slices"], vote_state["k"]) == (4, 5) and "rule" not in vote_state
+    assert ckpt["hyper_parameters"]["preprocessing"]["vote_rule"] == "weighted_center"  # the rule, stored once

@@ -5,16 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from covidct.voting import (
     VOTE_RULES,
     central_mask,
     deduplicate,
+    group_slices,
+    infected_class,
     infected_fraction,
     infected_fraction_vote,
     majority_vote,
     mean_prob_vote,
-    patient_accuracy,
     topk_mean,
     topk_mean_vote,
     tune_tau,
@@ -162,13 +164,13 @@ def test_vote_patients_votes_every_rule_in_slice_order() -> None:
     a, b = vote_patients(ids, probs, tau=0.5, k=5, center_slices=4)
     assert a.rule_votes == {"majority": NORMAL, "infected_fraction": NORMAL, "mean_prob": COVID,
                             "weighted_center": COVID, "topk_mean": COVID}
-    assert (a.majority, a.infected_fraction_pred) == (NORMAL, NORMAL)
+    assert (a.infected_fraction, a.infected_class) == (0.4, COVID)
     assert set(b.rule_votes) == set(VOTE_RULES)
     # interleaved patients: each keeps its slices in the given order (b: Normal, CAP, CAP, Normal, Normal)
     ids = ["b", "a", "b", "b", "a", "b", "b"]
     (b, _) = vote_patients(ids, slices(NORMAL, COVID, CAP, CAP, COVID, NORMAL, NORMAL), tau=0.5, center_slices=2)
     assert b.rule_votes["weighted_center"] == CAP  # centre: 2 CAP = 2; outer: 3 Normal x 0.5 = 1.5
-    assert b.majority == NORMAL
+    assert b.rule_votes["majority"] == NORMAL
 
 def _separable() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fractions = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
@@ -177,18 +179,13 @@ def _separable() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fractions, votes, labels
 
 
-def _accuracy(tau: float, fractions: np.ndarray, votes: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.where(fractions <= tau, NORMAL, votes) == labels))
-
-
 def test_tune_tau_separable() -> None:
     fractions, votes, labels = _separable()
     tau = tune_tau(fractions, votes, labels)
     assert 0.2 < tau < 0.35
-    assert tau == pytest.approx(0.275)
-    assert _accuracy(tau, fractions, votes, labels) == 1.0
-    assert patient_accuracy(fractions, votes, labels, tau) == 1.0
-    assert patient_accuracy(fractions, votes, labels, 0.0) == 5 / 8  # 3 normals called sick
+    assert tau == pytest.approx(0.275)  # midway between the last Normal (0.2) and the first sick patient (0.35)
+    assert (fractions[labels == NORMAL] <= tau).all() and (fractions[labels != NORMAL] > tau).all()
+    assert (votes[labels != NORMAL] == labels[labels != NORMAL]).all()  # so every patient is called right
     perm = np.random.default_rng(0).permutation(len(fractions))
     assert tune_tau(fractions[perm], votes[perm], labels[perm]) == tau
 
@@ -216,7 +213,7 @@ def test_tune_tau_where_majority_fails() -> None:
         np.repeat([f"p{i}" for i in range(6)], 10), np.concatenate([p for p, _ in patients]), 0.0
     )
     fractions = np.array([r.infected_fraction for r in results])
-    votes = np.array([r.infected_vote for r in results])
+    votes = np.array([r.infected_class for r in results])
     tau = tune_tau(fractions, votes, labels)
     assert fractions.tolist() == pytest.approx([0.0, 0.1, 0.1, 0.3, 0.3, 0.4])
     assert tau == pytest.approx(0.2)  # midpoint of 0.1 (normals) and 0.3 (sick)
@@ -236,8 +233,10 @@ def test_tune_tau_candidates_and_ties() -> None:
     fractions = np.array([0.1, 0.3, 0.5, 0.7])
     votes = np.array([COVID, CAP, CAP, COVID])
     labels = np.array([NORMAL, COVID, COVID, COVID])
-    accuracies = [_accuracy(t, fractions, votes, labels) for t in (0.0, 0.2, 0.4, 0.6, 0.85)]
-    assert accuracies == [0.25, 0.5, 0.5, 0.5, 0.25]
+    # by hand, the calls at each candidate tau (fraction <= tau: Normal, else the infected vote):
+    calls = {0.0: [COVID, CAP, CAP, COVID], 0.2: [NORMAL, CAP, CAP, COVID], 0.4: [NORMAL, NORMAL, CAP, COVID],
+             0.6: [NORMAL, NORMAL, NORMAL, COVID], 0.85: [NORMAL] * 4}
+    assert [np.mean(np.array(c) == labels) for c in calls.values()] == [0.25, 0.5, 0.5, 0.5, 0.25]
     assert tune_tau(fractions, votes, labels) == pytest.approx(0.4)
     # An even number of tied candidates (0.2, 0.4, 0.525, 0.625) -> the lower middle one.
     fractions, votes, labels = np.append(fractions, 0.55), np.append(votes, CAP), np.append(labels, COVID)
@@ -259,28 +258,37 @@ def test_vote_patients_groups_interleaved_slices() -> None:
     b, a, c = results
     assert b.n_slices == 3 and b.votes.tolist() == [2, 0, 1]
     assert (
-        b.majority == COVID
+        b.rule_votes["majority"] == COVID
         and b.infected_fraction == pytest.approx(2 / 3)
-        and b.infected_fraction_pred == COVID
+        and b.rule_votes["infected_fraction"] == COVID
     )
     assert a.n_slices == 3 and a.votes.tolist() == [0, 1, 2]
     assert (
-        a.majority == NORMAL
+        a.rule_votes["majority"] == NORMAL
         and a.infected_fraction == pytest.approx(1 / 3)
-        and a.infected_fraction_pred == NORMAL
+        and a.rule_votes["infected_fraction"] == NORMAL
     )
-    assert a.infected_vote == CAP
+    assert a.infected_class == CAP
     np.testing.assert_allclose(a.mean_prob, np.mean([ONE_HOT[NORMAL], ONE_HOT[CAP], ONE_HOT[NORMAL]], axis=0))
-    assert c.n_slices == 1 and c.infected_fraction == 0.0 and c.infected_vote == NORMAL
+    assert c.n_slices == 1 and c.infected_fraction == 0.0 and c.infected_class == NORMAL
     with pytest.raises(ValueError):
         vote_patients(ids[:-1], slices(*classes), tau=0.4)
+    groups = group_slices(ids, slices(*classes))
+    assert list(groups) == ["b", "a", "c"] and groups["a"].argmax(1).tolist() == [NORMAL, CAP, NORMAL]
+
+
+def test_infected_class_is_the_majority_of_the_infected_slices_only() -> None:
+    assert infected_class(slices(NORMAL, CAP, NORMAL, NORMAL, COVID, CAP)) == CAP  # Normal's 3 votes do not count
+    assert infected_class(slices(NORMAL, NORMAL)) == NORMAL  # no infected slice
+    assert infected_fraction_vote(slices(NORMAL, CAP, NORMAL, NORMAL), tau=0.2) == CAP  # 0.25 > 0.2
+    assert infected_fraction_vote(slices(NORMAL, CAP, NORMAL, NORMAL), tau=0.25) == NORMAL
 
 
 def _distributed_sampler_gather(n: int, world: int) -> np.ndarray:
-    """Global indices as all_gather returns them for DistributedSampler(shuffle=False, drop_last=False)."""
-    per_rank = -(-n // world)
-    padded = list(range(n)) + list(range(n))[: per_rank * world - n]
-    return np.concatenate([padded[rank::world] for rank in range(world)])
+    """Global indices as ``all_gather`` returns them (rank after rank) for torch's own
+    DistributedSampler(shuffle=False, drop_last=False), which pads with repeats."""
+    return np.concatenate([list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False))
+                           for r in range(world)])
 
 
 def test_deduplicate_numpy_padded_distributed_sampler() -> None:

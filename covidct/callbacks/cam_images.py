@@ -74,16 +74,16 @@ class CamImagesCallback(pl.Callback):
             return
         from covidct.cam import grad_cam, lung_channel, overlay
 
-        dm = trainer.datamodule
-        rows = dm.val_rows[pick_slices(dm.cache.patient[dm.val_rows], dm.targets[dm.val_rows], dm.patient_labels,
-                                       self.n_slices)]
-        images = torch.from_numpy(np.array(dm.cache.images[rows]))
+        table = trainer.datamodule.slice_table
+        val = table.val_rows
+        rows = val[pick_slices(table.patient[val], table.target[val], table.patient_labels, self.n_slices)]
+        images = torch.from_numpy(np.array(table.images[rows]))
         heatmaps, probs = grad_cam(pl_module, images)
-        channel = lung_channel(dm.preprocessor.windows)
+        channel = lung_channel(table.windows)
         captions, overlays = [], []
         for row, image, heatmap, p in zip(rows, images, heatmaps, probs, strict=True):
-            pred, target = int(p.argmax()), int(dm.targets[row])
-            captions.append(f"{dm.patient_ids[dm.cache.patient[row]]} slice {dm.cache.slice_index[row]}: "
+            pred, target = int(p.argmax()), int(table.target[row])
+            captions.append(f"{table.patient_ids[table.patient[row]]} slice {table.rank[row]}: "
                             f"true {CLASS_NAMES[target] if target >= 0 else '?'}, "
                             f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f}")
             overlays.append(overlay(image[channel].numpy(), heatmap, captions[-1]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from torchmetrics.functional.classification import (
     multiclass_specificity,
 )
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct import CLASS_NAMES
 from covidct.io import atomic_write_csv
+from covidct.text_table import format_table
 from covidct.voting import (
     CENTER_SLICES,
     TOP_K,
@@ -46,6 +48,10 @@ from covidct.voting import (
     PatientVote,
     check_vote_settings,
     deduplicate,
+    group_slices,
+    infected_class,
+    infected_fraction,
+    leave_one_out_predictions,
     tune_tau,
     vote_patients,
 )
@@ -55,16 +61,6 @@ log = logging.getLogger(__name__)
 # and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/patient/",
                         category=PossibleUserWarning)
-
-
-def leave_one_out_predictions(fractions: np.ndarray, infected_votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Infected-fraction predictions (P,) where patient i is decided by a tau tuned without it."""
-    preds = np.empty(len(labels), dtype=np.int64)
-    for i in range(len(labels)):
-        others = np.arange(len(labels)) != i
-        tau = tune_tau(fractions[others], infected_votes[others], labels[others]) if others.any() else 0.5
-        preds[i] = NORMAL_CLASS if fractions[i] <= tau else infected_votes[i]
-    return preds
 
 
 def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAMES) -> dict[str, Any]:
@@ -83,6 +79,13 @@ def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAM
     return metrics
 
 
+def rules_text(columns: list[str], rows: list[list], marked: str | None = None) -> str:
+    """:func:`rules_table` as aligned text, numbers to 3 decimals; rule ``marked`` is starred."""
+    header = ["  " + columns[0], *(c.replace("sensitivity/", "sens ") for c in columns[1:])]
+    body = [[("* " if r[0] == marked else "  ") + r[0], *(f"{v:.3f}" for v in r[1:])] for r in rows]
+    return format_table(header, body)
+
+
 def rules_table(metrics_by_rule: dict[str, dict[str, Any]], class_names=CLASS_NAMES) -> tuple[list[str], list[list]]:
     """Columns and one row per rule: rule, patient accuracy, macro F1, sensitivity of each class
     (``metrics_by_rule``: rule -> :func:`patient_metrics`)."""
@@ -91,19 +94,46 @@ def rules_table(metrics_by_rule: dict[str, dict[str, Any]], class_names=CLASS_NA
     return columns, rows
 
 
-def format_table(columns: list[str], rows: list[list], marked: str | None = None) -> str:
-    """:func:`rules_table` as aligned text, numbers to 3 decimals; rule ``marked`` is starred."""
-    header = ["  " + columns[0], *(c.replace("sensitivity/", "sens ") for c in columns[1:])]
-    body = [[("* " if r[0] == marked else "  ") + r[0], *(f"{v:.3f}" for v in r[1:])] for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join([line[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(line[1:], widths[1:], strict=True))])
-        for line in [header, *body]
-    )
+@dataclass(frozen=True)
+class ValidationVotes:
+    """One validation epoch's patient decisions: what ``patients.csv``, the run report, the W&B tables
+    and the run summary read (the callback's ``best`` holds the best epoch's).
+
+    ``predictions[rule]`` (P,) are the *reported* predictions: for ``infected_fraction`` with a tuned
+    tau, each patient decided by a tau tuned on the other patients (leave-one-out); every other entry
+    equals ``patients[i].rule_votes[rule]``, which for ``infected_fraction`` uses ``tau`` tuned on all
+    of them. After a resume the best epoch of the earlier run has ``metrics`` and ``confusion`` only.
+    """
+
+    epoch: int
+    rule: str  # the configured rule
+    tau: float  # infected_fraction's threshold (tuned on all validation patients unless fixed)
+    tau_tuned: bool
+    patients: list[PatientVote]  # validation patients, by patient index
+    labels: np.ndarray  # (P,) int64 true class
+    predictions: dict[str, np.ndarray]  # rule -> (P,) int64 reported predictions
+    metrics: dict[str, float]  # the logged scalars (val/patient/...)
+    confusion: np.ndarray  # (C, C) int64 of ``rule``, rows = truth
+    slice_rows: np.ndarray  # (N,) int64 cache row of each validation slice, sorted
+    slice_patient: np.ndarray  # (N,) int64 patient index of each slice
+    slice_probs: np.ndarray  # (N, C) float32 softmax probabilities
+
+    @property
+    def score(self) -> float:
+        return self.metrics["val/patient/acc"]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(P,) the configured rule's reported predictions."""
+        return self.predictions[self.rule]
 
 
 class PatientVoteCallback(pl.Callback):
     """Patient-level voting and metrics on the validation set.
+
+    Reads the data's :class:`~covidct.data.datamodule.SliceTable` (``trainer.datamodule.slice_table``)
+    and publishes the best epoch's :class:`ValidationVotes` as ``best`` and on the LightningModule as
+    ``pl_module.patient_votes`` (read by the report and W&B callbacks).
 
     Args:
         rule: one of :data:`~covidct.voting.VOTE_RULES`; drives ``val/patient/acc``.
@@ -118,18 +148,13 @@ class PatientVoteCallback(pl.Callback):
         check_vote_settings(rule, tau, k, center_slices)
         self.rule, self.fixed_tau, self.k, self.center_slices = rule, tau, k, center_slices
         self.output_dir = Path(output_dir) if output_dir else None
-        self.tau = 0.5 if tau is None else float(tau)
-        self.best: float | None = None
-        self.best_epoch: int | None = None
-        self.best_summary: dict[str, float] = {}
-        # the best epoch's patients, predictions (chosen rule), confusion (rows = truth) and slices
-        self.best_votes: list[PatientVote] = []
-        self.best_labels = np.zeros(0, dtype=np.int64)
-        self.best_predictions = np.zeros(0, dtype=np.int64)
-        self.best_confusion: np.ndarray | None = None
-        self.best_slices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # cache row, patient, probs
+        self.tau = 0.5 if tau is None else float(tau)  # the latest tuned (or the fixed) tau: predict.py's
+        self.best: ValidationVotes | None = None
         self.rule_table: tuple[list[str], list[list]] = ([], [])  # the last epoch's rules_table
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.patient_votes = self.best  # a resumed run's best so far (restored before fit starts)
 
     # ---- collection ---------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,7 +164,7 @@ class PatientVoteCallback(pl.Callback):
         self._batches.append((batch["index"].detach(), batch["patient"].detach(), outputs["probs"].detach()))
 
     def gather(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All ranks' (index (N,), patient (N,), probs (N, C)), each slice exactly once."""
+        """All ranks' (index (N,), patient (N,), probs (N, C)), each slice exactly once, by index."""
         index = torch.cat([b[0] for b in self._batches])
         patient = torch.cat([b[1] for b in self._batches])
         probs = torch.cat([b[2] for b in self._batches])
@@ -150,65 +175,61 @@ class PatientVoteCallback(pl.Callback):
         return index.cpu().numpy(), patient.cpu().numpy(), probs.cpu().numpy()
 
     # ---- voting -------------------------------------------------------------------------------
-    def vote_all_rules(self, patient: np.ndarray, probs: np.ndarray, patient_labels: np.ndarray) -> tuple:
-        """Vote every rule for each patient of the slices ``patient`` (N,) int, ``probs`` (N, C), given
-        sorted by cache row (so each patient's slices are head first); ``patient_labels`` (all patients,)
-        int. Tunes ``tau`` unless fixed. Returns (votes, labels (P,), {rule: (P,) int predictions})."""
-        order = np.argsort(patient, kind="stable")  # keeps each patient's slices in position order
-        votes = vote_patients(patient[order], probs[order], self.tau, k=self.k, center_slices=self.center_slices)
-        labels = np.asarray(patient_labels)[[int(v.patient) for v in votes]]
-        fractions = np.asarray([v.infected_fraction for v in votes])
-        infected_votes = np.asarray([v.infected_vote for v in votes])
+    def decide(self, epoch: int, index: np.ndarray, patient: np.ndarray, probs: np.ndarray,
+               patient_ids: list[str], patient_labels: np.ndarray) -> ValidationVotes:
+        """Tune tau (unless fixed), then vote every rule once per patient and score each rule.
+
+        ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
+        patient index, ``probs`` (N, C); ``patient_ids`` / ``patient_labels`` (all patients,)."""
+        order = np.argsort(patient, kind="stable")  # by patient, each patient's slices still head first
+        ids = np.asarray(patient_ids, dtype=object)[patient[order]]
+        groups = group_slices(ids, probs[order])
+        number = {pid: i for i, pid in enumerate(patient_ids)}
+        labels = np.asarray(patient_labels)[[number[pid] for pid in groups]]
+        fractions = np.asarray([infected_fraction(p) for p in groups.values()])
+        infected = np.asarray([infected_class(p) for p in groups.values()])
         if self.fixed_tau is None:
-            self.tau = tune_tau(fractions, infected_votes, labels)
-            honest = leave_one_out_predictions(fractions, infected_votes, labels)
-        else:
-            honest = np.where(fractions <= self.tau, NORMAL_CLASS, infected_votes)
-        for v in votes:
-            v.infected_fraction_pred = NORMAL_CLASS if v.infected_fraction <= self.tau else v.infected_vote
-            v.rule_votes["infected_fraction"] = v.infected_fraction_pred
+            self.tau = tune_tau(fractions, infected, labels)
+        votes = vote_patients(ids, probs[order], self.tau, k=self.k, center_slices=self.center_slices)
         predictions = {rule: np.asarray([v.rule_votes[rule] for v in votes]) for rule in VOTE_RULES}
-        predictions["infected_fraction"] = honest
-        return votes, labels, predictions
+        if self.fixed_tau is None:  # report a figure that is not fitted to the patient it scores
+            predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
+        metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
+        metrics = {f"val/patient/{rule}/{k}": v for rule, m in metrics_by_rule.items()
+                   for k, v in m.items() if k != "confusion"}
+        metrics["val/patient/acc"] = metrics[f"val/patient/{self.rule}/acc"]
+        metrics["val/patient/tau"] = self.tau
+        tuned = np.asarray([v.rule_votes["infected_fraction"] for v in votes])
+        metrics["val/patient/infected_fraction/acc_at_tuned_tau"] = float(np.mean(tuned == labels))
+        self.rule_table = rules_table(metrics_by_rule)
+        return ValidationVotes(epoch, self.rule, self.tau, self.fixed_tau is None, votes, labels, predictions,
+                               metrics, metrics_by_rule[self.rule]["confusion"], index, patient, probs)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._batches:
             return
-        dm = trainer.datamodule
-        index, patient, probs = self.gather(trainer)
-        votes, labels, predictions = self.vote_all_rules(patient, probs, dm.patient_labels)
-        for v in votes:
-            v.patient = dm.patient_ids[int(v.patient)]
-        metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
-        confusion = metrics_by_rule[self.rule]["confusion"]
-        summary = {f"val/patient/{rule}/{k}": v for rule, m in metrics_by_rule.items()
-                   for k, v in m.items() if k != "confusion"}
-        summary["val/patient/acc"] = summary[f"val/patient/{self.rule}/acc"]
-        summary["val/patient/tau"] = self.tau
-        tuned = np.asarray([v.infected_fraction_pred for v in votes])
-        summary["val/patient/infected_fraction/acc_at_tuned_tau"] = float(np.mean(tuned == labels))
-        pl_module.log_dict(summary, sync_dist=False)  # identical on every rank by construction
-        self.rule_table = rules_table(metrics_by_rule)
+        table = trainer.datamodule.slice_table
+        result = self.decide(trainer.current_epoch, *self.gather(trainer), table.patient_ids, table.patient_labels)
+        pl_module.log_dict(result.metrics, sync_dist=False)  # identical on every rank by construction
         if trainer.is_global_zero:
-            self.log_rule_table(trainer, len(labels))
-        if self.best is None or summary["val/patient/acc"] > self.best:
-            self.best, self.best_epoch, self.best_summary = summary["val/patient/acc"], trainer.current_epoch, summary
-            self.best_votes, self.best_labels, self.best_predictions = votes, labels, predictions[self.rule]
-            self.best_confusion, self.best_slices = confusion, (index, patient, probs)
+            self.log_rule_table(trainer, len(result.labels))
+        if self.best is None or result.score > self.best.score:
+            self.best = result
+            pl_module.patient_votes = result
             if trainer.is_global_zero:
-                self.write_patients_csv(votes, labels, predictions[self.rule])
+                self.write_patients_csv(result)
 
     def log_rule_table(self, trainer: pl.Trainer, n_patients: int) -> None:
         """The epoch's per-rule table: INFO text, and ``val/rules`` to every WandbLogger (call on rank 0)."""
         columns, rows = self.rule_table
         log.info("Patient rules, epoch %d, %d validation patients (* = vote.rule, logged as val/patient/acc):\n%s",
-                 trainer.current_epoch, n_patients, format_table(columns, rows, marked=self.rule))
+                 trainer.current_epoch, n_patients, rules_text(columns, rows, marked=self.rule))
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_table(key="val/rules", columns=columns, data=rows)
 
     # ---- outputs ------------------------------------------------------------------------------
-    def write_patients_csv(self, votes: list[PatientVote], labels: np.ndarray, preds: np.ndarray) -> None:
+    def write_patients_csv(self, result: ValidationVotes) -> None:
         """``patients.csv``: one row per validation patient of the best epoch (atomic)."""
         if self.output_dir is None:
             return
@@ -218,22 +239,28 @@ class PatientVoteCallback(pl.Callback):
         rows = [
             [v.patient, CLASS_NAMES[t], CLASS_NAMES[p], *[CLASS_NAMES[v.rule_votes[rule]] for rule in VOTE_RULES],
              round(v.infected_fraction, 4), v.n_slices, *v.votes.tolist(), *np.round(v.mean_prob, 4).tolist()]
-            for v, t, p in zip(votes, labels, preds, strict=True)
+            for v, t, p in zip(result.patients, result.labels, result.predicted, strict=True)
         ]
         atomic_write_csv(self.output_dir / "patients.csv", header, rows)
 
     def state_dict(self) -> dict[str, Any]:
         # the best epoch's metrics and confusion too: a resumed run (ckpt_path, SLURM requeue) that does
-        # not improve on it still reports them
-        confusion = None if self.best_confusion is None else self.best_confusion.tolist()
-        # k and center_slices are read by predict.py; on resume the config's values (like its rule) win
-        return {"rule": self.rule, "tau": self.tau, "k": self.k, "center_slices": self.center_slices,
-                "best": self.best, "best_epoch": self.best_epoch,
-                "best_summary": {k: float(v) for k, v in self.best_summary.items()}, "best_confusion": confusion}
+        # not improve on it still reports them. k and center_slices are read by predict.py; on resume the
+        # config's values (like its rule) win. The vote rule itself is the model's (hyper_parameters).
+        best = self.best
+        return {"tau": self.tau, "k": self.k, "center_slices": self.center_slices,
+                "best": None if best is None else best.score, "best_epoch": None if best is None else best.epoch,
+                "best_summary": {} if best is None else {k: float(v) for k, v in best.metrics.items()},
+                "best_confusion": None if best is None else best.confusion.tolist()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tau = float(state_dict["tau"])
-        self.best, self.best_epoch = state_dict["best"], state_dict["best_epoch"]
-        self.best_summary = dict(state_dict.get("best_summary", {}))  # absent in older checkpoints
+        if state_dict.get("best") is None:
+            return
+        metrics = dict(state_dict.get("best_summary") or {"val/patient/acc": state_dict["best"]})  # older: no summary
         confusion = state_dict.get("best_confusion")
-        self.best_confusion = None if confusion is None else np.asarray(confusion, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        self.best = ValidationVotes(
+            int(state_dict["best_epoch"]), self.rule, self.tau, self.fixed_tau is None, [], empty, {}, metrics,
+            empty.reshape(0, 0) if confusion is None else np.asarray(confusion, dtype=np.int64), empty, empty,
+            np.zeros((0, len(CLASS_NAMES)), dtype=np.float32))

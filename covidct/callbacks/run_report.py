@@ -12,38 +12,37 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from covidct import CLASS_NAMES
-from covidct.callbacks.patient_vote import PatientVoteCallback
+from covidct.callbacks.patient_vote import ValidationVotes
 
 log = logging.getLogger(__name__)
 
 
-def report_from_vote(vote: PatientVoteCallback, slice_targets: np.ndarray, run_name: str):
-    """A :class:`~covidct.report.RunReport` from the vote callback's best epoch.
+def report_from_votes(votes: ValidationVotes, slice_targets: np.ndarray, run_name: str):
+    """A :class:`~covidct.report.RunReport` of one validation epoch's :class:`ValidationVotes`.
 
     ``slice_targets``: int (rows of the slice cache,) slice class per cache row, -1 unknown
-    (``CTDataModule.targets``).
+    (:attr:`~covidct.data.datamodule.SliceTable.target`).
     """
     from covidct.report import RunReport
 
-    index, _, slice_probs = vote.best_slices
     extra, note = {}, ""
-    if vote.rule == "infected_fraction" and vote.fixed_tau is None:
-        extra["tau (tuned at the best epoch)"] = float(vote.best_summary.get("val/patient/tau", vote.tau))
+    if votes.rule == "infected_fraction" and votes.tau_tuned:
+        extra["tau (tuned at the best epoch)"] = float(votes.tau)
         note = "Each patient's predicted class uses a tau tuned on the other validation patients (leave-one-out)."
-    elif vote.rule == "infected_fraction":
-        extra["tau (fixed)"] = float(vote.fixed_tau)
+    elif votes.rule == "infected_fraction":
+        extra["tau (fixed)"] = float(votes.tau)
     return RunReport(
         run_name=run_name,
         class_names=CLASS_NAMES,
-        vote_rule=vote.rule,
-        best_epoch=vote.best_epoch,
-        patients=[v.patient for v in vote.best_votes],
-        patient_labels=np.asarray(vote.best_labels),
-        patient_preds=np.asarray(vote.best_predictions),
-        patient_scores=np.stack([v.mean_prob for v in vote.best_votes]),
-        n_slices=np.asarray([v.n_slices for v in vote.best_votes]),
-        slice_labels=np.asarray(slice_targets)[index],
-        slice_scores=slice_probs,
+        vote_rule=votes.rule,
+        best_epoch=votes.epoch,
+        patients=[v.patient for v in votes.patients],
+        patient_labels=votes.labels,
+        patient_preds=votes.predicted,
+        patient_scores=np.stack([v.mean_prob for v in votes.patients]),
+        n_slices=np.asarray([v.n_slices for v in votes.patients]),
+        slice_labels=np.asarray(slice_targets)[votes.slice_rows],
+        slice_scores=votes.slice_probs,
         extra_metrics=extra,
         note=note,
     )
@@ -64,14 +63,15 @@ class RunReportCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        vote = next((c for c in trainer.callbacks if isinstance(c, PatientVoteCallback)), None)
-        if vote is None or not vote.best_votes or vote.best_slices is None:
+        votes: ValidationVotes | None = getattr(pl_module, "patient_votes", None)
+        if votes is None or not votes.patients:
             log.warning("Run report skipped: no best validation epoch in this run (none was voted, or a resumed "
                         "run did not improve on its checkpoint's best, whose slices are not stored)")
             return
         from covidct.report import write_report
 
-        written = write_report(report_from_vote(vote, trainer.datamodule.targets, self.run_name), self.output_dir)
+        report = report_from_votes(votes, trainer.datamodule.slice_table.target, self.run_name)
+        written = write_report(report, self.output_dir)
         log.info("Run report: %s", written.paths["report.html"])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

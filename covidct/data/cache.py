@@ -78,10 +78,6 @@ class SliceCache:
     build_seconds: float
     skipped_patients: list[dict[str, str]]  # {"patient", "folder", "reason"}: folders without a usable slice
 
-    @property
-    def num_slices(self) -> int:
-        return int(self.images.shape[0])
-
 
 def cache_key(patients: Sequence[PatientFolder], preprocessor: SlicePreprocessor) -> str:
     """Hex digest over the preprocessing settings and every input file's path, size and mtime."""

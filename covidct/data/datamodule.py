@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from covidct import CLASS_NAMES
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.dicom import Skipped
-from covidct.data.labels import UNKNOWN, slice_targets, usable_slice_labels
+from covidct.data.labels import LABEL_MODES, UNKNOWN, slice_targets, usable_slice_labels
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
-from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
-from covidct.data.split import train_val_split
+from covidct.data.preprocess import SlicePreprocessor, Window, one_thread_per_worker, parse_windows
+from covidct.data.split import check_split, train_val_split
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
@@ -168,6 +169,42 @@ class PaddedEvalSampler(DistributedSampler):
         return iter(padded[self.rank : self.total_size : self.num_replicas])
 
 
+def check_data_settings(root: str | None, synthetic: Mapping[str, Any] | None, image_size: int, label_mode: str,
+                        batch_size: int, val_fraction: float, num_folds: int | None, fold: int) -> None:
+    """Raise :class:`ConfigError` naming the ``data.*`` key of a bad value (before any data is read)."""
+    if root is None and synthetic is None:
+        raise ConfigError("data.root is not set: give data.root=/path/to/COVID-CT-MD, or use data=synthetic")
+    if root is not None and not Path(root).is_dir():
+        raise ConfigError(f"data.root={root!r} is not a folder; point it at a COVID-CT-MD folder")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
+        raise ConfigError(f"data.image_size must be an integer >= 32 (px), got {image_size!r}")
+    if label_mode not in LABEL_MODES:
+        raise ConfigError(f"data.label_mode={label_mode!r} is not known; choose one of {sorted(LABEL_MODES)}")
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    check_split(val_fraction, num_folds, fold)
+
+
+@dataclass(frozen=True)
+class SliceTable:
+    """What callbacks read of the data (instead of the datamodule's and the cache's internals).
+
+    Per patient index: ``patient_ids`` (folder names) and ``patient_labels`` int64 (P,) class. Per
+    cache row: ``patient`` int32 (N,), ``rank`` int32 (N,) head-first rank in its series (the label
+    column), ``target`` int64 (N,) slice target (-1 unknown), ``images`` uint8 (N, C, S, S) memmap.
+    ``val_rows`` int64 (V,): the validation slices' cache rows, sorted. ``windows``: one per channel.
+    """
+
+    patient_ids: list[str]
+    patient_labels: np.ndarray
+    patient: np.ndarray
+    rank: np.ndarray
+    target: np.ndarray
+    images: np.ndarray
+    val_rows: np.ndarray
+    windows: tuple[Window, ...]
+
+
 class CTDataModule(pl.LightningDataModule):
     """COVID-CT-MD style data (real, or synthetic generated on first use) as slice batches.
 
@@ -215,12 +252,7 @@ class CTDataModule(pl.LightningDataModule):
         slice_labels_file: str | None = None,
     ) -> None:
         super().__init__()
-        if root is None and synthetic is None:
-            raise ConfigError("data.root is not set: point it at a COVID-CT-MD folder, or use data=synthetic")
-        if not isinstance(image_size, int) or image_size < 32:
-            raise ConfigError(f"data.image_size must be an integer >= 32 px, got {image_size!r}")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_data_settings(root, synthetic, image_size, label_mode, batch_size, val_fraction, num_folds, fold)
         self.root = root
         self.synthetic = None if synthetic is None else SyntheticSpec(
             **{k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in synthetic.items()}
@@ -242,6 +274,7 @@ class CTDataModule(pl.LightningDataModule):
         self.slice_labels_file = slice_labels_file
         self.cache: SliceCache | None = None
         self.summary: DataSummary | None = None
+        self._prepared: tuple[list[PatientFolder], list[Skipped], SliceCache] | None = None
 
     # ---- data preparation ---------------------------------------------------------------------
     @property
@@ -261,16 +294,24 @@ class CTDataModule(pl.LightningDataModule):
     def discover(self, skipped: list[Skipped] | None = None) -> list[PatientFolder]:
         return discover_covid_ct_md(self.data_root(), self.slice_labels_file, skipped)
 
+    def _read(self) -> tuple[list[PatientFolder], list[Skipped], SliceCache]:
+        """Discover the patients and build (or open) their slice cache: the one pass over the files."""
+        skipped_entries: list[Skipped] = []
+        patients = self.discover(skipped_entries)
+        return patients, skipped_entries, build_or_load_cache(patients, self.preprocessor, self.cache_dir,
+                                                              self.cache_workers)
+
     def prepare_data(self) -> None:
-        """Generate (synthetic) data and build the slice cache once; later runs reuse it."""
-        build_or_load_cache(self.discover(), self.preprocessor, self.cache_dir, self.cache_workers)
+        """Generate (synthetic) data and build the slice cache once; later runs reuse it. Lightning calls
+        this on one process per node; ``setup`` in the same process reuses what it found."""
+        self._prepared = self._read()
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is not None:
             return
-        skipped_entries: list[Skipped] = []
-        patients = self.discover(skipped_entries)
-        self.cache = cache = build_or_load_cache(patients, self.preprocessor, self.cache_dir, self.cache_workers)
+        patients, skipped_entries, cache = self._prepared or self._read()  # other DDP ranks read here
+        self._prepared = None
+        self.cache = cache
         labels_of = {p.patient_id: p.slice_labels for p in patients}
         self.patient_ids = [p.patient_id for p in cache.patients]
         self.patient_labels = np.asarray([p.label for p in cache.patients], dtype=np.int64)
@@ -302,10 +343,16 @@ class CTDataModule(pl.LightningDataModule):
             warnings=label_problems,
             skipped_entries=skipped_entries,
         )
+        if not self._rank_zero():
+            return
         log.info("\n%s", self.summary.text())
         if self.output_dir is not None:
             self.summary.save(self.output_dir)
             self.save_split(self.output_dir / "split.csv")
+
+    def _rank_zero(self) -> bool:
+        """True outside DDP and on global rank 0: the one process that logs and writes the data summary."""
+        return self.trainer is None or self.trainer.is_global_zero
 
     def _no_training_slices(self, label_problems: list[str]) -> str:
         """Why no training slice has a target, and what to change."""
@@ -331,6 +378,14 @@ class CTDataModule(pl.LightningDataModule):
                 for i, p in enumerate(self.cache.patients)  # type: ignore[union-attr]
             ],
         )
+
+    @property
+    def slice_table(self) -> SliceTable:
+        """The data's :class:`SliceTable` (after ``setup``)."""
+        cache = self.cache
+        assert cache is not None, "call setup() first"
+        return SliceTable(self.patient_ids, self.patient_labels, cache.patient, cache.slice_index, self.targets,
+                          cache.images, self.val_rows, self.preprocessor.windows)
 
     @property
     def train_class_counts(self) -> list[int]:
@@ -373,8 +428,8 @@ class CTDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if len(self.val_rows) == 0:
             raise ConfigError(
-                "No validation patients: data.val_fraction is 0 or every class has a single patient. "
-                "Raise data.val_fraction or add patients."
+                "No validation patients: every class has a single patient, or data.val_fraction rounds to none. "
+                "Raise data.val_fraction, use data.num_folds (k-fold), or add patients."
             )
         dataset = self._dataset(self.val_rows, None)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -22,6 +22,17 @@ def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.nda
     return folds
 
 
+def check_split(val_fraction: float, num_folds: int | None, fold: int) -> None:
+    """Raise :class:`ConfigError` naming ``data.val_fraction`` / ``data.num_folds`` / ``data.fold`` when
+    the split settings are impossible (``val_fraction`` must be in (0, 1) without folds)."""
+    if num_folds is None:
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    elif num_folds < 2 or not 0 <= fold < num_folds:
+        raise ConfigError(f"k-fold needs data.num_folds >= 2 and 0 <= data.fold < data.num_folds, "
+                          f"got num_folds={num_folds}, fold={fold}")
+
+
 def train_val_split(
     labels: Sequence[int],
     val_fraction: float,
@@ -36,15 +47,10 @@ def train_val_split(
     class has two or more patients and val_fraction > 0).
     """
     labels = np.asarray(labels)
+    check_split(val_fraction, num_folds, fold)
     if num_folds is not None:
-        if num_folds < 2:
-            raise ConfigError(f"data.num_folds must be >= 2 (or null), got {num_folds}")
-        if not 0 <= fold < num_folds:
-            raise ConfigError(f"data.fold must be in 0..{num_folds - 1}, got {fold}")
         folds = stratified_folds(labels, num_folds, seed)
         return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     val: list[int] = []
     for c in np.unique(labels):

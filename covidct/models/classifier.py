@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -13,8 +13,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from covidct import CLASS_NAMES
 from covidct.data.labels import UNKNOWN
-from covidct.losses import build_loss
+from covidct.losses import FocalLoss
 from covidct.models.backbones import build_backbone
+
+if TYPE_CHECKING:
+    from covidct.callbacks.patient_vote import ValidationVotes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +40,13 @@ class InputAdapter(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def setup(self, stage: str) -> None:
+        """Fit the loss to the training split (``loss.alpha=auto``), from ``trainer.datamodule.train_class_counts``."""
+        fit = getattr(self.criterion, "fit_class_counts", None)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and fit is not None and datamodule is not None:
+            fit(datamodule.train_class_counts)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0
         if self.mix is not None:
@@ -53,9 +63,11 @@ class SliceClassifier(pl.LightningModule):
         backbone: name in :data:`covidct.models.backbones.BACKBONES` (``vgg16`` is the paper's).
         pretrained: load torchvision's ImageNet weights (never silently skipped).
         weights_path: explicit weights file instead of torch hub's cache.
-        in_channels: number of window channels the data provides.
-        loss: ``{name: focal|ce, gamma, alpha}``; ``alpha: auto`` needs ``class_counts``.
-        class_counts: training slices per class (for ``alpha: auto``).
+        in_channels: number of window channels the data provides (``${len:${data.windows}}``).
+        loss: factory ``(num_classes, ignore_index) -> nn.Module`` (a Hydra ``_partial_`` of
+            :class:`~covidct.losses.FocalLoss` or :class:`~covidct.losses.CrossEntropyLoss`), called here,
+            so a bad loss value fails before any data is read; None = focal loss, gamma 2. A loss with
+            ``fit_class_counts`` (``alpha: auto``) gets the training split's class counts in ``setup``.
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
         scheduler: factory ``optimizer -> LRScheduler`` or None, stepped once per epoch.
         channels_last: NHWC memory format (about 2x faster for VGG16 on CPU and with AMP on GPU).
@@ -71,16 +83,14 @@ class SliceClassifier(pl.LightningModule):
         in_channels: int = 1,
         num_classes: int = len(CLASS_NAMES),
         class_names: Sequence[str] = CLASS_NAMES,
-        loss: Mapping[str, Any] | None = None,
-        class_counts: Sequence[int] | None = None,
+        loss: Callable[..., nn.Module] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         channels_last: bool = True,
         preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        loss = dict(loss or {"name": "focal", "gamma": 2.0, "alpha": None})
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_path"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "weights_path"])
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
@@ -89,14 +99,22 @@ class SliceClassifier(pl.LightningModule):
         self.net = build_backbone(backbone, num_classes, pretrained, weights_path)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.criterion = build_loss(
-            loss.get("name", "focal"), loss.get("gamma", 2.0), loss.get("alpha"), class_counts,
-            num_classes, ignore_index=UNKNOWN,
-        )
+        self.criterion = (loss or FocalLoss)(num_classes=num_classes, ignore_index=UNKNOWN)
+        settings = getattr(self.criterion, "settings", None)  # recorded in the checkpoint, as plain data
+        self.hparams["loss"] = settings() if settings else {"_target_": type(self.criterion).__qualname__}
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNKNOWN)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNKNOWN)
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", ignore_index=UNKNOWN)
         self.val_loss = MeanMetric()
+        #: the best validation epoch's patient decisions, set by PatientVoteCallback (read by the report)
+        self.patient_votes: ValidationVotes | None = None
+
+    def setup(self, stage: str) -> None:
+        """Fit the loss to the training split (``loss.alpha=auto``), from ``trainer.datamodule.train_class_counts``."""
+        fit = getattr(self.criterion, "fit_class_counts", None)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and fit is not None and datamodule is not None:
+            fit(datamodule.train_class_counts)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float logits (B, num_classes)."""
@@ -114,27 +132,19 @@ class SliceClassifier(pl.LightningModule):
         self.log("train/slice_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Logs the slice loss and metrics; returns ``probs`` float (B, C) for the patient vote."""
         logits = self(batch["image"])
         target = batch["target"]
         bs = int((target != UNKNOWN).sum())
         if bs:
             self.val_loss.update(self.criterion(logits, target), weight=bs)  # slice-weighted, summed over ranks
-            self.log(f"{stage}/loss", self.val_loss, on_epoch=True, batch_size=bs)
+            self.log("val/loss", self.val_loss, on_epoch=True, batch_size=bs)
             self.val_acc(logits, target)
             self.val_f1(logits, target)
-            self.log(f"{stage}/slice_acc", self.val_acc, on_epoch=True, batch_size=bs)
-            self.log(f"{stage}/slice_f1_macro", self.val_f1, on_epoch=True, batch_size=bs)
+            self.log("val/slice_acc", self.val_acc, on_epoch=True, batch_size=bs)
+            self.log("val/slice_f1_macro", self.val_f1, on_epoch=True, batch_size=bs)
         return {"probs": logits.float().softmax(dim=1).detach()}
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._eval_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch["image"]).float().softmax(dim=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the W&B run id so that ``ckpt_path=...`` resumes the same W&B run."""

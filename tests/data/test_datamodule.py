@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import albumentations as A
 import numpy as np
@@ -135,8 +136,11 @@ def test_loader_settings_are_automatic_without_a_gpu_and_explicit_when_given(cac
     loader = make_dm(cache_dir).train_dataloader()
     assert (loader.num_workers, loader.pin_memory) == (0, False)  # CPU: workers would take the model's cores
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
     dm = make_dm(cache_dir)
-    assert dm.num_workers >= 0 and dm.pin_memory is True  # a GPU: pinned batches, workers by CPU count
+    assert dm.num_workers == 3 and dm.pin_memory is True  # a GPU: pinned batches, one core left for the model
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert make_dm(cache_dir).num_workers == 8  # at most 8
     loader = make_dm(cache_dir, num_workers=2, pin_memory=False, prefetch_factor=3).val_dataloader()
     assert (loader.num_workers, loader.pin_memory, loader.prefetch_factor, loader.persistent_workers) == (2, False, 3,
                                                                                                           True)

@@ -1,0 +1,66 @@
+"""At fit end (rank 0, with a WandbLogger): the best validation epoch's per-patient table, patient
+confusion matrix and a few sample slices, from the patient vote's :class:`ValidationVotes`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+
+from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.callbacks.patient_vote import ValidationVotes
+from covidct.data.datamodule import SliceTable
+from covidct.errors import ConfigError
+from covidct.voting import VOTE_RULES
+
+
+class WandbTablesCallback(pl.Callback):
+    """Logs ``val/patients`` (every rule's vote per patient), ``val/patient_confusion`` (the configured
+    rule's) and ``val/sample_slices`` (each of the first ``n_images`` validation patients' most
+    infected-looking slice) to every WandbLogger; nothing without one, or without a best epoch in
+    this run (a resumed run that did not improve)."""
+
+    def __init__(self, n_images: int = 8) -> None:
+        if n_images < 0:
+            raise ConfigError(f"callbacks.wandb_tables.n_images must be >= 0, got {n_images}")
+        self.n_images = n_images
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        votes: ValidationVotes | None = getattr(pl_module, "patient_votes", None)
+        if not trainer.is_global_zero or not loggers or votes is None or not votes.patients:
+            return
+        import wandb
+
+        columns, rows = patient_rows(votes)
+        confusion = wandb.plot.confusion_matrix(y_true=votes.labels.tolist(), preds=votes.predicted.tolist(),
+                                                class_names=list(CLASS_NAMES))
+        samples = [wandb.Image(image, caption=caption)
+                   for image, caption in sample_slices(votes, trainer.datamodule.slice_table, self.n_images)]
+        for lg in loggers:
+            lg.log_table("val/patients", columns=columns, data=rows)
+            lg.experiment.log({"val/patient_confusion": confusion, "val/sample_slices": samples})
+
+
+def patient_rows(votes: ValidationVotes) -> tuple[list[str], list[list]]:
+    """Columns and one row per patient: id, true class, every rule's vote, infected fraction, slices."""
+    columns = ["patient", "true", *VOTE_RULES, "infected_fraction_of_slices", "n_slices"]
+    rows = [[v.patient, CLASS_NAMES[t], *[CLASS_NAMES[v.rule_votes[r]] for r in VOTE_RULES], v.infected_fraction,
+             v.n_slices] for v, t in zip(votes.patients, votes.labels, strict=True)]
+    return columns, rows
+
+
+def sample_slices(votes: ValidationVotes, table: SliceTable, n: int) -> list[tuple[np.ndarray, str]]:
+    """(uint8 (S, S) first channel, caption) of the most infected-looking slice (lowest P(Normal)) of each
+    of the first ``n`` validation patients."""
+    samples = []
+    rows, patient, probs = votes.slice_rows, votes.slice_patient, votes.slice_probs
+    for p in np.unique(patient)[:n]:
+        mine = np.flatnonzero(patient == p)
+        i = mine[np.argmin(probs[mine, NORMAL_CLASS])]
+        row, pred, target = rows[i], int(probs[i].argmax()), int(table.target[rows[i]])
+        caption = (f"{table.patient_ids[p]} slice {table.rank[row]}: target "
+                   f"{'unknown' if target < 0 else CLASS_NAMES[target]}, predicted {CLASS_NAMES[pred]} "
+                   f"({probs[i, pred]:.2f})")
+        samples.append((np.array(table.images[row, 0]), caption))
+    return samples
