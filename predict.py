@@ -26,8 +26,11 @@ def main(cfg: DictConfig) -> None:
 
     missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
     if missing:
-        log.error("%s not set: python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt "
-                  "input=<patient folder | test set | folder of test sets>", " and ".join(missing))
+        log.error(
+            "%s not set: python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt "
+            "input=<patient folder | test set | folder of test sets>",
+            " and ".join(missing),
+        )
         sys.exit(1)
     try:
         outputs = run_prediction(cfg)

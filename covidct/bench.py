@@ -165,16 +165,18 @@ def loader_throughput(dataset: Dataset, batch_size: int, workers: int) -> float:
     """Slices/s of the second epoch through a DataLoader (the first one starts the workers)."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=workers > 0)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
     for _ in loader:
         pass
     seconds = timed(lambda: [None for _ in loader])
     return len(dataset) / seconds
 
 
-def measure_loaders(patients: list[PatientFolder], pre: SlicePreprocessor, cfg: DictConfig, work: Path,
-                    data: str, with_jpeg: bool) -> list[Row]:
+def measure_loaders(
+    patients: list[PatientFolder], pre: SlicePreprocessor, cfg: DictConfig, work: Path, data: str, with_jpeg: bool
+) -> list[Row]:
     import numpy as np
 
     from covidct.data.cache import build_or_load_cache
@@ -184,14 +186,26 @@ def measure_loaders(patients: list[PatientFolder], pre: SlicePreprocessor, cfg: 
     n = len(cache.patient)
     transform = training_augmentation()
     rows_all = np.arange(n)
-    cached = SliceDataset(cache.path, cache.images.shape, rows_all, np.zeros(n, np.int64), cache.patient,
-                          cache.slice_index, transform)
+    cached = SliceDataset(
+        cache.path, cache.images.shape, rows_all, np.zeros(n, np.int64), cache.patient, cache.slice_index, transform
+    )
     bs, workers = cfg.loader.batch_size, cfg.loader.num_workers
     rate_cache = loader_throughput(cached, bs, workers)
     files = slice_files(patients)
     rate_dicom = loader_throughput(DicomSlices(files, pre, transform), bs, workers)
-    rows = [Row("loader", data, "cache", rate_cache, "DICOM every epoch", rate_dicom, "slices/s", ">= 20x",
-                rate_cache / rate_dicom >= 20)]
+    rows = [
+        Row(
+            "loader",
+            data,
+            "cache",
+            rate_cache,
+            "DICOM every epoch",
+            rate_dicom,
+            "slices/s",
+            ">= 20x",
+            rate_cache / rate_dicom >= 20,
+        )
+    ]
     if with_jpeg:
         jpegs = convert_to_jpeg(files, pre, work / "jpeg")
         rate_jpeg = loader_throughput(JpegSlices(jpegs, pre.image_size, transform), bs, workers)
@@ -200,8 +214,9 @@ def measure_loaders(patients: list[PatientFolder], pre: SlicePreprocessor, cfg: 
 
 
 # ---- row 2: cache build -------------------------------------------------------------------------
-def measure_cache_build(patients: list[PatientFolder], pre: SlicePreprocessor, workers: int, work: Path,
-                        data: str, repeats: int = 1) -> list[Row]:
+def measure_cache_build(
+    patients: list[PatientFolder], pre: SlicePreprocessor, workers: int, work: Path, data: str, repeats: int = 1
+) -> list[Row]:
     """Slices/s of a cache build with 1 process vs raw decoding (alternating ``repeats`` times, the best
     of each counts), then with ``workers`` processes."""
     import pydicom
@@ -237,9 +252,16 @@ def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
 
     model = new_model(dm, cfg)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=cfg.epochs, logger=CSVLogger(work, name="csv"),
-        callbacks=[PatientVoteCallback("infected_fraction", None, str(work))], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=cfg.epochs,
+        logger=CSVLogger(work, name="csv"),
+        callbacks=[PatientVoteCallback("infected_fraction", None, str(work))],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
     )
     return timed(lambda: trainer.fit(model, datamodule=dm))
 
@@ -276,15 +298,24 @@ def new_model(dm: CTDataModule, cfg: DictConfig) -> SliceClassifier:
     from covidct.models.classifier import SliceClassifier
 
     torch.manual_seed(0)
-    return SliceClassifier(backbone=cfg.backbone, in_channels=dm.num_channels,
-                           optimizer=partial(torch.optim.Adam, lr=3e-4))
+    return SliceClassifier(
+        backbone=cfg.backbone, in_channels=dm.num_channels, optimizer=partial(torch.optim.Adam, lr=3e-4)
+    )
 
 
 def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> list[Row]:
     from covidct.data.datamodule import CTDataModule
 
-    dm = CTDataModule(root=str(root), cache_dir=str(work / "cache"), image_size=cfg.image_size, batch_size=32,
-                      val_fraction=0.3, num_workers=0, train_transforms=None, seed=0)
+    dm = CTDataModule(
+        root=str(root),
+        cache_dir=str(work / "cache"),
+        image_size=cfg.image_size,
+        batch_size=32,
+        val_fraction=0.3,
+        num_workers=0,
+        train_transforms=None,
+        seed=0,
+    )
     dm.prepare_data()
     dm.setup("fit")
     warm = OmegaConf.merge(cfg, {"epochs": 1})  # first calls pay one-time costs (lazy imports, allocator)
@@ -302,9 +333,19 @@ def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> lis
     slices = cfg.epochs * (len(dm.train_rows) + len(dm.val_rows))
     hand_ms = min(hand) / slices * 1000
     log.info("framework pairs (Lightning/hand): %s", ", ".join(f"{r:.3f}" for r in ratios))
-    return [Row("framework", f"{data}, {cfg.backbone} {cfg.image_size} px, {cfg.epochs} epochs, "
-                f"median of {len(ratios)} pairs", "Lightning", hand_ms * median_ratio, "hand-written loop", hand_ms,
-                "ms/slice", "<= 1.05x", median_ratio <= 1.05)]
+    return [
+        Row(
+            "framework",
+            f"{data}, {cfg.backbone} {cfg.image_size} px, {cfg.epochs} epochs, median of {len(ratios)} pairs",
+            "Lightning",
+            hand_ms * median_ratio,
+            "hand-written loop",
+            hand_ms,
+            "ms/slice",
+            "<= 1.05x",
+            median_ratio <= 1.05,
+        )
+    ]
 
 
 # ---- row 4: memory ------------------------------------------------------------------------------
@@ -337,30 +378,57 @@ def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
 
     peaks, sizes = [], []
     for factor in (1, 10):
-        spec = SyntheticSpec(patients_per_class=(cfg.patients_per_class * factor,) * 3, slices_min=cfg.slices,
-                             slices_max=cfg.slices, image_size=128, seed=1)
+        spec = SyntheticSpec(
+            patients_per_class=(cfg.patients_per_class * factor,) * 3,
+            slices_min=cfg.slices,
+            slices_max=cfg.slices,
+            image_size=128,
+            seed=1,
+        )
         root = ensure_dataset(cache_dir, spec)  # generated and cached here, so the run only reads
         pre = SlicePreprocessor(parse_windows(["lung"]), cfg.image_size)
         cache = build_or_load_cache(discover_covid_ct_md(root), pre, cache_dir, workers=2)
         sizes.append((len(cache.patient), (cache.path / "images.u8").stat().st_size))
-        overrides = [
-            f"data.synthetic.{k}={v}" for k, v in asdict(spec).items() if k != "patients_per_class"
-        ] + [
+        overrides = [f"data.synthetic.{k}={v}" for k, v in asdict(spec).items() if k != "patients_per_class"] + [
             f"data.synthetic.patients_per_class=[{spec.patients_per_class[0]},{spec.patients_per_class[0]},"
-            f"{spec.patients_per_class[0]}]", f"paths.cache_dir={cache_dir}", f"paths.output_dir={work / str(factor)}",
-            f"data.image_size={cfg.image_size}", "data.num_workers=0", "logger=csv", "trainer.max_epochs=1",
-            f"trainer.limit_train_batches={cfg.batches}", f"trainer.limit_val_batches={cfg.batches}",
-            "trainer.enable_progress_bar=false", "model=resnet18", "model.pretrained=false",
+            f"{spec.patients_per_class[0]}]",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={work / str(factor)}",
+            f"data.image_size={cfg.image_size}",
+            "data.num_workers=0",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={cfg.batches}",
+            f"trainer.limit_val_batches={cfg.batches}",
+            "trainer.enable_progress_bar=false",
+            "model=resnet18",
+            "model.pretrained=false",
         ]
-        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(overrides)], capture_output=True,
-                             text=True, env=os.environ | {"WANDB_MODE": "offline"}, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, json.dumps(overrides)],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"WANDB_MODE": "offline"},
+            check=False,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"memory run failed:\n{out.stderr[-3000:]}")
         peaks.append(int(out.stdout.split("PEAK_RSS_KB")[-1]) / 1024)
     (n, bytes_n), (n10, bytes_10n) = sizes
     data = f"synthetic, {n} vs {n10} slices, cache {bytes_n / 2**20:.0f} vs {bytes_10n / 2**20:.0f} MiB"
-    return [Row("memory", data, "peak RSS 10N", peaks[1], "peak RSS N", peaks[0], "MiB", "<= 1.15x",
-                peaks[1] / peaks[0] <= 1.15)]
+    return [
+        Row(
+            "memory",
+            data,
+            "peak RSS 10N",
+            peaks[1],
+            "peak RSS N",
+            peaks[0],
+            "MiB",
+            "<= 1.15x",
+            peaks[1] / peaks[0] <= 1.15,
+        )
+    ]
 
 
 # ---- row 5: inference ---------------------------------------------------------------------------
@@ -374,16 +442,37 @@ def measure_inference(sample: Path, cfg: DictConfig) -> list[Row]:
     r = {k: sum(x[k] for x in results) for k in ("patients", "slices", "end_to_end_s", "forward_s")}
     r["overhead_ratio"] = r["end_to_end_s"] / r["forward_s"]
     data = f"real, {r['patients']} patients, {r['slices']} slices, {cfg.backbone} {cfg.image_size} px"
-    return [Row("inference", data, "predict.py", r["end_to_end_s"] / r["slices"] * 150, "bare forward",
-                r["forward_s"] / r["slices"] * 150, "s/150-slice patient", "<= 1.3x", r["overhead_ratio"] <= 1.3)]
+    return [
+        Row(
+            "inference",
+            data,
+            "predict.py",
+            r["end_to_end_s"] / r["slices"] * 150,
+            "bare forward",
+            r["forward_s"] / r["slices"] * 150,
+            "s/150-slice patient",
+            "<= 1.3x",
+            r["overhead_ratio"] <= 1.3,
+        )
+    ]
 
 
 # ---- report -------------------------------------------------------------------------------------
 def format_rows(rows: list[Row]) -> str:
     header = ["row", "data", "A", "value A", "B", "value B", "unit", "A/B", "target", "met"]
     cells = [header] + [
-        [r.name, r.data, r.a_label, f"{r.a:.4g}", r.b_label, f"{r.b:.4g}", r.unit, f"{r.ratio:.3g}x", r.target,
-         "" if r.ok is None else ("yes" if r.ok else "NO")]
+        [
+            r.name,
+            r.data,
+            r.a_label,
+            f"{r.a:.4g}",
+            r.b_label,
+            f"{r.b:.4g}",
+            r.unit,
+            f"{r.ratio:.3g}x",
+            r.target,
+            "" if r.ok is None else ("yes" if r.ok else "NO"),
+        ]
         for r in rows
     ]
     return format_table(cells[0], cells[1:])
@@ -393,8 +482,11 @@ def environment() -> dict[str, Any]:
     import torch
 
     return {
-        "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "max_rss_mib_of_bench": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -433,8 +525,14 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
     scale = cfg.scale
     cache_dir = Path(cfg.cache_dir)
     pre = SlicePreprocessor(parse_windows(list(cfg.windows), key="bench.windows"), cfg.image_size)
-    spec = SyntheticSpec(patients_per_class=(cfg.data.patients_per_class * scale,) * 3, slices_min=cfg.data.slices,
-                         slices_max=cfg.data.slices, image_size=512, compressed_fraction=1.0, seed=0)
+    spec = SyntheticSpec(
+        patients_per_class=(cfg.data.patients_per_class * scale,) * 3,
+        slices_min=cfg.data.slices,
+        slices_max=cfg.data.slices,
+        image_size=512,
+        compressed_fraction=1.0,
+        seed=0,
+    )
     work = Path(tempfile.mkdtemp(prefix="covidct-bench-"))
     started = time.perf_counter()
     rows: list[Row] = []
@@ -444,8 +542,12 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
         data = f"synthetic 512 px JPEG-LS, {len(slice_files(synthetic))} slices"
         steps: list[tuple[str, Callable[[], list[Row]]]] = [
             ("loader", lambda: measure_loaders(synthetic, pre, cfg, work / "syn", data, with_jpeg=True)),
-            ("cache build", lambda: measure_cache_build(synthetic, pre, cfg.cache_build.workers, work, data,
-                                                                        cfg.cache_build.repeats)),
+            (
+                "cache build",
+                lambda: measure_cache_build(
+                    synthetic, pre, cfg.cache_build.workers, work, data, cfg.cache_build.repeats
+                ),
+            ),
         ]
         sample = Path(cfg.real_sample)
         if (sample / "Index.csv").is_file():
@@ -453,8 +555,12 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
             real_data = f"real sample, {len(slice_files(real))} slices"
             steps += [
                 ("loader (real)", lambda: measure_loaders(real, pre, cfg, work / "real", real_data, with_jpeg=False)),
-                ("cache build (real)", lambda: measure_cache_build(real, pre, cfg.cache_build.workers, work,
-                                                                   real_data, cfg.cache_build.repeats)),
+                (
+                    "cache build (real)",
+                    lambda: measure_cache_build(
+                        real, pre, cfg.cache_build.workers, work, real_data, cfg.cache_build.repeats
+                    ),
+                ),
             ]
         else:
             log.warning("Real sample not found at %s: its rows are skipped (bench.real_sample=...)", sample)
@@ -473,8 +579,12 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
             log.info("\n%s", format_rows(new))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"rows": [asdict(r) | {"ratio": r.ratio} for r in rows], "environment": environment(),
-              "bench": OmegaConf.to_container(cfg, resolve=True), "seconds": round(time.perf_counter() - started, 1)}
+    report = {
+        "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+        "environment": environment(),
+        "bench": OmegaConf.to_container(cfg, resolve=True),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     atomic_write_text(output_dir / "bench.json", json.dumps(report, indent=2) + "\n")
     return rows
 
@@ -489,8 +599,10 @@ def bench_app(cfg: DictConfig) -> None:
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message names the key; no traceback for user errors)
     env = environment()
-    print(f"covidct bench on {env['cpus']} CPUs ({env['torch_threads']} torch threads), GPU: {env['gpu']}; "
-          f"A/B measured side by side in this run")
+    print(
+        f"covidct bench on {env['cpus']} CPUs ({env['torch_threads']} torch threads), GPU: {env['gpu']}; "
+        f"A/B measured side by side in this run"
+    )
     print(format_rows(rows))
     print(f"figures: {output_dir / 'bench.json'}")
 

@@ -49,7 +49,12 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
 
 
 def measure_predict(
-    input_path: str | Path, backbone: str, image_size: int, batch_size: int, num_workers: int, repeats: int,
+    input_path: str | Path,
+    backbone: str,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    repeats: int,
 ) -> dict:
     """predict.py's work on ``input_path`` vs a bare forward over the same preprocessed slices (best of
     ``repeats`` each); returns the figures (seconds, per-patient time, overhead ratio)."""
@@ -79,23 +84,29 @@ def measure_predict(
     forward = best_of(repeats, lambda: slice_probabilities(model, images, batch_size))
     full = best_of(repeats, end_to_end)
     return {
-        "backbone": backbone, "image_size": image_size, "patients": len(patients), "slices": n_slices,
-        "threads": torch.get_num_threads(), "num_workers": num_workers,
-        "end_to_end_s": round(full, 2), "forward_s": round(forward, 2),
-        "seconds_per_150_slice_patient": round(full / n_slices * 150, 2), "overhead_ratio": round(full / forward, 3),
+        "backbone": backbone,
+        "image_size": image_size,
+        "patients": len(patients),
+        "slices": n_slices,
+        "threads": torch.get_num_threads(),
+        "num_workers": num_workers,
+        "end_to_end_s": round(full, 2),
+        "forward_s": round(forward, 2),
+        "seconds_per_150_slice_patient": round(full / n_slices * 150, 2),
+        "overhead_ratio": round(full / forward, 3),
     }
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_predict")
 def bench_predict_app(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "input"):
-        log.error("input not set: python -m covidct.bench_predict input=<patient folder | test set | "
-                  "folder of test sets>")
+        log.error(
+            "input not set: python -m covidct.bench_predict input=<patient folder | test set | folder of test sets>"
+        )
         sys.exit(1)
     try:
         check_backbone("backbone", cfg.backbone)
-        result = measure_predict(cfg.input, cfg.backbone, cfg.image_size, cfg.batch_size, cfg.num_workers,
-                                 cfg.repeats)
+        result = measure_predict(cfg.input, cfg.backbone, cfg.image_size, cfg.batch_size, cfg.num_workers, cfg.repeats)
     except CovidCTError as exc:
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message names the key or file; no traceback for user errors)

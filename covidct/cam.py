@@ -90,8 +90,11 @@ def gradients_enabled(model: nn.Module) -> Iterator[None]:
 
 @functools.cache
 def _warn_flat(size: int) -> None:
-    log.warning("Grad-CAM: the target layer is 1x1 at %d px input, so every map is flat (all blue); "
-                "it needs a larger data.image_size (64 px or more)", size)
+    log.warning(
+        "Grad-CAM: the target layer is 1x1 at %d px input, so every map is flat (all blue); "
+        "it needs a larger data.image_size (64 px or more)",
+        size,
+    )
 
 
 @cv2_single_threaded()

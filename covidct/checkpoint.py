@@ -54,8 +54,10 @@ def check_structure(ckpt: Any, where: str) -> None:
     """Refuse what torch could read but is no covidct checkpoint: covidct reads ``state_dict`` and
     ``hyper_parameters['preprocessing']`` (windows, image size) from every checkpoint."""
     if not isinstance(ckpt, dict):
-        raise DataError(f"{where}: not a covidct/Lightning checkpoint: it holds a {type(ckpt).__name__}, "
-                        f"not a dict with state_dict and hyper_parameters; {WHERE}.")
+        raise DataError(
+            f"{where}: not a covidct/Lightning checkpoint: it holds a {type(ckpt).__name__}, "
+            f"not a dict with state_dict and hyper_parameters; {WHERE}."
+        )
     if "state_dict" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise DataError(
             f"{where}: a plain state_dict ({len(ckpt)} tensors, e.g. {next(iter(ckpt))!r}), not a covidct/Lightning "
@@ -64,12 +66,16 @@ def check_structure(ckpt: Any, where: str) -> None:
         )
     missing = [key for key in ("state_dict", "hyper_parameters") if key not in ckpt]
     if missing:
-        raise DataError(f"{where}: not a covidct/Lightning checkpoint: it has no {' and no '.join(missing)} "
-                        f"(its keys: {sorted(map(str, ckpt))[:8]}); {WHERE}.")
+        raise DataError(
+            f"{where}: not a covidct/Lightning checkpoint: it has no {' and no '.join(missing)} "
+            f"(its keys: {sorted(map(str, ckpt))[:8]}); {WHERE}."
+        )
     hp = ckpt["hyper_parameters"]
     if not isinstance(hp, dict) or not isinstance(hp.get("preprocessing"), dict):
-        raise DataError(f"{where}: a Lightning checkpoint not written by covidct's train.py: its hyper_parameters "
-                        f"have no 'preprocessing' (windows, image size); {WHERE}.")
+        raise DataError(
+            f"{where}: a Lightning checkpoint not written by covidct's train.py: its hyper_parameters "
+            f"have no 'preprocessing' (windows, image size); {WHERE}."
+        )
 
 
 def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
@@ -97,8 +103,9 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         code = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), None)
         if code is None:  # a malformed pickle, not a forbidden object
-            raise DataError(f"{where}: not a readable PyTorch checkpoint ({_first_unpickler_line(exc)}); "
-                            f"{WHERE}.") from None
+            raise DataError(
+                f"{where}: not a readable PyTorch checkpoint ({_first_unpickler_line(exc)}); {WHERE}."
+            ) from None
         raise DataError(
             f"{where}: refused: the file holds Python objects other than tensors and plain data, which "
             f"could run code when loaded ({code}). covidct never writes such objects: the file was changed or "

@@ -44,8 +44,10 @@ def check_config(cfg: DictConfig) -> None:
     if not trainer.get("fast_dev_run"):  # fast_dev_run ignores both
         for key in ("max_epochs", "max_steps"):
             if trainer.get(key) == 0:
-                raise ConfigError(f"trainer.{key}=0: nothing to train; give trainer.{key} >= 1 "
-                                  "(e.g. trainer.max_epochs=8), or debug=fast for one batch of each")
+                raise ConfigError(
+                    f"trainer.{key}=0: nothing to train; give trainer.{key} >= 1 "
+                    "(e.g. trainer.max_epochs=8), or debug=fast for one batch of each"
+                )
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a positive number, got {lr!r}")
@@ -80,16 +82,19 @@ def synthetic_override_conflict(args: list[str], conf_dir: Path) -> str | None:
     values: dict[str, list[str]] = {}
     for o in overrides:
         if not o.is_delete():
-            values[o.key_or_group] = (list(o.sweep_string_iterator()) if o.is_sweep_override()
-                                      else [o.get_value_element_as_str()])
+            values[o.key_or_group] = (
+                list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            )
     leftover = [o.input_line for o in overrides if o.key_or_group.startswith("data.synthetic")]
     if not leftover:
         return None
     data = set(values.get("data") or [_experiment_data(conf_dir, e) for e in values.get("experiment", ["demo"])])
     if "covid_ct_md" not in data:
         return None
-    return (f"{leftover[0]}: data=covid_ct_md reads the real data in data.root and has no data.synthetic settings; "
-            f"drop {' '.join(leftover)} (or use data=synthetic)")
+    return (
+        f"{leftover[0]}: data=covid_ct_md reads the real data in data.root and has no data.synthetic settings; "
+        f"drop {' '.join(leftover)} (or use data=synthetic)"
+    )
 
 
 class OutputDirCheck(Callback):
@@ -113,6 +118,8 @@ def _check_writable(config: DictConfig, key: str) -> None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        sys.stderr.write(f"Error: {key}={folder}: the output folder cannot be created or written ({reason}); "
-                         "choose another with paths.log_dir=<folder> or " + key + "=<folder>\n")
+        sys.stderr.write(
+            f"Error: {key}={folder}: the output folder cannot be created or written ({reason}); "
+            "choose another with paths.log_dir=<folder> or " + key + "=<folder>\n"
+        )
         raise SystemExit(1) from None  # Hydra turns any Exception raised in a callback into a warning

@@ -35,6 +35,7 @@ from covidct.voting import CENTER_SLICES, TOP_K, check_vote_settings, vote
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TestSet:
     """A named group of patient folders whose predictions go into one CSV."""
@@ -45,8 +46,7 @@ class TestSet:
 
 def _has_dicom(folder: Path) -> bool:
     """True if any file directly in ``folder`` is DICOM (checks the 'DICM' preamble, stops at the first)."""
-    return any(entry_kind(e) == "file" and e.name not in IGNORED_NAMES and is_dicom(e.path)
-               for e in os.scandir(folder))
+    return any(entry_kind(e) == "file" and e.name not in IGNORED_NAMES and is_dicom(e.path) for e in os.scandir(folder))
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -149,7 +149,9 @@ class PatientFolders(Dataset):
 def iterate_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_workers: int) -> Iterator[dict]:
     """Preprocessed patients in order; reading overlaps with the caller's compute when workers > 0."""
     loader = DataLoader(
-        PatientFolders(folders, preprocessor), batch_size=None, num_workers=num_workers,
+        PatientFolders(folders, preprocessor),
+        batch_size=None,
+        num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
     )
     yield from loader
@@ -159,8 +161,10 @@ def iterate_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_w
 def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size: int) -> np.ndarray:
     """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities, in batches."""
     device = next(model.parameters()).device
-    out = [model(images[i : i + batch_size].to(device, non_blocking=True)).float().softmax(1).cpu()
-           for i in range(0, len(images), batch_size)]
+    out = [
+        model(images[i : i + batch_size].to(device, non_blocking=True)).float().softmax(1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -195,19 +199,48 @@ def predict_test_set(
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
         if cam_slices:
-            write_patient_cams(model, item["images"], probs, pred, names, output_dir / f"{test_set.name}_cam" / pid,
-                               cam_slices, lung_channel(settings.windows), pid)
+            write_patient_cams(
+                model,
+                item["images"],
+                probs,
+                pred,
+                names,
+                output_dir / f"{test_set.name}_cam" / pid,
+                cam_slices,
+                lung_channel(settings.windows),
+                pid,
+            )
         detail = "; ".join(([item["order_note"]] if item["order_note"] else []) + item["skipped"])
-        patient_rows.append([pid, names[pred], *mean_probs, round(infected, 4), len(probs), len(item["skipped"]),
-                             item["order_key"], "ok", detail])
+        patient_rows.append(
+            [
+                pid,
+                names[pred],
+                *mean_probs,
+                round(infected, 4),
+                len(probs),
+                len(item["skipped"]),
+                item["order_key"],
+                "ok",
+                detail,
+            ]
+        )
         slice_rows += [
             [pid, rank, loc, *np.round(p.astype(np.float64), 4).tolist()]
             for rank, loc, p in zip(item["ranks"], item["locations"], probs, strict=True)
         ]
     patients_csv = atomic_write_csv(
         output_dir / f"{test_set.name}.csv",
-        ["patient", "predicted_class", *[f"prob_{n}" for n in names], "infected_fraction", "n_slices", "n_skipped",
-         "order_key", "status", "detail"],
+        [
+            "patient",
+            "predicted_class",
+            *[f"prob_{n}" for n in names],
+            "infected_fraction",
+            "n_slices",
+            "n_skipped",
+            "order_key",
+            "status",
+            "detail",
+        ],
         patient_rows,
     )
     slices_csv = atomic_write_csv(
@@ -224,8 +257,9 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"device={name!r}: use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is available here (or torch is a CPU build): use device=cpu "
-                          "or device=auto")
+        raise ConfigError(
+            "device=cuda but no CUDA GPU is available here (or torch is a CPU build): use device=cpu or device=auto"
+        )
     return torch.device(name)
 
 
@@ -257,11 +291,17 @@ def run_prediction(cfg) -> list[Path]:
     output_dir = Path(cfg.paths.output_dir)
     outputs = []
     for test_set in test_sets:
-        outputs += predict_test_set(test_set, model, settings, output_dir, cfg.batch_size, cfg.num_workers,
-                                    cfg.progress, cam_slices)
-    record = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "input": str(Path(cfg.input).resolve()),
-              "device": str(device), "test_sets": {t.name: len(t.patients) for t in test_sets},
-              "cam": cam_slices > 0, "cam_slices": cam_slices,
-              **settings.__dict__}
+        outputs += predict_test_set(
+            test_set, model, settings, output_dir, cfg.batch_size, cfg.num_workers, cfg.progress, cam_slices
+        )
+    record = {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "input": str(Path(cfg.input).resolve()),
+        "device": str(device),
+        "test_sets": {t.name: len(t.patients) for t in test_sets},
+        "cam": cam_slices > 0,
+        "cam_slices": cam_slices,
+        **settings.__dict__,
+    }
     outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
     return outputs

@@ -67,9 +67,7 @@ def _check_weight(value: object, key: str) -> float:
     return weight
 
 
-def resolve_alpha(
-    alpha: AlphaSpec, class_counts: Sequence[int] | None, num_classes: int
-) -> list[float] | float | None:
+def resolve_alpha(alpha: AlphaSpec, class_counts: Sequence[int] | None, num_classes: int) -> list[float] | float | None:
     """Validate ``loss.alpha`` and resolve ``"auto"``.
 
     Accepts ``None`` (no weighting), one number in [0, 1] (returned as a float), a list/tuple/ListConfig
@@ -84,9 +82,7 @@ def resolve_alpha(
         try:
             return _check_weight(alpha, "loss.alpha")
         except ConfigError as err:
-            raise ConfigError(
-                f"{err}; use a number in [0, 1], a list with one per class, null or auto"
-            ) from None
+            raise ConfigError(f"{err}; use a number in [0, 1], a list with one per class, null or auto") from None
     if not isinstance(alpha, Mapping) and (isinstance(alpha, Sequence) or hasattr(alpha, "__iter__")):
         weights = list(alpha)
         if len(weights) != num_classes:
@@ -96,8 +92,7 @@ def resolve_alpha(
             )
         return [_check_weight(w, f"loss.alpha[{i}]") for i, w in enumerate(weights)]
     raise ConfigError(
-        "loss.alpha must be null, a number in [0, 1], a list with one weight per class or auto, "
-        f"got {alpha!r}"
+        f"loss.alpha must be null, a number in [0, 1], a list with one weight per class or auto, got {alpha!r}"
     )
 
 
@@ -109,12 +104,8 @@ def _auto_alpha(class_counts: Sequence[int] | None, num_classes: int) -> list[fl
         )
     counts = [float(c) for c in class_counts]
     if len(counts) != num_classes:
-        raise ConfigError(
-            f"loss.alpha=auto got {len(counts)} class counts but there are {_class_list(num_classes)}"
-        )
-    missing = [
-        CLASS_NAMES[i] if num_classes == len(CLASS_NAMES) else str(i) for i, c in enumerate(counts) if c <= 0
-    ]
+        raise ConfigError(f"loss.alpha=auto got {len(counts)} class counts but there are {_class_list(num_classes)}")
+    missing = [CLASS_NAMES[i] if num_classes == len(CLASS_NAMES) else str(i) for i, c in enumerate(counts) if c <= 0]
     if missing:
         raise ConfigError(
             f"loss.alpha=auto needs every class in the training split, but it has no slices of "
@@ -177,12 +168,12 @@ class FocalLoss(nn.Module):
             self.alpha = self._weights("auto", class_counts)
 
     def extra_repr(self) -> str:
-        alpha = "auto (not fitted)" if self.auto_alpha and self.alpha is None else (
-            None if self.alpha is None else [round(a, 4) for a in self.alpha.tolist()])
-        return (
-            f"gamma={self.gamma}, alpha={alpha}, num_classes={self.num_classes}, "
-            f"ignore_index={self.ignore_index}"
+        alpha = (
+            "auto (not fitted)"
+            if self.auto_alpha and self.alpha is None
+            else (None if self.alpha is None else [round(a, 4) for a in self.alpha.tolist()])
         )
+        return f"gamma={self.gamma}, alpha={alpha}, num_classes={self.num_classes}, ignore_index={self.ignore_index}"
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits: (B, C) float; target: (B,) int64 class indices. Returns a 0-dim float32 tensor."""

@@ -135,8 +135,14 @@ def roc_png(curves: Roc, class_names: Sequence[str], title: str) -> bytes:
         else:
             ax.plot(curves.fpr[k], curves.tpr[k], lw=2, label=f"{name}: AUC {curves.auc[k]:.3f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-           title=title, aspect="equal")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        aspect="equal",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
@@ -147,8 +153,14 @@ def patient_table(report: RunReport) -> tuple[list[str], list[list[object]]]:
     header = ["patient", "true_class", "predicted_class", "correct", "n_slices", *[f"mean_prob_{n}" for n in names]]
     rows = [
         [pid, names[t], names[p], bool(t == p), int(n), *np.round(np.asarray(s, dtype=np.float64), 4).tolist()]
-        for pid, t, p, n, s in zip(report.patients, report.patient_labels, report.patient_preds, report.n_slices,
-                                   report.patient_scores, strict=True)
+        for pid, t, p, n, s in zip(
+            report.patients,
+            report.patient_labels,
+            report.patient_preds,
+            report.n_slices,
+            report.patient_scores,
+            strict=True,
+        )
     ]
     return header, rows
 
@@ -183,8 +195,10 @@ def render_html(report: RunReport, metrics: dict[str, float], images: dict[str, 
     header, rows = patient_table(report)
     wrong = ["" if row[3] else "wrong" for row in rows]
     title = f"Run report: {report.run_name}"
-    figures = "".join(f"<figure>{_img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>"
-                      for name, png in images.items())
+    figures = "".join(
+        f"<figure>{_img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, png in images.items()
+    )
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
@@ -224,8 +238,12 @@ def write_report(report: RunReport, out_dir: str | Path) -> WrittenReport:
     slice_roc = roc(report.slice_scores, report.slice_labels, c)
     n_patients, n_slices = len(report.patient_labels), int((np.asarray(report.slice_labels) >= 0).sum())
     images = {
-        "confusion matrix": confusion_png(report.patient_labels, report.patient_preds, report.class_names,
-                                          f"Patients ({report.vote_rule} vote), n={n_patients}"),
+        "confusion matrix": confusion_png(
+            report.patient_labels,
+            report.patient_preds,
+            report.class_names,
+            f"Patients ({report.vote_rule} vote), n={n_patients}",
+        ),
         "ROC, patient level": roc_png(patient_roc, report.class_names, f"Patient level (mean prob.), n={n_patients}"),
         "ROC, slice level": roc_png(slice_roc, report.class_names, f"Slice level, n={n_slices}"),
     }

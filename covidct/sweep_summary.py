@@ -110,8 +110,15 @@ def summary_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
     header = ["rank", "job", *varying, *metrics, "best_epoch", "status", "dir"]
     ordered = sorted(jobs, key=lambda j: (_sort_key(j["metrics"]["score"]), _job_number(Path(j["dir"]))))
     rows = [
-        [rank, j["job"], *(j["overrides"].get(k, "") for k in varying),
-         *(_fmt(j["metrics"].get(c, math.nan)) for c in metrics), _fmt(j["best_epoch"]), j["status"], j["dir"]]
+        [
+            rank,
+            j["job"],
+            *(j["overrides"].get(k, "") for k in varying),
+            *(_fmt(j["metrics"].get(c, math.nan)) for c in metrics),
+            _fmt(j["best_epoch"]),
+            j["status"],
+            j["dir"],
+        ]
         for rank, j in enumerate(ordered, start=1)
     ]
     return header, rows
@@ -192,13 +199,19 @@ def write_sweep_summary(sweep_dir: str | Path) -> str:
     atomic_write_csv(sweep_dir / "summary.csv", header, rows)
     failed = sum(j["status"] != "ok" for j in jobs)
     broken = sum(j["status"].startswith(BROKEN) for j in jobs)
-    report = [f"Sweep {sweep_dir}: {len(jobs)} jobs, {failed} failed ({broken} crashed or interrupted), "
-              "best first (summary.csv)", sweep_table(header, rows)]
+    report = [
+        f"Sweep {sweep_dir}: {len(jobs)} jobs, {failed} failed ({broken} crashed or interrupted), "
+        "best first (summary.csv)",
+        sweep_table(header, rows),
+    ]
     folds = fold_rows(jobs)
     if folds is not None:
         atomic_write_csv(sweep_dir / "folds.csv", *folds)
-        report += ["", "Cross-validation over data.fold: mean and std (ddof=1) per setting (folds.csv)",
-                   sweep_table(*folds)]
+        report += [
+            "",
+            "Cross-validation over data.fold: mean and std (ddof=1) per setting (folds.csv)",
+            sweep_table(*folds),
+        ]
     return "\n".join(report)
 
 

@@ -19,10 +19,12 @@ def format_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> 
     printed with ``str``: format numbers (decimals) before."""
     lines = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    numeric = [all(_is_number(line[i]) or line[i] == "" for line in lines[1:]) and len(lines) > 1
-               for i in range(len(widths))]
+    numeric = [
+        all(_is_number(line[i]) or line[i] == "" for line in lines[1:]) and len(lines) > 1 for i in range(len(widths))
+    ]
     return "\n".join(
-        "  ".join(cell.rjust(w) if right else cell.ljust(w)
-                  for cell, w, right in zip(line, widths, numeric, strict=True)).rstrip()
+        "  ".join(
+            cell.rjust(w) if right else cell.ljust(w) for cell, w, right in zip(line, widths, numeric, strict=True)
+        ).rstrip()
         for line in lines
     )

@@ -68,9 +68,9 @@ class TrainResult:
             head = f"No best epoch: no validation epoch was voted in this run (vote={rule})"
         else:
             tau = m.get("val/patient/tau")
-            head = (f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}"
-                    + (f" (tau {tau:.3f}, leave-one-patient-out)" if rule == "infected_fraction" and tau is not None
-                       else ""))
+            head = f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}" + (
+                f" (tau {tau:.3f}, leave-one-patient-out)" if rule == "infected_fraction" and tau is not None else ""
+            )
         written = [name for name in RUN_FILES if (self.output_dir / name).is_file()]
         lines = [
             head,
@@ -105,8 +105,11 @@ def check_launch(trainer: pl.Trainer) -> None:
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return
     launcher = trainer.strategy.launcher
-    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
-            and not launcher.cluster_environment.creates_processes_externally):
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes > 1
+        and not launcher.cluster_environment.creates_processes_externally
+    ):
         raise LaunchError(
             f"-m (multirun) cannot start {launcher.num_processes} DDP processes per job (Lightning would re-run the "
             "whole sweep for each extra rank): sweep DDP jobs with hydra/launcher=slurm "
@@ -231,25 +234,35 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     return result
 
 
-def record_interruption(trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path, resumed_from: str | None,
-                        rule: str) -> str:
+def record_interruption(
+    trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path, resumed_from: str | None, rule: str
+) -> str:
     """After SIGTERM: ``metrics.json`` with status ``interrupted`` (rank 0), the best epoch so far and the
     checkpoint to resume from (the newest one saved at an epoch end; the interrupted epoch restarts).
     Returns the one-line message."""
     saved = [Path(p) for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p]
     newest = max((p for p in saved if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
     resume = str(newest) if newest else resumed_from
-    message = (f"Training interrupted by SIGTERM in epoch {trainer.current_epoch} (step {trainer.global_step}): "
-               + (f"resume with ckpt_path={resume}" if resume else "no checkpoint was saved yet"))
+    message = f"Training interrupted by SIGTERM in epoch {trainer.current_epoch} (step {trainer.global_step}): " + (
+        f"resume with ckpt_path={resume}" if resume else "no checkpoint was saved yet"
+    )
     best = model.patient_votes
     if trainer.is_global_zero:
-        write_run_metrics(output_dir, {
-            "status": "interrupted", "error": message, "resume_from": resume,
-            "score": float(best.score) if best is not None else float("nan"), "monitor": "val/patient/acc",
-            "vote_rule": rule, "best_epoch": best.epoch if best is not None else None, "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "metrics": {k: float(v) for k, v in best.metrics.items()} if best is not None else {},
-        })
+        write_run_metrics(
+            output_dir,
+            {
+                "status": "interrupted",
+                "error": message,
+                "resume_from": resume,
+                "score": float(best.score) if best is not None else float("nan"),
+                "monitor": "val/patient/acc",
+                "vote_rule": rule,
+                "best_epoch": best.epoch if best is not None else None,
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "metrics": {k: float(v) for k, v in best.metrics.items()} if best is not None else {},
+            },
+        )
     return message
 
 

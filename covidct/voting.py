@@ -179,8 +179,9 @@ def topk_mean_vote(probs: np.ndarray, k: int = TOP_K) -> int:
 VOTE_RULES: tuple[str, ...] = ("majority", "infected_fraction", "mean_prob", "weighted_center", "topk_mean")
 
 
-def check_vote_settings(rule: str | None, tau: float | None = None, k: int | None = None,
-                        center_slices: int | None = None) -> None:
+def check_vote_settings(
+    rule: str | None, tau: float | None = None, k: int | None = None, center_slices: int | None = None
+) -> None:
     """Raise :class:`ConfigError` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``,
     ``vote.center_slices``) for a bad value; None values are not checked (tau None = tuned)."""
     if rule is not None and rule not in VOTE_RULES:
@@ -278,8 +279,9 @@ def leave_one_out_predictions(
     preds = np.empty(len(labels), dtype=np.int64)
     for i in range(len(labels)):
         others = np.arange(len(labels)) != i
-        tau = tune_tau(fractions[others], infected_classes[others], labels[others], normal_class) if others.any() \
-            else 0.5
+        tau = (
+            tune_tau(fractions[others], infected_classes[others], labels[others], normal_class) if others.any() else 0.5
+        )
         preds[i] = normal_class if fractions[i] <= tau else infected_classes[i]
     return preds
 

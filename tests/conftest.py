@@ -142,5 +142,6 @@ def tiny_checkpoint(trained) -> Path:
 
 def run_cli(args: list[str], cwd: Path, script: str = "train.py") -> subprocess.CompletedProcess:
     """``python <script> <args>`` in ``cwd`` with :func:`cli_env`; output captured as text."""
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
+    )

@@ -46,8 +46,14 @@ def main(out_dir: Path, ckpt_path: str, overrides: list[str]) -> None:
         "patient": best.slice_patient.tolist(),
         "probs": best.slice_probs.tolist(),
         "votes": [
-            {"patient": v.patient, "votes": v.votes.tolist(), "rule_votes": v.rule_votes,
-             "infected_fraction": v.infected_fraction, "infected_class": v.infected_class, "n_slices": v.n_slices}
+            {
+                "patient": v.patient,
+                "votes": v.votes.tolist(),
+                "rule_votes": v.rule_votes,
+                "infected_fraction": v.infected_fraction,
+                "infected_class": v.infected_class,
+                "n_slices": v.n_slices,
+            }
             for v in best.patients
         ],
         "predictions": best.predicted.tolist(),

@@ -22,26 +22,47 @@ from tests.conftest import REPO, cli_env
 @pytest.mark.slow
 def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
     # a tiny stand-in for the real sample, so its rows (loader, cache build, inference) run too
-    stand_in = ensure_dataset(tmp_path / "stand-in", SyntheticSpec(patients_per_class=(1, 1, 1), slices_min=6,
-                                                                   slices_max=6, image_size=96))
+    stand_in = ensure_dataset(
+        tmp_path / "stand-in", SyntheticSpec(patients_per_class=(1, 1, 1), slices_min=6, slices_max=6, image_size=96)
+    )
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("bench", overrides=[
-            f"paths.cache_dir={tmp_path / 'cache'}", f"bench.real_sample={stand_in}",
-            "bench.data.patients_per_class=2", "bench.data.slices=6", "bench.image_size=64",
-            "bench.loader.num_workers=0", "bench.cache_build.workers=2",
-            "bench.framework.epochs=1", "bench.framework.repeats=1", "bench.framework.image_size=32",
-            "bench.memory.patients_per_class=2", "bench.memory.slices=6", "bench.memory.image_size=64",
-            "bench.memory.batches=1", "bench.inference.backbone=resnet18", "bench.inference.image_size=64",
-            "bench.inference.num_workers=0", "bench.inference.patients=2",
-        ])
+        cfg = compose(
+            "bench",
+            overrides=[
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                f"bench.real_sample={stand_in}",
+                "bench.data.patients_per_class=2",
+                "bench.data.slices=6",
+                "bench.image_size=64",
+                "bench.loader.num_workers=0",
+                "bench.cache_build.workers=2",
+                "bench.framework.epochs=1",
+                "bench.framework.repeats=1",
+                "bench.framework.image_size=32",
+                "bench.memory.patients_per_class=2",
+                "bench.memory.slices=6",
+                "bench.memory.image_size=64",
+                "bench.memory.batches=1",
+                "bench.inference.backbone=resnet18",
+                "bench.inference.image_size=64",
+                "bench.inference.num_workers=0",
+                "bench.inference.patients=2",
+            ],
+        )
     rows = run_bench(cfg.bench, tmp_path / "out")
     names = [(r.name, r.b_label) for r in rows]
     assert names == [
-        ("loader", "DICOM every epoch"), ("loader", "JPEG files (paper)"),
-        ("cache build", "raw pydicom decode"), ("cache build", "1 process"),
-        ("loader", "DICOM every epoch"), ("cache build", "raw pydicom decode"), ("cache build", "1 process"),
-        ("framework", "hand-written loop"), ("memory", "peak RSS N"), ("inference", "bare forward"),
+        ("loader", "DICOM every epoch"),
+        ("loader", "JPEG files (paper)"),
+        ("cache build", "raw pydicom decode"),
+        ("cache build", "1 process"),
+        ("loader", "DICOM every epoch"),
+        ("cache build", "raw pydicom decode"),
+        ("cache build", "1 process"),
+        ("framework", "hand-written loop"),
+        ("memory", "peak RSS N"),
+        ("inference", "bare forward"),
     ]
     assert all(r.a > 0 and r.b > 0 and math.isfinite(r.ratio) for r in rows)
     assert "36 slices" in rows[0].data and "18 slices" in rows[4].data  # 2 x 3 x 6 synthetic, 3 x 6 stand-in
@@ -56,9 +77,16 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
 def test_rows_selects_rows_and_names_unknown_ones(tmp_path):
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        overrides = [f"paths.cache_dir={tmp_path / 'cache'}", f"bench.real_sample={tmp_path / 'absent'}",
-                     "bench.data.patients_per_class=2", "bench.data.slices=4", "bench.image_size=32",
-                     "bench.framework.epochs=1", "bench.framework.repeats=3", "bench.framework.image_size=32"]
+        overrides = [
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"bench.real_sample={tmp_path / 'absent'}",
+            "bench.data.patients_per_class=2",
+            "bench.data.slices=4",
+            "bench.image_size=32",
+            "bench.framework.epochs=1",
+            "bench.framework.repeats=3",
+            "bench.framework.image_size=32",
+        ]
         cfg = compose("bench", overrides=[*overrides, "bench.rows=[framework]"])
         bad = compose("bench", overrides=[*overrides, "bench.rows=[framwork]"])
     rows = run_bench(cfg.bench, tmp_path / "out")
@@ -100,16 +128,24 @@ def test_importing_the_bench_modules_only_defines_things():
     assert json.loads(out.stdout) == {"changed": {}, "heavy": []}
 
 
-@pytest.mark.parametrize(("module", "args", "key"), [
-    ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
-    ("covidct.bench", ["bench.framework.backbone=vgg61"], "bench.framework.backbone='vgg61' is not known"),
-    ("covidct.bench_predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
-    ("covidct.bench_predict", [], "input not set"),
-])
+@pytest.mark.parametrize(
+    ("module", "args", "key"),
+    [
+        ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
+        ("covidct.bench", ["bench.framework.backbone=vgg61"], "bench.framework.backbone='vgg61' is not known"),
+        ("covidct.bench_predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
+        ("covidct.bench_predict", [], "input not set"),
+    ],
+)
 def test_a_bad_value_ends_in_one_line_naming_the_key(tmp_path, module, args, key):
-    out = subprocess.run([sys.executable, "-m", module, *args, f"paths.log_dir={tmp_path}",
-                          f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=cli_env(),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args, f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and key in lines[0] and "ERROR" in lines[0], out.stderr
     assert not (tmp_path / "cache").exists()  # it failed before making any data

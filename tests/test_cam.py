@@ -33,10 +33,15 @@ def real_slice(sample: Path, size: int) -> np.ndarray:
     return SlicePreprocessor(parse_windows(["lung"]), size)(to_hounsfield(pydicom.dcmread(path)))
 
 
-@pytest.mark.parametrize(("backbone", "layer_type", "side"), [
-    ("resnet18", "BasicBlock", 2), ("resnet50", "Bottleneck", 2), ("efficientnet_b0", "Conv2dNormActivation", 2),
-    pytest.param("vgg16", "ReLU", 4, marks=pytest.mark.slow),  # 138M parameters to initialise
-])
+@pytest.mark.parametrize(
+    ("backbone", "layer_type", "side"),
+    [
+        ("resnet18", "BasicBlock", 2),
+        ("resnet50", "Bottleneck", 2),
+        ("efficientnet_b0", "Conv2dNormActivation", 2),
+        pytest.param("vgg16", "ReLU", 4, marks=pytest.mark.slow),  # 138M parameters to initialise
+    ],
+)
 def test_target_layer_is_the_last_feature_map(backbone, layer_type, side):
     model = SliceClassifier(backbone=backbone)
     layer = target_layer(model)
@@ -117,9 +122,23 @@ def test_predict_with_cam_writes_the_most_decisive_slices(trained, shared_cache,
     val = [r["patient"] for r in csv.DictReader((run_dir / "split.csv").open()) if r["subset"] == "val"]
     for test_set, pid in (("Test1", val[0]), ("Test2", val[1])):
         shutil.copytree(folders[pid], tmp_path / "input" / test_set / pid)
-    out = subprocess.run([sys.executable, str(REPO / "predict.py"), f"ckpt_path={ckpt}", f"input={tmp_path / 'input'}",
-                          f"paths.log_dir={tmp_path / 'logs'}", "cam=true", "cam_slices=2", "progress=false",
-                          "num_workers=1"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "predict.py"),
+            f"ckpt_path={ckpt}",
+            f"input={tmp_path / 'input'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "cam=true",
+            "cam_slices=2",
+            "progress=false",
+            "num_workers=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = next((tmp_path / "logs" / "predict" / "runs").iterdir())
     record = json.loads((result / "prediction.json").read_text())

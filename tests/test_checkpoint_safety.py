@@ -44,17 +44,22 @@ FOREIGN = {
     "patients.csv": (lambda p: p.write_text("patient,class\nP001,CAP\n"), "not a PyTorch checkpoint (a CSV file)"),
     "metrics.json": (lambda p: p.write_text('{"score": 0.9}\n'), "not a PyTorch checkpoint (a JSON file)"),
     "random.ckpt": (lambda p: p.write_bytes(random_bytes(first=0x17)), "not a PyTorch checkpoint (binary data"),
-    "random_pickle_byte.ckpt": (lambda p: p.write_bytes(random_bytes(first=0x80)),
-                                "not a readable PyTorch checkpoint"),
+    "random_pickle_byte.ckpt": (lambda p: p.write_bytes(random_bytes(first=0x80)), "not a readable PyTorch checkpoint"),
     "other.zip": (write_zip, "not a readable PyTorch checkpoint"),
-    "resnet18_state_dict.pth": (lambda p: torch.save(torchvision.models.resnet18().state_dict(), p),
-                                "a plain state_dict (122 tensors, e.g. 'conv1.weight'), not a covidct/Lightning "
-                                "checkpoint: it has no hyper_parameters"),
+    "resnet18_state_dict.pth": (
+        lambda p: torch.save(torchvision.models.resnet18().state_dict(), p),
+        "a plain state_dict (122 tensors, e.g. 'conv1.weight'), not a covidct/Lightning "
+        "checkpoint: it has no hyper_parameters",
+    ),
     "list.pt": (lambda p: torch.save([torch.zeros(2)], p), "not a covidct/Lightning checkpoint: it holds a list"),
-    "weights_only_dict.ckpt": (lambda p: torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, p),
-                               "not a covidct/Lightning checkpoint: it has no hyper_parameters"),
-    "other_lightning.ckpt": (lambda p: torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, p),
-                             "not written by covidct's train.py: its hyper_parameters have no 'preprocessing'"),
+    "weights_only_dict.ckpt": (
+        lambda p: torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, p),
+        "not a covidct/Lightning checkpoint: it has no hyper_parameters",
+    ),
+    "other_lightning.ckpt": (
+        lambda p: torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, p),
+        "not written by covidct's train.py: its hyper_parameters have no 'preprocessing'",
+    ),
 }
 
 
@@ -85,8 +90,9 @@ def test_only_a_pickled_global_is_called_code(tmp_path):
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def one_error_line(out: subprocess.CompletedProcess) -> str:
@@ -104,8 +110,11 @@ def test_train_and_predict_refuse_foreign_files_in_one_line(tmp_path, shared_cac
     for i in range(3):
         write_ct_slice(patient / f"{i}.dcm", np.full((32, 32), -700, np.int16), slice_location=float(i))
 
-    trained = run("train.py", [*tiny(shared_cache), "logger=none", f"ckpt_path={state_dict}",
-                               f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    trained = run(
+        "train.py",
+        [*tiny(shared_cache), "logger=none", f"ckpt_path={state_dict}", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+    )
     assert f"ckpt_path={state_dict}: a plain state_dict" in one_error_line(trained)
     assert not (tmp_path / "run" / "data_summary.txt").exists()  # refused before any data was read
     for ckpt, expected in ((state_dict, "a plain state_dict"), (json_file, "not a PyTorch checkpoint (a JSON file)")):
@@ -114,11 +123,13 @@ def test_train_and_predict_refuse_foreign_files_in_one_line(tmp_path, shared_cac
 
 
 @pytest.mark.slow
-def test_resume_with_other_input_or_backbone_is_refused_before_any_data_is_read(tmp_path, shared_cache,
-                                                                                 tiny_checkpoint):
+def test_resume_with_other_input_or_backbone_is_refused_before_any_data_is_read(
+    tmp_path, shared_cache, tiny_checkpoint
+):
     changed = ["data.image_size=64", "data.windows=[lung,bone]", "model=vgg16"]
-    cfg = compose_train(tmp_path / "resumed", tiny(shared_cache) + ["logger=none", f"ckpt_path={tiny_checkpoint}",
-                                                                    *changed])
+    cfg = compose_train(
+        tmp_path / "resumed", tiny(shared_cache) + ["logger=none", f"ckpt_path={tiny_checkpoint}", *changed]
+    )
     with pytest.raises(ConfigError) as caught:
         train(cfg)
     message = str(caught.value)

@@ -198,8 +198,12 @@ def test_synthetic_schema_is_made_from_the_generator_spec_and_the_yaml_agrees(tm
 def _group_choices() -> list[tuple[str, str]]:
     """(group, choice) for every YAML file of every config group the train config composes."""
     skip = {"hydra", "hparams_search", "bench", "bench_predict"}
-    return [(g.name, f.stem) for g in sorted((REPO / "conf").iterdir()) if g.is_dir() and g.name not in skip
-            for f in sorted(g.glob("*.yaml"))]
+    return [
+        (g.name, f.stem)
+        for g in sorted((REPO / "conf").iterdir())
+        if g.is_dir() and g.name not in skip
+        for f in sorted(g.glob("*.yaml"))
+    ]
 
 
 def _schema_defaults(schema: type, prefix: str = "") -> dict[str, object]:
@@ -228,8 +232,11 @@ def test_every_choice_composes_completely_and_the_schema_holds_no_second_default
     cfg = compose_train(tmp_path, [f"{group}={choice}", f"data.root={tmp_path}" if group == "data" else "seed=1"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every key has a value, every ${...} resolves
     defaults = _schema_defaults(TrainConfig)
-    assert set(defaults) == {"vote.k", "vote.center_slices", *(f"data.synthetic.{f.name}" for f in
-                                                                dataclasses.fields(SyntheticSpec))}
+    assert set(defaults) == {
+        "vote.k",
+        "vote.center_slices",
+        *(f"data.synthetic.{f.name}" for f in dataclasses.fields(SyntheticSpec)),
+    }
     for key, default in defaults.items():  # a value in the schema is never contradicted by a YAML file
         value = OmegaConf.select(cfg, key)
         if value is not None or not key.startswith("data.synthetic."):  # data=covid_ct_md: no synthetic data

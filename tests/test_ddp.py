@@ -24,8 +24,16 @@ from covidct.training import resume_checkpoint, train
 from covidct.voting import VOTE_RULES
 from tests.conftest import REPO, compose_train, tiny
 
-SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "covidct", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-             "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+SLURM_JOB = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "covidct",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
 DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -36,8 +44,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=300
+    )
 
 
 # ---- resume helpers (fast) ------------------------------------------------------------------------
@@ -129,8 +138,7 @@ def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path
 def test_train_py_with_ddp_cpu_makes_one_run(tmp_path, shared_cache):
     """Lightning re-runs train.py for rank 1 with rank 0's run folder: one folder, one W&B run, one
     checkpoints folder, one patients.csv, one summary."""
-    proc = run([str(REPO / "train.py"), "trainer=ddp_cpu", f"paths.log_dir={tmp_path}", *tiny(shared_cache)],
-               tmp_path)
+    proc = run([str(REPO / "train.py"), "trainer=ddp_cpu", f"paths.log_dir={tmp_path}", *tiny(shared_cache)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()  # rank 1 ran here
@@ -146,8 +154,17 @@ def test_train_py_with_ddp_cpu_makes_one_run(tmp_path, shared_cache):
 
 @pytest.mark.slow
 def test_multirun_with_ddp_started_by_lightning_is_refused(tmp_path, shared_cache):
-    proc = run([str(REPO / "train.py"), "-m", "trainer=ddp_cpu", "loss.gamma=0,2", f"paths.log_dir={tmp_path}",
-                *tiny(shared_cache)], tmp_path)
+    proc = run(
+        [
+            str(REPO / "train.py"),
+            "-m",
+            "trainer=ddp_cpu",
+            "loss.gamma=0,2",
+            f"paths.log_dir={tmp_path}",
+            *tiny(shared_cache),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 1
     assert "-m (multirun) cannot start 2 DDP processes per job" in proc.stderr
     assert "hydra/launcher=slurm" in proc.stderr and "Traceback" not in proc.stderr
@@ -168,11 +185,21 @@ def test_slurm_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes(tm
     (bin_dir / "scontrol").chmod(0o755)
     slurm = SLURM_JOB | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
     run_dir = tmp_path / "run"
-    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "logger=[wandb,csv]",
-               *tiny(shared_cache)]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        "logger=[wandb,csv]",
+        *tiny(shared_cache),
+    ]
     with (tmp_path / "first.log").open("w") as log:
-        job = subprocess.Popen([*command, "trainer.max_epochs=100"], cwd=tmp_path, env=clean_env(**slurm),
-                               stdout=log, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(
+            [*command, "trainer.max_epochs=100"],
+            cwd=tmp_path,
+            env=clean_env(**slurm),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             while not (run_dir / "checkpoints" / "last.ckpt").exists():  # epoch 0 done: training is running
                 assert job.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -186,8 +213,14 @@ def test_slurm_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes(tm
     done = hpc["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
     assert 1 <= done < 100 and hpc["global_step"] >= 2
 
-    second = subprocess.run([*command, f"trainer.max_epochs={done + 1}"], cwd=tmp_path, env=clean_env(**slurm),
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [*command, f"trainer.max_epochs={done + 1}"],
+        cwd=tmp_path,
+        env=clean_env(**slurm),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {run_dir}/hpc_ckpt_1.ckpt" in second.stderr
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

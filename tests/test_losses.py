@@ -163,7 +163,9 @@ def test_the_loss_configs_build_the_losses_the_model_completes(tmp_path) -> None
     assert isinstance(ce, CrossEntropyLoss) and isinstance(ce, torch.nn.CrossEntropyLoss)
     assert ce.weight is None and ce.ignore_index == -1
     ce.fit_class_counts([1, 2, 3])  # nothing to fit
-    torch.testing.assert_close(ce(torch.tensor(LOGITS), torch.tensor(TARGET)),
-                               torch.nn.functional.cross_entropy(torch.tensor(LOGITS), torch.tensor(TARGET)))
+    torch.testing.assert_close(
+        ce(torch.tensor(LOGITS), torch.tensor(TARGET)),
+        torch.nn.functional.cross_entropy(torch.tensor(LOGITS), torch.tensor(TARGET)),
+    )
     with pytest.raises(ConfigError, match="loss.gamma must be a number"):
         instantiate(compose_train(tmp_path, ["loss.gamma=strong"]).loss)(num_classes=3, ignore_index=-1)

@@ -71,8 +71,12 @@ def test_input_adapter_normalises_uint8_with_imagenet_statistics():
 
 def test_training_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = SliceClassifier(backbone="resnet18", in_channels=1, loss=partial(FocalLoss, gamma=2, alpha="auto"),
-                            optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    model = SliceClassifier(
+        backbone="resnet18",
+        in_channels=1,
+        loss=partial(FocalLoss, gamma=2, alpha="auto"),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+    )
     model.criterion.fit_class_counts([10, 10, 20])  # what setup() does with the training split's counts
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
     batch = {"image": images, "target": torch.arange(12) % 3}

@@ -100,8 +100,9 @@ def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> tuple[dict[s
     empty = np.zeros(0, dtype=np.int64)
     table = SliceTable(["P0", "P1", "P2", "P3"], np.array([0, 1, 2, 2]), empty, empty, empty, empty, empty, ())
     dm = SimpleNamespace(slice_table=table)
-    trainer = SimpleNamespace(sanity_checking=False, datamodule=dm, world_size=1, is_global_zero=True,
-                              current_epoch=0, loggers=loggers)
+    trainer = SimpleNamespace(
+        sanity_checking=False, datamodule=dm, world_size=1, is_global_zero=True, current_epoch=0, loggers=loggers
+    )
     cb.on_validation_epoch_start(trainer, module)
     for rows in np.array_split(np.random.default_rng(0).permutation(len(index)), 3):
         batch = {"index": torch.as_tensor(index[rows]), "patient": torch.as_tensor(patient[rows])}
@@ -161,8 +162,10 @@ def test_vote_state_holds_the_rule_parameters_and_older_states_load():
     assert (old.rule, old.k, old.center_slices, old.tau) == ("topk_mean", 3, 40, 0.4)  # the config's rule wins
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [({"k": 0}, "vote.k"), ({"center_slices": 2.5}, "vote.center_slices"),
-                                             ({"rule": "median"}, "vote.rule")])
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"k": 0}, "vote.k"), ({"center_slices": 2.5}, "vote.center_slices"), ({"rule": "median"}, "vote.rule")],
+)
 def test_bad_rule_parameters_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         PatientVoteCallback(**kwargs)

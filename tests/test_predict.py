@@ -51,8 +51,13 @@ def test_bad_input_fails_before_any_work(tmp_path):
 
 
 def run_predict(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args, "progress=false", "num_workers=1"],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), *args, "progress=false", "num_workers=1"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -95,8 +100,9 @@ def test_predict_uses_the_checkpoint_preprocessing_and_reports_bad_patients(trai
     assert record["image_size"] == 32 and record["vote_rule"] == "infected_fraction"
     assert record["tau"] == next(v for k, v in ckpt_data["callbacks"].items() if "PatientVote" in k)["tau"]
     # the slice probabilities equal the model's on the training pipeline's own 32 px cache
-    dm = CTDataModule(synthetic=compose_train(tmp_path, tiny(shared_cache)).data.synthetic, cache_dir=str(shared_cache),
-                      image_size=32)
+    dm = CTDataModule(
+        synthetic=compose_train(tmp_path, tiny(shared_cache)).data.synthetic, cache_dir=str(shared_cache), image_size=32
+    )
     dm.setup()
     model, _ = load_checkpoint(ckpt, torch.device("cpu"))
     pid = val[1]

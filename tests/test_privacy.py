@@ -62,8 +62,9 @@ def leaks(paths: list[Path], texts: dict[str, str]) -> list[str]:
             with zipfile.ZipFile(path) as z:
                 blobs += [(f"{path}:{name}", z.read(name)) for name in z.namelist()]
         found += [f"{where}: {n.decode()}" for where, blob in blobs for n in NEEDLES if n.lower() in blob.lower()]
-    found += [f"{name}: {n.decode()}" for name, text in texts.items() for n in NEEDLES
-              if n.decode().lower() in text.lower()]
+    found += [
+        f"{name}: {n.decode()}" for name, text in texts.items() for n in NEEDLES if n.decode().lower() in text.lower()
+    ]
     return found
 
 
@@ -73,8 +74,9 @@ def files_under(*folders: Path) -> list[Path]:
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = cli_env()
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_the_leak_search_finds_a_planted_string(tmp_path):  # the search below can fail
@@ -94,25 +96,58 @@ def test_patient_tags_never_reach_any_output(tmp_path):
     assert pydicom.dcmread(next(data.rglob("*.dcm"))).PatientName == PHI["PatientName"]  # really planted
     outputs, cache = tmp_path / "outputs", tmp_path / "cache"
 
-    trained = run("train.py", [
-        "data=covid_ct_md", f"data.root={data}", "data.image_size=32", "data.batch_size=8", "data.val_fraction=0.5",
-        "data.label_mode=patient", "data.cache_workers=1", f"paths.cache_dir={cache}", f"paths.log_dir={outputs}",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
-        "logger=wandb",
-    ], tmp_path)
+    trained = run(
+        "train.py",
+        [
+            "data=covid_ct_md",
+            f"data.root={data}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "data.val_fraction=0.5",
+            "data.label_mode=patient",
+            "data.cache_workers=1",
+            f"paths.cache_dir={cache}",
+            f"paths.log_dir={outputs}",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.enable_progress_bar=false",
+            "logger=wandb",
+        ],
+        tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     ckpt = next(outputs.rglob("last.ckpt"))
-    predicted = run("predict.py", [f"ckpt_path={ckpt}", f"input={data / 'COVID-19 subjects'}", "num_workers=0",
-                                   f"paths.log_dir={outputs}", "progress=false"], tmp_path)
+    predicted = run(
+        "predict.py",
+        [
+            f"ckpt_path={ckpt}",
+            f"input={data / 'COVID-19 subjects'}",
+            "num_workers=0",
+            f"paths.log_dir={outputs}",
+            "progress=false",
+        ],
+        tmp_path,
+    )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
 
     written = files_under(outputs, cache)
     names = {p.name for p in written}
-    assert {"last.ckpt", "patients.csv", "data_summary.json", "split.csv", "manifest.json", "train.log",
-            "prediction.json"} <= names
+    assert {
+        "last.ckpt",
+        "patients.csv",
+        "data_summary.json",
+        "split.csv",
+        "manifest.json",
+        "train.log",
+        "prediction.json",
+    } <= names
     assert any(p.suffix == ".wandb" for p in written)  # the W&B offline run is searched too
-    texts = {"train stdout": trained.stdout, "train stderr": trained.stderr,
-             "predict stdout": predicted.stdout, "predict stderr": predicted.stderr}
+    texts = {
+        "train stdout": trained.stdout,
+        "train stderr": trained.stderr,
+        "predict stdout": predicted.stdout,
+        "predict stderr": predicted.stderr,
+    }
     assert leaks(written, texts) == []
 
 
@@ -139,8 +174,11 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_pa
 
     with pytest.raises(DataError, match=r"refused: the file holds Python objects.*system"):
         read_checkpoint(tampered)
-    resumed = run("train.py", [*tiny(shared_cache), "logger=none", f"ckpt_path={tampered}",
-                               f"hydra.run.dir={tmp_path / 'resumed'}"], REPO)
+    resumed = run(
+        "train.py",
+        [*tiny(shared_cache), "logger=none", f"ckpt_path={tampered}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        REPO,
+    )
     patients = next(shared_cache.glob("synthetic-*")) / "Normal subjects"
     predicted = run("predict.py", [f"ckpt_path={tampered}", f"input={patients}", f"paths.log_dir={tmp_path}"], REPO)
     for result in (resumed, predicted):

@@ -46,10 +46,20 @@ def hand_made_report() -> RunReport:
     scores = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8], [0.2, 0.1, 0.7]])
     slice_labels = np.repeat(labels, 3)
     slice_scores = np.repeat(scores, 3, axis=0)
-    return RunReport(run_name="demo <run>", class_names=CLASS_NAMES, vote_rule="majority", best_epoch=2,
-                     patients=["P1", "cap1", "N1", "N2"], patient_labels=labels, patient_preds=preds,
-                     patient_scores=scores, n_slices=np.full(4, 3), slice_labels=slice_labels,
-                     slice_scores=slice_scores, extra_metrics={"tau (infected fraction)": 0.25})
+    return RunReport(
+        run_name="demo <run>",
+        class_names=CLASS_NAMES,
+        vote_rule="majority",
+        best_epoch=2,
+        patients=["P1", "cap1", "N1", "N2"],
+        patient_labels=labels,
+        patient_preds=preds,
+        patient_scores=scores,
+        n_slices=np.full(4, 3),
+        slice_labels=slice_labels,
+        slice_scores=slice_scores,
+        extra_metrics={"tau (infected fraction)": 0.25},
+    )
 
 
 def test_report_files_and_the_single_page(tmp_path):
@@ -68,7 +78,11 @@ def test_report_files_and_the_single_page(tmp_path):
     assert page.count('<tr class="wrong"><td>cap1</td>') == 1
     rows = list(csv.DictReader((tmp_path / "report_patients.csv").open()))
     assert [(r["patient"], r["predicted_class"], r["correct"]) for r in rows] == [
-        ("P1", "COVID-19", "True"), ("cap1", "Normal", "False"), ("N1", "Normal", "True"), ("N2", "Normal", "True")]
+        ("P1", "COVID-19", "True"),
+        ("cap1", "Normal", "False"),
+        ("N1", "Normal", "True"),
+        ("N2", "Normal", "True"),
+    ]
     m = written.metrics
     assert m["patient accuracy"] == 0.75 and m["tau (infected fraction)"] == 0.25
     assert m["patient AUC COVID-19"] == 1.0 and m["patient AUC CAP"] == 1.0  # cap1's CAP score 0.3 is the top one

@@ -19,17 +19,32 @@ pytestmark = pytest.mark.slow
 
 def overrides(cache: Path) -> list[str]:
     """3 epochs of 4 batches, augmentation on (the default), deterministic kernels."""
-    keep = [o for o in tiny(cache) if not o.startswith(("trainer.max_epochs", "trainer.limit_train_batches",
-                                                          "data.batch_size"))]
-    return keep + ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "data.batch_size=4",
-                   "trainer.deterministic=true", "seed=7", "logger=wandb",
-                   "model=efficientnet_b0"]  # dropout and stochastic depth: model randomness replayed too
+    keep = [
+        o
+        for o in tiny(cache)
+        if not o.startswith(("trainer.max_epochs", "trainer.limit_train_batches", "data.batch_size"))
+    ]
+    return keep + [
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=4",
+        "data.batch_size=4",
+        "trainer.deterministic=true",
+        "seed=7",
+        "logger=wandb",
+        "model=efficientnet_b0",
+    ]  # dropout and stochastic depth: model randomness replayed too
 
 
 def train_cli(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = cli_env()
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def load(path: Path) -> dict:
@@ -45,8 +60,15 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_metrics(tmp_p
     whole = train_cli(tmp_path / "whole", common)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    killed = train_cli(tmp_path / "killed", [*common, "+callbacks.kill._target_=tests.kill_at.KillAt",
-                                             "+callbacks.kill.epoch=1", "+callbacks.kill.batch=2"])
+    killed = train_cli(
+        tmp_path / "killed",
+        [
+            *common,
+            "+callbacks.kill._target_=tests.kill_at.KillAt",
+            "+callbacks.kill.epoch=1",
+            "+callbacks.kill.batch=2",
+        ],
+    )
     assert killed.returncode == -signal.SIGKILL
     saved = load(tmp_path / "killed" / "checkpoints" / "last.ckpt")
     assert saved["epoch"] == 0 and saved["global_step"] == 4  # epoch 1 was half done when the kill came

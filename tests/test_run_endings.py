@@ -34,8 +34,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def test_max_epochs_zero_is_refused_before_any_data_is_read(tmp_path, shared_cache):
@@ -48,8 +49,9 @@ def test_max_epochs_zero_is_refused_before_any_data_is_read(tmp_path, shared_cac
 
 def test_run_summary_survives_missing_metrics_and_names_only_written_files(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
-    result = TrainResult(score=float("nan"), best_epoch=None, best_checkpoint="", metrics={}, confusion=None,
-                         output_dir=tmp_path)
+    result = TrainResult(
+        score=float("nan"), best_epoch=None, best_checkpoint="", metrics={}, confusion=None, output_dir=tmp_path
+    )
     text = result.summary("infected_fraction")
     assert text.startswith("No best epoch") and f"outputs: {tmp_path} (metrics.json)" in text
     result.best_epoch, result.score, result.metrics = 2, 0.5, {"val/patient/acc": 0.5}  # no tau, no per-rule values
@@ -61,8 +63,10 @@ def test_a_resume_with_nothing_left_to_train_ends_with_a_true_summary(tmp_path, 
     """trainer.max_epochs=1 from the checkpoint of epoch 0: no epoch runs, the checkpoint's best epoch is
     reported, and no report is written (its slices are not in the checkpoint), so none is named. The
     windows are the checkpoint's, written as {level, width}: not a different input."""
-    cfg = compose_train(tmp_path, tiny(shared_cache) + ["logger=none", f"ckpt_path={tiny_checkpoint}",
-                                                        "data.windows=[{level:-600,width:1500}]"])
+    cfg = compose_train(
+        tmp_path,
+        tiny(shared_cache) + ["logger=none", f"ckpt_path={tiny_checkpoint}", "data.windows=[{level:-600,width:1500}]"],
+    )
     result = train(cfg)
     text = result.summary(cfg.vote.rule)
     assert result.best_epoch == 0 and not (tmp_path / "report.html").exists()
@@ -77,8 +81,13 @@ def test_sigterm_mid_training_exits_143_keeps_last_ckpt_and_records_interrupted(
     last = run_dir / "checkpoints" / "last.ckpt"
     args = [*tiny(shared_cache), "trainer.max_epochs=50", "logger=none", f"hydra.run.dir={run_dir}"]
     with log.open("w") as stderr:  # a file, not a pipe: an unread pipe could block the child
-        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         try:
             for _ in range(3000):  # until the first epoch's checkpoint exists (or the run ends)
                 if last.exists() or proc.poll() is not None:
@@ -106,8 +115,11 @@ def test_sigterm_mid_training_exits_143_keeps_last_ckpt_and_records_interrupted(
 def test_a_crashing_job_of_a_multirun_is_listed_as_crashed_and_the_sweep_exits_1(tmp_path, shared_cache):
     # weight_decay -1: torch.optim.Adam raises ValueError when Lightning builds the optimizer, inside fit;
     # not a covidct error (nothing in the config checks it), so job 0 crashes; job 1 trains
-    out = run("train.py", ["-m", "optimizer.weight_decay=-1,0", "logger=none", f"paths.log_dir={tmp_path}",
-                           *tiny(shared_cache)], tmp_path)
+    out = run(
+        "train.py",
+        ["-m", "optimizer.weight_decay=-1,0", "logger=none", f"paths.log_dir={tmp_path}", *tiny(shared_cache)],
+        tmp_path,
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
@@ -141,14 +153,26 @@ def test_cli_mistakes_end_in_one_line_without_traceback(tmp_path):
     blocker.write_text("")
     cases = [
         ("predict.py", [], "ckpt_path and input not set: python predict.py ckpt_path="),
-        ("train.py", ["data=covid_ct_md", f"data.root={tmp_path}", "data.synthetic.image_size=64"],
-         "data.synthetic.image_size=64: data=covid_ct_md reads the real data in data.root"),
-        ("train.py", ["logger=none", f"hydra.run.dir={blocker / 'run'}"],
-         f"hydra.run.dir={blocker / 'run'}: the output folder cannot be created or written"),
-        ("train.py", ["-m", "loss.gamma=0,1", f"paths.log_dir={blocker}"],
-         f"hydra.sweep.dir={blocker}/train/multiruns/"),
-        ("predict.py", ["ckpt_path=x.ckpt", f"input={tmp_path}", f"hydra.run.dir={blocker / 'run'}"],
-         f"hydra.run.dir={blocker / 'run'}: the output folder cannot be created or written"),
+        (
+            "train.py",
+            ["data=covid_ct_md", f"data.root={tmp_path}", "data.synthetic.image_size=64"],
+            "data.synthetic.image_size=64: data=covid_ct_md reads the real data in data.root",
+        ),
+        (
+            "train.py",
+            ["logger=none", f"hydra.run.dir={blocker / 'run'}"],
+            f"hydra.run.dir={blocker / 'run'}: the output folder cannot be created or written",
+        ),
+        (
+            "train.py",
+            ["-m", "loss.gamma=0,1", f"paths.log_dir={blocker}"],
+            f"hydra.sweep.dir={blocker}/train/multiruns/",
+        ),
+        (
+            "predict.py",
+            ["ckpt_path=x.ckpt", f"input={tmp_path}", f"hydra.run.dir={blocker / 'run'}"],
+            f"hydra.run.dir={blocker / 'run'}: the output folder cannot be created or written",
+        ),
     ]
     for script, args, expected in cases:
         out = run(script, args, tmp_path)

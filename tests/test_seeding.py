@@ -22,8 +22,12 @@ def test_a_step_draws_the_same_whatever_ran_before_it():
     torch.rand(12345)  # whatever else consumed the generator in between (other steps, validation)
     dropout_mask(seeded, epoch=0, step=0)
     assert torch.equal(dropout_mask(seeded, epoch=3, step=7), first)
-    others = [dropout_mask(seeded, 3, 8), dropout_mask(seeded, 4, 7), dropout_mask(seeded, 3, 7, rank=1),
-              dropout_mask(StepSeed(43), 3, 7)]
+    others = [
+        dropout_mask(seeded, 3, 8),
+        dropout_mask(seeded, 4, 7),
+        dropout_mask(seeded, 3, 7, rank=1),
+        dropout_mask(StepSeed(43), 3, 7),
+    ]
     assert not any(torch.equal(first, other) for other in others)
 
 

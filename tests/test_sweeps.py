@@ -28,11 +28,16 @@ def fake_job(sweep: Path, num: int, overrides: list[str], score: float | None, e
     if error is not None:
         write_run_metrics(job, {"status": "failed", "error": error})
     elif score is not None:
-        metrics = {"val/patient/acc": score, "val/patient/majority/acc": score / 2,
-                   "val/patient/majority/f1_macro": 0.1, "val/patient/infected_fraction/acc": score,
-                   "val/patient/infected_fraction/f1_macro": score - 0.1}
-        write_run_metrics(job, {"status": "ok", "score": score, "vote_rule": "infected_fraction",
-                                "best_epoch": 3, "metrics": metrics})
+        metrics = {
+            "val/patient/acc": score,
+            "val/patient/majority/acc": score / 2,
+            "val/patient/majority/f1_macro": 0.1,
+            "val/patient/infected_fraction/acc": score,
+            "val/patient/infected_fraction/f1_macro": score - 0.1,
+        }
+        write_run_metrics(
+            job, {"status": "ok", "score": score, "vote_rule": "infected_fraction", "best_epoch": 3, "metrics": metrics}
+        )
 
 
 def test_summary_lists_every_job_best_first_with_failures_last(tmp_path):
@@ -81,8 +86,19 @@ def test_multirun_with_default_paths_lands_in_the_working_folder(tmp_path, share
 
 @pytest.mark.slow
 def test_kfold_multirun_in_parallel_with_joblib(tmp_path, shared_cache):
-    out = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.num_folds=2", "data.fold=0,1",
-                   "logger=csv", f"paths.log_dir={tmp_path}", *tiny(shared_cache)], tmp_path)
+    out = run_cli(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "data.num_folds=2",
+            "data.fold=0,1",
+            "logger=csv",
+            f"paths.log_dir={tmp_path}",
+            *tiny(shared_cache),
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = next((tmp_path / "train" / "multiruns").iterdir())
     rows = read_csv(sweep / "summary.csv")
@@ -99,8 +115,17 @@ def test_kfold_multirun_in_parallel_with_joblib(tmp_path, shared_cache):
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path, shared_cache):
-    out = run_cli(["-m", "hydra/launcher=submitit_local", "loss.gamma=0,2", "logger=none",
-                   f"paths.log_dir={tmp_path}", *tiny(shared_cache)], tmp_path)
+    out = run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "loss.gamma=0,2",
+            "logger=none",
+            f"paths.log_dir={tmp_path}",
+            *tiny(shared_cache),
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = next((tmp_path / "train" / "multiruns").iterdir())
     assert (sweep / ".submitit").is_dir()
@@ -116,8 +141,16 @@ def test_optuna_search_survives_failed_trials_and_resumes_from_sqlite(tmp_path, 
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # gamma=-1 is refused by the config check: those trials fail, the others complete
-    args = ["-m", "hparams_search=focal_optuna", "loss.gamma=choice(-1.0,2.0)", f"hydra.sweeper.storage={storage}",
-            "hydra.sweeper.study_name=test", "logger=none", f"paths.log_dir={tmp_path}", *tiny(shared_cache)]
+    args = [
+        "-m",
+        "hparams_search=focal_optuna",
+        "loss.gamma=choice(-1.0,2.0)",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=test",
+        "logger=none",
+        f"paths.log_dir={tmp_path}",
+        *tiny(shared_cache),
+    ]
     first = run_cli([*args, "hydra.sweeper.n_trials=4"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     study = optuna.load_study(study_name="test", storage=storage)

@@ -30,6 +30,7 @@ def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, share
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(datamodule, "discover_covid_ct_md", counted("discover", datamodule.discover_covid_ct_md))
@@ -102,8 +103,9 @@ def test_multirun_two_jobs_each_own_wandb_run_in_one_group(tmp_path, shared_cach
         assert (j / "patients.csv").is_file()
 
 
-def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(tmp_path, shared_cache, real_sample,
-                                                                         monkeypatch):
+def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(
+    tmp_path, shared_cache, real_sample, monkeypatch
+):
     """experiment=paper as a user runs it on COVID-CT-MD (3 real patients here, one per fold), with a
     VGG16 ImageNet weights file this test writes into torch hub's cache (no download)."""
     from covidct.models.backbones import BACKBONES, imagenet_weights_path
@@ -112,11 +114,22 @@ def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(tmp_pa
     reference = BACKBONES["vgg16"].builder(weights=None).state_dict()
     imagenet_weights_path("vgg16").parent.mkdir(parents=True)
     torch.save(reference, imagenet_weights_path("vgg16"))
-    cfg = compose_train(tmp_path / "run", [
-        "experiment=paper", f"data.root={real_sample}", "data.num_folds=3", "data.fold=0",
-        f"paths.cache_dir={shared_cache}", "data.image_size=64", "data.batch_size=8", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false", "logger=none",
-    ])
+    cfg = compose_train(
+        tmp_path / "run",
+        [
+            "experiment=paper",
+            f"data.root={real_sample}",
+            "data.num_folds=3",
+            "data.fold=0",
+            f"paths.cache_dir={shared_cache}",
+            "data.image_size=64",
+            "data.batch_size=8",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+        ],
+    )
     result = train(cfg)
     (patient,) = read_csv(tmp_path / "run" / "patients.csv")  # one validation patient in fold 0 of 3
     assert patient["predicted_class"] == patient["majority_vote"]  # the paper's rule decides
@@ -148,8 +161,7 @@ def test_compiled_training_saves_plain_checkpoints(tmp_path, shared_cache, monke
 
 
 def test_weighted_center_vote_drives_checkpointing_and_every_rule_is_logged(tmp_path, shared_cache):
-    cfg = compose_train(tmp_path, tiny(shared_cache) + ["vote=weighted_center", "vote.center_slices=4",
-                                                        "logger=csv"])
+    cfg = compose_train(tmp_path, tiny(shared_cache) + ["vote=weighted_center", "vote.center_slices=4", "logger=csv"])
     result = train(cfg)
     assert result.metrics["val/patient/acc"] == result.metrics["val/patient/weighted_center/acc"] == result.score
     patients = read_csv(tmp_path / "patients.csv")

@@ -80,7 +80,6 @@ def test_infected_fraction_vote_ignores_normal_and_breaks_ties() -> None:
     assert infected_fraction_vote(slices(CAP, NORMAL, NORMAL), tau=0.2) == CAP
 
 
-
 def mostly_clean_covid() -> np.ndarray:
     """10 slices: 4 confident COVID-19 slices in the middle (rows 3-6), 6 hesitant Normal slices around them."""
     probs = np.tile([0.4, 0.05, 0.55], (10, 1))
@@ -162,8 +161,13 @@ def test_vote_patients_votes_every_rule_in_slice_order() -> None:
     ids = ["a"] * 10 + ["b"] * 3
     probs = np.concatenate([mostly_clean_covid(), slices(NORMAL, CAP, NORMAL)])
     a, b = vote_patients(ids, probs, tau=0.5, k=5, center_slices=4)
-    assert a.rule_votes == {"majority": NORMAL, "infected_fraction": NORMAL, "mean_prob": COVID,
-                            "weighted_center": COVID, "topk_mean": COVID}
+    assert a.rule_votes == {
+        "majority": NORMAL,
+        "infected_fraction": NORMAL,
+        "mean_prob": COVID,
+        "weighted_center": COVID,
+        "topk_mean": COVID,
+    }
     assert (a.infected_fraction, a.infected_class) == (0.4, COVID)
     assert set(b.rule_votes) == set(VOTE_RULES)
     # interleaved patients: each keeps its slices in the given order (b: Normal, CAP, CAP, Normal, Normal)
@@ -171,6 +175,7 @@ def test_vote_patients_votes_every_rule_in_slice_order() -> None:
     (b, _) = vote_patients(ids, slices(NORMAL, COVID, CAP, CAP, COVID, NORMAL, NORMAL), tau=0.5, center_slices=2)
     assert b.rule_votes["weighted_center"] == CAP  # centre: 2 CAP = 2; outer: 3 Normal x 0.5 = 1.5
     assert b.rule_votes["majority"] == NORMAL
+
 
 def _separable() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fractions = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
@@ -209,9 +214,7 @@ def test_tune_tau_where_majority_fails() -> None:
     majority = np.array([majority_vote(p) for p, _ in patients])
     assert np.mean(majority == labels) == 0.5
 
-    results = vote_patients(
-        np.repeat([f"p{i}" for i in range(6)], 10), np.concatenate([p for p, _ in patients]), 0.0
-    )
+    results = vote_patients(np.repeat([f"p{i}" for i in range(6)], 10), np.concatenate([p for p, _ in patients]), 0.0)
     fractions = np.array([r.infected_fraction for r in results])
     votes = np.array([r.infected_class for r in results])
     tau = tune_tau(fractions, votes, labels)
@@ -234,8 +237,13 @@ def test_tune_tau_candidates_and_ties() -> None:
     votes = np.array([COVID, CAP, CAP, COVID])
     labels = np.array([NORMAL, COVID, COVID, COVID])
     # by hand, the calls at each candidate tau (fraction <= tau: Normal, else the infected vote):
-    calls = {0.0: [COVID, CAP, CAP, COVID], 0.2: [NORMAL, CAP, CAP, COVID], 0.4: [NORMAL, NORMAL, CAP, COVID],
-             0.6: [NORMAL, NORMAL, NORMAL, COVID], 0.85: [NORMAL] * 4}
+    calls = {
+        0.0: [COVID, CAP, CAP, COVID],
+        0.2: [NORMAL, CAP, CAP, COVID],
+        0.4: [NORMAL, NORMAL, CAP, COVID],
+        0.6: [NORMAL, NORMAL, NORMAL, COVID],
+        0.85: [NORMAL] * 4,
+    }
     assert [np.mean(np.array(c) == labels) for c in calls.values()] == [0.25, 0.5, 0.5, 0.5, 0.25]
     assert tune_tau(fractions, votes, labels) == pytest.approx(0.4)
     # An even number of tied candidates (0.2, 0.4, 0.525, 0.625) -> the lower middle one.
@@ -287,8 +295,9 @@ def test_infected_class_is_the_majority_of_the_infected_slices_only() -> None:
 def _distributed_sampler_gather(n: int, world: int) -> np.ndarray:
     """Global indices as ``all_gather`` returns them (rank after rank) for torch's own
     DistributedSampler(shuffle=False, drop_last=False), which pads with repeats."""
-    return np.concatenate([list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False))
-                           for r in range(world)])
+    return np.concatenate(
+        [list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+    )
 
 
 def test_deduplicate_numpy_padded_distributed_sampler() -> None:

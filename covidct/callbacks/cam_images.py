@@ -83,9 +83,11 @@ class CamImagesCallback(pl.Callback):
         captions, overlays = [], []
         for row, image, heatmap, p in zip(rows, images, heatmaps, probs, strict=True):
             pred, target = int(p.argmax()), int(table.target[row])
-            captions.append(f"{table.patient_ids[table.patient[row]]} slice {table.rank[row]}: "
-                            f"true {CLASS_NAMES[target] if target >= 0 else '?'}, "
-                            f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f}")
+            captions.append(
+                f"{table.patient_ids[table.patient[row]]} slice {table.rank[row]}: "
+                f"true {CLASS_NAMES[target] if target >= 0 else '?'}, "
+                f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f}"
+            )
             overlays.append(overlay(image[channel].numpy(), heatmap, captions[-1]))
         for lg in loggers:
             lg.log_image(self.key, overlays, step=trainer.global_step, caption=captions)

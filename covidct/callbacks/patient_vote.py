@@ -59,8 +59,9 @@ from covidct.voting import (
 log = logging.getLogger(__name__)
 # The patient metrics are computed from all ranks' gathered slices, so every rank logs the same values
 # and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/patient/",
-                        category=PossibleUserWarning)
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('val/patient/", category=PossibleUserWarning
+)
 
 
 def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAMES) -> dict[str, Any]:
@@ -143,8 +144,14 @@ class PatientVoteCallback(pl.Callback):
         center_slices: ``weighted_center``'s central slices that count fully.
     """
 
-    def __init__(self, rule: str = "infected_fraction", tau: float | None = None, output_dir: str | None = None,
-                 k: int = TOP_K, center_slices: int = CENTER_SLICES):
+    def __init__(
+        self,
+        rule: str = "infected_fraction",
+        tau: float | None = None,
+        output_dir: str | None = None,
+        k: int = TOP_K,
+        center_slices: int = CENTER_SLICES,
+    ):
         check_vote_settings(rule, tau, k, center_slices)
         self.rule, self.fixed_tau, self.k, self.center_slices = rule, tau, k, center_slices
         self.output_dir = Path(output_dir) if output_dir else None
@@ -175,8 +182,15 @@ class PatientVoteCallback(pl.Callback):
         return index.cpu().numpy(), patient.cpu().numpy(), probs.cpu().numpy()
 
     # ---- voting -------------------------------------------------------------------------------
-    def decide(self, epoch: int, index: np.ndarray, patient: np.ndarray, probs: np.ndarray,
-               patient_ids: list[str], patient_labels: np.ndarray) -> ValidationVotes:
+    def decide(
+        self,
+        epoch: int,
+        index: np.ndarray,
+        patient: np.ndarray,
+        probs: np.ndarray,
+        patient_ids: list[str],
+        patient_labels: np.ndarray,
+    ) -> ValidationVotes:
         """Tune tau (unless fixed), then vote every rule once per patient and score each rule.
 
         ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
@@ -195,15 +209,31 @@ class PatientVoteCallback(pl.Callback):
         if self.fixed_tau is None:  # report a figure that is not fitted to the patient it scores
             predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
-        metrics = {f"val/patient/{rule}/{k}": v for rule, m in metrics_by_rule.items()
-                   for k, v in m.items() if k != "confusion"}
+        metrics = {
+            f"val/patient/{rule}/{k}": v
+            for rule, m in metrics_by_rule.items()
+            for k, v in m.items()
+            if k != "confusion"
+        }
         metrics["val/patient/acc"] = metrics[f"val/patient/{self.rule}/acc"]
         metrics["val/patient/tau"] = self.tau
         tuned = np.asarray([v.rule_votes["infected_fraction"] for v in votes])
         metrics["val/patient/infected_fraction/acc_at_tuned_tau"] = float(np.mean(tuned == labels))
         self.rule_table = rules_table(metrics_by_rule)
-        return ValidationVotes(epoch, self.rule, self.tau, self.fixed_tau is None, votes, labels, predictions,
-                               metrics, metrics_by_rule[self.rule]["confusion"], index, patient, probs)
+        return ValidationVotes(
+            epoch,
+            self.rule,
+            self.tau,
+            self.fixed_tau is None,
+            votes,
+            labels,
+            predictions,
+            metrics,
+            metrics_by_rule[self.rule]["confusion"],
+            index,
+            patient,
+            probs,
+        )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._batches:
@@ -222,8 +252,12 @@ class PatientVoteCallback(pl.Callback):
     def log_rule_table(self, trainer: pl.Trainer, n_patients: int) -> None:
         """The epoch's per-rule table: INFO text, and ``val/rules`` to every WandbLogger (call on rank 0)."""
         columns, rows = self.rule_table
-        log.info("Patient rules, epoch %d, %d validation patients (* = vote.rule, logged as val/patient/acc):\n%s",
-                 trainer.current_epoch, n_patients, rules_text(columns, rows, marked=self.rule))
+        log.info(
+            "Patient rules, epoch %d, %d validation patients (* = vote.rule, logged as val/patient/acc):\n%s",
+            trainer.current_epoch,
+            n_patients,
+            rules_text(columns, rows, marked=self.rule),
+        )
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_table(key="val/rules", columns=columns, data=rows)
@@ -233,12 +267,26 @@ class PatientVoteCallback(pl.Callback):
         """``patients.csv``: one row per validation patient of the best epoch (atomic)."""
         if self.output_dir is None:
             return
-        header = ["patient", "true_class", "predicted_class", *[f"{rule}_vote" for rule in VOTE_RULES],
-                  "infected_fraction", "n_slices"]
+        header = [
+            "patient",
+            "true_class",
+            "predicted_class",
+            *[f"{rule}_vote" for rule in VOTE_RULES],
+            "infected_fraction",
+            "n_slices",
+        ]
         header += [f"votes_{c}" for c in CLASS_NAMES] + [f"mean_prob_{c}" for c in CLASS_NAMES]
         rows = [
-            [v.patient, CLASS_NAMES[t], CLASS_NAMES[p], *[CLASS_NAMES[v.rule_votes[rule]] for rule in VOTE_RULES],
-             round(v.infected_fraction, 4), v.n_slices, *v.votes.tolist(), *np.round(v.mean_prob, 4).tolist()]
+            [
+                v.patient,
+                CLASS_NAMES[t],
+                CLASS_NAMES[p],
+                *[CLASS_NAMES[v.rule_votes[rule]] for rule in VOTE_RULES],
+                round(v.infected_fraction, 4),
+                v.n_slices,
+                *v.votes.tolist(),
+                *np.round(v.mean_prob, 4).tolist(),
+            ]
             for v, t, p in zip(result.patients, result.labels, result.predicted, strict=True)
         ]
         atomic_write_csv(self.output_dir / "patients.csv", header, rows)
@@ -248,10 +296,15 @@ class PatientVoteCallback(pl.Callback):
         # not improve on it still reports them. k and center_slices are read by predict.py; on resume the
         # config's values (like its rule) win. The vote rule itself is the model's (hyper_parameters).
         best = self.best
-        return {"tau": self.tau, "k": self.k, "center_slices": self.center_slices,
-                "best": None if best is None else best.score, "best_epoch": None if best is None else best.epoch,
-                "best_summary": {} if best is None else {k: float(v) for k, v in best.metrics.items()},
-                "best_confusion": None if best is None else best.confusion.tolist()}
+        return {
+            "tau": self.tau,
+            "k": self.k,
+            "center_slices": self.center_slices,
+            "best": None if best is None else best.score,
+            "best_epoch": None if best is None else best.epoch,
+            "best_summary": {} if best is None else {k: float(v) for k, v in best.metrics.items()},
+            "best_confusion": None if best is None else best.confusion.tolist(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tau = float(state_dict["tau"])
@@ -261,6 +314,16 @@ class PatientVoteCallback(pl.Callback):
         confusion = state_dict.get("best_confusion")
         empty = np.zeros(0, dtype=np.int64)
         self.best = ValidationVotes(
-            int(state_dict["best_epoch"]), self.rule, self.tau, self.fixed_tau is None, [], empty, {}, metrics,
-            empty.reshape(0, 0) if confusion is None else np.asarray(confusion, dtype=np.int64), empty, empty,
-            np.zeros((0, len(CLASS_NAMES)), dtype=np.float32))
+            int(state_dict["best_epoch"]),
+            self.rule,
+            self.tau,
+            self.fixed_tau is None,
+            [],
+            empty,
+            {},
+            metrics,
+            empty.reshape(0, 0) if confusion is None else np.asarray(confusion, dtype=np.int64),
+            empty,
+            empty,
+            np.zeros((0, len(CLASS_NAMES)), dtype=np.float32),
+        )

@@ -65,8 +65,10 @@ class RunReportCallback(pl.Callback):
             return
         votes: ValidationVotes | None = getattr(pl_module, "patient_votes", None)
         if votes is None or not votes.patients:
-            log.warning("Run report skipped: no best validation epoch in this run (none was voted, or a resumed "
-                        "run did not improve on its checkpoint's best, whose slices are not stored)")
+            log.warning(
+                "Run report skipped: no best validation epoch in this run (none was voted, or a resumed "
+                "run did not improve on its checkpoint's best, whose slices are not stored)"
+            )
             return
         from covidct.report import write_report
 

@@ -33,10 +33,13 @@ class WandbTablesCallback(pl.Callback):
         import wandb
 
         columns, rows = patient_rows(votes)
-        confusion = wandb.plot.confusion_matrix(y_true=votes.labels.tolist(), preds=votes.predicted.tolist(),
-                                                class_names=list(CLASS_NAMES))
-        samples = [wandb.Image(image, caption=caption)
-                   for image, caption in sample_slices(votes, trainer.datamodule.slice_table, self.n_images)]
+        confusion = wandb.plot.confusion_matrix(
+            y_true=votes.labels.tolist(), preds=votes.predicted.tolist(), class_names=list(CLASS_NAMES)
+        )
+        samples = [
+            wandb.Image(image, caption=caption)
+            for image, caption in sample_slices(votes, trainer.datamodule.slice_table, self.n_images)
+        ]
         for lg in loggers:
             lg.log_table("val/patients", columns=columns, data=rows)
             lg.experiment.log({"val/patient_confusion": confusion, "val/sample_slices": samples})
@@ -45,8 +48,16 @@ class WandbTablesCallback(pl.Callback):
 def patient_rows(votes: ValidationVotes) -> tuple[list[str], list[list]]:
     """Columns and one row per patient: id, true class, every rule's vote, infected fraction, slices."""
     columns = ["patient", "true", *VOTE_RULES, "infected_fraction_of_slices", "n_slices"]
-    rows = [[v.patient, CLASS_NAMES[t], *[CLASS_NAMES[v.rule_votes[r]] for r in VOTE_RULES], v.infected_fraction,
-             v.n_slices] for v, t in zip(votes.patients, votes.labels, strict=True)]
+    rows = [
+        [
+            v.patient,
+            CLASS_NAMES[t],
+            *[CLASS_NAMES[v.rule_votes[r]] for r in VOTE_RULES],
+            v.infected_fraction,
+            v.n_slices,
+        ]
+        for v, t in zip(votes.patients, votes.labels, strict=True)
+    ]
     return columns, rows
 
 
@@ -59,8 +70,10 @@ def sample_slices(votes: ValidationVotes, table: SliceTable, n: int) -> list[tup
         mine = np.flatnonzero(patient == p)
         i = mine[np.argmin(probs[mine, NORMAL_CLASS])]
         row, pred, target = rows[i], int(probs[i].argmax()), int(table.target[rows[i]])
-        caption = (f"{table.patient_ids[p]} slice {table.rank[row]}: target "
-                   f"{'unknown' if target < 0 else CLASS_NAMES[target]}, predicted {CLASS_NAMES[pred]} "
-                   f"({probs[i, pred]:.2f})")
+        caption = (
+            f"{table.patient_ids[p]} slice {table.rank[row]}: target "
+            f"{'unknown' if target < 0 else CLASS_NAMES[target]}, predicted {CLASS_NAMES[pred]} "
+            f"({probs[i, pred]:.2f})"
+        )
         samples.append((np.array(table.images[row, 0]), caption))
     return samples

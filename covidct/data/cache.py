@@ -143,16 +143,27 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
         for patient, result in zip(patients, _read_all(patients, pre, workers), strict=True):
             if "error" in result:
                 log.warning("Skipping patient %s: %s", patient.patient_id, result["error"])
-                skipped_patients.append({"patient": patient.patient_id, "folder": str(patient.folder),
-                                         "reason": result["error"]})
+                skipped_patients.append(
+                    {"patient": patient.patient_id, "folder": str(patient.folder), "reason": result["error"]}
+                )
                 continue
             i = len(entries)
             images = result["images"]
             out.write(np.ascontiguousarray(images).tobytes())
             n = len(images)
-            entry = CachedPatient(patient.patient_id, patient.label, str(patient.folder), offset, n,
-                                  result["series_length"], result["order_key"], result["order_note"],
-                                  result["skipped"], result["unplaced"], result["ignored"])
+            entry = CachedPatient(
+                patient.patient_id,
+                patient.label,
+                str(patient.folder),
+                offset,
+                n,
+                result["series_length"],
+                result["order_key"],
+                result["order_note"],
+                result["skipped"],
+                result["unplaced"],
+                result["ignored"],
+            )
             entries.append(asdict(entry))
             patient_col.append(np.full(n, i))
             slice_col.append(result["ranks"])
@@ -161,8 +172,11 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
             for skipped in result["skipped"]:
                 log.warning("Skipping %s: %s", skipped["file"], skipped["reason"])
     if not entries:
-        raise DataError(f"no patient has a usable slice (first: {skipped_patients[0]['reason']})"
-                        if skipped_patients else "no patients to cache")
+        raise DataError(
+            f"no patient has a usable slice (first: {skipped_patients[0]['reason']})"
+            if skipped_patients
+            else "no patients to cache"
+        )
     np.savez(
         tmp / "slices.npz",
         patient=np.concatenate(patient_col).astype(np.int32),

@@ -140,8 +140,15 @@ class EpochSampler(DistributedSampler):
     is instead of wrapping it.
     """
 
-    def __init__(self, n: int, seed: int, epoch: Callable[[], int] | None, weights: np.ndarray | None = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: Callable[[], int] | None,
+        weights: np.ndarray | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.n, self.epoch_of_trainer, self.iterations = n, epoch, 0
         self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
@@ -169,8 +176,16 @@ class PaddedEvalSampler(DistributedSampler):
         return iter(padded[self.rank : self.total_size : self.num_replicas])
 
 
-def check_data_settings(root: str | None, synthetic: Mapping[str, Any] | None, image_size: int, label_mode: str,
-                        batch_size: int, val_fraction: float, num_folds: int | None, fold: int) -> None:
+def check_data_settings(
+    root: str | None,
+    synthetic: Mapping[str, Any] | None,
+    image_size: int,
+    label_mode: str,
+    batch_size: int,
+    val_fraction: float,
+    num_folds: int | None,
+    fold: int,
+) -> None:
     """Raise :class:`ConfigError` naming the ``data.*`` key of a bad value (before any data is read)."""
     if root is None and synthetic is None:
         raise ConfigError("data.root is not set: give data.root=/path/to/COVID-CT-MD, or use data=synthetic")
@@ -254,8 +269,15 @@ class CTDataModule(pl.LightningDataModule):
         super().__init__()
         check_data_settings(root, synthetic, image_size, label_mode, batch_size, val_fraction, num_folds, fold)
         self.root = root
-        self.synthetic = None if synthetic is None else SyntheticSpec(
-            **{k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in synthetic.items()}
+        self.synthetic = (
+            None
+            if synthetic is None
+            else SyntheticSpec(
+                **{
+                    k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+                    for k, v in synthetic.items()
+                }
+            )
         )
         self.cache_dir = Path(cache_dir)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -298,8 +320,11 @@ class CTDataModule(pl.LightningDataModule):
         """Discover the patients and build (or open) their slice cache: the one pass over the files."""
         skipped_entries: list[Skipped] = []
         patients = self.discover(skipped_entries)
-        return patients, skipped_entries, build_or_load_cache(patients, self.preprocessor, self.cache_dir,
-                                                              self.cache_workers)
+        return (
+            patients,
+            skipped_entries,
+            build_or_load_cache(patients, self.preprocessor, self.cache_dir, self.cache_workers),
+        )
 
     def prepare_data(self) -> None:
         """Generate (synthetic) data and build the slice cache once; later runs reuse it. Lightning calls
@@ -357,13 +382,17 @@ class CTDataModule(pl.LightningDataModule):
     def _no_training_slices(self, label_problems: list[str]) -> str:
         """Why no training slice has a target, and what to change."""
         names = [self.patient_ids[i] for i in self.train_patients]
-        text = (f"no training slices: the {len(names)} training patient(s) ({', '.join(names[:5])}"
-                f"{', ...' if len(names) > 5 else ''}) have no slice with a known target in "
-                f"data.label_mode={self.label_mode}")
+        text = (
+            f"no training slices: the {len(names)} training patient(s) ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}) have no slice with a known target in "
+            f"data.label_mode={self.label_mode}"
+        )
         if self.label_mode == "paper":
-            text += (" (slices of a sick patient without usable slice labels are UNKNOWN and not trained on). "
-                     "Use data.label_mode=patient (every slice takes its patient's class), add Normal patients, "
-                     "or give slice labels (data.slice_labels_file)")
+            text += (
+                " (slices of a sick patient without usable slice labels are UNKNOWN and not trained on). "
+                "Use data.label_mode=patient (every slice takes its patient's class), add Normal patients, "
+                "or give slice labels (data.slice_labels_file)"
+            )
         return text + ("; " + "; ".join(label_problems) if label_problems else "")
 
     def save_split(self, path: Path) -> None:
@@ -373,8 +402,7 @@ class CTDataModule(pl.LightningDataModule):
             path,
             ["patient", "class", "subset", "n_slices", "series_length", "order_key"],
             [
-                (p.patient_id, CLASS_NAMES[p.label], subset.get(i, "unused"), p.n_slices, p.series_length,
-                 p.order_key)
+                (p.patient_id, CLASS_NAMES[p.label], subset.get(i, "unused"), p.n_slices, p.series_length, p.order_key)
                 for i, p in enumerate(self.cache.patients)  # type: ignore[union-attr]
             ],
         )
@@ -384,8 +412,16 @@ class CTDataModule(pl.LightningDataModule):
         """The data's :class:`SliceTable` (after ``setup``)."""
         cache = self.cache
         assert cache is not None, "call setup() first"
-        return SliceTable(self.patient_ids, self.patient_labels, cache.patient, cache.slice_index, self.targets,
-                          cache.images, self.val_rows, self.preprocessor.windows)
+        return SliceTable(
+            self.patient_ids,
+            self.patient_labels,
+            cache.patient,
+            cache.slice_index,
+            self.targets,
+            cache.images,
+            self.val_rows,
+            self.preprocessor.windows,
+        )
 
     @property
     def train_class_counts(self) -> list[int]:
@@ -397,8 +433,13 @@ class CTDataModule(pl.LightningDataModule):
         cache = self.cache
         assert cache is not None, "call setup() first"
         return SliceDataset(
-            cache.path, cache.images.shape, rows, self.targets[rows],
-            cache.patient[rows], cache.slice_index[rows], transform,
+            cache.path,
+            cache.images.shape,
+            rows,
+            self.targets[rows],
+            cache.patient[rows],
+            cache.slice_index[rows],
+            transform,
         )
 
     def _loader(self, dataset: SliceDataset, shuffle: bool, sampler=None) -> DataLoader:
@@ -423,7 +464,6 @@ class CTDataModule(pl.LightningDataModule):
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
         sampler = EpochSampler(len(self.train_rows), self.seed, epoch, weights, world, rank)
         return self._loader(self._dataset(self.train_rows, self.train_transform), shuffle=True, sampler=sampler)
-
 
     def val_dataloader(self) -> DataLoader:
         if len(self.val_rows) == 0:

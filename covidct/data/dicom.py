@@ -263,10 +263,26 @@ def entry_kind(entry: os.DirEntry) -> str:
 #: attributes (PatientName, PatientID, dates, InstitutionName, AccessionNumber, ...) are never read,
 #: so they cannot reach a log, a cache, a CSV, a checkpoint or W&B.
 READ_TAGS = [
-    "Modality", "SOPClassUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames",
-    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
-    "SliceLocation", "ImagePositionPatient", "InstanceNumber", "PixelData",
+    "Modality",
+    "SOPClassUID",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "SliceLocation",
+    "ImagePositionPatient",
+    "InstanceNumber",
+    "PixelData",
 ]
 
 #: Largest accepted Rows or Columns (px). CT slices are 512 (sometimes 768 or 1024) px a side; a
@@ -291,24 +307,29 @@ def check_slice_header(ds: pydicom.Dataset, read_warnings: Sequence[str] = ()) -
         raise NotCTSlice(f"Modality {modality}, not CT")
     if "PixelData" not in ds:
         if read_warnings:
-            raise SliceRejected(f"pixel data cannot be parsed ({one_line(read_warnings[0])}): a corrupt or "
-                                "cut-short file")
+            raise SliceRejected(
+                f"pixel data cannot be parsed ({one_line(read_warnings[0])}): a corrupt or cut-short file"
+            )
         raise SliceRejected("no pixel data (a structured report, a header-only file, or a file cut short)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
-        raise SliceRejected(f"declares a {rows} x {cols} px image; refused before decoding "
-                            f"(a CT slice is at most {MAX_SIDE} px a side)")
+        raise SliceRejected(
+            f"declares a {rows} x {cols} px image; refused before decoding (a CT slice is at most {MAX_SIDE} px a side)"
+        )
     has_rescale = "RescaleSlope" in ds and "RescaleIntercept" in ds
     if not has_rescale and "ModalityLUTSequence" not in ds and int(ds.get("PixelRepresentation", 0) or 0) != 1:
-        raise SliceRejected("no RescaleSlope/RescaleIntercept and unsigned pixels: Hounsfield units unknown "
-                            "(CT usually has slope 1, intercept -1024: add the tags to the files)")
+        raise SliceRejected(
+            "no RescaleSlope/RescaleIntercept and unsigned pixels: Hounsfield units unknown "
+            "(CT usually has slope 1, intercept -1024: add the tags to the files)"
+        )
     if has_rescale:
         slope, intercept = _float_or_none(ds.RescaleSlope), _float_or_none(ds.RescaleIntercept)
-        if slope is None or intercept is None or not math.isfinite(slope) or not math.isfinite(intercept) \
-                or slope == 0:
-            raise SliceRejected(f"RescaleSlope {ds.RescaleSlope}, RescaleIntercept {ds.RescaleIntercept}: not a "
-                                "usable rescale (a slope of 0 or a non-finite value would turn every pixel into "
-                                "one HU value); fix the header")
+        if slope is None or intercept is None or not math.isfinite(slope) or not math.isfinite(intercept) or slope == 0:
+            raise SliceRejected(
+                f"RescaleSlope {ds.RescaleSlope}, RescaleIntercept {ds.RescaleIntercept}: not a "
+                "usable rescale (a slope of 0 or a non-finite value would turn every pixel into "
+                "one HU value); fix the header"
+            )
 
 
 @dataclass
@@ -345,8 +366,7 @@ def _read_file(path: Path, convert: Callable[[np.ndarray], object]) -> _SeriesFi
     try:
         hu = to_hounsfield(ds)
     except Exception as exc:  # missing decoder, truncated or corrupt pixel data, wrong shape, ...
-        return _SeriesFile(path, header, skip_reason=f"cannot decode pixel data: {type(exc).__name__}: "
-                                                     f"{one_line(exc)}")
+        return _SeriesFile(path, header, skip_reason=f"cannot decode pixel data: {type(exc).__name__}: {one_line(exc)}")
     return _SeriesFile(path, header, hu.shape, convert(hu))
 
 
@@ -355,8 +375,9 @@ def _drop_odd_sizes(decoded: list[_SeriesFile]) -> None:
     common = Counter(d.shape for d in decoded).most_common(1)[0][0]
     for d in decoded:
         if d.shape != common:
-            d.skip_reason = (f"image size {d.shape[0]} x {d.shape[1]} px differs from the series' "
-                             f"{common[0]} x {common[1]} px")
+            d.skip_reason = (
+                f"image size {d.shape[0]} x {d.shape[1]} px differs from the series' {common[0]} x {common[1]} px"
+            )
 
 
 def _place(files: list[_SeriesFile], order: SeriesOrder) -> tuple[list[tuple[int, _SeriesFile]], list[Skipped]]:
@@ -386,8 +407,10 @@ def _place(files: list[_SeriesFile], order: SeriesOrder) -> tuple[list[tuple[int
         if not f.skip_reason:
             if previous_kept is not None:
                 where = ", ".join(f"{_location(f.header, k):g}" for k in order.keys)  # type: ignore[arg-type]
-                f.skip_reason = (f"same {', '.join(order.keys)} ({where}) as {previous_kept.path.name}: a "
-                                 "duplicate slice or a second series in the folder")
+                f.skip_reason = (
+                    f"same {', '.join(order.keys)} ({where}) as {previous_kept.path.name}: a "
+                    "duplicate slice or a second series in the folder"
+                )
             else:
                 previous_kept = f
         previous = values

@@ -81,11 +81,15 @@ def usable_slice_labels(
     marked = np.flatnonzero(row)
     if unplaced:
         first = unplaced[0]
-        why = (f"{len(unplaced)} skipped file(s) of unknown position (first: {Path(first['file']).name}: "
-               f"{first['reason']}), so label columns cannot be matched to slices")
+        why = (
+            f"{len(unplaced)} skipped file(s) of unknown position (first: {Path(first['file']).name}: "
+            f"{first['reason']}), so label columns cannot be matched to slices"
+        )
     elif len(marked) and marked[-1] >= series_length:
-        why = (f"the labels mark infected slices up to column {marked[-1]} but the series has {series_length} "
-               "slice positions: files missing, another slice order, or the wrong label file")
+        why = (
+            f"the labels mark infected slices up to column {marked[-1]} but the series has {series_length} "
+            "slice positions: files missing, another slice order, or the wrong label file"
+        )
     elif series_length > len(row):
         why = f"the series has {series_length} slice positions but the label row only {len(row)} columns"
     else:

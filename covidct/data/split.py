@@ -29,8 +29,10 @@ def check_split(val_fraction: float, num_folds: int | None, fold: int) -> None:
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     elif num_folds < 2 or not 0 <= fold < num_folds:
-        raise ConfigError(f"k-fold needs data.num_folds >= 2 and 0 <= data.fold < data.num_folds, "
-                          f"got num_folds={num_folds}, fold={fold}")
+        raise ConfigError(
+            f"k-fold needs data.num_folds >= 2 and 0 <= data.fold < data.num_folds, "
+            f"got num_folds={num_folds}, fold={fold}"
+        )
 
 
 def train_val_split(

@@ -80,8 +80,16 @@ class DataSummary:
             val_slices=int(np.isin(cache.patient, val_patients).sum()),
             unknown_slices_not_trained=int((in_train & (targets == UNKNOWN)).sum()),
             slice_order=dict(Counter(p.order_key for p in cache.patients)),
-            series=[{"patient": p.patient_id, "n_slices": p.n_slices, "series_length": p.series_length,
-                     "order_key": p.order_key, "order_note": p.order_note} for p in cache.patients],
+            series=[
+                {
+                    "patient": p.patient_id,
+                    "n_slices": p.n_slices,
+                    "series_length": p.series_length,
+                    "order_key": p.order_key,
+                    "order_note": p.order_note,
+                }
+                for p in cache.patients
+            ],
             skipped_patients=list(cache.skipped_patients),
             skipped_files=[s for p in cache.patients for s in p.skipped]
             + [{"file": str(s.path), "reason": s.reason} for s in skipped_entries],

@@ -78,9 +78,7 @@ def load_imagenet_state_dict(name: str, weights_path: str | None = None) -> dict
         ) from exc
 
 
-def build_backbone(
-    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
-) -> nn.Module:
+def build_backbone(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None) -> nn.Module:
     """A torchvision classifier ``name`` with a ``num_classes`` head; ImageNet weights if ``pretrained``."""
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone={name!r} is not known; choose one of {sorted(BACKBONES)}")

@@ -68,8 +68,13 @@ def plant_bad_files(folder: Path) -> dict[str, str]:
 def plant_readable_oddities(folder: Path) -> dict[str, np.ndarray]:
     """Slices that are odd but correct: file name -> the HU they must read as."""
     written = {"signed_no_rescale.dcm": body(-500), "mono1.dcm": body(300), LATIN1_NAME: body(42)}
-    write_ct_slice(folder / "signed_no_rescale.dcm", written["signed_no_rescale.dcm"], slice_location=-130.0,
-                   intercept=None, signed=True)
+    write_ct_slice(
+        folder / "signed_no_rescale.dcm",
+        written["signed_no_rescale.dcm"],
+        slice_location=-130.0,
+        intercept=None,
+        signed=True,
+    )
     write_ct_slice(folder / "mono1.dcm", written["mono1.dcm"], slice_location=-135.0, photometric="MONOCHROME1")
     write_ct_slice(folder / LATIN1_NAME, written[LATIN1_NAME], slice_location=-140.0)
     return written
@@ -100,8 +105,11 @@ def test_every_bad_slice_kind_is_skipped_with_its_reason_or_read_correctly(messy
     for name, reason in expected.items():
         assert reason in reasons[name], reasons[name]
     ignored = {s.path.name: s.reason for s in series.ignored}
-    assert ignored == {"notes.txt": "not a DICOM file", "loop": "broken or looping symbolic link",
-                       "localizer": "subfolder not read (slices must lie directly in the patient folder)"}
+    assert ignored == {
+        "notes.txt": "not a DICOM file",
+        "loop": "broken or looping symbolic link",
+        "localizer": "subfolder not read (slices must lie directly in the patient folder)",
+    }
     used = {p.name for p in series.paths}
     assert used == {"IM0.dcm", "IM1.dcm", "IM2.dcm", "IM3.dcm", *readable}
     assert used | set(reasons) | set(ignored) == set(os.listdir(folder))  # nothing unaccounted for
@@ -133,8 +141,15 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
     (messy_root / "Cap subjects" / "loop patient").symlink_to(messy_root / "Cap subjects" / "loop patient")
     (messy_root / "Cap subjects" / "stray file.dcm").write_bytes(b"\0" * 10)
 
-    dm = CTDataModule(root=str(messy_root), cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run"),
-                      image_size=32, val_fraction=0.5, seed=0, label_mode="patient")
+    dm = CTDataModule(
+        root=str(messy_root),
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "run"),
+        image_size=32,
+        val_fraction=0.5,
+        seed=0,
+        label_mode="patient",
+    )
     dm.prepare_data()
     dm.setup("fit")
 
@@ -143,7 +158,8 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
     assert len(dm.patient_ids) == 7 and len(dm.train_rows) + len(dm.val_rows) == 6 * 4 + 7
     summary = dm.summary
     assert [(s["patient"], "no readable DICOM slice" in s["reason"]) for s in summary.skipped_patients] == [
-        ("empty patient", True)]
+        ("empty patient", True)
+    ]
     skipped = {Path(s["file"]).name: s["reason"] for s in summary.skipped_files}
     assert set(skipped) == set(expected) | {"loop patient", "stray file.dcm"}
     assert "looping symbolic link" in skipped["loop patient"]
@@ -155,7 +171,8 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
     split = (tmp_path / "run" / "split.csv").read_text(encoding="utf-8")
     assert NON_ASCII in split
 
-    again = CTDataModule(root=str(messy_root), cache_dir=str(tmp_path / "cache"), image_size=32, val_fraction=0.5,
-                         label_mode="patient")
+    again = CTDataModule(
+        root=str(messy_root), cache_dir=str(tmp_path / "cache"), image_size=32, val_fraction=0.5, label_mode="patient"
+    )
     again.setup("fit")  # the cache is found again (its key survives non-UTF-8 file names)
     assert again.cache.path == dm.cache.path

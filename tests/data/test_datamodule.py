@@ -23,8 +23,15 @@ def cache_dir(tmp_path_factory):
 
 
 def make_dm(cache_dir, out=None, **kwargs) -> CTDataModule:
-    args = {"synthetic": TINY, "cache_dir": str(cache_dir), "output_dir": out, "image_size": 32,
-            "val_fraction": 0.25, "batch_size": 8, "seed": 0} | kwargs
+    args = {
+        "synthetic": TINY,
+        "cache_dir": str(cache_dir),
+        "output_dir": out,
+        "image_size": 32,
+        "val_fraction": 0.25,
+        "batch_size": 8,
+        "seed": 0,
+    } | kwargs
     dm = CTDataModule(**args)
     dm.setup("fit")
     return dm
@@ -98,8 +105,12 @@ def epoch_batches(loader) -> list[torch.Tensor]:
 def test_an_epoch_is_replayed_exactly_by_a_fresh_loader(cache_dir, workers):
     """What resuming at epoch 1 needs: a fresh loader (new workers) draws epoch 1's order and
     augmentation exactly as the loader that went through epoch 0 first (persistent workers)."""
-    dm = make_dm(cache_dir, num_workers=workers, balanced_sampler=True, train_transforms=[
-        A.Affine(rotate=(-20, 20), p=1.0), A.RandomBrightnessContrast(p=1.0)])
+    dm = make_dm(
+        cache_dir,
+        num_workers=workers,
+        balanced_sampler=True,
+        train_transforms=[A.Affine(rotate=(-20, 20), p=1.0), A.RandomBrightnessContrast(p=1.0)],
+    )
     loader = dm.train_dataloader()
     first, second = epoch_batches(loader), epoch_batches(loader)
     fresh = dm.train_dataloader()
@@ -124,8 +135,10 @@ def test_real_sample_through_the_datamodule(real_sample, tmp_path):
     assert dm.patient_ids == ["P001", "cap001", "normal001"]
     assert [p.n_slices for p in dm.cache.patients] == [148, 168, 154]
     assert dm.cache.patients[0].order_key == "SliceLocation"
-    targets = {pid: np.bincount(dm.targets[dm.cache.patient == i], minlength=3).tolist()
-               for i, pid in enumerate(dm.patient_ids)}
+    targets = {
+        pid: np.bincount(dm.targets[dm.cache.patient == i], minlength=3).tolist()
+        for i, pid in enumerate(dm.patient_ids)
+    }
     assert targets == {"P001": [80, 0, 68], "cap001": [0, 86, 82], "normal001": [0, 0, 154]}
     assert len(set(dm.cache.patient[dm.val_rows].tolist())) == 1
     assert (np.diff(dm.cache.location[dm.cache.patient == 0]) < 0).all()  # head first
@@ -142,8 +155,12 @@ def test_loader_settings_are_automatic_without_a_gpu_and_explicit_when_given(cac
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert make_dm(cache_dir).num_workers == 8  # at most 8
     loader = make_dm(cache_dir, num_workers=2, pin_memory=False, prefetch_factor=3).val_dataloader()
-    assert (loader.num_workers, loader.pin_memory, loader.prefetch_factor, loader.persistent_workers) == (2, False, 3,
-                                                                                                          True)
+    assert (loader.num_workers, loader.pin_memory, loader.prefetch_factor, loader.persistent_workers) == (
+        2,
+        False,
+        3,
+        True,
+    )
 
 
 def test_slices_are_read_not_mapped_and_equal_the_cache(cache_dir):

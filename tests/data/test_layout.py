@@ -16,8 +16,17 @@ from tests.conftest import write_ct_slice
 
 @pytest.mark.parametrize(
     ("name", "label"),
-    [("COVID-19 subjects", 0), ("covid-19 cases", 0), ("COVID-19 Cases", 0), ("Cap subjects", 1),
-     ("CAP Cases", 1), ("Normal subjects", 2), ("NORMAL  cases", 2), ("Normal", 2), ("scans", None)],
+    [
+        ("COVID-19 subjects", 0),
+        ("covid-19 cases", 0),
+        ("COVID-19 Cases", 0),
+        ("Cap subjects", 1),
+        ("CAP Cases", 1),
+        ("Normal subjects", 2),
+        ("NORMAL  cases", 2),
+        ("Normal", 2),
+        ("scans", None),
+    ],
 )
 def test_class_folders_match_case_insensitively(name, label):
     assert class_of_folder(name) == label

@@ -49,8 +49,9 @@ def make_patients(root, n_slices=(3, 2)) -> list[PatientFolder]:
     for p, n in enumerate(n_slices):
         folder = root / f"p{p}"
         for i in range(n):
-            write_ct_slice(folder / f"{i}.dcm", np.full((16, 16), -900 + 100 * i + p, dtype=np.int16),
-                           slice_location=float(i))
+            write_ct_slice(
+                folder / f"{i}.dcm", np.full((16, 16), -900 + 100 * i + p, dtype=np.int16), slice_location=float(i)
+            )
         patients.append(PatientFolder(f"p{p}", p, folder))
     return patients
 
@@ -98,8 +99,12 @@ build_or_load_cache(discover_covid_ct_md(sys.argv[1]), SlicePreprocessor(parse_w
 
 @pytest.mark.slow
 def test_a_cache_build_killed_part_way_is_never_used_and_is_rebuilt(tmp_path, caplog):
-    root = ensure_dataset(tmp_path / "gen", SyntheticSpec(patients_per_class=(3, 3, 3), slices_min=24,
-                                                          slices_max=24, image_size=256, compressed_fraction=1.0))
+    root = ensure_dataset(
+        tmp_path / "gen",
+        SyntheticSpec(
+            patients_per_class=(3, 3, 3), slices_min=24, slices_max=24, image_size=256, compressed_fraction=1.0
+        ),
+    )
     cache_dir = tmp_path / "cache"
     env = dict(os.environ)
     builder = subprocess.Popen([sys.executable, "-c", BUILD_CACHE, str(root), str(cache_dir)], cwd=REPO, env=env)

@@ -63,19 +63,27 @@ def set_tags(path: Path, **tags: object) -> None:
 
 
 def datamodule(root: Path, tmp_path: Path, **kwargs) -> CTDataModule:
-    dm = CTDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run"),
-                      image_size=32, val_fraction=0.5, **kwargs)
+    dm = CTDataModule(
+        root=str(root),
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "run"),
+        image_size=32,
+        val_fraction=0.5,
+        **kwargs,
+    )
     dm.setup("fit")
     return dm
 
 
 # ---- 1. labels stay with their slice ------------------------------------------------------------
 
+
 def test_a_skipped_slice_does_not_shift_the_labels_of_the_others(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data")
     ordered = head_first_files(root / P001)
-    location_rank = {round(float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation), 3): i
-                     for i, f in enumerate(ordered)}
+    location_rank = {
+        round(float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation), 3): i for i, f in enumerate(ordered)
+    }
     scramble_payload(ordered[20])  # head-first slice 20 no longer decodes
     labels = np.load(real_sample / "Slice-level-labels-updated-1.npy")[0]  # P001 is the first row of Index.csv
 
@@ -115,11 +123,15 @@ def test_labels_that_do_not_fit_the_series_are_not_used_and_the_summary_says_so(
     dm = datamodule(root, tmp_path)
 
     assert (dm.targets[dm.cache.patient == dm.patient_ids.index("P001")] == UNKNOWN).all()
-    assert any("P001: slice labels not used: the labels mark infected slices up to column 124 but the series "
-               "has 100 slice positions" in w for w in dm.summary.warnings)
+    assert any(
+        "P001: slice labels not used: the labels mark infected slices up to column 124 but the series "
+        "has 100 slice positions" in w
+        for w in dm.summary.warnings
+    )
 
 
 # ---- 2. positions --------------------------------------------------------------------------------
+
 
 def first_slices(real_sample: Path, dst: Path, n: int = 20) -> list[Path]:
     """Copies of P001's ``n`` head-most slices, head first."""
@@ -175,11 +187,13 @@ def test_the_data_summary_and_split_name_the_key_that_ordered_each_series(real_s
     assert re.search(r"\n  patients, all slices labelled +COVID-19=1  CAP=1  Normal=0\n", text)
     assert "cap001: SliceLocation is the same (0) on every slice; ordered by ImagePositionPatient" in text
     split = (tmp_path / "run" / "split.csv").read_text().splitlines()
-    assert split[0].endswith("series_length,order_key") and any(r.startswith("cap001,CAP,") and
-                                                              r.endswith(",168,ImagePositionPatient") for r in split)
+    assert split[0].endswith("series_length,order_key") and any(
+        r.startswith("cap001,CAP,") and r.endswith(",168,ImagePositionPatient") for r in split
+    )
 
 
 # ---- 3. headers that change pixel values --------------------------------------------------------
+
 
 @pytest.mark.parametrize("slope", ["0", "nan"])
 def test_a_broken_rescale_slope_skips_the_slice_with_its_reason(real_sample, tmp_path, slope):
@@ -217,7 +231,7 @@ def test_a_pixel_data_element_that_cannot_be_parsed_gets_its_real_reason(real_sa
     files = first_slices(real_sample, tmp_path / "P001", 3)
     raw = bytearray(files[1].read_bytes())
     start = raw.find(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData: scramble from its fragments on
-    raw[start + 16:] = np.random.default_rng(0).integers(0, 256, len(raw) - start - 16, dtype=np.uint8).tobytes()
+    raw[start + 16 :] = np.random.default_rng(0).integers(0, 256, len(raw) - start - 16, dtype=np.uint8).tobytes()
     files[1].write_bytes(bytes(raw))
 
     with caplog.at_level(logging.INFO):
@@ -235,6 +249,7 @@ def test_windows_with_a_non_finite_level_or_width_are_refused_naming_the_key():
 
 
 # ---- 5. a damaged slice table is rebuilt; no training slice is a clear error ----------------------
+
 
 def test_a_damaged_slice_table_is_rebuilt(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data", (CAP001,), labels=False)

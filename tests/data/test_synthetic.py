@@ -237,10 +237,7 @@ def test_same_spec_gives_identical_files_other_seed_differs(tmp_path: Path) -> N
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    pixels = [
-        np.stack([ds.pixel_array for ds in read_series(root / "COVID-19 subjects" / "P001")])
-        for root in (a, c)
-    ]
+    pixels = [np.stack([ds.pixel_array for ds in read_series(root / "COVID-19 subjects" / "P001")]) for root in (a, c)]
     assert pixels[0].shape != pixels[1].shape or not np.array_equal(*pixels)
 
 
@@ -273,9 +270,7 @@ def test_ensure_dataset_never_takes_an_unfinished_folder(tmp_path: Path) -> None
     assert leftover.is_dir(), "another caller's temporary folder is not touched"
 
 
-def test_ensure_dataset_loser_of_a_race_uses_the_winners_copy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ensure_dataset_loser_of_a_race_uses_the_winners_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / f"synthetic-{spec_hash(TINY)}"
     real_generate = generation.generate_dataset
 

@@ -64,7 +64,6 @@ def draw_anatomy(rng: np.random.Generator, fov: float) -> Anatomy:
     )
 
 
-
 def _superellipse(xx: np.ndarray, yy: np.ndarray, a: float, b: float, p: float) -> np.ndarray:
     return np.abs(xx / a) ** p + np.abs(yy / b) ** p <= 1.0
 
@@ -186,9 +185,7 @@ def _paint_spine(hu: np.ndarray, xx: np.ndarray, yy: np.ndarray, y: float, r: fl
     _paint(hu, _ellipse(xx, yy, 0.0, canal_y, canal_r, canal_r), 20.0)
 
 
-def _paint_trachea(
-    hu: np.ndarray, xx: np.ndarray, yy: np.ndarray, t: np.ndarray, anatomy: Anatomy, y: float
-) -> None:
+def _paint_trachea(hu: np.ndarray, xx: np.ndarray, yy: np.ndarray, t: np.ndarray, anatomy: Anatomy, y: float) -> None:
     """Trachea (air) above the carina, two main bronchi just below it."""
     carina = anatomy.t_top + 0.35 * (anatomy.t_bot - anatomy.t_top)
     trachea = _ellipse(xx, yy, 0.0, y, 9.0, 8.0)

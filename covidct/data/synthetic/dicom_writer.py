@@ -116,4 +116,3 @@ def _encode(pixels: np.ndarray, ds: pydicom.Dataset, transfer_syntax: str) -> by
         )
         return encapsulate([frame])
     return pixels.tobytes()
-

@@ -65,9 +65,7 @@ def _lesion_run(rng: np.random.Generator, size: np.ndarray) -> tuple[int, int]:
     return first, first + length - 1
 
 
-def _segments(
-    rng: np.random.Generator, first: int, last: int, min_len: int, max_len: int
-) -> list[tuple[int, int]]:
+def _segments(rng: np.random.Generator, first: int, last: int, min_len: int, max_len: int) -> list[tuple[int, int]]:
     """Slice ranges (inclusive) that overlap a little and together cover first..last."""
     segments, start = [], first
     while True:
@@ -148,4 +146,3 @@ def _blob_weight(
     distance = np.sqrt(u**2 + v**2) * np.clip(1.0 + 0.3 * irregular, 0.5, 2.0)  # ragged outline
     w = np.clip((1.0 - distance) / blob.edge, 0.0, 1.0)
     return (w * w * (3.0 - 2.0 * w)).astype(np.float32)  # smoothstep
-

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def smooth_noise(
-    rng: np.random.Generator, z: np.ndarray, x: np.ndarray, scale: float, scale_z: float
-) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, z: np.ndarray, x: np.ndarray, scale: float, scale_z: float) -> np.ndarray:
     """Unit-variance smooth gaussian field, float32 (len(z), len(x), len(x)).
 
     White noise on a coarse grid (node spacing = correlation length, mm) interpolated with gaussian
@@ -26,4 +24,3 @@ def _kernel(coords: np.ndarray, scale: float) -> np.ndarray:
     nodes = np.arange(coords.min() - 2 * scale, coords.max() + 2 * scale, scale)
     k = np.exp(-0.5 * ((coords[:, None] - nodes[None, :]) / scale) ** 2)
     return k / np.linalg.norm(k, axis=1, keepdims=True)
-

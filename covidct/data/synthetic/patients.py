@@ -44,8 +44,7 @@ def plan_patients(spec: SyntheticSpec) -> list[PatientPlan]:
     rle = {others[i] for i in rng.permutation(len(others))[: _count(spec.rle_fraction, len(others))]}
     signed = {others[i] for i in rng.permutation(len(others))[: _count(spec.signed_fraction, len(others))]}
     n_labelled = [
-        _count(spec.labelled_fraction, n) if label < 2 else 0
-        for label, n in enumerate(spec.patients_per_class)
+        _count(spec.labelled_fraction, n) if label < 2 else 0 for label, n in enumerate(spec.patients_per_class)
     ]
     plans = []
     for key in keys:
