@@ -72,12 +72,26 @@ def find_label_file(root: Path, name: str | None = None) -> Path | None:
 
 
 def read_index(root: Path) -> list[dict[str, str]] | None:
-    """The data rows of ``root/Index.csv`` as dicts keyed by its header, in file order; None when absent."""
+    """The data rows of ``root/Index.csv`` as dicts keyed by its header, in file order; None when absent.
+    A file without a ``Folder/ID`` column, or with a row of another length than the header, raises
+    :class:`DataError` naming the file and line (it would misalign the label rows)."""
     index_path = root / INDEX_FILE
     if not index_path.is_file():
         return None
     with index_path.open(newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    header = reader.fieldnames or []
+    if rows and _ID_COLUMN not in header:
+        raise DataError(f"{index_path}: no {_ID_COLUMN!r} column (header: {header}).")
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():  # csv's markers of a longer or shorter row
+            more_or_fewer = "more" if None in row else "fewer"
+            raise DataError(
+                f"{index_path}, line {line}: {more_or_fewer} fields than the header ({', '.join(header)}); "
+                "fix the row, or the label rows would not match the patients."
+            )
+    return rows
 
 
 def read_slice_labels(root: Path, label_file: str | None = None) -> dict[str, np.ndarray]:
@@ -96,8 +110,6 @@ def _slice_labels(root: Path, label_file: str | None, rows: list[dict[str, str]]
         return {}
     if rows is None:
         raise DataError(f"{index_path}: missing; it is needed to map rows of {array_path.name} to patients.")
-    if rows and _ID_COLUMN not in rows[0]:
-        raise DataError(f"{index_path}: no {_ID_COLUMN!r} column (header: {list(rows[0])}).")
     labels = np.load(array_path)
     if labels.ndim != 2 or labels.shape[0] != len(rows):
         raise DataError(

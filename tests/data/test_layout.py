@@ -101,6 +101,21 @@ def test_alias_folders_and_label_array_row_mismatch(tmp_path):
         discover_covid_ct_md(tmp_path)
 
 
+def test_a_malformed_index_csv_is_refused_naming_the_line(tmp_path):
+    write_ct_slice(tmp_path / "COVID-19 subjects" / "P7" / "a.dcm", np.full((8, 8), -800, np.int16), slice_location=0.0)
+    header = "Label Index,Diagnosis,Relative Path,Folder/ID\n"
+    for body, expected in [
+        ("0,COVID-19,./COVID-19/,P7\n1,CAP\n", r"Index.csv, line 3: fewer fields than the header"),
+        ("0,COVID-19,./COVID-19/,P7,extra\n", r"Index.csv, line 2: more fields than the header"),
+    ]:
+        (tmp_path / "Index.csv").write_text(header + body)
+        with pytest.raises(DataError, match=expected):
+            discover_covid_ct_md(tmp_path)  # no label array: the Diagnosis cross-check reads it too
+    (tmp_path / "Index.csv").write_text("Label Index,Diagnosis\n0,COVID-19\n")
+    with pytest.raises(DataError, match="no 'Folder/ID' column"):
+        discover_covid_ct_md(tmp_path)
+
+
 def test_discovery_reads_index_csv_once_for_labels_and_diagnoses(tmp_path, monkeypatch):
     hu = np.full((8, 8), -800, dtype=np.int16)
     for cls, pid in [("COVID-19 subjects", "P1"), ("Cap subjects", "c1"), ("Normal subjects", "n1")]:
