@@ -128,6 +128,7 @@ def test_importing_the_bench_modules_only_defines_things():
     assert json.loads(out.stdout) == {"changed": {}, "heavy": []}
 
 
+@pytest.mark.slow  # a Python process per case
 @pytest.mark.parametrize(
     ("module", "args", "key"),
     [

@@ -129,6 +129,7 @@ def test_config_errors_name_the_key(cache_dir):
         make_dm(cache_dir, label_mode="slices")
 
 
+@pytest.mark.slow  # whole real patients decoded (~8 s)
 def test_real_sample_through_the_datamodule(real_sample, tmp_path):
     dm = CTDataModule(root=str(real_sample), cache_dir=str(tmp_path), image_size=64, num_folds=3, fold=0, seed=0)
     dm.setup("fit")

@@ -32,6 +32,7 @@ def test_class_folders_match_case_insensitively(name, label):
     assert class_of_folder(name) == label
 
 
+@pytest.mark.slow  # whole real patients decoded (~8 s)
 def test_real_sample_patients_and_slice_labels(real_sample):
     patients = {p.patient_id: p for p in discover_covid_ct_md(real_sample)}
     assert [(p.patient_id, p.label) for p in patients.values()] == [("P001", 0), ("cap001", 1), ("normal001", 2)]
@@ -65,6 +66,7 @@ def lung_mean_hu(hu: np.ndarray) -> tuple[float, int]:
     return (float(hu[lung].mean()) if lung.any() else np.nan), int(lung.sum())
 
 
+@pytest.mark.slow  # whole real patients decoded (~8 s)
 @pytest.mark.parametrize("pid", ["P001", "cap001"])
 def test_real_infected_slices_show_denser_lung_than_the_apex(real_sample, pid):
     patient = next(p for p in discover_covid_ct_md(real_sample) if p.patient_id == pid)

@@ -78,6 +78,7 @@ def datamodule(root: Path, tmp_path: Path, **kwargs) -> CTDataModule:
 # ---- 1. labels stay with their slice ------------------------------------------------------------
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_a_skipped_slice_does_not_shift_the_labels_of_the_others(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data")
     ordered = head_first_files(root / P001)
@@ -99,6 +100,7 @@ def test_a_skipped_slice_does_not_shift_the_labels_of_the_others(real_sample, tm
     np.testing.assert_array_equal(dm.targets[rows], expected)
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_a_skipped_file_of_unknown_position_makes_the_labels_unusable_not_guessed(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data", (P001, CAP001))
     victim = head_first_files(root / P001)[40]
@@ -115,6 +117,7 @@ def test_a_skipped_file_of_unknown_position_makes_the_labels_unusable_not_guesse
     assert f"WARNING {warning}" in text
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_labels_that_do_not_fit_the_series_are_not_used_and_the_summary_says_so(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data", (P001, CAP001))
     for f in head_first_files(root / P001)[100:]:  # the labels mark slices up to column 124
@@ -174,6 +177,7 @@ def test_a_non_finite_or_absurd_slice_location_is_not_used_and_the_note_says_why
     assert "SliceLocation not finite or beyond 100000 mm on 1 of 8 slices" in series.order_note
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_the_data_summary_and_split_name_the_key_that_ordered_each_series(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data", (P001, CAP001), labels=False)
     for f in (root / CAP001).iterdir():
@@ -207,6 +211,7 @@ def test_a_broken_rescale_slope_skips_the_slice_with_its_reason(real_sample, tmp
     assert series.ranks == [0, 2, 3] and series.series_length == 4  # its place is kept
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_a_mostly_undecodable_series_is_an_error_not_a_remnant(real_sample, tmp_path):
     root = tmp_path / "data"
     files = first_slices(real_sample, root / P001, 20)
@@ -251,6 +256,7 @@ def test_windows_with_a_non_finite_level_or_width_are_refused_naming_the_key():
 # ---- 5. a damaged slice table is rebuilt; no training slice is a clear error ----------------------
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_a_damaged_slice_table_is_rebuilt(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data", (CAP001,), labels=False)
     patients = discover_covid_ct_md(root)
@@ -263,6 +269,7 @@ def test_a_damaged_slice_table_is_rebuilt(real_sample, tmp_path):
     assert again.slice_index.tolist() == list(range(168))
 
 
+@pytest.mark.slow  # whole real patients through the cache (5-10 s each)
 def test_no_training_slices_is_a_clear_error_naming_the_label_mode(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "data", (P001, CAP001), labels=False)
     with pytest.raises(ConfigError, match=r"no training slices: .* data.label_mode=paper .* data.label_mode=patient"):
