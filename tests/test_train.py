@@ -48,6 +48,13 @@ def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, share
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and Path(result.best_checkpoint).is_file()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    media = runs[0] / "files" / "media"  # the W&B tables callback: per-patient table, confusion, sample slices
+    (table,) = media.glob("table/val/patients_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"][:2] == ["patient", "true"] and set(VOTE_RULES) <= set(logged["columns"])
+    assert sorted(row[0] for row in logged["data"]) == sorted(val_ids)
+    assert list(media.glob("table/val/patient_confusion_table_*.table.json"))
+    assert len(list(media.glob("images/val/sample_slices_*.png"))) == 6
     assert "val/patient/acc" in result.metrics and "val/patient/majority/acc" in result.metrics
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["preprocessing"]["image_size"] == 32
