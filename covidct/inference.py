@@ -31,7 +31,7 @@ from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, pa
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import CENTER_SLICES, TOP_K, check_vote_settings, vote
+from covidct.voting import CENTER_SLICES, TOP_K, WINDOW_SLICES, check_vote_settings, vote
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class PredictorSettings:
     tau: float
     k: int = TOP_K  # topk_mean
     center_slices: int = CENTER_SLICES  # weighted_center
+    window_slices: int = WINDOW_SLICES  # weighted_center
     overridden: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +116,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         tau=float(vote_state.get("tau", 0.5)),
         k=int(vote_state.get("k", TOP_K)),  # older checkpoints: the defaults
         center_slices=int(vote_state.get("center_slices", CENTER_SLICES)),
+        # checkpoints from before the winner's 80-slice window: every slice voted
+        window_slices=int(vote_state.get("window_slices", 1_000_000)),
     )
     return model, settings
 
@@ -195,7 +198,14 @@ def predict_test_set(
             patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
             continue
         probs = slice_probabilities(model, item["images"], batch_size)
-        pred = vote(probs, settings.vote_rule, settings.tau, k=settings.k, center_slices=settings.center_slices)
+        pred = vote(
+            probs,
+            settings.vote_rule,
+            settings.tau,
+            k=settings.k,
+            center_slices=settings.center_slices,
+            window_slices=settings.window_slices,
+        )
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
         if cam_slices:
@@ -277,14 +287,21 @@ def run_prediction(cfg) -> list[Path]:
     """Everything ``predict.py`` does: check input, load the checkpoint, predict each test set."""
     test_sets = find_test_sets(cfg.input)
     chosen = cfg.get("vote") or {}  # vote=<rule>: that file's rule and parameters override the checkpoint's
-    rule, k, center_slices = chosen.get("rule"), chosen.get("k"), chosen.get("center_slices")
-    check_vote_settings(rule, None, k, center_slices)
+    rule, k, center_slices, window_slices = (chosen.get(key) for key in ("rule", "k", "center_slices", "window_slices"))
+    check_vote_settings(rule, None, k, center_slices, window_slices)
     if cfg.tau is not None and not 0.0 <= float(cfg.tau) <= 1.0:
         raise ConfigError(f"tau must be in [0, 1] or null (the checkpoint's), got {cfg.tau}")
     cam_slices = check_cam(cfg)
     device = pick_device(cfg.device)
     model, settings = load_checkpoint(cfg.ckpt_path, device)
-    for attr, value in (("vote_rule", rule), ("tau", cfg.tau), ("k", k), ("center_slices", center_slices)):
+    overrides = (
+        ("vote_rule", rule),
+        ("tau", cfg.tau),
+        ("k", k),
+        ("center_slices", center_slices),
+        ("window_slices", window_slices),
+    )
+    for attr, value in overrides:
         if value is not None:
             settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
             setattr(settings, attr, value)

@@ -8,8 +8,9 @@ caches and ``read_series`` give them head first); only :func:`weighted_center_vo
 * :func:`infected_fraction_vote` - the patient is Normal unless more than a fraction ``tau`` of the
   slices is predicted infected; then the infected slices vote (the organisers' COVID-FACT rule).
 * :func:`mean_prob_vote` - the argmax of the mean slice probabilities.
-* :func:`weighted_center_vote` - the SPGC 2021 winner's rule: argmax votes weighted 1 in the central
-  ``center_slices`` slices, and 0.7 (COVID-19, CAP) or 0.5 (Normal) outside them.
+* :func:`weighted_center_vote` - the SPGC 2021 winner's rule: only the central ``window_slices`` (80)
+  slices vote; argmax votes weighted 1 in the central ``center_slices`` (40), and 0.7 (COVID-19, CAP)
+  or 0.5 (Normal) in the rest of the window.
 * :func:`topk_mean_vote` - per class, the mean of its ``k`` most confident slice probabilities.
 
 Tie rule (all): among the classes with the best score (votes, weighted votes, mean or top-k mean
@@ -31,8 +32,9 @@ from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.errors import ConfigError
 
 COVID_CLASS: int = CLASS_NAMES.index("COVID-19")
-#: defaults of the rules' parameters (``vote.center_slices``, ``vote.k``)
+#: defaults of the rules' parameters (``vote.center_slices``, ``vote.window_slices``, ``vote.k``)
 CENTER_SLICES: int = 40
+WINDOW_SLICES: int = 80
 TOP_K: int = 5
 #: weighted_center: weight of an argmax vote outside the central slices, by the class voted for
 OUTER_WEIGHT_INFECTED: float = 0.7
@@ -143,20 +145,28 @@ def central_mask(n_slices: int, center_slices: int = CENTER_SLICES) -> np.ndarra
 
 
 def weighted_center_vote(
-    probs: np.ndarray, center_slices: int = CENTER_SLICES, normal_class: int = NORMAL_CLASS
+    probs: np.ndarray,
+    center_slices: int = CENTER_SLICES,
+    normal_class: int = NORMAL_CLASS,
+    window_slices: int = WINDOW_SLICES,
 ) -> int:
     """SPGC 2021 winner's rule on ``probs`` (n_slices, C) in position order along the body axis.
 
-    Each slice votes for its argmax with weight 1 if it is among the central ``center_slices`` slices
-    (see :func:`central_mask`), else ``OUTER_WEIGHT_INFECTED`` (0.7) for an infected class and
-    ``OUTER_WEIGHT_NORMAL`` (0.5) for ``normal_class``. The largest weighted count wins; a tie goes to
-    COVID-19 if it is tied, else the module's tie rule.
+    Only the central ``window_slices`` slices vote (see :func:`central_mask`; the winner: 80). Each votes
+    for its argmax with weight 1 if it is among the central ``center_slices`` slices (the winner: 40),
+    else ``OUTER_WEIGHT_INFECTED`` (0.7) for an infected class and ``OUTER_WEIGHT_NORMAL`` (0.5) for
+    ``normal_class``. The largest weighted count wins; a tie goes to COVID-19 if it is tied, else the
+    module's tie rule. A series of ``window_slices`` slices or fewer votes with all of them (the winner's
+    published code let no slice vote there and called every such patient COVID-19: not reproduced).
     """
     probs = _check_probs(probs)
     _check_normal(normal_class, probs.shape[1])
+    if _check_positive_int("window_slices", window_slices) < _check_positive_int("center_slices", center_slices):
+        raise ValueError(f"window_slices ({window_slices}) must be >= center_slices ({center_slices})")
     pred = probs.argmax(axis=1)
     outer = np.where(pred == normal_class, OUTER_WEIGHT_NORMAL, OUTER_WEIGHT_INFECTED)
     weights = np.where(central_mask(len(probs), center_slices), 1.0, outer)
+    weights = np.where(central_mask(len(probs), window_slices), weights, 0.0)
     scores = np.bincount(pred, weights=weights, minlength=probs.shape[1])
     covid = COVID_CLASS if COVID_CLASS < probs.shape[1] and COVID_CLASS != normal_class else None
     return _winner(scores, probs, preferred=covid)
@@ -180,17 +190,27 @@ VOTE_RULES: tuple[str, ...] = ("majority", "infected_fraction", "mean_prob", "we
 
 
 def check_vote_settings(
-    rule: str | None, tau: float | None = None, k: int | None = None, center_slices: int | None = None
+    rule: str | None,
+    tau: float | None = None,
+    k: int | None = None,
+    center_slices: int | None = None,
+    window_slices: int | None = None,
 ) -> None:
     """Raise :class:`ConfigError` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``,
-    ``vote.center_slices``) for a bad value; None values are not checked (tau None = tuned)."""
+    ``vote.center_slices``, ``vote.window_slices``) for a bad value; None values are not checked (tau
+    None = tuned)."""
     if rule is not None and rule not in VOTE_RULES:
         raise ConfigError(f"vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES)}")
     if tau is not None and not 0.0 <= float(tau) <= 1.0:
         raise ConfigError(f"vote.tau must be in [0, 1] (a fraction of slices) or null (tuned), got {tau}")
-    for key, value in (("vote.k", k), ("vote.center_slices", center_slices)):
+    for key, value in (("vote.k", k), ("vote.center_slices", center_slices), ("vote.window_slices", window_slices)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{key} must be an integer >= 1 (slices), got {value!r}")
+    if window_slices is not None and center_slices is not None and window_slices < center_slices:
+        raise ConfigError(
+            f"vote.window_slices={window_slices} must be >= vote.center_slices={center_slices}: the central slices "
+            "lie inside the voting window"
+        )
 
 
 def vote(
@@ -201,10 +221,11 @@ def vote(
     *,
     k: int = TOP_K,
     center_slices: int = CENTER_SLICES,
+    window_slices: int = WINDOW_SLICES,
 ) -> int:
     """One patient's class under ``rule`` (one of :data:`VOTE_RULES`); probs (n_slices, C) in position
-    order. ``tau`` is used by ``infected_fraction``, ``k`` by ``topk_mean``, ``center_slices`` by
-    ``weighted_center``."""
+    order. ``tau`` is used by ``infected_fraction``, ``k`` by ``topk_mean``, ``center_slices`` and
+    ``window_slices`` by ``weighted_center``."""
     if rule == "majority":
         return majority_vote(probs)
     if rule == "infected_fraction":
@@ -212,7 +233,7 @@ def vote(
     if rule == "mean_prob":
         return mean_prob_vote(probs)
     if rule == "weighted_center":
-        return weighted_center_vote(probs, center_slices, normal_class)
+        return weighted_center_vote(probs, center_slices, normal_class, window_slices)
     if rule == "topk_mean":
         return topk_mean_vote(probs, k)
     raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
@@ -324,12 +345,13 @@ def vote_patients(
     *,
     k: int = TOP_K,
     center_slices: int = CENTER_SLICES,
+    window_slices: int = WINDOW_SLICES,
 ) -> list[PatientVote]:
     """Group slices by patient (:func:`group_slices`) and apply every rule of :data:`VOTE_RULES` once.
 
     ``tau`` is the infected-fraction threshold (tune it first, e.g. with :func:`tune_tau` on the
-    :func:`infected_fraction` and :func:`infected_class` of each group); ``k`` and ``center_slices``
-    are the parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`.
+    :func:`infected_fraction` and :func:`infected_class` of each group); ``k``, ``center_slices``
+    and ``window_slices`` are the parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`.
     """
     tau = _check_tau(tau)
     _check_normal(normal_class, _check_probs(probs).shape[1])
@@ -341,7 +363,10 @@ def vote_patients(
             mean_prob=p.mean(axis=0),
             infected_fraction=infected_fraction(p, normal_class),
             infected_class=infected_class(p, normal_class),
-            rule_votes={r: vote(p, r, tau, normal_class, k=k, center_slices=center_slices) for r in VOTE_RULES},
+            rule_votes={
+                r: vote(p, r, tau, normal_class, k=k, center_slices=center_slices, window_slices=window_slices)
+                for r in VOTE_RULES
+            },
         )
         for pid, p in group_slices(patient_ids, probs).items()
     ]

@@ -155,7 +155,7 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
 def test_vote_state_holds_the_rule_parameters_and_older_states_load():
     cb = PatientVoteCallback("topk_mean", k=3, center_slices=20)
     state = cb.state_dict()
-    assert (state["k"], state["center_slices"]) == (3, 20)
+    assert (state["k"], state["center_slices"], state["window_slices"]) == (3, 20, 80)
     assert "rule" not in state  # stored once, in the model's hyper_parameters (preprocessing.vote_rule)
     old = PatientVoteCallback("topk_mean", k=3)  # a checkpoint without k / center_slices
     old.load_state_dict({"rule": "majority", "tau": 0.4, "best": 0.5, "best_epoch": 1})

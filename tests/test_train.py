@@ -177,5 +177,9 @@ def test_weighted_center_vote_drives_checkpointing_and_every_rule_is_logged(tmp_
     assert all(f"val/patient/{rule}/sensitivity/CAP" in logged for rule in VOTE_RULES)
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
-    assert (vote_state["center_slices"], vote_state["k"]) == (4, 5) and "rule" not in vote_state
+    assert (vote_state["center_slices"], vote_state["window_slices"], vote_state["k"]) == (
+        4,
+        80,
+        5,
+    ) and "rule" not in vote_state
     assert ckpt["hyper_parameters"]["preprocessing"]["vote_rule"] == "weighted_center"  # the rule, stored once

@@ -157,6 +157,25 @@ def test_vote_dispatches_every_rule_with_its_parameters() -> None:
         vote(probs, "weighted_center", center_slices=0)
 
 
+def test_weighted_center_votes_with_the_winners_central_80_slices_only() -> None:
+    # 200 slices: 60 above and 60 below the window say COVID-19; in the window the central 40 say Normal
+    # (40 x 1) and the 40 around them CAP (40 x 0.7 = 28): Normal. Were all slices voting: COVID-19 (84).
+    series = slices(*[COVID] * 60, *[CAP] * 20, *[NORMAL] * 40, *[CAP] * 20, *[COVID] * 60)
+    assert weighted_center_vote(series) == NORMAL
+    assert weighted_center_vote(series, window_slices=200) == COVID
+    # 81 slices: the window is slices 0-79 (the odd one out is at the end). Inside it COVID-19 and CAP
+    # tie (20 + 14 each), which goes to COVID-19; slice 80 says CAP and would break the tie if it voted.
+    inner = [COVID] * 10 + [CAP] * 10  # each half of the window's outer 40: 10 COVID-19, 10 CAP
+    series = slices(*inner, *[COVID] * 20, *[CAP] * 20, *inner, CAP)
+    assert len(series) == 81 and weighted_center_vote(series) == COVID
+    assert weighted_center_vote(series, window_slices=81) == CAP
+    # 80 and 30 slices: every slice votes (the winner's code let none vote and called such patients COVID-19)
+    assert weighted_center_vote(slices(*[NORMAL] * 80)) == NORMAL
+    assert weighted_center_vote(slices(*[NORMAL] * 16, *[CAP] * 14)) == NORMAL  # all central: the majority
+    with pytest.raises(ValueError, match="window_slices"):
+        weighted_center_vote(slices(NORMAL), center_slices=40, window_slices=20)
+
+
 def test_vote_patients_votes_every_rule_in_slice_order() -> None:
     ids = ["a"] * 10 + ["b"] * 3
     probs = np.concatenate([mostly_clean_covid(), slices(NORMAL, CAP, NORMAL)])

@@ -45,6 +45,7 @@ from covidct.voting import (
     CENTER_SLICES,
     TOP_K,
     VOTE_RULES,
+    WINDOW_SLICES,
     PatientVote,
     check_vote_settings,
     deduplicate,
@@ -142,6 +143,7 @@ class PatientVoteCallback(pl.Callback):
         output_dir: where ``patients.csv`` of the best epoch is written (None: not written).
         k: ``topk_mean``'s slices averaged per class.
         center_slices: ``weighted_center``'s central slices that count fully.
+        window_slices: ``weighted_center``'s central slices that vote at all.
     """
 
     def __init__(
@@ -151,9 +153,11 @@ class PatientVoteCallback(pl.Callback):
         output_dir: str | None = None,
         k: int = TOP_K,
         center_slices: int = CENTER_SLICES,
+        window_slices: int = WINDOW_SLICES,
     ):
-        check_vote_settings(rule, tau, k, center_slices)
-        self.rule, self.fixed_tau, self.k, self.center_slices = rule, tau, k, center_slices
+        check_vote_settings(rule, tau, k, center_slices, window_slices)
+        self.rule, self.fixed_tau, self.k = rule, tau, k
+        self.center_slices, self.window_slices = center_slices, window_slices
         self.output_dir = Path(output_dir) if output_dir else None
         self.tau = 0.5 if tau is None else float(tau)  # the latest tuned (or the fixed) tau: predict.py's
         self.best: ValidationVotes | None = None
@@ -204,7 +208,9 @@ class PatientVoteCallback(pl.Callback):
         infected = np.asarray([infected_class(p) for p in groups.values()])
         if self.fixed_tau is None:
             self.tau = tune_tau(fractions, infected, labels)
-        votes = vote_patients(ids, probs[order], self.tau, k=self.k, center_slices=self.center_slices)
+        votes = vote_patients(
+            ids, probs[order], self.tau, k=self.k, center_slices=self.center_slices, window_slices=self.window_slices
+        )
         predictions = {rule: np.asarray([v.rule_votes[rule] for v in votes]) for rule in VOTE_RULES}
         if self.fixed_tau is None:  # report a figure that is not fitted to the patient it scores
             predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
@@ -293,13 +299,14 @@ class PatientVoteCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # the best epoch's metrics and confusion too: a resumed run (ckpt_path, SLURM requeue) that does
-        # not improve on it still reports them. k and center_slices are read by predict.py; on resume the
+        # not improve on it still reports them. k, center_slices and window_slices are read by predict.py; on resume the
         # config's values (like its rule) win. The vote rule itself is the model's (hyper_parameters).
         best = self.best
         return {
             "tau": self.tau,
             "k": self.k,
             "center_slices": self.center_slices,
+            "window_slices": self.window_slices,
             "best": None if best is None else best.score,
             "best_epoch": None if best is None else best.epoch,
             "best_summary": {} if best is None else {k: float(v) for k, v in best.metrics.items()},
