@@ -67,6 +67,7 @@ class DataConfig:
     output_dir: str = MISSING
     windows: list[Any] = MISSING  # preset names or {level, width} in HU
     image_size: int = MISSING
+    lung_crop: bool = MISSING
     label_mode: str = MISSING
     val_fraction: float = MISSING
     num_folds: int | None = MISSING
@@ -88,6 +89,7 @@ class PreprocessingConfig:
 
     windows: list[Any] = MISSING
     image_size: int = MISSING
+    lung_crop: bool = MISSING
     label_mode: str = MISSING
     vote_rule: str = MISSING
 

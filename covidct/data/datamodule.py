@@ -230,6 +230,7 @@ class CTDataModule(pl.LightningDataModule):
         output_dir: run folder for ``data_summary.{txt,json}`` and ``split.csv`` (None: not saved).
         windows: window presets or ``{level, width}`` in HU; one channel each.
         image_size: model input side in px.
+        lung_crop: crop each series to the bounding box of its lungs (see :mod:`covidct.data.lung`).
         label_mode: ``paper`` or ``patient`` (see :func:`covidct.data.labels.slice_targets`).
         val_fraction, num_folds, fold, seed: patient-level split (see :func:`train_val_split`).
         batch_size: slices per batch.
@@ -252,6 +253,7 @@ class CTDataModule(pl.LightningDataModule):
         output_dir: str | None = None,
         windows: Sequence[str | Mapping[str, float]] = ("lung",),
         image_size: int = 224,
+        lung_crop: bool = False,
         label_mode: str = "paper",
         val_fraction: float = 0.2,
         num_folds: int | None = None,
@@ -281,7 +283,7 @@ class CTDataModule(pl.LightningDataModule):
         )
         self.cache_dir = Path(cache_dir)
         self.output_dir = Path(output_dir) if output_dir else None
-        self.preprocessor = SlicePreprocessor(parse_windows(list(windows)), image_size)
+        self.preprocessor = SlicePreprocessor(parse_windows(list(windows)), image_size, lung_crop)
         self.label_mode = label_mode
         self.val_fraction, self.num_folds, self.fold, self.seed = val_fraction, num_folds, fold, seed
         gpu = torch.cuda.is_available()

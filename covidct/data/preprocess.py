@@ -75,6 +75,7 @@ class SlicePreprocessor:
 
     windows: tuple[Window, ...]
     image_size: int
+    lung_crop: bool = False
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
         """float32 (rows, cols) HU -> uint8 (len(windows), image_size, image_size)."""

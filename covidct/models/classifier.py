@@ -40,13 +40,6 @@ class InputAdapter(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def setup(self, stage: str) -> None:
-        """Fit the loss to the training split (``loss.alpha=auto``), from ``trainer.datamodule.train_class_counts``."""
-        fit = getattr(self.criterion, "fit_class_counts", None)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and fit is not None and datamodule is not None:
-            fit(datamodule.train_class_counts)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0
         if self.mix is not None:
