@@ -20,12 +20,17 @@ from covidct.schema import register_configs
 
 def register_resolvers() -> None:
     """``${run_suffix:}``: a random 6-hex suffix, fixed per composed config (and copied to every
-    job of a sweep by Hydra, like ``${now:}``), so run folders never collide; ``${len:x}``. Also
+    job of a sweep by Hydra, like ``${now:}``), so run folders never collide; ``${len:x}``;
+    ``${classes:<label mode>}`` (the slice classes a label mode trains). Also
     registers the train schema (``train_schema``) in Hydra's ConfigStore."""
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("len"):  # ${len:${data.windows}}: the model's input channels
         OmegaConf.register_new_resolver("len", len)
+    if not OmegaConf.has_resolver("classes"):  # ${classes:${data.label_mode}}: the model's slice classes
+        from covidct.data.labels import class_names_of
+
+        OmegaConf.register_new_resolver("classes", class_names_of)
     register_configs()
 
 

@@ -80,6 +80,7 @@ class DataConfig:
     balanced_sampler: bool = MISSING
     cache_workers: int = MISSING
     slice_labels_file: str | None = MISSING
+    pseudo_labels: str | None = MISSING
     train_transforms: list[Any] = MISSING
 
 
@@ -104,6 +105,9 @@ class ModelConfig:
     weights_path: str | None = MISSING
     channels_last: bool = MISSING
     in_channels: int = MISSING
+    class_names: list[str] = MISSING
+    num_classes: int = MISSING
+    infection_threshold: float = MISSING
     preprocessing: PreprocessingConfig = MISSING
 
 

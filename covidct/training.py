@@ -36,7 +36,8 @@ RUN_FILES = ("report.html", "metrics.json", "patients.csv", "data_summary.txt", 
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``score`` is the monitored patient accuracy (what sweepers optimise)."""
+    """What a run produced. ``score`` is the monitored metric of the best epoch (what sweepers optimise):
+    the patient accuracy of the vote rule, or for stage 1 (``stage=infection``) the slice infection AUROC."""
 
     score: float
     best_epoch: int | None
@@ -44,24 +45,52 @@ class TrainResult:
     metrics: dict[str, float]
     confusion: np.ndarray | None  # (C, C) patient confusion matrix of the best epoch, rows = truth
     output_dir: Path
+    monitor: str = "val/patient/acc"
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    @classmethod
+    def of(cls, trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path) -> TrainResult:
+        """The best epoch the patient vote (or, without one, :class:`BestEpochCallback`) recorded."""
+        ckpt = trainer.checkpoint_callback
+        common = {
+            "best_checkpoint": (ckpt.best_model_path if ckpt else "") or "",
+            "output_dir": output_dir,
+            "class_names": tuple(model.hparams.class_names),
+        }
+        votes, best = model.patient_votes, model.best_epoch
+        if votes is None and best is not None:
+            return cls(best.score, best.epoch, metrics=best.metrics, confusion=None, monitor=best.monitor, **common)
+        return cls(
+            score=float(votes.score) if votes is not None else float("nan"),
+            best_epoch=votes.epoch if votes is not None else None,
+            metrics=dict(votes.metrics) if votes is not None else {},
+            confusion=votes.confusion if votes is not None and votes.confusion.size else None,
+            **common,
+        )
+
+    @property
+    def votes_patients(self) -> bool:
+        return self.monitor.startswith("val/patient/")
 
     def to_json(self, rule: str) -> dict[str, Any]:
         """What ``metrics.json`` holds (read back by the sweep summary)."""
         return {
             "status": "ok",
             "score": self.score,
-            "monitor": "val/patient/acc",
-            "vote_rule": rule,
+            "monitor": self.monitor,
+            "vote_rule": rule if self.votes_patients else None,
             "best_epoch": self.best_epoch,
             "best_checkpoint": self.best_checkpoint,
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "confusion": self.confusion.tolist() if self.confusion is not None else None,
-            "class_names": list(CLASS_NAMES),
+            "class_names": list(self.class_names),
         }
 
     def summary(self, rule: str) -> str:
         """The end-of-run text: best epoch, every rule's patient accuracy, confusion, files written.
         Metrics missing (no validation epoch was voted) print as nan; only files that exist are named."""
+        if not self.votes_patients:
+            return self._infection_summary()
         m = self.metrics
         nan = float("nan")
         if self.best_epoch is None:
@@ -83,6 +112,23 @@ class TrainResult:
             f"  best checkpoint: {self.best_checkpoint or 'none'}",
         ]
         return "\n".join(lines)
+
+    def _infection_summary(self) -> str:
+        """Stage 1: the best epoch's slice infection AUROC, sensitivity and specificity, and the next step."""
+        if self.best_epoch is None:
+            return f"No best epoch: no validation epoch scored {self.monitor} in this run"
+        sens, spec = (self.metrics.get(f"val/infection/{k}", float("nan")) for k in ("sensitivity", "specificity"))
+        ckpt = self.best_checkpoint or "<checkpoint>"
+        return "\n".join(
+            [
+                f"Best epoch {self.best_epoch}: slice infection AUROC {self.score:.3f}, sensitivity {sens:.3f}, "
+                f"specificity {spec:.3f} at model.infection_threshold",
+                "  (validation slices with radiologist labels; every slice of a Normal patient is clean)",
+                f"  outputs: {self.output_dir}",
+                f"  best checkpoint: {self.best_checkpoint or 'none'}",
+                f"  next: python -m covidct.pseudo_label ckpt_path={ckpt} input=<data.root>",
+            ]
+        )
 
 
 class RunInterrupted(Exception):
@@ -220,15 +266,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
             raise RunInterrupted(record_interruption(trainer, model, output_dir, ckpt_path, cfg.vote.rule)) from None
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
-    ckpt, best = trainer.checkpoint_callback, model.patient_votes
-    result = TrainResult(
-        score=float(best.score) if best is not None else float("nan"),
-        best_epoch=best.epoch if best is not None else None,
-        best_checkpoint=(ckpt.best_model_path if ckpt else "") or "",
-        metrics=dict(best.metrics) if best is not None else {},
-        confusion=best.confusion if best is not None and best.confusion.size else None,
-        output_dir=output_dir,
-    )
+    result = TrainResult.of(trainer, model, output_dir)
     if trainer.is_global_zero:
         write_run_metrics(output_dir, result.to_json(cfg.vote.rule))
     return result

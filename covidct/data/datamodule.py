@@ -26,12 +26,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from covidct import CLASS_NAMES
+from covidct import CLASS_NAMES as PATIENT_CLASSES
+from covidct import NORMAL_CLASS
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.dicom import Skipped
-from covidct.data.labels import LABEL_MODES, UNKNOWN, slice_targets, usable_slice_labels
+from covidct.data.labels import LABEL_MODES, UNKNOWN, class_names_of, slice_targets, usable_slice_labels
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, Window, one_thread_per_worker, parse_windows
+from covidct.data.pseudo_labels import check_pseudo_labels, read_pseudo_labels
 from covidct.data.split import check_split, train_val_split
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
@@ -185,6 +187,7 @@ def check_data_settings(
     val_fraction: float,
     num_folds: int | None,
     fold: int,
+    pseudo_labels: str | None = None,
 ) -> None:
     """Raise :class:`ConfigError` naming the ``data.*`` key of a bad value (before any data is read)."""
     if root is None and synthetic is None:
@@ -197,6 +200,14 @@ def check_data_settings(
         raise ConfigError(f"data.label_mode={label_mode!r} is not known; choose one of {sorted(LABEL_MODES)}")
     if batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    if (label_mode == "pseudo") != (pseudo_labels is not None):
+        raise ConfigError(
+            "data.label_mode=pseudo needs data.pseudo_labels=<folder>/Slice-level-labels-pseudo.npy (written by "
+            "python -m covidct.pseudo_label)"
+            if pseudo_labels is None
+            else f"data.pseudo_labels is read only with data.label_mode=pseudo (this run: {label_mode}); "
+            "set data.label_mode=pseudo, or data.pseudo_labels=null"
+        )
     check_split(val_fraction, num_folds, fold)
 
 
@@ -243,6 +254,8 @@ class CTDataModule(pl.LightningDataModule):
         train_transforms: albumentations transforms applied to HWC uint8 training images.
         cache_workers: processes that read DICOM while building the cache.
         slice_labels_file: label array file name inside ``root`` (None: the preferred one present).
+        pseudo_labels: stage-1 pseudo-label array (see :mod:`covidct.data.pseudo_labels`), read with
+            ``label_mode=pseudo``: a training patient without radiologist slice labels takes its row.
     """
 
     def __init__(
@@ -267,9 +280,12 @@ class CTDataModule(pl.LightningDataModule):
         train_transforms: Sequence[A.BasicTransform] | None = None,
         cache_workers: int = 1,
         slice_labels_file: str | None = None,
+        pseudo_labels: str | None = None,
     ) -> None:
         super().__init__()
-        check_data_settings(root, synthetic, image_size, label_mode, batch_size, val_fraction, num_folds, fold)
+        check_data_settings(
+            root, synthetic, image_size, label_mode, batch_size, val_fraction, num_folds, fold, pseudo_labels
+        )
         self.root = root
         self.synthetic = (
             None
@@ -296,6 +312,7 @@ class CTDataModule(pl.LightningDataModule):
         self.train_transform = A.Compose(list(train_transforms)) if train_transforms else None
         self.cache_workers = cache_workers
         self.slice_labels_file = slice_labels_file
+        self.pseudo_labels = pseudo_labels
         self.cache: SliceCache | None = None
         self.summary: DataSummary | None = None
         self._prepared: tuple[list[PatientFolder], list[Skipped], SliceCache] | None = None
@@ -307,7 +324,8 @@ class CTDataModule(pl.LightningDataModule):
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES
+        """The slice classes of the targets (``clean, infected`` with ``label_mode=infection``)."""
+        return tuple(class_names_of(self.label_mode))
 
     def data_root(self) -> Path:
         """The dataset folder (the synthetic one is generated on first use)."""
@@ -347,11 +365,12 @@ class CTDataModule(pl.LightningDataModule):
             row, problem = usable_slice_labels(p.patient_id, labels_of[p.patient_id], p.series_length, p.unplaced)
             slice_labels.append(row)
             label_problems += [problem] if problem else []
-        self.targets = slice_targets(
-            self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
-        )
         self.train_patients, self.val_patients = train_val_split(
             self.patient_labels, self.val_fraction, self.seed, self.num_folds, self.fold
+        )
+        self.pseudo_labelled = self._add_pseudo_labels(slice_labels) if self.label_mode == "pseudo" else []
+        self.targets = slice_targets(
+            self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
         )
         in_train = np.isin(cache.patient, self.train_patients)
         known = self.targets != UNKNOWN
@@ -369,6 +388,8 @@ class CTDataModule(pl.LightningDataModule):
             train_rows=self.train_rows,
             warnings=label_problems,
             skipped_entries=skipped_entries,
+            target_names=self.class_names,
+            pseudo_labelled=self.pseudo_labelled,
         )
         if not self._rank_zero():
             return
@@ -376,6 +397,44 @@ class CTDataModule(pl.LightningDataModule):
         if self.output_dir is not None:
             self.summary.save(self.output_dir)
             self.save_split(self.output_dir / "split.csv")
+
+    def _add_pseudo_labels(self, slice_labels: list[np.ndarray | None]) -> list[int]:
+        """Put stage-1 pseudo-label rows (checked by :func:`check_pseudo_labels`) in ``slice_labels`` for the
+        sick *training* patients without radiologist labels; returns their patient indices. Radiologist
+        labels are never replaced, and validation patients keep UNKNOWN slice targets."""
+        cache = self.cache
+        assert cache is not None
+        pseudo = read_pseudo_labels(self.pseudo_labels)  # type: ignore[arg-type]
+        check_pseudo_labels(
+            pseudo,
+            {p.patient_id: p.series_length for p in cache.patients},
+            self.preprocessor,
+            [self.patient_ids[i] for i in self.val_patients],
+        )
+        used = []
+        for i in map(int, self.train_patients):
+            pid = self.patient_ids[i]
+            if slice_labels[i] is None and self.patient_labels[i] != NORMAL_CLASS and pid in pseudo.rows:
+                slice_labels[i], _ = usable_slice_labels(pid, pseudo.rows[pid], cache.patients[i].series_length, ())
+                used.append(i)
+        log.info("%d training patients take stage-1 pseudo-labels from %s", len(used), pseudo.path)
+        return used
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the split's patients, and the patients whose slices were trained on (the
+        pseudo-labeller records stage 1's, so that stage 2 can refuse a leak into its validation patients)."""
+        if self.cache is None:
+            return {}
+        trained_on = np.unique(self.cache.patient[self.train_rows])
+        return {
+            "trained_on": [self.patient_ids[i] for i in trained_on],
+            "train_patients": [self.patient_ids[i] for i in self.train_patients],
+            "val_patients": [self.patient_ids[i] for i in self.val_patients],
+            "label_mode": self.label_mode,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the split is recomputed from the config (and checked by the resume checks)."""
 
     def _rank_zero(self) -> bool:
         """True outside DDP and on global rank 0: the one process that logs and writes the data summary."""
@@ -404,7 +463,14 @@ class CTDataModule(pl.LightningDataModule):
             path,
             ["patient", "class", "subset", "n_slices", "series_length", "order_key"],
             [
-                (p.patient_id, CLASS_NAMES[p.label], subset.get(i, "unused"), p.n_slices, p.series_length, p.order_key)
+                (
+                    p.patient_id,
+                    PATIENT_CLASSES[p.label],
+                    subset.get(i, "unused"),
+                    p.n_slices,
+                    p.series_length,
+                    p.order_key,
+                )
                 for i, p in enumerate(self.cache.patients)  # type: ignore[union-attr]
             ],
         )
@@ -428,7 +494,7 @@ class CTDataModule(pl.LightningDataModule):
     @property
     def train_class_counts(self) -> list[int]:
         """Training slices per class (for ``loss.alpha=auto`` and the balanced sampler)."""
-        return np.bincount(self.targets[self.train_rows], minlength=len(CLASS_NAMES)).tolist()
+        return np.bincount(self.targets[self.train_rows], minlength=len(self.class_names)).tolist()
 
     # ---- loaders ------------------------------------------------------------------------------
     def _dataset(self, rows: np.ndarray, transform: A.Compose | None) -> SliceDataset:

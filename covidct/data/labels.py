@@ -7,13 +7,27 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct import NORMAL_CLASS
+from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.errors import ConfigError
 
-LABEL_MODES = ("paper", "patient")
+#: ``paper``: 3 classes from radiologist slice labels; ``patient``: every slice takes its patient's class;
+#: ``infection``: 2 classes (stage 1 of two-stage training); ``pseudo``: as ``paper``, with stage 1's
+#: pseudo-labels for training patients that have no radiologist labels (stage 2).
+LABEL_MODES = ("paper", "patient", "infection", "pseudo")
+
+#: Slice classes of ``label_mode=infection`` (stage 1): index 1 = the slice shows infection.
+INFECTION_CLASSES: tuple[str, ...] = ("clean", "infected")
+INFECTED = 1
 
 #: Target of a slice whose class is unknown (sick patient without slice labels in ``paper`` mode).
 UNKNOWN = -1
+
+
+def class_names_of(mode: str) -> list[str]:
+    """The slice classes a model trained in label ``mode`` predicts (``${classes:${data.label_mode}}``)."""
+    if mode not in LABEL_MODES:
+        raise ConfigError(f"data.label_mode={mode!r} is not one of {list(LABEL_MODES)}")
+    return list(INFECTION_CLASSES if mode == "infection" else CLASS_NAMES)
 
 
 def slice_targets(
@@ -29,7 +43,10 @@ def slice_targets(
         mode: ``paper``: an infected slice takes its patient's class, every other slice is
             Normal, Normal patients' slices are Normal, and slices of a sick patient without
             slice labels are UNKNOWN (-1: not trained on, not scored at slice level);
-            ``patient``: every slice takes its patient's class.
+            ``patient``: every slice takes its patient's class; ``infection``: 1 (infected) for a
+            labelled infected slice, 0 (clean) for every other slice of a labelled patient and every
+            slice of a Normal patient, UNKNOWN for sick patients without slice labels; ``pseudo``: as
+            ``paper`` (the caller puts pseudo-label rows where radiologist rows are missing).
         patient_labels: class index per patient (P,).
         slice_labels: per patient, int8 (L,) 0/1 head-first labels, or None (see
             :func:`usable_slice_labels`); L exceeds every slice index of the patient.
@@ -37,7 +54,7 @@ def slice_targets(
         slice_index: int (N,) head-first rank of each slice in its patient's whole series.
 
     Returns:
-        int64 (N,) class index per slice, or UNKNOWN.
+        int64 (N,) index into :func:`class_names_of` per slice, or UNKNOWN.
     """
     if mode not in LABEL_MODES:
         raise ConfigError(f"data.label_mode={mode!r} is not one of {list(LABEL_MODES)}")
@@ -45,6 +62,10 @@ def slice_targets(
     targets = labels[slice_patient]
     if mode == "patient":
         return targets
+    infection = mode == "infection"
+    clean = 0 if infection else NORMAL_CLASS
+    if infection:
+        targets = np.zeros_like(targets)  # Normal patients: every slice clean
     for p, row in enumerate(slice_labels):
         if labels[p] == NORMAL_CLASS:
             continue
@@ -53,7 +74,7 @@ def slice_targets(
             targets[mine] = UNKNOWN
         else:
             infected = np.asarray(row, dtype=bool)[slice_index[mine]]
-            targets[mine] = np.where(infected, labels[p], NORMAL_CLASS)
+            targets[mine] = np.where(infected, INFECTED if infection else labels[p], clean)
     return targets
 
 

@@ -8,15 +8,23 @@ from typing import TYPE_CHECKING, Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryRecall,
+    BinarySpecificity,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+)
 
 from covidct import CLASS_NAMES
-from covidct.data.labels import UNKNOWN
+from covidct.data.labels import INFECTED, INFECTION_CLASSES, UNKNOWN
+from covidct.errors import ConfigError
 from covidct.losses import FocalLoss
 from covidct.models.backbones import build_backbone
 
 if TYPE_CHECKING:
+    from covidct.callbacks.best_epoch import BestEpoch
     from covidct.callbacks.patient_vote import ValidationVotes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +74,12 @@ class SliceClassifier(pl.LightningModule):
         channels_last: NHWC memory format (about 2x faster for VGG16 on CPU and with AMP on GPU).
         preprocessing: the data settings the model was trained with (windows, image size, label
             mode); saved in the checkpoint so prediction always uses the same ones.
+        infection_threshold: a stage-1 model (``class_names`` clean, infected) calls a slice infected when
+            P(infected) exceeds it: its validation sensitivity and specificity, and the default threshold
+            of its pseudo-labels (``python -m covidct.pseudo_label``).
+
+    A stage-1 model also logs ``val/infection/{auroc,sensitivity,specificity}`` over the validation
+    slices with a known label (``data.label_mode=infection``).
     """
 
     def __init__(
@@ -81,6 +95,7 @@ class SliceClassifier(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         channels_last: bool = True,
         preprocessing: Mapping[str, Any] | None = None,
+        infection_threshold: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "weights_path"])
@@ -99,13 +114,35 @@ class SliceClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNKNOWN)
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", ignore_index=UNKNOWN)
         self.val_loss = MeanMetric()
+        self.infection_metrics: MetricCollection | None = None
+        if tuple(class_names) == INFECTION_CLASSES:
+            if not 0.0 < infection_threshold < 1.0:
+                raise ConfigError(f"model.infection_threshold must be in (0, 1), got {infection_threshold}")
+            self.infection_metrics = MetricCollection(
+                {
+                    "auroc": BinaryAUROC(ignore_index=UNKNOWN),
+                    "sensitivity": BinaryRecall(infection_threshold, ignore_index=UNKNOWN),
+                    "specificity": BinarySpecificity(infection_threshold, ignore_index=UNKNOWN),
+                },
+                prefix="val/infection/",
+            )
         #: the best validation epoch's patient decisions, set by PatientVoteCallback (read by the report)
         self.patient_votes: ValidationVotes | None = None
+        #: the best epoch of a run without patient votes (stage 1), set by BestEpochCallback
+        self.best_epoch: BestEpoch | None = None
 
     def setup(self, stage: str) -> None:
-        """Fit the loss to the training split (``loss.alpha=auto``), from ``trainer.datamodule.train_class_counts``."""
+        """Refuse data whose slice classes are not the model's; fit the loss to the training split
+        (``loss.alpha=auto``), from ``trainer.datamodule.train_class_counts``."""
         fit = getattr(self.criterion, "fit_class_counts", None)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = list(getattr(datamodule, "class_names", self.hparams.class_names))
+        if data_classes != list(self.hparams.class_names):
+            raise ConfigError(
+                f"the data's slice classes {data_classes} (data.label_mode) are not the model's "
+                f"{list(self.hparams.class_names)} (model.class_names): leave model.class_names to its default "
+                "${classes:${data.label_mode}}, or resume only with the label mode the checkpoint was trained in"
+            )
         if stage == "fit" and fit is not None and datamodule is not None:
             fit(datamodule.train_class_counts)
 
@@ -137,6 +174,9 @@ class SliceClassifier(pl.LightningModule):
             self.val_f1(logits, target)
             self.log("val/slice_acc", self.val_acc, on_epoch=True, batch_size=bs)
             self.log("val/slice_f1_macro", self.val_f1, on_epoch=True, batch_size=bs)
+            if self.infection_metrics is not None:
+                self.infection_metrics.update(logits.float().softmax(dim=1)[:, INFECTED], target)
+                self.log_dict(self.infection_metrics, on_epoch=True, batch_size=bs)
         return {"probs": logits.float().softmax(dim=1).detach()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

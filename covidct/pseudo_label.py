@@ -1,0 +1,134 @@
+"""Stage-1 pseudo-labels: python -m covidct.pseudo_label ckpt_path=<stage-1 checkpoint> input=<dataset root>
+
+Reads the dataset with the checkpoint's preprocessing (through the slice cache stage 1 built), scores
+every slice of each sick patient without radiologist slice labels with the stage-1 infected-vs-clean
+model, and writes the slices above the threshold as a label array in the dataset's own convention
+(see :mod:`covidct.data.pseudo_labels`). Nothing is written for Normal or radiologist-labelled patients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.config import register_resolvers
+from covidct.errors import ConfigError, CovidCTError
+
+log = logging.getLogger("pseudo_label")
+register_resolvers()
+
+
+def checkpoint_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage1_training_patients(ckpt: dict[str, Any], source: str) -> list[str]:
+    """The patients whose slices stage 1 trained on, from the data module's state in the checkpoint."""
+    state = ckpt.get("CTDataModule") or {}
+    if "trained_on" not in state:
+        raise ConfigError(
+            f"ckpt_path={source}: the checkpoint does not record its training patients, so stage 2 could not "
+            "check that none of its validation patients leaks into training; retrain stage 1 with this covidct"
+        )
+    return list(state["trained_on"])
+
+
+def pseudo_label(cfg: DictConfig) -> Path:
+    """Write the pseudo-label folder into ``cfg.paths.output_dir``; returns the label array's path."""
+    from covidct.checkpoint import read_checkpoint
+    from covidct.data.cache import build_or_load_cache
+    from covidct.data.labels import INFECTED, INFECTION_CLASSES
+    from covidct.data.layout import discover_covid_ct_md
+    from covidct.data.preprocess import SlicePreprocessor, parse_windows
+    from covidct.data.pseudo_labels import preprocessing_of, write_pseudo_labels
+    from covidct.inference import load_checkpoint, slice_probabilities
+
+    source = str(cfg.ckpt_path)
+    ckpt = read_checkpoint(source)
+    hp = ckpt["hyper_parameters"]
+    if tuple(hp.get("class_names", CLASS_NAMES)) != INFECTION_CLASSES:
+        raise ConfigError(
+            f"ckpt_path={source}: a model of the classes {list(hp.get('class_names', CLASS_NAMES))}, not a stage-1 "
+            f"infected-slice model {list(INFECTION_CLASSES)}; train one with python train.py stage=infection"
+        )
+    threshold = float(cfg.threshold if cfg.threshold is not None else hp.get("infection_threshold", 0.5))
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
+    trained_on = stage1_training_patients(ckpt, source)
+    pre_hp = hp["preprocessing"]
+    pre = SlicePreprocessor(parse_windows(pre_hp["windows"]), int(pre_hp["image_size"]), bool(pre_hp.get("lung_crop")))
+    del ckpt
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = auto if cfg.device == "auto" else torch.device(cfg.device)
+    model, _ = load_checkpoint(source, device)
+
+    patients = discover_covid_ct_md(cfg.input, cfg.slice_labels_file)
+    cache = build_or_load_cache(patients, pre, cfg.paths.cache_dir, cfg.cache_workers)
+    radiologist = {p.patient_id for p in patients if p.slice_labels is not None}
+    written, summary = [], {}
+    for p in cache.patients:
+        if p.label == NORMAL_CLASS or p.patient_id in radiologist:
+            continue
+        images = torch.from_numpy(np.array(cache.images[p.offset : p.offset + p.n_slices]))  # (n, C, S, S) uint8
+        infected = slice_probabilities(model, images, cfg.batch_size)[:, INFECTED]  # (n,) float32
+        row = np.zeros(max(p.series_length, 1), dtype=np.int8)
+        row[cache.slice_index[p.offset : p.offset + p.n_slices][infected > threshold]] = 1
+        written.append((p.patient_id, p.label, row))
+        summary[p.patient_id] = {
+            "class": CLASS_NAMES[p.label],
+            "series_length": p.series_length,
+            "slices": p.n_slices,
+            "infected": int(row.sum()),
+            "median_p_infected": round(float(np.median(infected)), 4),
+        }
+        log.info("%s (%s): %d of %d slices infected", p.patient_id, CLASS_NAMES[p.label], row.sum(), p.n_slices)
+    if not written:
+        raise ConfigError(
+            f"input={cfg.input}: every sick patient has radiologist slice labels; nothing to pseudo-label "
+            "(train stage 2 with data.label_mode=paper)"
+        )
+    meta = {
+        "threshold": threshold,
+        "checkpoint": str(Path(source).resolve()),
+        "checkpoint_sha256": checkpoint_sha256(Path(source)),
+        "dataset_root": str(Path(cfg.input).resolve()),
+        "preprocessing": preprocessing_of(pre),
+        "stage1_train_patients": trained_on,
+        "patients": summary,
+    }
+    return write_pseudo_labels(Path(cfg.paths.output_dir), written, meta)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pseudo_label")
+def main(cfg: DictConfig) -> None:
+    missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        log.error(
+            "%s not set: python -m covidct.pseudo_label ckpt_path=<stage-1 run>/checkpoints/<best>.ckpt "
+            "input=<dataset root>",
+            " and ".join(missing),
+        )
+        sys.exit(1)
+    try:
+        path = pseudo_label(cfg)
+    except CovidCTError as exc:
+        log.error("%s", exc)
+        sys.exit(1)  # noqa: B904 (the message says it all)
+    log.info("wrote %s\nstage 2: python train.py data.label_mode=pseudo data.pseudo_labels=%s", path, path)
+
+
+if __name__ == "__main__":
+    main()
