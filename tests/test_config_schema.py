@@ -139,6 +139,30 @@ def test_paper_variants_change_one_thing(tmp_path, experiment, changed):
         assert OmegaConf.select(variant, key) == OmegaConf.select(paper, key)
 
 
+def test_spgc_winner_experiment_is_the_winners_recipe_in_two_stages(tmp_path):
+    from covidct.training import instantiate_checked
+
+    cfg = compose_train(tmp_path, ["experiment=spgc_winner", f"data.root={tmp_path}"])
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.loss._target_) == (
+        "efficientnet_b5",
+        True,
+        "covidct.losses.CrossEntropyLoss",
+    )
+    assert OmegaConf.to_container(cfg.data.windows) == [{"level": -500, "width": 1300}]  # [-1150, 150] HU
+    assert (cfg.data.image_size, cfg.data.batch_size, cfg.data.label_mode) == (512, 10, "pseudo")
+    assert (cfg.optimizer.lr, list(cfg.optimizer.betas)) == (2e-4, [0.5, 0.999])
+    assert (cfg.vote.rule, cfg.vote.center_slices, cfg.vote.window_slices) == ("weighted_center", 40, 80)
+    assert list(cfg.model.class_names) == ["COVID-19", "CAP", "Normal"] and cfg.model.num_classes == 3
+    with pytest.raises(ConfigError, match="data.label_mode=pseudo needs data.pseudo_labels"):
+        instantiate_checked(cfg.data, _convert_="all")  # stage 2 without stage 1's pseudo-labels: what to do
+    stage1 = compose_train(tmp_path, ["experiment=spgc_winner", "stage=infection", f"data.root={tmp_path}"])
+    assert stage1.data.label_mode == "infection" and list(stage1.model.class_names) == ["clean", "infected"]
+    assert stage1.model.num_classes == 2 and stage1.callbacks.model_checkpoint.monitor == "val/infection/auroc"
+    assert "patient_vote" not in stage1.callbacks
+    for key in ("data.windows", "data.image_size", "model.backbone", "optimizer"):  # both stages alike
+        assert OmegaConf.select(stage1, key) == OmegaConf.select(cfg, key)
+
+
 def test_command_line_wins_over_the_experiment(tmp_path):
     cfg = compose_train(tmp_path, ["experiment=paper", "model=resnet18", "loss.gamma=1", "data.image_size=128"])
     assert (cfg.model.backbone, cfg.loss.gamma, cfg.data.image_size) == ("resnet18", 1.0, 128)

@@ -49,6 +49,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, _resnet_head),
     "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, _resnet_head),
     "efficientnet_b0": BackboneSpec(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, _efficientnet_head),
+    # the SPGC 2021 winner's network (experiment=spgc_winner)
+    "efficientnet_b5": BackboneSpec(tvm.efficientnet_b5, tvm.EfficientNet_B5_Weights.IMAGENET1K_V1, _efficientnet_head),
 }
 
 
