@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast lint train predict-demo bench bench-predict clean
+.PHONY: install test test-fast lint train predict-demo two-stage-demo bench bench-predict clean
 
 install:  ## fresh venv with everything (torch first, then the project and its dev tools)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ train:  ## the default CPU demo on the embedded synthetic data
 predict-demo:  ## predict the synthetic patients with the newest checkpoint of `make train`
 	$(BIN)/python predict.py ckpt_path=$$(ls -t outputs/train/runs/*/checkpoints/last.ckpt | head -1) \
 		input=$$(ls -d .cache/covidct/synthetic-* | head -1)
+
+two-stage-demo:  ## paper label mode vs two-stage pseudo-labels on the same synthetic patients (~15 min on 2 cores)
+	PY=$(BIN)/python tools/two_stage_demo.sh $(ARGS)
 
 SAMPLE ?= ../shared/data/covid-ct-md-sample
 bench-predict:  ## seconds per 150-slice patient and overhead over a bare forward (VGG16, 224 px)

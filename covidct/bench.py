@@ -6,6 +6,7 @@ is shared and noisy: only ratios measured side by side mean anything) and report
 1. loader: model-ready slices/s (augmentation on) from the slice cache vs decoding DICOM every
    epoch vs the paper's route (DICOM converted once to JPEG files, JPEGs decoded every epoch);
 2. cache build: slices/s with N worker processes vs one process vs raw ``pydicom`` decode (the floor);
+   and (real sample) seconds with ``data.lung_crop=true`` vs without (target: at most 1.5x);
 3. framework: Lightning epochs (our module and vote callback, metrics, CSV logging; checkpoints off,
    their disk writes are the same in any loop) vs a hand-written PyTorch loop over the same
    batches, model and optimizer;
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bench")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-BENCH_ROWS = ("loader", "cache_build", "framework", "memory", "inference")
+BENCH_ROWS = ("loader", "cache_build", "cache_lung_crop", "framework", "memory", "inference")
 
 
 @dataclass
@@ -240,6 +241,40 @@ def measure_cache_build(
     return [
         Row("cache build", data, "1 process", one, "raw pydicom decode", raw, "slices/s", ">= 0.8x", one / raw >= 0.8),
         Row("cache build", data, f"{workers} workers", many, "1 process", one, "slices/s"),
+    ]
+
+
+def measure_lung_crop(
+    patients: list[PatientFolder], pre: SlicePreprocessor, workers: int, work: Path, data: str, repeats: int = 1
+) -> list[Row]:
+    """Seconds of a cache build with ``lung_crop`` vs without (alternating ``repeats`` times, the best of
+    each counts): the cost of the lung mask and the crop (target: at most 1.5x)."""
+    from dataclasses import replace
+
+    from covidct.data.cache import build_or_load_cache
+
+    def build(p: SlicePreprocessor) -> float:
+        target = Path(tempfile.mkdtemp(dir=work))
+        seconds = timed(lambda: build_or_load_cache(patients, p, target, workers=workers))
+        shutil.rmtree(target)
+        return seconds
+
+    crop = replace(pre, lung_crop=True)
+    pairs = [(build(crop), build(pre)) for _ in range(repeats)]
+    cropped, plain = min(p[0] for p in pairs), min(p[1] for p in pairs)
+    label = f"{data}, {workers} process{'es' if workers > 1 else ''}"
+    return [
+        Row(
+            "cache lung crop",
+            label,
+            "lung_crop=true",
+            cropped,
+            "lung_crop=false",
+            plain,
+            "s",
+            "<= 1.5x",
+            cropped / plain <= 1.5,
+        )
     ]
 
 
@@ -559,6 +594,12 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
                     "cache build (real)",
                     lambda: measure_cache_build(
                         real, pre, cfg.cache_build.workers, work, real_data, cfg.cache_build.repeats
+                    ),
+                ),
+                (
+                    "cache lung crop (real)",
+                    lambda: measure_lung_crop(
+                        real, pre, cfg.cache_lung_crop.workers, work, real_data, cfg.cache_lung_crop.repeats
                     ),
                 ),
             ]

@@ -139,16 +139,19 @@ def _windows(spec: Any) -> Any:
 
 def check_resume_settings(ckpt: dict[str, Any], cfg: DictConfig, source: str) -> None:
     """Refuse resuming ``ckpt`` (read by :func:`read_checkpoint`; ``source`` is its path) with a config whose
-    input or network differs from the checkpoint's: ``data.windows``, ``data.image_size``, ``model.backbone``.
+    input or network differs from the checkpoint's: ``data.windows``, ``data.image_size``, ``data.lung_crop``
+    (False in checkpoints from before it), ``model.backbone``.
 
     Training on would feed the restored weights different inputs, or load a state_dict into another
     architecture. Raises :class:`ConfigError` naming every key that differs and both values.
     """
     hp, pre = ckpt["hyper_parameters"], ckpt["hyper_parameters"]["preprocessing"]
     windows = OmegaConf.to_container(cfg.data.windows, resolve=True)
+    lung_crop = bool(pre.get("lung_crop", False))
     pairs = [
         ("data.windows", pre.get("windows"), windows, _windows(pre.get("windows")) != _windows(windows)),
         ("data.image_size", pre.get("image_size"), cfg.data.image_size, pre.get("image_size") != cfg.data.image_size),
+        ("data.lung_crop", lung_crop, cfg.data.lung_crop, lung_crop != cfg.data.lung_crop),
         ("model.backbone", hp.get("backbone"), cfg.model.backbone, hp.get("backbone") != cfg.model.backbone),
     ]
     differ = [f"{key}: checkpoint {saved!r}, this run {now!r}" for key, saved, now, different in pairs if different]

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
 from covidct.checkpoint import read_checkpoint
-from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line, read_series
-from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows
+from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line
+from covidct.data.labels import INFECTION_CLASSES
+from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows, read_preprocessed
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
@@ -93,6 +94,7 @@ class PredictorSettings:
     k: int = TOP_K  # topk_mean
     center_slices: int = CENTER_SLICES  # weighted_center
     window_slices: int = WINDOW_SLICES  # weighted_center
+    lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     overridden: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +120,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         center_slices=int(vote_state.get("center_slices", CENTER_SLICES)),
         # checkpoints from before the winner's 80-slice window: every slice voted
         window_slices=int(vote_state.get("window_slices", 1_000_000)),
+        lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
     )
     return model, settings
 
@@ -135,7 +138,7 @@ class PatientFolders(Dataset):
         one_thread_per_worker()
         folder = self.folders[i]
         try:
-            series = read_series(folder, self.preprocessor)
+            series, _ = read_preprocessed(folder, self.preprocessor)  # a series not cropped is logged there
         except CovidCTError as exc:
             return {"folder": folder, "error": one_line(exc)}
         return {
@@ -187,7 +190,7 @@ def predict_test_set(
 
     if cam_slices:  # pytorch-grad-cam imports matplotlib, scipy and scikit-learn: only when asked
         from covidct.cam import lung_channel, write_patient_cams
-    pre = SlicePreprocessor(parse_windows(settings.windows), settings.image_size)
+    pre = SlicePreprocessor(parse_windows(settings.windows), settings.image_size, settings.lung_crop)
     names = settings.class_names
     patient_rows, slice_rows = [], []
     items = iterate_patients(test_set.patients, pre, num_workers)
@@ -294,6 +297,12 @@ def run_prediction(cfg) -> list[Path]:
     cam_slices = check_cam(cfg)
     device = pick_device(cfg.device)
     model, settings = load_checkpoint(cfg.ckpt_path, device)
+    if tuple(settings.class_names) == INFECTION_CLASSES:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: a stage-1 infected-slice model (classes {list(INFECTION_CLASSES)}); it "
+            "calls slices, not patients. Use it for pseudo-labels (python -m covidct.pseudo_label), and predict "
+            "with the stage-2 checkpoint"
+        )
     overrides = (
         ("vote_rule", rule),
         ("tau", cfg.tau),

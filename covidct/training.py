@@ -284,7 +284,7 @@ def record_interruption(
     message = f"Training interrupted by SIGTERM in epoch {trainer.current_epoch} (step {trainer.global_step}): " + (
         f"resume with ckpt_path={resume}" if resume else "no checkpoint was saved yet"
     )
-    best = model.patient_votes
+    so_far = TrainResult.of(trainer, model, output_dir).to_json(rule)
     if trainer.is_global_zero:
         write_run_metrics(
             output_dir,
@@ -292,13 +292,10 @@ def record_interruption(
                 "status": "interrupted",
                 "error": message,
                 "resume_from": resume,
-                "score": float(best.score) if best is not None else float("nan"),
-                "monitor": "val/patient/acc",
-                "vote_rule": rule,
-                "best_epoch": best.epoch if best is not None else None,
+                **{key: so_far[key] for key in ("score", "monitor", "vote_rule", "best_epoch")},
                 "epoch": trainer.current_epoch,
                 "global_step": trainer.global_step,
-                "metrics": {k: float(v) for k, v in best.metrics.items()} if best is not None else {},
+                "metrics": so_far["metrics"],
             },
         )
     return message

@@ -37,6 +37,7 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
                 "bench.image_size=64",
                 "bench.loader.num_workers=0",
                 "bench.cache_build.workers=2",
+                "bench.cache_lung_crop.repeats=1",
                 "bench.framework.epochs=1",
                 "bench.framework.repeats=1",
                 "bench.framework.image_size=32",
@@ -60,14 +61,15 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
         ("loader", "DICOM every epoch"),
         ("cache build", "raw pydicom decode"),
         ("cache build", "1 process"),
+        ("cache lung crop", "lung_crop=false"),
         ("framework", "hand-written loop"),
         ("memory", "peak RSS N"),
         ("inference", "bare forward"),
     ]
     assert all(r.a > 0 and r.b > 0 and math.isfinite(r.ratio) for r in rows)
     assert "36 slices" in rows[0].data and "18 slices" in rows[4].data  # 2 x 3 x 6 synthetic, 3 x 6 stand-in
-    assert "36 vs 360 slices" in rows[8].data  # N vs 10N
-    assert "2 patients, 12 slices" in rows[9].data
+    assert "36 vs 360 slices" in rows[9].data  # N vs 10N
+    assert "2 patients, 12 slices" in rows[10].data
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len(report["rows"]) == len(rows) and report["environment"]["cpus"] >= 1
     assert report["rows"][0]["ratio"] == pytest.approx(rows[0].ratio)

@@ -240,6 +240,23 @@ def test_pseudo_label_refuses_a_checkpoint_that_is_not_a_stage1_model(two_stage,
 
 
 @pytest.mark.slow
+def test_predict_refuses_a_stage1_checkpoint_and_says_what_it_is_for(two_stage, tmp_path):
+    from tests.conftest import run_cli
+
+    stage1, _, root, _, _ = two_stage
+    patient = next(root.glob("COVID-19*/P001"))
+    done = run_cli(
+        [f"ckpt_path={stage1.best_checkpoint}", f"input={patient}", f"hydra.run.dir={tmp_path}"], tmp_path, "predict.py"
+    )
+    assert done.returncode == 1
+    assert (
+        "stage-1 infected-slice model" in done.stderr + done.stdout
+        and "covidct.pseudo_label" in done.stderr + done.stdout
+    )
+    assert not list(tmp_path.glob("*.csv"))
+
+
+@pytest.mark.slow
 def test_stage2_trains_on_radiologist_and_pseudo_labels(two_stage, tmp_path):
     from covidct.training import train
 

@@ -9,8 +9,9 @@ A cache folder ``<cache_dir>/slices-<key>/`` holds
   their rank, so this is the column of the dataset's slice labels; see
   :class:`covidct.data.dicom.Series`), ``location`` float32 (N,) position along the ordering key;
 * ``manifest.json``: settings, shape, and per patient: id, class, folder, offset, slice count,
-  series length, ordering key and note, skipped, unplaced and ignored files with reasons; patients
-  skipped (no usable slice) with reasons. Written last: a folder without it (or with a short
+  series length, ordering key and note, skipped, unplaced and ignored files with reasons, lung crop
+  (box, slice size, why not cropped; ``data.lung_crop=true`` only); patients skipped (no usable
+  slice) with reasons. Written last: a folder without it (or with a short
   ``images.u8``, or an unreadable ``slices.npz``) is not a cache.
 
 The key hashes the preprocessing settings and every input file's path, size and mtime, so a
@@ -38,14 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct.data.dicom import list_files, read_series
+from covidct.data.dicom import list_files
 from covidct.data.layout import PatientFolder
-from covidct.data.preprocess import SlicePreprocessor
+from covidct.data.preprocess import SlicePreprocessor, read_preprocessed
 from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: series ranks (labels survive skipped slices), ordering fallbacks and notes (issue 14)
+# 3: series ranks (labels survive skipped slices), ordering fallbacks and notes (issue 14)
+# 4: each patient's lung crop (data.lung_crop, issue 16)
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class CachedPatient:
     skipped: list[dict[str, str]]  # {"file", "reason"}: DICOM files not used
     unplaced: list[dict[str, str]]  # {"file", "reason"}: skipped files whose position is unknown
     ignored: list[dict[str, str]]  # {"file", "reason"}: other entries of the folder
+    # data.lung_crop=true: {"box": [top, bottom, left, right] px, "slice_shape": [rows, cols],
+    # "lung_slices", "note"} (see covidct.data.preprocess.LungCrop); None without the crop
+    lung_crop: dict[str, object] | None = None
 
 
 @dataclass
@@ -98,7 +104,8 @@ def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
 
     cv2.setNumThreads(1)
     try:
-        series = read_series(folder, preprocessor, warn=False)  # warned in the main process, into the run log
+        # warned in the main process, into the run log
+        series, crop = read_preprocessed(folder, preprocessor, warn=False)
     except DataError as exc:
         return {"error": str(exc)}
     listed = lambda entries: [{"file": str(s.path), "reason": s.reason} for s in entries]  # noqa: E731
@@ -112,6 +119,7 @@ def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
         "skipped": listed(series.skipped),
         "unplaced": listed(series.unplaced),
         "ignored": listed(series.ignored),
+        "lung_crop": None if crop is None else crop.as_dict(),
     }
 
 
@@ -163,6 +171,7 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
                 result["skipped"],
                 result["unplaced"],
                 result["ignored"],
+                result["lung_crop"],
             )
             entries.append(asdict(entry))
             patient_col.append(np.full(n, i))
@@ -171,6 +180,8 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
             offset += n
             for skipped in result["skipped"]:
                 log.warning("Skipping %s: %s", skipped["file"], skipped["reason"])
+            if result["lung_crop"] and result["lung_crop"]["note"]:
+                log.warning("Patient %s: %s", patient.patient_id, result["lung_crop"]["note"])
     if not entries:
         raise DataError(
             f"no patient has a usable slice (first: {skipped_patients[0]['reason']})"

@@ -1,15 +1,26 @@
-"""Hounsfield units to model-ready uint8 channels: one channel per intensity window, resized."""
+"""Hounsfield units to model-ready uint8 channels: one channel per intensity window, resized.
+
+:func:`read_preprocessed` is how every reader of slices (the cache build, prediction) turns a
+patient folder into model input, lung crop included.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from covidct.data.dicom import Series, read_series
+from covidct.data.lung import LUNG_HU, MIN_LUNG_FRACTION, Box, full_box, lung_box, series_box
 from covidct.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Common CT windows (level, width) in HU.
 PRESET_WINDOWS: dict[str, tuple[float, float]] = {
@@ -85,6 +96,69 @@ class SlicePreprocessor:
             shrinking = rows > size or cols > size
             hu = cv2.resize(hu, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         return np.stack([w.apply(hu) for w in self.windows])
+
+
+#: Why a series was not cropped (``data.lung_crop=true``, no lung found on any of its slices).
+NO_LUNG = (
+    f"lung crop: no lung found on any slice (no air region below {LUNG_HU:g} HU inside the body covering "
+    f"{MIN_LUNG_FRACTION:.1%} of the slice): the full slice is used"
+)
+
+
+@dataclass(frozen=True)
+class LungCrop:
+    """How one series was cropped: ``box`` in pixels of its original slices of ``slice_shape``
+    (rows, cols); ``lung_slices`` of its slices showed lung; ``note`` says why the full slice was
+    used ("" when the series was cropped to its lungs)."""
+
+    box: Box
+    slice_shape: tuple[int, int]
+    lung_slices: int
+    note: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        """For the cache manifest and the data summary: box as [top, bottom, left, right] (half-open px)."""
+        b = self.box
+        return {
+            "box": [b.top, b.bottom, b.left, b.right],
+            "slice_shape": list(self.slice_shape),
+            "lung_slices": self.lung_slices,
+            "note": self.note,
+        }
+
+
+def read_preprocessed(
+    folder: str | Path, pre: SlicePreprocessor, warn: bool = True
+) -> tuple[Series[np.ndarray], LungCrop | None]:
+    """A patient folder -> its series with ``slices`` uint8 (C, S, S) each (see :class:`SlicePreprocessor`),
+    and how it was cropped (None without ``pre.lung_crop``).
+
+    With ``lung_crop``, every slice is kept as int16 HU with its lung box while the folder is read,
+    then cropped to the series' box (:func:`~covidct.data.lung.series_box`), windowed and resized;
+    slices without lung (above the apex, below the bases) get the same box. A series with no lung on
+    any slice keeps the full slice, and the crop's ``note`` says so (logged when ``warn``). Without
+    ``lung_crop``, slices are windowed and resized as they are decoded. Errors: as
+    :func:`~covidct.data.dicom.read_series`.
+    """
+    if not pre.lung_crop:
+        return read_series(folder, pre, warn=warn), None
+    series = read_series(folder, _hu_and_lung_box, warn=warn)
+    shape: tuple[int, int] = series.slices[0][0].shape
+    boxes = [box for _, box in series.slices]
+    box = series_box(boxes, shape)
+    crop = LungCrop(box or full_box(shape), shape, sum(b is not None for b in boxes), "" if box else NO_LUNG)
+    if crop.note and warn:
+        log.warning("%s: %s", folder, crop.note)
+    slices: list = series.slices
+    for i, (hu, _) in enumerate(slices):  # in place: each int16 slice is freed once preprocessed
+        slices[i] = pre(hu[crop.box.slices].astype(np.float32))
+    return dataclasses.replace(series, slices=slices), crop
+
+
+def _hu_and_lung_box(hu: np.ndarray) -> tuple[np.ndarray, Box | None]:
+    """float32 (rows, cols) HU -> (int16 (rows, cols) HU rounded, its lung box or None): half the
+    memory of float32 while the whole series is read."""
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16), lung_box(hu)
 
 
 def one_thread_per_worker() -> None:
