@@ -32,7 +32,7 @@ from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, pa
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import CENTER_SLICES, TOP_K, WINDOW_SLICES, check_vote_settings, vote
+from covidct.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K, WINDOW_SLICES, check_vote_settings, vote
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class PredictorSettings:
     k: int = TOP_K  # topk_mean
     center_slices: int = CENTER_SLICES  # weighted_center
     window_slices: int = WINDOW_SLICES  # weighted_center
+    slice_threshold: float = SLICE_THRESHOLD  # threshold
+    threshold_tau: float = 0.5  # threshold
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     overridden: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +122,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         center_slices=int(vote_state.get("center_slices", CENTER_SLICES)),
         # checkpoints from before the winner's 80-slice window: every slice voted
         window_slices=int(vote_state.get("window_slices", 1_000_000)),
+        slice_threshold=float(vote_state.get("slice_threshold", SLICE_THRESHOLD)),
+        threshold_tau=float(vote_state.get("threshold_tau", 0.5)),
         lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
     )
     return model, settings
@@ -208,6 +212,8 @@ def predict_test_set(
             k=settings.k,
             center_slices=settings.center_slices,
             window_slices=settings.window_slices,
+            slice_threshold=settings.slice_threshold,
+            threshold_tau=settings.threshold_tau,
         )
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
@@ -291,7 +297,7 @@ def run_prediction(cfg) -> list[Path]:
     test_sets = find_test_sets(cfg.input)
     chosen = cfg.get("vote") or {}  # vote=<rule>: that file's rule and parameters override the checkpoint's
     rule, k, center_slices, window_slices = (chosen.get(key) for key in ("rule", "k", "center_slices", "window_slices"))
-    check_vote_settings(rule, None, k, center_slices, window_slices)
+    check_vote_settings(rule, None, k, center_slices, window_slices, cfg.get("slice_threshold"))
     if cfg.tau is not None and not 0.0 <= float(cfg.tau) <= 1.0:
         raise ConfigError(f"tau must be in [0, 1] or null (the checkpoint's), got {cfg.tau}")
     cam_slices = check_cam(cfg)
@@ -306,6 +312,8 @@ def run_prediction(cfg) -> list[Path]:
     overrides = (
         ("vote_rule", rule),
         ("tau", cfg.tau),
+        ("threshold_tau", cfg.tau),
+        ("slice_threshold", cfg.get("slice_threshold")),
         ("k", k),
         ("center_slices", center_slices),
         ("window_slices", window_slices),

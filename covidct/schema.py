@@ -114,15 +114,17 @@ class ModelConfig:
 @dataclass
 class VoteConfig:
     """``vote``: the patient rule that drives checkpointing (every rule is scored) and the rules' parameters:
-    ``tau`` (infected_fraction; null = tuned on validation patients), ``k`` (topk_mean: slices averaged per
-    class), ``center_slices`` / ``window_slices`` (weighted_center: central slices that count fully / that
-    vote at all). Only the rules that use them set them in their file; the others take the values here."""
+    ``tau`` (infected_fraction and threshold; null = tuned on validation patients), ``k`` (topk_mean: slices
+    averaged per class), ``center_slices`` / ``window_slices`` (weighted_center: central slices that count
+    fully / that vote at all), ``slice_threshold`` (threshold: infected probability of an infected slice;
+    null = tuned). Only the rules that use them set them in their file; the others take the values here."""
 
     rule: str = MISSING
     tau: float | None = MISSING
     k: int = 5
     center_slices: int = 40
     window_slices: int = 80
+    slice_threshold: float | None = None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Patient-level decisions from slice predictions (pure numpy; no Lightning).
 
-Five rules turn the softmax probabilities of one patient's slices, ``probs`` (n_slices, C) float, into
+Six rules turn the softmax probabilities of one patient's slices, ``probs`` (n_slices, C) float, into
 one patient class (an int in [0, C)). Slices must be in position order along the body axis (covidct's
 caches and ``read_series`` give them head first); only :func:`weighted_center_vote` uses the order.
 
@@ -12,6 +12,10 @@ caches and ``read_series`` give them head first); only :func:`weighted_center_vo
   slices vote; argmax votes weighted 1 in the central ``center_slices`` (40), and 0.7 (COVID-19, CAP)
   or 0.5 (Normal) in the rest of the window.
 * :func:`topk_mean_vote` - per class, the mean of its ``k`` most confident slice probabilities.
+* :func:`threshold_vote` - a slice is infected when its infected probability 1 - P(Normal) exceeds
+  ``slice_threshold``; the patient is Normal unless more than a share ``tau`` of its slices is infected,
+  then the sick class with the larger mean probability over its infected slices. Unlike the argmax rules
+  it still sees infection that never wins a slice's argmax (a model whose scale is off).
 
 Tie rule (all): among the classes with the best score (votes, weighted votes, mean or top-k mean
 probability; equal within 1e-9 relative, to ignore summation rounding), the one with the highest summed
@@ -36,6 +40,8 @@ COVID_CLASS: int = CLASS_NAMES.index("COVID-19")
 CENTER_SLICES: int = 40
 WINDOW_SLICES: int = 80
 TOP_K: int = 5
+#: threshold's slice threshold when it is neither tuned (no validation patients) nor set
+SLICE_THRESHOLD: float = 0.5
 #: weighted_center: weight of an argmax vote outside the central slices, by the class voted for
 OUTER_WEIGHT_INFECTED: float = 0.7
 OUTER_WEIGHT_NORMAL: float = 0.5
@@ -186,7 +192,113 @@ def topk_mean_vote(probs: np.ndarray, k: int = TOP_K) -> int:
     return _winner(topk_mean(probs, k), probs)
 
 
-VOTE_RULES: tuple[str, ...] = ("majority", "infected_fraction", "mean_prob", "weighted_center", "topk_mean")
+def infected_probability(probs: np.ndarray, normal_class: int = NORMAL_CLASS) -> np.ndarray:
+    """(n_slices,) float64: 1 - P(``normal_class``) of each slice of ``probs`` (n_slices, C)."""
+    probs = _check_probs(probs)
+    _check_normal(normal_class, probs.shape[1])
+    return 1.0 - probs[:, normal_class]
+
+
+def infected_share(probs: np.ndarray, slice_threshold: float, normal_class: int = NORMAL_CLASS) -> float:
+    """Share of the slices of ``probs`` (n_slices, C) whose :func:`infected_probability` exceeds ``slice_threshold``."""
+    return float(np.mean(infected_probability(probs, normal_class) > slice_threshold))
+
+
+def threshold_class(probs: np.ndarray, slice_threshold: float, normal_class: int = NORMAL_CLASS) -> int:
+    """The class a patient of ``probs`` (n_slices, C) gets if called infected by :func:`threshold_vote`: the
+    sick class with the largest mean probability over the slices above ``slice_threshold`` (over all slices
+    when none is), module tie rule."""
+    probs = _check_probs(probs)
+    above = infected_probability(probs, normal_class) > slice_threshold
+    voting = probs[above] if above.any() else probs
+    scores = np.where(np.arange(probs.shape[1]) == normal_class, -np.inf, voting.mean(axis=0))
+    return _winner(scores, voting)
+
+
+def threshold_vote(probs: np.ndarray, slice_threshold: float, tau: float, normal_class: int = NORMAL_CLASS) -> int:
+    """``normal_class`` if :func:`infected_share` at ``slice_threshold`` is <= ``tau``, else :func:`threshold_class`."""
+    tau = _check_tau(tau)
+    if infected_share(probs, slice_threshold, normal_class) <= tau:
+        return normal_class
+    return threshold_class(probs, slice_threshold, normal_class)
+
+
+#: slice thresholds tried by :func:`tune_threshold`, besides the quantiles of the validation slices' probabilities
+SLICE_THRESHOLDS: np.ndarray = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def tune_threshold(
+    groups: Sequence[np.ndarray],
+    labels: np.ndarray,
+    normal_class: int = NORMAL_CLASS,
+    slice_threshold: float | None = None,
+    tau: float | None = None,
+) -> tuple[float, float]:
+    """(slice_threshold, tau) of :func:`threshold_vote` that maximise the accuracy over patients.
+
+    Args:
+        groups: per patient, (n_slices, C) float probabilities.
+        labels: (P,) int true patient class.
+        slice_threshold, tau: a fixed value is kept (only the other one is tuned).
+
+    Slice thresholds tried: :data:`SLICE_THRESHOLDS` and the 5%..95% quantiles of every slice's infected
+    probability (a model whose probabilities all sit below 0.5 still gets thresholds inside its range);
+    for each, tau by :func:`tune_tau` on the patients' infected shares. Among equally accurate thresholds
+    the median one is returned (away from the edges of the best range).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if len(groups) != len(labels) or not len(labels):
+        raise ValueError(f"need one label per patient and at least one patient, got {len(groups)} and {len(labels)}")
+    if slice_threshold is None:
+        scores = np.concatenate([infected_probability(g, normal_class) for g in groups])
+        quantiles = np.quantile(scores, np.linspace(0.05, 0.95, 19))
+        candidates = np.unique(np.concatenate([SLICE_THRESHOLDS, quantiles[quantiles < 1.0]]))
+    else:
+        candidates = np.asarray([slice_threshold], dtype=np.float64)
+    results = []
+    for t in candidates:
+        shares = np.asarray([infected_share(g, t, normal_class) for g in groups])
+        sick = np.asarray([threshold_class(g, t, normal_class) for g in groups])
+        share_tau = tune_tau(shares, sick, labels, normal_class) if tau is None else float(tau)
+        correct = np.where(shares <= share_tau, normal_class, sick) == labels
+        results.append((float(correct.mean()), float(t), share_tau))
+    best = max(r[0] for r in results)
+    tied = [r for r in results if r[0] == best]
+    _, t, tau = tied[(len(tied) - 1) // 2]
+    return t, tau
+
+
+def leave_one_out_threshold_predictions(
+    groups: Sequence[np.ndarray],
+    labels: np.ndarray,
+    normal_class: int = NORMAL_CLASS,
+    slice_threshold: float | None = None,
+    tau: float | None = None,
+) -> np.ndarray:
+    """:func:`threshold_vote` predictions (P,) int64 where patient i is decided by (slice_threshold, tau)
+    tuned (:func:`tune_threshold`, fixed values kept) on the other patients only; a single patient is
+    decided by the fixed values or the defaults (0.5, 0.5)."""
+    labels = np.asarray(labels).reshape(-1)
+    preds = np.empty(len(labels), dtype=np.int64)
+    for i in range(len(labels)):
+        others = [g for j, g in enumerate(groups) if j != i]
+        if others:
+            t, share_tau = tune_threshold(others, np.delete(labels, i), normal_class, slice_threshold, tau)
+        else:
+            t = SLICE_THRESHOLD if slice_threshold is None else slice_threshold
+            share_tau = 0.5 if tau is None else tau
+        preds[i] = threshold_vote(groups[i], t, share_tau, normal_class)
+    return preds
+
+
+VOTE_RULES: tuple[str, ...] = (
+    "majority",
+    "infected_fraction",
+    "mean_prob",
+    "weighted_center",
+    "topk_mean",
+    "threshold",
+)
 
 
 def check_vote_settings(
@@ -195,14 +307,19 @@ def check_vote_settings(
     k: int | None = None,
     center_slices: int | None = None,
     window_slices: int | None = None,
+    slice_threshold: float | None = None,
 ) -> None:
     """Raise :class:`ConfigError` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``,
-    ``vote.center_slices``, ``vote.window_slices``) for a bad value; None values are not checked (tau
-    None = tuned)."""
+    ``vote.center_slices``, ``vote.window_slices``, ``vote.slice_threshold``) for a bad value; None values
+    are not checked (tau and slice_threshold None = tuned)."""
     if rule is not None and rule not in VOTE_RULES:
         raise ConfigError(f"vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES)}")
     if tau is not None and not 0.0 <= float(tau) <= 1.0:
         raise ConfigError(f"vote.tau must be in [0, 1] (a fraction of slices) or null (tuned), got {tau}")
+    if slice_threshold is not None and not 0.0 <= float(slice_threshold) < 1.0:
+        raise ConfigError(
+            f"vote.slice_threshold must be in [0, 1) (an infected probability) or null (tuned), got {slice_threshold}"
+        )
     for key, value in (("vote.k", k), ("vote.center_slices", center_slices), ("vote.window_slices", window_slices)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{key} must be an integer >= 1 (slices), got {value!r}")
@@ -222,10 +339,12 @@ def vote(
     k: int = TOP_K,
     center_slices: int = CENTER_SLICES,
     window_slices: int = WINDOW_SLICES,
+    slice_threshold: float = SLICE_THRESHOLD,
+    threshold_tau: float = 0.5,
 ) -> int:
     """One patient's class under ``rule`` (one of :data:`VOTE_RULES`); probs (n_slices, C) in position
     order. ``tau`` is used by ``infected_fraction``, ``k`` by ``topk_mean``, ``center_slices`` and
-    ``window_slices`` by ``weighted_center``."""
+    ``window_slices`` by ``weighted_center``, ``slice_threshold`` and ``threshold_tau`` by ``threshold``."""
     if rule == "majority":
         return majority_vote(probs)
     if rule == "infected_fraction":
@@ -236,6 +355,8 @@ def vote(
         return weighted_center_vote(probs, center_slices, normal_class, window_slices)
     if rule == "topk_mean":
         return topk_mean_vote(probs, k)
+    if rule == "threshold":
+        return threshold_vote(probs, slice_threshold, threshold_tau, normal_class)
     raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
 
 
@@ -318,6 +439,7 @@ class PatientVote:
     infected_fraction: float  # see infected_fraction()
     infected_class: int  # see infected_class(): the class if called infected
     rule_votes: dict[str, int]  # every rule of VOTE_RULES -> class
+    infected_share: float = float("nan")  # see infected_share(): at the threshold rule's slice_threshold
 
 
 def group_slices(patient_ids: Sequence[str] | np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -346,14 +468,24 @@ def vote_patients(
     k: int = TOP_K,
     center_slices: int = CENTER_SLICES,
     window_slices: int = WINDOW_SLICES,
+    slice_threshold: float = SLICE_THRESHOLD,
+    threshold_tau: float = 0.5,
 ) -> list[PatientVote]:
     """Group slices by patient (:func:`group_slices`) and apply every rule of :data:`VOTE_RULES` once.
 
     ``tau`` is the infected-fraction threshold (tune it first, e.g. with :func:`tune_tau` on the
     :func:`infected_fraction` and :func:`infected_class` of each group); ``k``, ``center_slices``
-    and ``window_slices`` are the parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`.
+    and ``window_slices`` are the parameters of :func:`topk_mean_vote` and :func:`weighted_center_vote`,
+    ``slice_threshold`` and ``threshold_tau`` those of :func:`threshold_vote` (see :func:`tune_threshold`).
     """
     tau = _check_tau(tau)
+    params = {
+        "k": k,
+        "center_slices": center_slices,
+        "window_slices": window_slices,
+        "slice_threshold": slice_threshold,
+        "threshold_tau": threshold_tau,
+    }
     _check_normal(normal_class, _check_probs(probs).shape[1])
     return [
         PatientVote(
@@ -363,10 +495,8 @@ def vote_patients(
             mean_prob=p.mean(axis=0),
             infected_fraction=infected_fraction(p, normal_class),
             infected_class=infected_class(p, normal_class),
-            rule_votes={
-                r: vote(p, r, tau, normal_class, k=k, center_slices=center_slices, window_slices=window_slices)
-                for r in VOTE_RULES
-            },
+            rule_votes={r: vote(p, r, tau, normal_class, **params) for r in VOTE_RULES},
+            infected_share=infected_share(p, slice_threshold, normal_class),
         )
         for pid, p in group_slices(patient_ids, probs).items()
     ]

@@ -126,12 +126,14 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
         "mean_prob": ([0, 1, 2, 2], 1.0, 1.0, [1.0, 1.0, 1.0]),
         "weighted_center": ([0, 1, 2, 2], 1.0, 1.0, [1.0, 1.0, 1.0]),
         "topk_mean": ([0, 1, 2, 0], 0.75, 7 / 9, [1.0, 1.0, 0.5]),
+        # leave-one-out too: P0 and P3 cannot be told apart by the other patients' thresholds
+        "threshold": ([2, 1, 2, 0], 0.5, 0.5, [0.0, 1.0, 0.5]),
     }
     columns, rows = cb.rule_table
     assert columns == ["rule", "acc", "f1_macro", "sensitivity/COVID-19", "sensitivity/CAP", "sensitivity/Normal"]
     assert [r[0] for r in rows] == list(VOTE_RULES) == list(expected)
     for (rule, (preds, acc, f1, sens)), row in zip(expected.items(), rows, strict=True):
-        if rule != "infected_fraction":  # rule_votes holds its vote at the tau tuned on all patients
+        if rule not in ("infected_fraction", "threshold"):  # rule_votes: at the parameters tuned on all patients
             assert [v.rule_votes[rule] for v in cb.best.patients] == preds
         assert row[1:] == pytest.approx([acc, f1, *sens])
         assert logged[f"val/patient/{rule}/acc"] == pytest.approx(acc)

@@ -15,11 +15,17 @@ from covidct.voting import (
     infected_class,
     infected_fraction,
     infected_fraction_vote,
+    infected_probability,
+    infected_share,
+    leave_one_out_threshold_predictions,
     majority_vote,
     mean_prob_vote,
+    threshold_class,
+    threshold_vote,
     topk_mean,
     topk_mean_vote,
     tune_tau,
+    tune_threshold,
     vote,
     vote_patients,
     weighted_center_vote,
@@ -94,7 +100,15 @@ def test_majority_says_normal_where_mean_weighted_center_and_topk_say_covid() ->
     assert mean_prob_vote(probs) == COVID  # means 0.62 vs 0.338 (Normal)
     assert weighted_center_vote(probs, center_slices=4) == COVID  # 4 x 1 vs 6 x 0.5 (outer Normal)
     assert topk_mean_vote(probs, k=5) == COVID  # top-5 means 0.84 vs 0.55
-    assert [vote(probs, r, 0.5, k=5, center_slices=4) for r in VOTE_RULES] == [NORMAL, NORMAL, COVID, COVID, COVID]
+    # threshold at its defaults (slice 0.5, share 0.5): 4 of 10 slices above 0.5 -> Normal
+    assert [vote(probs, r, 0.5, k=5, center_slices=4) for r in VOTE_RULES] == [
+        NORMAL,
+        NORMAL,
+        COVID,
+        COVID,
+        COVID,
+        NORMAL,
+    ]
 
 
 def test_mean_prob_vote_and_its_tie() -> None:
@@ -186,6 +200,7 @@ def test_vote_patients_votes_every_rule_in_slice_order() -> None:
         "mean_prob": COVID,
         "weighted_center": COVID,
         "topk_mean": COVID,
+        "threshold": NORMAL,  # at its defaults: 4 of 10 slices above 0.5 <= share 0.5
     }
     assert (a.infected_fraction, a.infected_class) == (0.4, COVID)
     assert set(b.rule_votes) == set(VOTE_RULES)
@@ -352,3 +367,55 @@ def test_vote_dispatches_on_the_rule_name():
     assert vote(probs, "infected_fraction", 0.3) == 2  # fraction 0.3 <= tau: Normal
     with pytest.raises(ValueError, match="mean"):
         vote(probs, "mean", 0.2)
+
+
+# ---- threshold rule: infected probability above a tuned slice threshold --------------------------------
+
+
+def low_scale_patients(seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Six patients from a slice model whose scale is off: every slice's argmax is Normal, but sick
+    patients' slices carry 0.30-0.45 infected probability (COVID-19 or CAP leaning), Normal ones' 0.05-0.20."""
+    rng = np.random.default_rng(seed)
+
+    def patient(infected: tuple[float, float], sick_class: int, n: int = 30) -> np.ndarray:
+        p_inf = rng.uniform(*infected, n)
+        lean = np.where(rng.random(n) < 0.8, 0.7, 0.3)  # share of p_inf given to the patient's own class
+        probs = np.zeros((n, 3))
+        probs[:, sick_class] = p_inf * lean
+        probs[:, 1 - sick_class] = p_inf * (1 - lean)
+        probs[:, 2] = 1 - p_inf
+        return probs
+
+    groups = [patient((0.30, 0.45), 0), patient((0.30, 0.45), 0), patient((0.30, 0.45), 1), patient((0.30, 0.45), 1)]
+    groups += [patient((0.05, 0.20), 0), patient((0.05, 0.20), 1)]
+    return groups, np.asarray([0, 0, 1, 1, 2, 2])
+
+
+def test_threshold_rule_calls_patients_that_every_argmax_rule_calls_normal() -> None:
+    groups, labels = low_scale_patients()
+    for rule in ("majority", "infected_fraction", "weighted_center"):
+        assert [vote(g, rule, 0.0) for g in groups] == [2] * 6, rule  # argmax never leaves Normal
+    t, tau = tune_threshold(groups, labels)
+    assert 0.2 <= t < 0.45 and 0.0 <= tau < 1.0  # above the Normal patients' probabilities, below the sick' top
+    assert [threshold_vote(g, t, tau) for g in groups] == labels.tolist()
+    assert [vote(g, "threshold", slice_threshold=t, threshold_tau=tau) for g in groups] == labels.tolist()
+    # the reported figure: every patient decided by (t, tau) tuned on the other five
+    assert leave_one_out_threshold_predictions(groups, labels).tolist() == labels.tolist()
+
+
+def test_threshold_rule_pieces_on_hand_made_probabilities() -> None:
+    probs = np.array([[0.1, 0.2, 0.7], [0.3, 0.1, 0.6], [0.12, 0.28, 0.6], [0.0, 0.0, 1.0]])
+    assert infected_probability(probs).tolist() == pytest.approx([0.3, 0.4, 0.4, 0.0])
+    assert infected_share(probs, 0.35) == 0.5 and infected_share(probs, 0.25) == 0.75
+    assert threshold_class(probs, 0.35) == 0  # slices 1 and 2: COVID-19 mean 0.21 > CAP 0.19
+    assert threshold_class(probs, 0.25) == 1  # slices 0-2: COVID-19 0.173 < CAP 0.193
+    assert threshold_vote(probs, 0.35, tau=0.5) == 2 and threshold_vote(probs, 0.35, tau=0.4) == 0
+    assert threshold_class(np.array([[0.0, 0.1, 0.9]]), 0.5) == 1  # none above: the sick class of all slices
+
+
+def test_tune_threshold_keeps_a_fixed_value() -> None:
+    groups, labels = low_scale_patients(1)
+    t, tau = tune_threshold(groups, labels, slice_threshold=0.5)
+    assert t == 0.5 and [threshold_vote(g, t, tau) for g in groups].count(2) == 6  # nothing is above 0.5
+    t, tau = tune_threshold(groups, labels, tau=0.3)
+    assert tau == 0.3 and [threshold_vote(g, t, tau) for g in groups] == labels.tolist()

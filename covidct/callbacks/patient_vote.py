@@ -10,7 +10,9 @@ as the ``wandb.Table`` ``val/rules`` (rank 0 only). Each patient's slices are vo
 the infected slices) tunes ``tau`` on the validation patients; it is stored in the checkpoint (this
 callback's state) for prediction. The *reported* accuracy of this rule is leave-one-patient-out: each
 patient is scored with a tau tuned on the other validation patients, so the figure is not fitted to
-the patient it scores. The other rules have no fitted parameter.
+the patient it scores. ``threshold`` tunes its slice threshold and its tau together
+(:func:`~covidct.voting.tune_threshold`), reported leave-one-patient-out the same way. The other rules
+have no fitted parameter.
 
 The chosen ``rule`` is also logged as ``val/patient/acc``, the metric checkpointing monitors.
 Under DDP the slices of all ranks are gathered and deduplicated by their global index (the
@@ -43,6 +45,7 @@ from covidct.io import atomic_write_csv
 from covidct.text_table import format_table
 from covidct.voting import (
     CENTER_SLICES,
+    SLICE_THRESHOLD,
     TOP_K,
     VOTE_RULES,
     WINDOW_SLICES,
@@ -53,7 +56,9 @@ from covidct.voting import (
     infected_class,
     infected_fraction,
     leave_one_out_predictions,
+    leave_one_out_threshold_predictions,
     tune_tau,
+    tune_threshold,
     vote_patients,
 )
 
@@ -144,6 +149,8 @@ class PatientVoteCallback(pl.Callback):
         k: ``topk_mean``'s slices averaged per class.
         center_slices: ``weighted_center``'s central slices that count fully.
         window_slices: ``weighted_center``'s central slices that vote at all.
+        slice_threshold: ``threshold``'s infected probability above which a slice is infected; None = tuned
+            with its tau (a fixed ``tau`` is then that rule's tau too).
     """
 
     def __init__(
@@ -154,9 +161,14 @@ class PatientVoteCallback(pl.Callback):
         k: int = TOP_K,
         center_slices: int = CENTER_SLICES,
         window_slices: int = WINDOW_SLICES,
+        slice_threshold: float | None = None,
     ):
-        check_vote_settings(rule, tau, k, center_slices, window_slices)
+        check_vote_settings(rule, tau, k, center_slices, window_slices, slice_threshold)
         self.rule, self.fixed_tau, self.k = rule, tau, k
+        self.fixed_slice_threshold = slice_threshold
+        #: threshold rule's (slice_threshold, tau): the latest tuned (or fixed) ones, predict.py's
+        self.slice_threshold = SLICE_THRESHOLD if slice_threshold is None else float(slice_threshold)
+        self.threshold_tau = 0.5 if tau is None else float(tau)
         self.center_slices, self.window_slices = center_slices, window_slices
         self.output_dir = Path(output_dir) if output_dir else None
         self.tau = 0.5 if tau is None else float(tau)  # the latest tuned (or the fixed) tau: predict.py's
@@ -208,12 +220,22 @@ class PatientVoteCallback(pl.Callback):
         infected = np.asarray([infected_class(p) for p in groups.values()])
         if self.fixed_tau is None:
             self.tau = tune_tau(fractions, infected, labels)
+        self.tune_threshold_rule(list(groups.values()), labels)
         votes = vote_patients(
-            ids, probs[order], self.tau, k=self.k, center_slices=self.center_slices, window_slices=self.window_slices
+            ids,
+            probs[order],
+            self.tau,
+            k=self.k,
+            center_slices=self.center_slices,
+            window_slices=self.window_slices,
+            slice_threshold=self.slice_threshold,
+            threshold_tau=self.threshold_tau,
         )
         predictions = {rule: np.asarray([v.rule_votes[rule] for v in votes]) for rule in VOTE_RULES}
         if self.fixed_tau is None:  # report a figure that is not fitted to the patient it scores
             predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
+        if self.fixed_tau is None or self.fixed_slice_threshold is None:
+            predictions["threshold"] = self.leave_one_out_threshold(list(groups.values()), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
         metrics = {
             f"val/patient/{rule}/{k}": v
@@ -223,6 +245,8 @@ class PatientVoteCallback(pl.Callback):
         }
         metrics["val/patient/acc"] = metrics[f"val/patient/{self.rule}/acc"]
         metrics["val/patient/tau"] = self.tau
+        metrics["val/patient/threshold/slice_threshold"] = self.slice_threshold
+        metrics["val/patient/threshold/tau"] = self.threshold_tau
         tuned = np.asarray([v.rule_votes["infected_fraction"] for v in votes])
         metrics["val/patient/infected_fraction/acc_at_tuned_tau"] = float(np.mean(tuned == labels))
         self.rule_table = rules_table(metrics_by_rule)
@@ -239,6 +263,20 @@ class PatientVoteCallback(pl.Callback):
             index,
             patient,
             probs,
+        )
+
+    def tune_threshold_rule(self, groups: list[np.ndarray], labels: np.ndarray) -> None:
+        """Fit the threshold rule's (slice_threshold, tau) on the validation ``groups`` (per patient (n, C)),
+        each unless fixed by the config."""
+        if self.fixed_slice_threshold is None or self.fixed_tau is None:
+            self.slice_threshold, self.threshold_tau = tune_threshold(
+                groups, labels, slice_threshold=self.fixed_slice_threshold, tau=self.fixed_tau
+            )
+
+    def leave_one_out_threshold(self, groups: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+        """The threshold rule's reported predictions: each patient decided by parameters tuned on the others."""
+        return leave_one_out_threshold_predictions(
+            groups, labels, slice_threshold=self.fixed_slice_threshold, tau=self.fixed_tau
         )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -279,6 +317,7 @@ class PatientVoteCallback(pl.Callback):
             "predicted_class",
             *[f"{rule}_vote" for rule in VOTE_RULES],
             "infected_fraction",
+            "infected_share",
             "n_slices",
         ]
         header += [f"votes_{c}" for c in CLASS_NAMES] + [f"mean_prob_{c}" for c in CLASS_NAMES]
@@ -289,6 +328,7 @@ class PatientVoteCallback(pl.Callback):
                 CLASS_NAMES[p],
                 *[CLASS_NAMES[v.rule_votes[rule]] for rule in VOTE_RULES],
                 round(v.infected_fraction, 4),
+                round(v.infected_share, 4),
                 v.n_slices,
                 *v.votes.tolist(),
                 *np.round(v.mean_prob, 4).tolist(),
@@ -304,6 +344,8 @@ class PatientVoteCallback(pl.Callback):
         best = self.best
         return {
             "tau": self.tau,
+            "slice_threshold": self.slice_threshold,
+            "threshold_tau": self.threshold_tau,
             "k": self.k,
             "center_slices": self.center_slices,
             "window_slices": self.window_slices,
@@ -315,6 +357,8 @@ class PatientVoteCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tau = float(state_dict["tau"])
+        self.slice_threshold = float(state_dict.get("slice_threshold", self.slice_threshold))  # older: none
+        self.threshold_tau = float(state_dict.get("threshold_tau", self.threshold_tau))
         if state_dict.get("best") is None:
             return
         metrics = dict(state_dict.get("best_summary") or {"val/patient/acc": state_dict["best"]})  # older: no summary
