@@ -25,6 +25,7 @@ from pydicom.misc import is_dicom
 from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
+from covidct.calibration import apply_temperature
 from covidct.checkpoint import read_checkpoint
 from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line
 from covidct.data.labels import INFECTION_CLASSES
@@ -96,6 +97,7 @@ class PredictorSettings:
     window_slices: int = WINDOW_SLICES  # weighted_center
     slice_threshold: float = SLICE_THRESHOLD  # threshold
     threshold_tau: float = 0.5  # threshold
+    temperature: float = 1.0  # divides the logits (temperature scaling fitted in training)
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     overridden: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +126,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         window_slices=int(vote_state.get("window_slices", 1_000_000)),
         slice_threshold=float(vote_state.get("slice_threshold", SLICE_THRESHOLD)),
         threshold_tau=float(vote_state.get("threshold_tau", 0.5)),
+        temperature=float(vote_state.get("temperature", 1.0)),  # older checkpoints: not calibrated
         lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
     )
     return model, settings
@@ -204,7 +207,7 @@ def predict_test_set(
             log.error("%s: %s", pid, item["error"])
             patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
             continue
-        probs = slice_probabilities(model, item["images"], batch_size)
+        probs = apply_temperature(slice_probabilities(model, item["images"], batch_size), settings.temperature)
         pred = vote(
             probs,
             settings.vote_rule,
@@ -314,6 +317,7 @@ def run_prediction(cfg) -> list[Path]:
         ("tau", cfg.tau),
         ("threshold_tau", cfg.tau),
         ("slice_threshold", cfg.get("slice_threshold")),
+        ("temperature", None if cfg.get("calibration", True) else 1.0),
         ("k", k),
         ("center_slices", center_slices),
         ("window_slices", window_slices),

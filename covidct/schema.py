@@ -151,6 +151,7 @@ class TrainConfig:
     callbacks: dict[str, Any] | None = MISSING
     paths: dict[str, Any] = MISSING
     compile: CompileConfig = MISSING
+    calibration: bool = MISSING
     task_name: str = MISSING
     seed: int = MISSING
     ckpt_path: str | None = MISSING

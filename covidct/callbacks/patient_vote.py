@@ -41,6 +41,7 @@ from torchmetrics.functional.classification import (
 )
 
 from covidct import CLASS_NAMES
+from covidct.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 from covidct.io import atomic_write_csv
 from covidct.text_table import format_table
 from covidct.voting import (
@@ -151,6 +152,8 @@ class PatientVoteCallback(pl.Callback):
         window_slices: ``weighted_center``'s central slices that vote at all.
         slice_threshold: ``threshold``'s infected probability above which a slice is infected; None = tuned
             with its tau (a fixed ``tau`` is then that rule's tau too).
+        calibration: fit a temperature on the validation slices with a known target every epoch
+            (:mod:`covidct.calibration`) and vote on the calibrated probabilities; stored for predict.py.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class PatientVoteCallback(pl.Callback):
         center_slices: int = CENTER_SLICES,
         window_slices: int = WINDOW_SLICES,
         slice_threshold: float | None = None,
+        calibration: bool = True,
     ):
         check_vote_settings(rule, tau, k, center_slices, window_slices, slice_threshold)
         self.rule, self.fixed_tau, self.k = rule, tau, k
@@ -169,6 +173,8 @@ class PatientVoteCallback(pl.Callback):
         #: threshold rule's (slice_threshold, tau): the latest tuned (or fixed) ones, predict.py's
         self.slice_threshold = SLICE_THRESHOLD if slice_threshold is None else float(slice_threshold)
         self.threshold_tau = 0.5 if tau is None else float(tau)
+        self.calibration = calibration
+        self.temperature = 1.0  # the latest fitted one (predict.py divides the logits by it)
         self.center_slices, self.window_slices = center_slices, window_slices
         self.output_dir = Path(output_dir) if output_dir else None
         self.tau = 0.5 if tau is None else float(tau)  # the latest tuned (or the fixed) tau: predict.py's
@@ -206,11 +212,16 @@ class PatientVoteCallback(pl.Callback):
         probs: np.ndarray,
         patient_ids: list[str],
         patient_labels: np.ndarray,
+        targets: np.ndarray | None = None,
     ) -> ValidationVotes:
-        """Tune tau (unless fixed), then vote every rule once per patient and score each rule.
+        """Calibrate (with ``calibration``), tune tau and the threshold rule (unless fixed), then vote every
+        rule once per patient and score each rule.
 
         ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
-        patient index, ``probs`` (N, C); ``patient_ids`` / ``patient_labels`` (all patients,)."""
+        patient index, ``probs`` (N, C), ``targets`` (N,) slice targets (-1 unknown; None: none known);
+        ``patient_ids`` / ``patient_labels`` (all patients,)."""
+        calibration = self.calibrate(probs, patient, patient_labels, targets)
+        probs = apply_temperature(probs, self.temperature)
         order = np.argsort(patient, kind="stable")  # by patient, each patient's slices still head first
         ids = np.asarray(patient_ids, dtype=object)[patient[order]]
         groups = group_slices(ids, probs[order])
@@ -244,6 +255,7 @@ class PatientVoteCallback(pl.Callback):
             if k != "confusion"
         }
         metrics["val/patient/acc"] = metrics[f"val/patient/{self.rule}/acc"]
+        metrics |= calibration
         metrics["val/patient/tau"] = self.tau
         metrics["val/patient/threshold/slice_threshold"] = self.slice_threshold
         metrics["val/patient/threshold/tau"] = self.threshold_tau
@@ -265,6 +277,31 @@ class PatientVoteCallback(pl.Callback):
             probs,
         )
 
+    def calibrate(
+        self, probs: np.ndarray, patient: np.ndarray, patient_labels: np.ndarray, targets: np.ndarray | None
+    ) -> dict[str, float]:
+        """Fit ``temperature`` on the slices with a known target (unless ``calibration`` is off); returns the
+        ``val/calibration/*`` metrics: the temperature, ECE and NLL before and after at slice level (when any
+        slice has a known target) and ECE at patient level (each patient's mean slice probabilities against
+        its class)."""
+        known = np.full(len(probs), -1) if targets is None else np.asarray(targets)
+        if self.calibration:
+            self.temperature = fit_temperature(probs, known)
+        after = apply_temperature(probs, self.temperature)
+        patients = np.unique(patient)
+        labels = np.asarray(patient_labels)[patients]
+        mean_of = lambda p: np.stack([p[patient == i].mean(axis=0) for i in patients])  # noqa: E731
+        metrics = {
+            "val/calibration/temperature": self.temperature,
+            "val/calibration/patient_ece_before": expected_calibration_error(mean_of(probs), labels),
+            "val/calibration/patient_ece_after": expected_calibration_error(mean_of(after), labels),
+        }
+        if (known >= 0).any():
+            for name, p in (("before", probs), ("after", after)):
+                metrics[f"val/calibration/slice_ece_{name}"] = expected_calibration_error(p, known)
+                metrics[f"val/calibration/slice_nll_{name}"] = nll(p, known)
+        return metrics
+
     def tune_threshold_rule(self, groups: list[np.ndarray], labels: np.ndarray) -> None:
         """Fit the threshold rule's (slice_threshold, tau) on the validation ``groups`` (per patient (n, C)),
         each unless fixed by the config."""
@@ -283,7 +320,11 @@ class PatientVoteCallback(pl.Callback):
         if trainer.sanity_checking or not self._batches:
             return
         table = trainer.datamodule.slice_table
-        result = self.decide(trainer.current_epoch, *self.gather(trainer), table.patient_ids, table.patient_labels)
+        index, patient, probs = self.gather(trainer)
+        targets = table.target[index] if len(table.target) else None
+        result = self.decide(
+            trainer.current_epoch, index, patient, probs, table.patient_ids, table.patient_labels, targets
+        )
         pl_module.log_dict(result.metrics, sync_dist=False)  # identical on every rank by construction
         if trainer.is_global_zero:
             self.log_rule_table(trainer, len(result.labels))
@@ -346,6 +387,7 @@ class PatientVoteCallback(pl.Callback):
             "tau": self.tau,
             "slice_threshold": self.slice_threshold,
             "threshold_tau": self.threshold_tau,
+            "temperature": self.temperature,
             "k": self.k,
             "center_slices": self.center_slices,
             "window_slices": self.window_slices,
@@ -359,6 +401,7 @@ class PatientVoteCallback(pl.Callback):
         self.tau = float(state_dict["tau"])
         self.slice_threshold = float(state_dict.get("slice_threshold", self.slice_threshold))  # older: none
         self.threshold_tau = float(state_dict.get("threshold_tau", self.threshold_tau))
+        self.temperature = float(state_dict.get("temperature", 1.0))
         if state_dict.get("best") is None:
             return
         metrics = dict(state_dict.get("best_summary") or {"val/patient/acc": state_dict["best"]})  # older: no summary
