@@ -32,11 +32,13 @@ s1 = json.loads((out / "stage1" / "metrics.json").read_text())
 pseudo = json.loads((out / "pseudo" / "pseudo_labels.json").read_text())
 print(f"stage 1: validation slice AUROC {s1['score']:.3f}; pseudo-labelled {len(pseudo['patients'])} patients "
       f"at threshold {pseudo['threshold']}")
+runs = {name: json.loads((out / name / "metrics.json").read_text()) for name in ("paper", "two_stage")}
+rules = [r for r in VOTE_RULES if all(f"val/patient/{r}/acc" in run["metrics"] for run in runs.values())]
 rows = []
-for name in ("paper", "two_stage"):
-    run = json.loads((out / name / "metrics.json").read_text())
+for name, run in runs.items():
     summary = json.loads((out / name / "data_summary.json").read_text())
-    m = run["metrics"]
-    rows.append([name, str(summary["train_slices"]), *(f"{m[f'val/patient/{r}/acc']:.3f}" for r in VOTE_RULES)])
-print(format_table(["labels", "train slices", *VOTE_RULES], rows))
+    accs = [f"{run['metrics'][f'val/patient/{r}/acc']:.3f}" for r in rules]
+    rows.append([name, str(summary["train_slices"]), *accs])
+print("patient accuracy on the same validation patients (best epoch by vote.rule):")
+print(format_table(["labels", "train slices", *rules], rows))
 PY
