@@ -3,6 +3,8 @@
 Writes into the run folder (outputs/predict/runs/<time>_<suffix>/) one CSV per test set
 (patient, predicted class, mean probability per class, slices used and skipped, status), a
 per-slice CSV per test set, and prediction.json recording the checkpoint and settings used.
+With ``labels=<patient,class CSV>`` it then scores them (covidct/evaluate.py): evaluation.json,
+evaluation.csv and confusion_<test set>.png in the same folder, and a printed table.
 """
 
 from __future__ import annotations
@@ -32,13 +34,31 @@ def main(cfg: DictConfig) -> None:
             " and ".join(missing),
         )
         sys.exit(1)
+    labels = cfg.get("labels")
     try:
+        if labels is not None:  # a bad labels file or setting fails before any prediction work
+            from covidct.evaluate import check_settings, read_labels
+
+            check_settings(cfg.get("bootstrap"), cfg.get("seed"), cfg.get("allow_errors"))
+            read_labels(labels)
         outputs = run_prediction(cfg)
     except CovidCTError as exc:
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message says it all)
     for path in outputs:
         log.info("wrote %s", path)
+    if labels is not None:
+        from covidct.evaluate import run_evaluation
+
+        out = cfg.paths.output_dir
+        try:
+            outputs = run_evaluation(cfg, out)
+        except CovidCTError as exc:
+            log.error("%s", exc)
+            log.error("the predictions are kept in %s: python -m covidct.evaluate predictions=%s labels=...", out, out)
+            sys.exit(1)  # noqa: B904
+        for path in outputs:
+            log.info("wrote %s", path)
 
 
 if __name__ == "__main__":

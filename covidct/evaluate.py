@@ -496,7 +496,8 @@ def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
     folder; print the table. Shared by ``python -m covidct.evaluate`` and ``predict.py labels=...``."""
     resamples, seed = cfg.get("bootstrap", 2000), cfg.get("seed", 0)
     result = evaluate(predictions, cfg.labels, cfg.paths.output_dir, resamples, seed, cfg.get("allow_errors", False))
-    print(f"labels={cfg.labels}: value [95% CI, {resamples} patient resamples, seed {seed}]")
+    what = f"value [95% CI, {resamples} patient resamples, seed {seed}]" if resamples else "value (bootstrap=0)"
+    print(f"labels={cfg.labels}: {what}")
     print(format_scores(result.scores, result.class_names), flush=True)
     if wrong := result.scores[OVERALL].scored_as_wrong:
         log.warning("scored as wrong (their prediction failed): %s", ", ".join(wrong))
