@@ -47,15 +47,18 @@ class TrainResult:
     output_dir: Path
     monitor: str = "val/patient/acc"
     class_names: tuple[str, ...] = CLASS_NAMES
+    vote_parameters: str = ""  # where the checkpoint's vote parameters come from, when no validation tuned them
 
     @classmethod
     def of(cls, trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path) -> TrainResult:
         """The best epoch the patient vote (or, without one, :class:`BestEpochCallback`) recorded."""
         ckpt = trainer.checkpoint_callback
+        vote = next((c for c in trainer.callbacks if hasattr(c, "parameters_source")), None)
         common = {
             "best_checkpoint": (ckpt.best_model_path if ckpt else "") or "",
             "output_dir": output_dir,
             "class_names": tuple(model.hparams.class_names),
+            "vote_parameters": vote.parameters_source() if vote is not None and not trainer.limit_val_batches else "",
         }
         votes, best = model.patient_votes, model.best_epoch
         if votes is None and best is not None:
@@ -84,6 +87,7 @@ class TrainResult:
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "confusion": self.confusion.tolist() if self.confusion is not None else None,
             "class_names": list(self.class_names),
+            **({"vote_parameters": self.vote_parameters} if self.vote_parameters else {}),
         }
 
     def summary(self, rule: str) -> str:
@@ -91,6 +95,15 @@ class TrainResult:
         Metrics missing (no validation epoch was voted) print as nan; only files that exist are named."""
         if not self.votes_patients:
             return self._infection_summary()
+        if self.vote_parameters:  # data.val_fraction=0
+            return "\n".join(
+                [
+                    "Trained on every patient (data.val_fraction=0): no validation, so no patient metrics",
+                    f"  vote={rule}, its parameters: {self.vote_parameters}",
+                    f"  outputs: {self.output_dir}",
+                    f"  checkpoint for predict.py: {self.best_checkpoint or 'none'}",
+                ]
+            )
         m = self.metrics
         nan = float("nan")
         if self.best_epoch is None:
@@ -194,6 +207,17 @@ def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None =
     return loggers
 
 
+def needs_validation(callback: pl.Callback) -> bool:
+    """A callback with nothing to do without validation epochs: one that monitors a validation metric
+    (best checkpoint, early stopping), the run report, Grad-CAM images and the W&B tables."""
+    from covidct.callbacks.cam_images import CamImagesCallback
+    from covidct.callbacks.run_report import RunReportCallback
+    from covidct.callbacks.wandb_tables import WandbTablesCallback
+
+    monitored = getattr(callback, "monitor", None) is not None
+    return monitored or isinstance(callback, RunReportCallback | CamImagesCallback | WandbTablesCallback)
+
+
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, re-raising a covidct user error (bad value, missing file) that a
     constructor raised as itself, instead of wrapped in Hydra's InstantiationException."""
@@ -233,7 +257,13 @@ def build_run(cfg: DictConfig, group: str | None = None, wandb_run_id: str | Non
     loggers = build_loggers(cfg, group, wandb_run_id)
     if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    no_validation = {} if datamodule.validates else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    if no_validation:
+        callbacks = [c for c in callbacks if not needs_validation(c)]
+        log.info("data.val_fraction=0: training on every patient; no validation epochs, checkpoints/last.ckpt only")
+    trainer: pl.Trainer = instantiate_checked(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_validation
+    )
     check_launch(trainer)
     return Run(datamodule, model, callbacks, loggers, trainer)
 

@@ -261,6 +261,7 @@ def test_every_choice_composes_completely_and_the_schema_holds_no_second_default
         "vote.center_slices",
         "vote.window_slices",
         "vote.slice_threshold",
+        "vote.from_ckpt",
         *(f"data.synthetic.{f.name}" for f in dataclasses.fields(SyntheticSpec)),
     }
     for key, default in defaults.items():  # a value in the schema is never contradicted by a YAML file

@@ -42,6 +42,7 @@ from torchmetrics.functional.classification import (
 
 from covidct import CLASS_NAMES
 from covidct.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
 from covidct.text_table import format_table
 from covidct.voting import (
@@ -154,6 +155,9 @@ class PatientVoteCallback(pl.Callback):
             with its tau (a fixed ``tau`` is then that rule's tau too).
         calibration: fit a temperature on the validation slices with a known target every epoch
             (:mod:`covidct.calibration`) and vote on the calibrated probabilities; stored for predict.py.
+        from_ckpt: take tau, the threshold rule's parameters and the temperature from this checkpoint's
+            vote state, fixed (nothing is tuned): e.g. a k-fold run's best fold, for a run on every
+            patient (``data.val_fraction=0``), which has no validation patients to tune them on.
     """
 
     def __init__(
@@ -166,21 +170,57 @@ class PatientVoteCallback(pl.Callback):
         window_slices: int = WINDOW_SLICES,
         slice_threshold: float | None = None,
         calibration: bool = True,
+        from_ckpt: str | None = None,
     ):
         check_vote_settings(rule, tau, k, center_slices, window_slices, slice_threshold)
+        if from_ckpt is not None:
+            tau, slice_threshold, calibration = self._fixed_parameters(from_ckpt)
         self.rule, self.fixed_tau, self.k = rule, tau, k
         self.fixed_slice_threshold = slice_threshold
         #: threshold rule's (slice_threshold, tau): the latest tuned (or fixed) ones, predict.py's
         self.slice_threshold = SLICE_THRESHOLD if slice_threshold is None else float(slice_threshold)
         self.threshold_tau = 0.5 if tau is None else float(tau)
         self.calibration = calibration
-        self.temperature = 1.0  # the latest fitted one (predict.py divides the logits by it)
+        self.temperature = 1.0 if from_ckpt is None else self._source_temperature  # predict.py divides by it
+        self.from_ckpt = from_ckpt
+        if from_ckpt is not None:
+            self.threshold_tau = self._source_threshold_tau
         self.center_slices, self.window_slices = center_slices, window_slices
         self.output_dir = Path(output_dir) if output_dir else None
         self.tau = 0.5 if tau is None else float(tau)  # the latest tuned (or the fixed) tau: predict.py's
         self.best: ValidationVotes | None = None
         self.rule_table: tuple[list[str], list[list]] = ([], [])  # the last epoch's rules_table
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _fixed_parameters(self, source: str) -> tuple[float, float, bool]:
+        """(tau, slice_threshold, calibration=False) from ``source``'s vote state; its temperature and the
+        threshold rule's tau are kept in ``_source_temperature`` and ``_source_threshold_tau``.
+        A checkpoint without a vote state is refused, naming ``vote.from_ckpt``."""
+        from covidct.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(source, key="vote.from_ckpt")
+        state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), None)
+        if not state:
+            raise ConfigError(
+                f"vote.from_ckpt={source}: the checkpoint has no patient vote state (a stage-1 model, or not "
+                "written by train.py); give a checkpoint of a run with validation patients"
+            )
+        self._source_temperature = float(state.get("temperature", 1.0))
+        self._source_threshold_tau = float(state.get("threshold_tau", state["tau"]))
+        return float(state["tau"]), float(state.get("slice_threshold", SLICE_THRESHOLD)), False
+
+    def parameters_source(self) -> str:
+        """Where the vote parameters a checkpoint stores come from, with their values (for the run summary)."""
+        values = (
+            f"tau {self.tau:.3f}, threshold rule slice {self.slice_threshold:.3f} / share {self.threshold_tau:.3f}, "
+            f"temperature {self.temperature:.3f}"
+        )
+        if self.from_ckpt:
+            return f"from vote.from_ckpt={self.from_ckpt} ({values})"
+        return (
+            f"the rules' defaults, nothing tuned without validation patients ({values}); "
+            "vote.from_ckpt=<checkpoint> takes a validated run's"
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.patient_votes = self.best  # a resumed run's best so far (restored before fit starts)

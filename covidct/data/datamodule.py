@@ -323,6 +323,11 @@ class CTDataModule(pl.LightningDataModule):
         return len(self.preprocessor.windows)
 
     @property
+    def validates(self) -> bool:
+        """False with ``val_fraction=0`` (no folds): every patient trains, nothing is validated."""
+        return self.num_folds is not None or self.val_fraction > 0
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         """The slice classes of the targets (``clean, infected`` with ``label_mode=infection``)."""
         return tuple(class_names_of(self.label_mode))

@@ -24,10 +24,13 @@ def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.nda
 
 def check_split(val_fraction: float, num_folds: int | None, fold: int) -> None:
     """Raise :class:`ConfigError` naming ``data.val_fraction`` / ``data.num_folds`` / ``data.fold`` when
-    the split settings are impossible (``val_fraction`` must be in (0, 1) without folds)."""
+    the split settings are impossible (``val_fraction`` must be in [0, 1) without folds; 0 = train on every
+    patient, no validation)."""
     if num_folds is None:
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(
+                f"data.val_fraction must be in [0, 1) (0: train on every patient, no validation), got {val_fraction}"
+            )
     elif num_folds < 2 or not 0 <= fold < num_folds:
         raise ConfigError(
             f"k-fold needs data.num_folds >= 2 and 0 <= data.fold < data.num_folds, "
