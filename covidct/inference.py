@@ -98,6 +98,7 @@ class PredictorSettings:
     slice_threshold: float = SLICE_THRESHOLD  # threshold
     threshold_tau: float = 0.5  # threshold
     temperature: float = 1.0  # divides the logits (temperature scaling fitted in training)
+    tta: bool = False  # predict.py tta=true: mean of each slice's and its horizontal flip's probabilities
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     overridden: dict[str, Any] = field(default_factory=dict)
 
@@ -171,13 +172,19 @@ def iterate_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_w
 
 
 @torch.inference_mode()
-def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities, in batches."""
+def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size: int, tta: bool = False) -> np.ndarray:
+    """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities, in batches; with ``tta`` the mean
+    of the probabilities of each slice and its horizontal flip (test-time augmentation, 2 forward passes)."""
     device = next(model.parameters()).device
-    out = [
-        model(images[i : i + batch_size].to(device, non_blocking=True)).float().softmax(1).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
+
+    def probs(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).float().softmax(1)
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size].to(device, non_blocking=True)
+        p = (probs(batch) + probs(batch.flip(-1))) / 2 if tta else probs(batch)
+        out.append(p.cpu())
     return torch.cat(out).numpy()
 
 
@@ -207,7 +214,8 @@ def predict_test_set(
             log.error("%s: %s", pid, item["error"])
             patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
             continue
-        probs = apply_temperature(slice_probabilities(model, item["images"], batch_size), settings.temperature)
+        probs = slice_probabilities(model, item["images"], batch_size, settings.tta)
+        probs = apply_temperature(probs, settings.temperature)
         pred = vote(
             probs,
             settings.vote_rule,
@@ -326,6 +334,7 @@ def run_prediction(cfg) -> list[Path]:
         if value is not None:
             settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
             setattr(settings, attr, value)
+    settings.tta = bool(cfg.get("tta", False))
     output_dir = Path(cfg.paths.output_dir)
     outputs = []
     for test_set in test_sets:

@@ -129,3 +129,21 @@ def test_vote_override_is_recorded_and_bad_paths_exit_nonzero(trained, shared_ca
     assert bad.returncode != 0 and "does not exist" in bad.stderr
     bad = run_predict([f"ckpt_path={tmp_path / 'x.ckpt'}", f"input={one}", f"paths.log_dir={tmp_path}"], tmp_path)
     assert bad.returncode != 0 and "ckpt_path" in bad.stderr
+
+
+def test_test_time_augmentation_averages_each_slice_and_its_horizontal_flip():
+    from covidct.inference import slice_probabilities
+    from covidct.models.classifier import SliceClassifier
+
+    torch.manual_seed(0)
+    model = SliceClassifier("resnet18").eval()
+    images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    plain = slice_probabilities(model, images, batch_size=2)
+    flipped = slice_probabilities(model, images.flip(-1), batch_size=2)
+    tta = slice_probabilities(model, images, batch_size=2, tta=True)
+    np.testing.assert_allclose(tta, (plain + flipped) / 2, atol=1e-6)
+    assert np.abs(tta - plain).max() > 1e-4  # the flip changes what the model sees
+    symmetric = torch.cat([images[..., :16], images[..., :16].flip(-1)], dim=-1)
+    np.testing.assert_allclose(
+        slice_probabilities(model, symmetric, 2, tta=True), slice_probabilities(model, symmetric, 2), atol=1e-6
+    )
