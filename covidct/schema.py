@@ -70,6 +70,7 @@ class DataConfig:
     lung_crop: bool = MISSING
     label_mode: str = MISSING
     val_fraction: float = MISSING
+    split_file: str | None = MISSING
     num_folds: int | None = MISSING
     fold: int = MISSING
     seed: int = MISSING

@@ -48,6 +48,7 @@ class TrainResult:
     monitor: str = "val/patient/acc"
     class_names: tuple[str, ...] = CLASS_NAMES
     vote_parameters: str = ""  # where the checkpoint's vote parameters come from, when no validation tuned them
+    test: dict[str, float] | None = None  # data.split_file's test patients, scored with the best checkpoint
 
     @classmethod
     def of(cls, trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path) -> TrainResult:
@@ -88,6 +89,7 @@ class TrainResult:
             "confusion": self.confusion.tolist() if self.confusion is not None else None,
             "class_names": list(self.class_names),
             **({"vote_parameters": self.vote_parameters} if self.vote_parameters else {}),
+            **({"test": self.test} if self.test is not None else {}),
         }
 
     def summary(self, rule: str) -> str:
@@ -124,6 +126,13 @@ class TrainResult:
             f"  outputs: {self.output_dir} ({', '.join(written) or 'none of ' + ', '.join(RUN_FILES)})",
             f"  best checkpoint: {self.best_checkpoint or 'none'}",
         ]
+        if self.test is not None:
+            lines.append(
+                f"  test patients (data.split_file, scored once with the best checkpoint): accuracy "
+                f"{self.test['test/patient/acc']:.3f} with vote={rule}; "
+                + " | ".join(f"{r} {self.test.get(f'test/patient/{r}/acc', nan):.3f}" for r in VOTE_RULES)
+                + " (test_patients.csv)"
+            )
         return "\n".join(lines)
 
     def _infection_summary(self) -> str:
@@ -294,12 +303,26 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # Lightning ends fit with SystemExit(0) on SIGTERM: not a success
             raise RunInterrupted(record_interruption(trainer, model, output_dir, ckpt_path, cfg.vote.rule)) from None
+        result = TrainResult.of(trainer, model, output_dir)
+        if trainer.is_global_zero and len(getattr(datamodule, "test_patients", ())) and result.best_checkpoint:
+            result.test = score_test_set(result.best_checkpoint, datamodule, cfg.vote.rule, output_dir, loggers)
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
-    result = TrainResult.of(trainer, model, output_dir)
     if trainer.is_global_zero:
         write_run_metrics(output_dir, result.to_json(cfg.vote.rule))
     return result
+
+
+def score_test_set(
+    checkpoint: str, datamodule: pl.LightningDataModule, rule: str, output_dir: Path, loggers: list[Logger]
+) -> dict[str, float]:
+    """``data.split_file``'s test patients, scored once with ``checkpoint``; the metrics also go to the loggers."""
+    from covidct.held_out_test import score_test_patients
+
+    metrics = score_test_patients(checkpoint, datamodule, rule, output_dir).metrics
+    for lg in loggers:
+        lg.log_metrics(metrics)
+    return metrics
 
 
 def record_interruption(

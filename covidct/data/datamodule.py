@@ -34,7 +34,7 @@ from covidct.data.labels import LABEL_MODES, UNKNOWN, class_names_of, slice_targ
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, Window, one_thread_per_worker, parse_windows
 from covidct.data.pseudo_labels import check_pseudo_labels, read_pseudo_labels
-from covidct.data.split import check_split, train_val_split
+from covidct.data.split import check_split, read_split_file, train_val_split
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
@@ -256,6 +256,8 @@ class CTDataModule(pl.LightningDataModule):
         slice_labels_file: label array file name inside ``root`` (None: the preferred one present).
         pseudo_labels: stage-1 pseudo-label array (see :mod:`covidct.data.pseudo_labels`), read with
             ``label_mode=pseudo``: a training patient without radiologist slice labels takes its row.
+        split_file: a fixed split, CSV ``patient,subset`` (train / val / test), instead of ``val_fraction``
+            and folds (see :func:`read_split_file`); its test patients are scored once after training.
     """
 
     def __init__(
@@ -281,6 +283,7 @@ class CTDataModule(pl.LightningDataModule):
         cache_workers: int = 1,
         slice_labels_file: str | None = None,
         pseudo_labels: str | None = None,
+        split_file: str | None = None,
     ) -> None:
         super().__init__()
         check_data_settings(
@@ -313,6 +316,8 @@ class CTDataModule(pl.LightningDataModule):
         self.cache_workers = cache_workers
         self.slice_labels_file = slice_labels_file
         self.pseudo_labels = pseudo_labels
+        self.split_file = split_file
+        self.test_patients = np.zeros(0, dtype=np.int64)
         self.cache: SliceCache | None = None
         self.summary: DataSummary | None = None
         self._prepared: tuple[list[PatientFolder], list[Skipped], SliceCache] | None = None
@@ -325,7 +330,7 @@ class CTDataModule(pl.LightningDataModule):
     @property
     def validates(self) -> bool:
         """False with ``val_fraction=0`` (no folds): every patient trains, nothing is validated."""
-        return self.num_folds is not None or self.val_fraction > 0
+        return self.split_file is not None or self.num_folds is not None or self.val_fraction > 0
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -370,9 +375,18 @@ class CTDataModule(pl.LightningDataModule):
             row, problem = usable_slice_labels(p.patient_id, labels_of[p.patient_id], p.series_length, p.unplaced)
             slice_labels.append(row)
             label_problems += [problem] if problem else []
-        self.train_patients, self.val_patients = train_val_split(
-            self.patient_labels, self.val_fraction, self.seed, self.num_folds, self.fold
-        )
+        if self.split_file is None:
+            self.train_patients, self.val_patients = train_val_split(
+                self.patient_labels, self.val_fraction, self.seed, self.num_folds, self.fold
+            )
+        else:
+            subsets, notes = read_split_file(self.split_file, self.patient_ids)
+            self.train_patients, self.val_patients, self.test_patients = (
+                subsets["train"],
+                subsets["val"],
+                subsets["test"],
+            )
+            label_problems += [f"data.split_file: {note}" for note in notes]
         self.pseudo_labelled = self._add_pseudo_labels(slice_labels) if self.label_mode == "pseudo" else []
         self.targets = slice_targets(
             self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
@@ -435,6 +449,7 @@ class CTDataModule(pl.LightningDataModule):
             "trained_on": [self.patient_ids[i] for i in trained_on],
             "train_patients": [self.patient_ids[i] for i in self.train_patients],
             "val_patients": [self.patient_ids[i] for i in self.val_patients],
+            "test_patients": [self.patient_ids[i] for i in self.test_patients],
             "label_mode": self.label_mode,
         }
 
@@ -464,6 +479,7 @@ class CTDataModule(pl.LightningDataModule):
     def save_split(self, path: Path) -> None:
         """Write ``patient,class,subset,n_slices,series_length,order_key`` for every patient (atomic)."""
         subset = {int(i): "train" for i in self.train_patients} | {int(i): "val" for i in self.val_patients}
+        subset |= {int(i): "test" for i in self.test_patients}
         atomic_write_csv(
             path,
             ["patient", "class", "subset", "n_slices", "series_length", "order_key"],

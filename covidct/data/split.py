@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, DataError
 
 
 def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.ndarray:
@@ -67,3 +69,59 @@ def train_val_split(
     val_idx = np.sort(np.asarray(val, dtype=np.int64))
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return train_idx, val_idx
+
+
+SUBSETS = ("train", "val", "test")
+
+
+def read_split_file(path: str | Path, patient_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A fixed split from a CSV ``patient,subset`` (subset: train, val or test), e.g. an official one.
+
+    Args:
+        path: the CSV (``data.split_file``).
+        patient_ids: (P,) the patients found on disk.
+
+    Returns:
+        ``{"train": int64 indices, "val": ..., "test": ...}`` into ``patient_ids``, and notes listing the
+        patients of the file that are not on disk and the patients on disk that are not in the file
+        (not used). A missing file or column, an unknown subset and a patient in two rows raise
+        :class:`DataError` naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.split_file={path}: not found; give a CSV with columns patient,subset")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+    if not {"patient", "subset"} <= set(header):
+        raise DataError(f"data.split_file={path}: needs columns patient,subset (found: {', '.join(header) or 'none'})")
+    seen: dict[str, int] = {}
+    subset_of: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+        pid, subset = row["patient"], row["subset"].lower()
+        if subset not in SUBSETS:
+            raise DataError(
+                f"{path}, line {line}: subset {row['subset']!r} of {pid!r} is not one of {', '.join(SUBSETS)}"
+            )
+        if pid in seen:
+            raise DataError(
+                f"{path}, line {line}: patient {pid!r} again (first on line {seen[pid]}); one subset per patient"
+            )
+        seen[pid], subset_of[pid] = line, subset
+    index = {pid: i for i, pid in enumerate(patient_ids)}
+    absent = [pid for pid in subset_of if pid not in index]
+    unlisted = [pid for pid in patient_ids if pid not in subset_of]
+    notes = []
+    if absent:
+        notes.append(f"{len(absent)} patient(s) of {path.name} not on disk: {', '.join(absent[:10])}")
+    if unlisted:
+        notes.append(f"{len(unlisted)} patient(s) on disk not in {path.name}, not used: {', '.join(unlisted[:10])}")
+    subsets = {
+        s: np.asarray(sorted(index[p] for p, sub in subset_of.items() if sub == s and p in index), dtype=np.int64)
+        for s in SUBSETS
+    }
+    if not len(subsets["train"]):
+        raise DataError(f"data.split_file={path}: no training patient on disk")
+    return subsets, notes

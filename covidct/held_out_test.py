@@ -1,0 +1,71 @@
+"""The test patients of a fixed split (``data.split_file``), scored once after training with the best
+checkpoint, through predict.py's own path (the checkpoint's weights, temperature and vote parameters)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from covidct import CLASS_NAMES
+from covidct.calibration import apply_temperature
+from covidct.callbacks.patient_vote import patient_metrics
+from covidct.data.datamodule import CTDataModule
+from covidct.inference import load_checkpoint, slice_probabilities
+from covidct.io import atomic_write_csv
+from covidct.voting import VOTE_RULES, vote
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TestScores:
+    """Every rule's patient metrics on the test patients (``test/patient/<rule>/<metric>``), and the
+    configured rule's under ``test/patient/acc``."""
+
+    checkpoint: str
+    n_patients: int
+    metrics: dict[str, float]
+
+
+def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, output_dir: Path) -> TestScores:
+    """Vote every rule on each test patient's slices with the checkpoint, write ``test_patients.csv``
+    (patient, truth, every rule's vote) into ``output_dir``, and return the metrics."""
+    model, settings = load_checkpoint(ckpt_path, torch.device("cpu"))
+    cache, params = (
+        datamodule.cache,
+        {
+            "k": settings.k,
+            "center_slices": settings.center_slices,
+            "window_slices": settings.window_slices,
+            "slice_threshold": settings.slice_threshold,
+            "threshold_tau": settings.threshold_tau,
+        },
+    )
+    assert cache is not None
+    votes, labels, rows = {r: [] for r in VOTE_RULES}, [], []
+    for i in map(int, datamodule.test_patients):
+        p = cache.patients[i]
+        images = torch.from_numpy(np.array(cache.images[p.offset : p.offset + p.n_slices]))  # (n, C, S, S) head first
+        probs = apply_temperature(slice_probabilities(model, images, 64), settings.temperature)
+        mine = {r: vote(probs, r, settings.tau, **params) for r in VOTE_RULES}
+        for r, c in mine.items():
+            votes[r].append(c)
+        labels.append(int(datamodule.patient_labels[i]))
+        rows.append([p.patient_id, CLASS_NAMES[labels[-1]], *(CLASS_NAMES[mine[r]] for r in VOTE_RULES)])
+    metrics: dict[str, Any] = {}
+    for r in VOTE_RULES:
+        m = patient_metrics(np.asarray(votes[r]), np.asarray(labels))
+        metrics |= {f"test/patient/{r}/{k}": float(v) for k, v in m.items() if k != "confusion"}
+    metrics["test/patient/acc"] = metrics[f"test/patient/{rule}/acc"]
+    atomic_write_csv(
+        output_dir / "test_patients.csv", ["patient", "true_class", *(f"{r}_vote" for r in VOTE_RULES)], rows
+    )
+    log.info(
+        "Test patients (%d, %s): accuracy %.3f with vote=%s", len(labels), ckpt_path, metrics["test/patient/acc"], rule
+    )
+    return TestScores(ckpt_path, len(labels), metrics)

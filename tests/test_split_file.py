@@ -1,0 +1,77 @@
+"""A fixed split (data.split_file: patient,subset), its refusals, and its test patients scored once."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from covidct.data.split import read_split_file
+from covidct.errors import DataError
+from tests.conftest import compose_train, tiny
+
+IDS = ["P1", "P2", "P3", "c1", "n1"]
+
+
+def write(path, rows, header=("patient", "subset")):
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def test_a_split_file_assigns_subsets_and_lists_what_does_not_match(tmp_path):
+    path = write(
+        tmp_path / "s.csv", [("P1", "train"), ("P2", "Val"), ("c1", "test"), ("gone", "train"), ("n1", "train")]
+    )
+    subsets, notes = read_split_file(path, IDS)
+    assert {k: [IDS[i] for i in v] for k, v in subsets.items()} == {
+        "train": ["P1", "n1"],
+        "val": ["P2"],
+        "test": ["c1"],
+    }
+    assert all(v.dtype == np.int64 for v in subsets.values())
+    assert any("not on disk: gone" in n for n in notes) and any("not in s.csv, not used: P3" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "expected"),
+    [
+        ([("P1", "train"), ("P1", "val")], ("patient", "subset"), "line 3: patient 'P1' again"),
+        ([("P1", "holdout")], ("patient", "subset"), "line 2: subset 'holdout'"),
+        ([("P1", "train")], ("id", "split"), "needs columns patient,subset"),
+        ([("P2", "val"), ("gone", "train")], ("patient", "subset"), "no training patient on disk"),
+    ],
+)
+def test_a_bad_split_file_is_refused_naming_the_line(tmp_path, rows, header, expected):
+    with pytest.raises(DataError, match=expected):
+        read_split_file(write(tmp_path / "s.csv", rows, header), IDS)
+    with pytest.raises(DataError, match="not found"):
+        read_split_file(tmp_path / "none.csv", IDS)
+
+
+@pytest.mark.slow
+def test_test_patients_of_a_split_file_are_scored_once_with_the_best_checkpoint(shared_cache, tmp_path):
+    from covidct.training import train
+
+    ids = (
+        [f"P{i:03d}" for i in range(1, 5)]
+        + [f"cap{i:03d}" for i in range(1, 5)]
+        + [f"normal{i:03d}" for i in range(1, 5)]
+    )
+    subset = ["train", "train", "val", "test"] * 3
+    split = write(tmp_path / "split.csv", list(zip(ids, subset, strict=True)))
+    out = tmp_path / "run"
+    result = train(compose_train(out, [*tiny(shared_cache), "logger=none", f"data.split_file={split}"]))
+    saved = list(csv.DictReader((out / "split.csv").open()))
+    assert [r["subset"] for r in saved] == subset  # the file's split, not a drawn one
+    tested = list(csv.DictReader((out / "test_patients.csv").open()))
+    assert [r["patient"] for r in tested] == ["P004", "cap004", "normal004"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["test/patient/acc"] == result.test["test/patient/acc"]
+    rule = metrics["vote_rule"]
+    assert result.test["test/patient/acc"] == pytest.approx(
+        np.mean([r[f"{rule}_vote"] == r["true_class"] for r in tested])
+    )
+    assert "test patients (data.split_file" in result.summary(rule)
