@@ -46,6 +46,41 @@ def stage1_training_patients(ckpt: dict[str, Any], source: str) -> list[str]:
     return list(state["trained_on"])
 
 
+def youden_threshold(cache, radiologist: dict, validated_on: list[str], p_infected, source: str) -> tuple[float, str]:
+    """``threshold=auto``: the P(infected) that maximises Youden's J (sensitivity + specificity - 1) on the
+    labelled slices of stage 1's *validation* patients (radiologist-labelled sick patients' slices, and
+    every slice of its Normal validation patients as clean), never on the patients it trained on.
+    Returns (threshold, how it was chosen); refuses when those slices lack either class."""
+    from torchmetrics.functional.classification import binary_roc
+
+    scores, truth = [], []
+    for p in cache.patients:
+        if p.patient_id not in validated_on or (p.label != NORMAL_CLASS and p.patient_id not in radiologist):
+            continue
+        ranks = cache.slice_index[p.offset : p.offset + p.n_slices]
+        row = radiologist.get(p.patient_id)
+        labels = np.zeros(p.n_slices, dtype=np.int64) if row is None else np.asarray(row)[ranks].astype(np.int64)
+        scores.append(p_infected(p))
+        truth.append(labels)
+    y = np.concatenate(truth) if truth else np.zeros(0, dtype=np.int64)
+    if not (y == 1).any() or not (y == 0).any():
+        raise ConfigError(
+            f"threshold=auto: stage 1's validation patients ({len(validated_on)} in ckpt_path={source}) have no "
+            f"{'infected' if not (y == 1).any() else 'clean'} labelled slice to choose a threshold on; give "
+            "threshold=<P(infected)>"
+        )
+    fpr, tpr, thresholds = binary_roc(torch.as_tensor(np.concatenate(scores)), torch.as_tensor(y))
+    best = int(torch.argmax(tpr - fpr))
+    # the ROC calls a slice positive at score >= threshold, pseudo-labels at score > threshold: one float32 step down
+    threshold = float(np.nextafter(np.float32(thresholds[best].item()), np.float32(0.0)))
+    sens, spec = float(tpr[best]), 1.0 - float(fpr[best])
+    how = (
+        f"auto: Youden's J on {len(y)} labelled slices of stage 1's validation patients "
+        f"(sensitivity {sens:.3f}, specificity {spec:.3f})"
+    )
+    return threshold, how
+
+
 def pseudo_label(cfg: DictConfig) -> Path:
     """Write the pseudo-label folder into ``cfg.paths.output_dir``; returns the label array's path."""
     from covidct.checkpoint import read_checkpoint
@@ -64,10 +99,11 @@ def pseudo_label(cfg: DictConfig) -> Path:
             f"ckpt_path={source}: a model of the classes {list(hp.get('class_names', CLASS_NAMES))}, not a stage-1 "
             f"infected-slice model {list(INFECTION_CLASSES)}; train one with python train.py stage=infection"
         )
-    threshold = float(cfg.threshold if cfg.threshold is not None else hp.get("infection_threshold", 0.5))
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
+    threshold = cfg.threshold if cfg.threshold is not None else hp.get("infection_threshold", 0.5)
+    if threshold != "auto" and not (isinstance(threshold, int | float) and 0.0 < threshold < 1.0):
+        raise ConfigError(f"threshold must be in (0, 1), auto or null, got {threshold!r}")
     trained_on = stage1_training_patients(ckpt, source)
+    validated_on = list((ckpt.get("CTDataModule") or {}).get("val_patients", []))
     pre_hp = hp["preprocessing"]
     pre = SlicePreprocessor(parse_windows(pre_hp["windows"]), int(pre_hp["image_size"]), bool(pre_hp.get("lung_crop")))
     del ckpt
@@ -77,13 +113,23 @@ def pseudo_label(cfg: DictConfig) -> Path:
 
     patients = discover_covid_ct_md(cfg.input, cfg.slice_labels_file)
     cache = build_or_load_cache(patients, pre, cfg.paths.cache_dir, cfg.cache_workers)
-    radiologist = {p.patient_id for p in patients if p.slice_labels is not None}
+    radiologist = {p.patient_id: p.slice_labels for p in patients if p.slice_labels is not None}
+
+    def p_infected(p) -> np.ndarray:
+        """(n,) float32 P(infected) of each cached slice of patient ``p``, head first."""
+        images = torch.from_numpy(np.array(cache.images[p.offset : p.offset + p.n_slices]))  # (n, C, S, S) uint8
+        return slice_probabilities(model, images, cfg.batch_size)[:, INFECTED]
+
+    threshold_source = "given" if cfg.threshold is not None else "the checkpoint's model.infection_threshold"
+    if threshold == "auto":
+        threshold, threshold_source = youden_threshold(cache, radiologist, validated_on, p_infected, source)
+    threshold = float(threshold)
+    log.info("threshold %.3f (%s)", threshold, threshold_source)
     written, summary = [], {}
     for p in cache.patients:
         if p.label == NORMAL_CLASS or p.patient_id in radiologist:
             continue
-        images = torch.from_numpy(np.array(cache.images[p.offset : p.offset + p.n_slices]))  # (n, C, S, S) uint8
-        infected = slice_probabilities(model, images, cfg.batch_size)[:, INFECTED]  # (n,) float32
+        infected = p_infected(p)
         row = np.zeros(max(p.series_length, 1), dtype=np.int8)
         row[cache.slice_index[p.offset : p.offset + p.n_slices][infected > threshold]] = 1
         written.append((p.patient_id, p.label, row))
@@ -102,6 +148,7 @@ def pseudo_label(cfg: DictConfig) -> Path:
         )
     meta = {
         "threshold": threshold,
+        "threshold_source": threshold_source,
         "checkpoint": str(Path(source).resolve()),
         "checkpoint_sha256": checkpoint_sha256(Path(source)),
         "dataset_root": str(Path(cfg.input).resolve()),

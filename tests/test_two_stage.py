@@ -264,3 +264,29 @@ def test_stage2_trains_on_radiologist_and_pseudo_labels(two_stage, tmp_path):
     result = train(compose_train(tmp_path, [*overrides, "data.label_mode=pseudo", f"data.pseudo_labels={path}"]))
     assert result.monitor == "val/patient/acc" and result.best_epoch == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["class_names"] == list(CLASS_NAMES)
+
+
+@pytest.mark.slow
+def test_an_automatic_threshold_maximises_youdens_j_on_stage1_validation_patients(two_stage, tmp_path):
+    from covidct.pseudo_label import pseudo_label
+
+    stage1, _, root, cache, _ = two_stage
+    cfg = compose_pseudo_label(
+        tmp_path, [f"ckpt_path={stage1.best_checkpoint}", f"input={root}", f"paths.cache_dir={cache}", "threshold=auto"]
+    )
+    meta = read_pseudo_labels(pseudo_label(cfg)).meta
+    assert "Youden" in meta["threshold_source"] and 0.0 < meta["threshold"] < 1.0
+    # recompute J over every candidate threshold from the validation patients' labelled slices
+    from covidct.inference import load_checkpoint, slice_probabilities
+
+    model, _ = load_checkpoint(stage1.best_checkpoint, torch.device("cpu"))
+    val = set(torch.load(stage1.best_checkpoint, weights_only=True)["CTDataModule"]["val_patients"])
+    dm = CTDataModule(synthetic=None, root=str(root), cache_dir=str(cache), image_size=32, label_mode="infection")
+    dm.setup()
+    table = dm.slice_table
+    rows = [r for r in range(len(table.patient)) if table.patient_ids[table.patient[r]] in val and table.target[r] >= 0]
+    scores = slice_probabilities(model, torch.from_numpy(np.array(table.images[rows])), 64)[:, 1]
+    truth = table.target[rows]
+    youden = lambda t: np.mean(scores[truth == 1] > t) + np.mean(scores[truth == 0] <= t) - 1  # noqa: E731
+    best = max(youden(t) for t in np.concatenate([[0.0], np.nextafter(scores, 0)]))
+    assert youden(meta["threshold"]) == pytest.approx(best)
