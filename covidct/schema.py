@@ -140,6 +140,18 @@ class CompileConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """``privacy``: pseudonyms for the patient ids logged to W&B (see ``covidct.privacy``):
+    ``pseudonymize`` auto | true | false, ``secret_file`` (the HMAC key, made on first use),
+    ``mapping_file`` (write ``pseudonyms.csv`` into the run folder), ``pseudonym_length`` (hex digits)."""
+
+    pseudonymize: str = MISSING  # auto | true | false (an override's true arrives as "True")
+    secret_file: str = MISSING
+    mapping_file: bool = MISSING
+    pseudonym_length: int = MISSING
+
+
+@dataclass
 class TrainConfig:
     """The whole ``python train.py`` config (defaults: ``conf/train.yaml`` and its groups)."""
 
@@ -159,6 +171,7 @@ class TrainConfig:
     seed: int = MISSING
     ckpt_path: str | None = MISSING
     tags: list[str] = MISSING
+    privacy: PrivacyConfig = MISSING
 
 
 def register_configs() -> None:

@@ -25,6 +25,7 @@ from covidct.callbacks.step_seed import StepSeed
 from covidct.checkpoint import check_resume_settings, read_checkpoint
 from covidct.config import check_config
 from covidct.errors import ConfigError, CovidCTError
+from covidct.privacy import instantiate_logger
 from covidct.sweep_summary import write_run_metrics
 from covidct.voting import VOTE_RULES
 
@@ -211,7 +212,7 @@ def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None =
             extra = {"group": conf.get("group") or group}
             if wandb_run_id:
                 extra |= {"id": wandb_run_id, "resume": "allow"}
-        loggers.append(instantiate(conf, **extra))
+        loggers.append(instantiate_logger(conf, cfg, **extra))  # W&B: with its patient-id pseudonymizer
         log.info("Logger %s", name)
     return loggers
 

@@ -2,7 +2,8 @@
 
 The same slices every time, so the W&B image panel shows how the model's attention changes over the
 epochs: one validation patient per class in turn, its middle slice among those labelled with the
-patient's class (its middle slice when it has none).
+patient's class (its middle slice when it has none). Each overlay names its patient (caption and the
+text drawn into the image) by the logger's pseudonym when ``privacy.pseudonymize`` is on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError
+from covidct.privacy import prepare_loggers, pseudonymizer_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ class CamImagesCallback(pl.Callback):
         self._logged_step: int | None = None
         self._said_no_wandb = False
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Mapping file, collision check and identifier-shape warning of the W&B pseudonymizers."""
+        if trainer.is_global_zero:
+            prepare_loggers(trainer.loggers, getattr(trainer.datamodule, "patient_ids", None))
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.log_cams(trainer, pl_module)
@@ -80,15 +87,16 @@ class CamImagesCallback(pl.Callback):
         images = torch.from_numpy(np.array(table.images[rows]))
         heatmaps, probs = grad_cam(pl_module, images)
         channel = lung_channel(table.windows)
-        captions, overlays = [], []
-        for row, image, heatmap, p in zip(rows, images, heatmaps, probs, strict=True):
-            pred, target = int(p.argmax()), int(table.target[row])
-            captions.append(
-                f"{table.patient_ids[table.patient[row]]} slice {table.rank[row]}: "
-                f"true {CLASS_NAMES[target] if target >= 0 else '?'}, "
-                f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f}"
-            )
-            overlays.append(overlay(image[channel].numpy(), heatmap, captions[-1]))
-        for lg in loggers:
+        for lg in loggers:  # the caption is drawn into the image too: one set of overlays per pseudonymizer
+            pseudonym = pseudonymizer_of(lg)
+            captions, overlays = [], []
+            for row, image, heatmap, p in zip(rows, images, heatmaps, probs, strict=True):
+                pred, target = int(p.argmax()), int(table.target[row])
+                captions.append(
+                    f"{pseudonym(table.patient_ids[table.patient[row]])} slice {table.rank[row]}: "
+                    f"true {CLASS_NAMES[target] if target >= 0 else '?'}, "
+                    f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f}"
+                )
+                overlays.append(overlay(image[channel].numpy(), heatmap, captions[-1]))
             lg.log_image(self.key, overlays, step=trainer.global_step, caption=captions)
         self._logged_step = trainer.global_step

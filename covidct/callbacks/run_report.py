@@ -3,6 +3,7 @@ the run folder (see :mod:`covidct.report`), and the same in W&B when a WandbLogg
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -77,19 +78,28 @@ class RunReportCallback(pl.Callback):
         log.info("Run report: %s", written.paths["report.html"])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                log_to_wandb(logger, written, trainer.global_step)
+                log_to_wandb(logger, written, trainer.global_step, report)
 
 
-def log_to_wandb(logger: WandbLogger, written, step: int) -> None:
-    """The report's figures, AUCs and HTML page under ``report/`` in the W&B run."""
+def log_to_wandb(logger: WandbLogger, written, step: int, report) -> None:
+    """The report's figures, AUCs and HTML page under ``report/`` in the W&B run; the page names the
+    patients by the logger's pseudonyms when ``privacy.pseudonymize`` is on (:mod:`covidct.privacy`)."""
     import wandb
+
+    from covidct.privacy import pseudonymizer_of
+    from covidct.report import render_html
+
+    pseudonym, page = pseudonymizer_of(logger), written.html
+    if pseudonym.active:
+        renamed = dataclasses.replace(report, patients=[pseudonym(p) for p in report.patients])
+        page = render_html(renamed, written.metrics, written.images)
 
     for title, path in written.paths.items():
         if path.suffix == ".png":
             logger.log_image(f"report/{path.stem}", [str(path)], step=step, caption=[title])
     aucs = {_key(k): v for k, v in written.metrics.items() if "AUC" in k and np.isfinite(v)}
     logger.log_metrics(aucs, step=step)
-    logger.experiment.log({"report/html": wandb.Html(written.html)})
+    logger.experiment.log({"report/html": wandb.Html(page)})
 
 
 def _key(metric: str) -> str:

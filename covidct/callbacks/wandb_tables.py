@@ -1,7 +1,10 @@
 """At fit end (rank 0, with a WandbLogger): the best validation epoch's per-patient table, patient
-confusion matrix and a few sample slices, from the patient vote's :class:`ValidationVotes`."""
+confusion matrix and a few sample slices, from the patient vote's :class:`ValidationVotes`. Patients are
+named by the logger's pseudonyms when ``privacy.pseudonymize`` is on (see :mod:`covidct.privacy`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytorch_lightning as pl
@@ -11,6 +14,7 @@ from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.callbacks.patient_vote import ValidationVotes
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
+from covidct.privacy import prepare_loggers, pseudonymizer_of
 from covidct.voting import VOTE_RULES
 
 
@@ -18,12 +22,18 @@ class WandbTablesCallback(pl.Callback):
     """Logs ``val/patients`` (every rule's vote per patient), ``val/patient_confusion`` (the configured
     rule's) and ``val/sample_slices`` (each of the first ``n_images`` validation patients' most
     infected-looking slice) to every WandbLogger; nothing without one, or without a best epoch in
-    this run (a resumed run that did not improve)."""
+    this run (a resumed run that did not improve). With ``privacy.pseudonymize`` on, every patient id
+    (table rows, captions) is the logger's pseudonym."""
 
     def __init__(self, n_images: int = 8) -> None:
         if n_images < 0:
             raise ConfigError(f"callbacks.wandb_tables.n_images must be >= 0, got {n_images}")
         self.n_images = n_images
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Mapping file, collision check and identifier-shape warning of the W&B pseudonymizers."""
+        if trainer.is_global_zero:
+            prepare_loggers(trainer.loggers, getattr(trainer.datamodule, "patient_ids", None))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -32,25 +42,27 @@ class WandbTablesCallback(pl.Callback):
             return
         import wandb
 
-        columns, rows = patient_rows(votes)
         confusion = wandb.plot.confusion_matrix(
             y_true=votes.labels.tolist(), preds=votes.predicted.tolist(), class_names=list(CLASS_NAMES)
         )
-        samples = [
-            wandb.Image(image, caption=caption)
-            for image, caption in sample_slices(votes, trainer.datamodule.slice_table, self.n_images)
-        ]
         for lg in loggers:
+            pseudonym = pseudonymizer_of(lg)
+            columns, rows = patient_rows(votes, pseudonym)
+            samples = [
+                wandb.Image(image, caption=caption)
+                for image, caption in sample_slices(votes, trainer.datamodule.slice_table, self.n_images, pseudonym)
+            ]
             lg.log_table("val/patients", columns=columns, data=rows)
             lg.experiment.log({"val/patient_confusion": confusion, "val/sample_slices": samples})
 
 
-def patient_rows(votes: ValidationVotes) -> tuple[list[str], list[list]]:
-    """Columns and one row per patient: id, true class, every rule's vote, infected fraction, slices."""
+def patient_rows(votes: ValidationVotes, pseudonym: Callable[[str], str] = str) -> tuple[list[str], list[list]]:
+    """Columns and one row per patient: id (``pseudonym(id)``), true class, every rule's vote, infected
+    fraction, slices."""
     columns = ["patient", "true", *VOTE_RULES, "infected_fraction_of_slices", "n_slices"]
     rows = [
         [
-            v.patient,
+            pseudonym(v.patient),
             CLASS_NAMES[t],
             *[CLASS_NAMES[v.rule_votes[r]] for r in VOTE_RULES],
             v.infected_fraction,
@@ -61,9 +73,11 @@ def patient_rows(votes: ValidationVotes) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def sample_slices(votes: ValidationVotes, table: SliceTable, n: int) -> list[tuple[np.ndarray, str]]:
+def sample_slices(
+    votes: ValidationVotes, table: SliceTable, n: int, pseudonym: Callable[[str], str] = str
+) -> list[tuple[np.ndarray, str]]:
     """(uint8 (S, S) first channel, caption) of the most infected-looking slice (lowest P(Normal)) of each
-    of the first ``n`` validation patients."""
+    of the first ``n`` validation patients; the caption names the patient as ``pseudonym(id)``."""
     samples = []
     rows, patient, probs = votes.slice_rows, votes.slice_patient, votes.slice_probs
     for p in np.unique(patient)[:n]:
@@ -71,7 +85,7 @@ def sample_slices(votes: ValidationVotes, table: SliceTable, n: int) -> list[tup
         i = mine[np.argmin(probs[mine, NORMAL_CLASS])]
         row, pred, target = rows[i], int(probs[i].argmax()), int(table.target[rows[i]])
         caption = (
-            f"{table.patient_ids[p]} slice {table.rank[row]}: target "
+            f"{pseudonym(table.patient_ids[p])} slice {table.rank[row]}: target "
             f"{'unknown' if target < 0 else CLASS_NAMES[target]}, predicted {CLASS_NAMES[pred]} "
             f"({probs[i, pred]:.2f})"
         )
