@@ -75,7 +75,7 @@ def test_an_unknown_group_choice_lists_the_choices(tmp_path):
         (["vote=weighted_center", "vote.center_slices=-4"], "vote.center_slices must be an integer >= 1"),
         (["data.label_mode=slice"], "data.label_mode='slice' is not known"),
         (["data.image_size=16"], "data.image_size must be an integer >= 32"),
-        (["data.val_fraction=1.0"], "data.val_fraction must be in (0, 1)"),
+        (["data.val_fraction=1.0"], "data.val_fraction must be in [0, 1)"),
         (["data.num_folds=5", "data.fold=5"], "0 <= data.fold < data.num_folds"),
         (["data=covid_ct_md"], "data.root is not set"),
         (["data=covid_ct_md", "data.root=/no/such/folder"], "data.root='/no/such/folder' is not a folder"),
