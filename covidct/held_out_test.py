@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from covidct import CLASS_NAMES
+from covidct.aggregation import predict as mil_predict
 from covidct.calibration import apply_temperature
 from covidct.callbacks.patient_vote import patient_metrics
 from covidct.data.datamodule import CTDataModule
-from covidct.inference import load_checkpoint, slice_probabilities
+from covidct.inference import load_checkpoint, slice_probabilities_and_embeddings
 from covidct.io import atomic_write_csv
-from covidct.voting import VOTE_RULES, vote
+from covidct.voting import LEARNED_RULES, VOTE_RULES, vote
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ class TestScores:
 
 
 def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, output_dir: Path) -> TestScores:
-    """Vote every rule on each test patient's slices with the checkpoint, write ``test_patients.csv``
-    (patient, truth, every rule's vote) into ``output_dir``, and return the metrics."""
+    """Vote every rule on each test patient's slices with the checkpoint (``mil`` too when it holds a
+    fitted head), write ``test_patients.csv`` (patient, truth, every rule's vote) into ``output_dir``, and
+    return the metrics."""
     model, settings = load_checkpoint(ckpt_path, torch.device("cpu"))
     cache, params = (
         datamodule.cache,
@@ -47,24 +49,26 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
         },
     )
     assert cache is not None
-    votes, labels, rows = {r: [] for r in VOTE_RULES}, [], []
+    rules = VOTE_RULES + (LEARNED_RULES if settings.mil_head is not None else ())
+    votes, labels, rows = {r: [] for r in rules}, [], []
     for i in map(int, datamodule.test_patients):
         p = cache.patients[i]
         images = torch.from_numpy(np.array(cache.images[p.offset : p.offset + p.n_slices]))  # (n, C, S, S) head first
-        probs = apply_temperature(slice_probabilities(model, images, 64), settings.temperature)
+        probs, embeddings = slice_probabilities_and_embeddings(model, images, 64)
+        probs = apply_temperature(probs, settings.temperature)
         mine = {r: vote(probs, r, settings.tau, **params) for r in VOTE_RULES}
+        if settings.mil_head is not None:
+            mine["mil"] = int(mil_predict(settings.mil_head, [embeddings])[0])
         for r, c in mine.items():
             votes[r].append(c)
         labels.append(int(datamodule.patient_labels[i]))
-        rows.append([p.patient_id, CLASS_NAMES[labels[-1]], *(CLASS_NAMES[mine[r]] for r in VOTE_RULES)])
+        rows.append([p.patient_id, CLASS_NAMES[labels[-1]], *(CLASS_NAMES[mine[r]] for r in rules)])
     metrics: dict[str, Any] = {}
-    for r in VOTE_RULES:
+    for r in rules:
         m = patient_metrics(np.asarray(votes[r]), np.asarray(labels))
         metrics |= {f"test/patient/{r}/{k}": float(v) for k, v in m.items() if k != "confusion"}
     metrics["test/patient/acc"] = metrics[f"test/patient/{rule}/acc"]
-    atomic_write_csv(
-        output_dir / "test_patients.csv", ["patient", "true_class", *(f"{r}_vote" for r in VOTE_RULES)], rows
-    )
+    atomic_write_csv(output_dir / "test_patients.csv", ["patient", "true_class", *(f"{r}_vote" for r in rules)], rows)
     log.info(
         "Test patients (%d, %s): accuracy %.3f with vote=%s", len(labels), ckpt_path, metrics["test/patient/acc"], rule
     )

@@ -25,6 +25,8 @@ from pydicom.misc import is_dicom
 from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
+from covidct.aggregation import GatedAttentionMIL, mil_from_state
+from covidct.aggregation import predict as mil_predict
 from covidct.calibration import apply_temperature
 from covidct.checkpoint import read_checkpoint
 from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line
@@ -33,7 +35,15 @@ from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, pa
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K, WINDOW_SLICES, check_vote_settings, vote
+from covidct.voting import (
+    CENTER_SLICES,
+    LEARNED_RULES,
+    SLICE_THRESHOLD,
+    TOP_K,
+    WINDOW_SLICES,
+    check_vote_settings,
+    vote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,7 @@ class PredictorSettings:
     temperature: float = 1.0  # divides the logits (temperature scaling fitted in training)
     tta: bool = False  # predict.py tta=true: mean of each slice's and its horizontal flip's probabilities
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
+    mil_head: GatedAttentionMIL | None = None  # vote_rule mil: the head fitted on the validation patients
     overridden: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,6 +140,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         threshold_tau=float(vote_state.get("threshold_tau", 0.5)),
         temperature=float(vote_state.get("temperature", 1.0)),  # older checkpoints: not calibrated
         lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
+        mil_head=mil_from_state(vote_state["mil"]) if vote_state.get("mil") else None,  # older: none
     )
     return model, settings
 
@@ -188,6 +200,23 @@ def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size
     return torch.cat(out).numpy()
 
 
+@torch.inference_mode()
+def slice_probabilities_and_embeddings(
+    model: SliceClassifier, images: torch.Tensor, batch_size: int, tta: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities and float32 (N, D) embeddings
+    (:meth:`SliceClassifier.features`) from the same forward passes; ``tta`` as in :func:`slice_probabilities`
+    (both averaged over each slice and its flip)."""
+    device = next(model.parameters()).device
+    probs, embeddings = [], []
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size].to(device, non_blocking=True)
+        passes = [model.forward_with_features(b) for b in ((batch, batch.flip(-1)) if tta else (batch,))]
+        probs.append(sum(logits.float().softmax(1) for logits, _ in passes).cpu() / len(passes))
+        embeddings.append(sum(features.float() for _, features in passes).cpu() / len(passes))
+    return torch.cat(probs).numpy(), torch.cat(embeddings).numpy()
+
+
 def predict_test_set(
     test_set: TestSet,
     model: SliceClassifier,
@@ -214,18 +243,25 @@ def predict_test_set(
             log.error("%s: %s", pid, item["error"])
             patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
             continue
-        probs = slice_probabilities(model, item["images"], batch_size, settings.tta)
+        embeddings = None
+        if settings.vote_rule in LEARNED_RULES:  # mil: the checkpoint's head on the slice embeddings
+            probs, embeddings = slice_probabilities_and_embeddings(model, item["images"], batch_size, settings.tta)
+        else:
+            probs = slice_probabilities(model, item["images"], batch_size, settings.tta)
         probs = apply_temperature(probs, settings.temperature)
-        pred = vote(
-            probs,
-            settings.vote_rule,
-            settings.tau,
-            k=settings.k,
-            center_slices=settings.center_slices,
-            window_slices=settings.window_slices,
-            slice_threshold=settings.slice_threshold,
-            threshold_tau=settings.threshold_tau,
-        )
+        if embeddings is not None:
+            pred = int(mil_predict(settings.mil_head, [embeddings])[0])
+        else:
+            pred = vote(
+                probs,
+                settings.vote_rule,
+                settings.tau,
+                k=settings.k,
+                center_slices=settings.center_slices,
+                window_slices=settings.window_slices,
+                slice_threshold=settings.slice_threshold,
+                threshold_tau=settings.threshold_tau,
+            )
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
         if cam_slices:
@@ -334,6 +370,11 @@ def run_prediction(cfg) -> list[Path]:
         if value is not None:
             settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
             setattr(settings, attr, value)
+    if settings.vote_rule in LEARNED_RULES and settings.mil_head is None:
+        raise ConfigError(
+            f"vote rule {settings.vote_rule}: ckpt_path={cfg.ckpt_path} holds no fitted MIL head (a checkpoint from "
+            "before the mil rule, or of a run without validation patients); choose another vote=<rule>"
+        )
     settings.tta = bool(cfg.get("tta", False))
     output_dir = Path(cfg.paths.output_dir)
     outputs = []
@@ -348,7 +389,8 @@ def run_prediction(cfg) -> list[Path]:
         "test_sets": {t.name: len(t.patients) for t in test_sets},
         "cam": cam_slices > 0,
         "cam_slices": cam_slices,
-        **settings.__dict__,
+        **{key: value for key, value in settings.__dict__.items() if key != "mil_head"},
+        "mil_head": settings.mil_head is not None,
     }
     outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
     return outputs

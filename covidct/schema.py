@@ -118,7 +118,8 @@ class VoteConfig:
     ``tau`` (infected_fraction and threshold; null = tuned on validation patients), ``k`` (topk_mean: slices
     averaged per class), ``center_slices`` / ``window_slices`` (weighted_center: central slices that count
     fully / that vote at all), ``slice_threshold`` (threshold: infected probability of an infected slice;
-    null = tuned), ``from_ckpt`` (take those parameters, fixed, from a checkpoint: runs with data.val_fraction=0).
+    null = tuned), ``from_ckpt`` (take those parameters, fixed, from a checkpoint: runs with data.val_fraction=0),
+    ``mil`` (fit and score the learned ``mil`` rule every validation epoch; on whenever ``rule`` is ``mil``).
     Only the rules that use them set them in their file; the others take the values here."""
 
     rule: str = MISSING
@@ -128,6 +129,7 @@ class VoteConfig:
     window_slices: int = 80
     slice_threshold: float | None = None
     from_ckpt: str | None = None
+    mil: bool = True
 
 
 @dataclass

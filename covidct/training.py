@@ -27,7 +27,7 @@ from covidct.config import check_config
 from covidct.errors import ConfigError, CovidCTError
 from covidct.privacy import instantiate_logger
 from covidct.sweep_summary import write_run_metrics
-from covidct.voting import VOTE_RULES
+from covidct.voting import LEARNED_RULES, VOTE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,11 @@ class TrainResult:
         lines = [
             head,
             "  same logits, patient accuracy per rule (majority is the paper's): "
-            + " | ".join(f"{r} {m.get(f'val/patient/{r}/acc', nan):.3f}" for r in VOTE_RULES)
+            + " | ".join(
+                f"{r} {m.get(f'val/patient/{r}/acc', nan):.3f}"
+                for r in VOTE_RULES + LEARNED_RULES
+                if r in VOTE_RULES or f"val/patient/{r}/acc" in m
+            )
             + f"; patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', nan):.3f}",
             f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
             f"{self.confusion.tolist() if self.confusion is not None else None}",
@@ -131,7 +135,11 @@ class TrainResult:
             lines.append(
                 f"  test patients (data.split_file, scored once with the best checkpoint): accuracy "
                 f"{self.test['test/patient/acc']:.3f} with vote={rule}; "
-                + " | ".join(f"{r} {self.test.get(f'test/patient/{r}/acc', nan):.3f}" for r in VOTE_RULES)
+                + " | ".join(
+                    f"{r} {v:.3f}"
+                    for r in VOTE_RULES + LEARNED_RULES
+                    if (v := self.test.get(f"test/patient/{r}/acc")) is not None
+                )
                 + " (test_patients.csv)"
             )
         return "\n".join(lines)

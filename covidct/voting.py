@@ -299,6 +299,9 @@ VOTE_RULES: tuple[str, ...] = (
     "topk_mean",
     "threshold",
 )
+#: rules learned on slice embeddings (:mod:`covidct.aggregation`), not functions of probabilities: a valid
+#: ``vote.rule``, scored by the patient vote callback and applied by predict.py, but not by :func:`vote`
+LEARNED_RULES: tuple[str, ...] = ("mil",)
 
 
 def check_vote_settings(
@@ -312,8 +315,8 @@ def check_vote_settings(
     """Raise :class:`ConfigError` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``,
     ``vote.center_slices``, ``vote.window_slices``, ``vote.slice_threshold``) for a bad value; None values
     are not checked (tau and slice_threshold None = tuned)."""
-    if rule is not None and rule not in VOTE_RULES:
-        raise ConfigError(f"vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES)}")
+    if rule is not None and rule not in VOTE_RULES + LEARNED_RULES:
+        raise ConfigError(f"vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES + LEARNED_RULES)}")
     if tau is not None and not 0.0 <= float(tau) <= 1.0:
         raise ConfigError(f"vote.tau must be in [0, 1] (a fraction of slices) or null (tuned), got {tau}")
     if slice_threshold is not None and not 0.0 <= float(slice_threshold) < 1.0:
@@ -357,6 +360,8 @@ def vote(
         return topk_mean_vote(probs, k)
     if rule == "threshold":
         return threshold_vote(probs, slice_threshold, threshold_tau, normal_class)
+    if rule in LEARNED_RULES:
+        raise ValueError(f"rule {rule!r} is learned on slice embeddings: use covidct.aggregation, not vote()")
     raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
 
 

@@ -16,7 +16,7 @@ from covidct.data.synthetic import SyntheticSpec
 from covidct.errors import ConfigError
 from covidct.schema import DataConfig, TrainConfig
 from covidct.training import build_run
-from covidct.voting import VOTE_RULES
+from covidct.voting import LEARNED_RULES, VOTE_RULES
 from tests.conftest import REPO, compose_train
 
 
@@ -93,7 +93,7 @@ def test_bad_values_fail_before_data_is_read_naming_the_key(tmp_path, overrides,
 
 
 def test_every_vote_rule_has_a_config_file():
-    assert sorted(p.stem for p in (REPO / "conf" / "vote").glob("*.yaml")) == sorted(VOTE_RULES)
+    assert sorted(p.stem for p in (REPO / "conf" / "vote").glob("*.yaml")) == sorted(VOTE_RULES + LEARNED_RULES)
 
 
 @pytest.mark.parametrize("rule", VOTE_RULES)
@@ -262,6 +262,7 @@ def test_every_choice_composes_completely_and_the_schema_holds_no_second_default
         "vote.window_slices",
         "vote.slice_threshold",
         "vote.from_ckpt",
+        "vote.mil",
         *(f"data.synthetic.{f.name}" for f in dataclasses.fields(SyntheticSpec)),
     }
     for key, default in defaults.items():  # a value in the schema is never contradicted by a YAML file

@@ -53,6 +53,7 @@ def test_bad_vote_config_names_the_key():
 def test_gather_counts_every_slice_once_despite_distributed_sampler_padding():
     n, ranks = 10, 4
     probs = torch.softmax(torch.randn(n, 3), dim=1)
+    embedding = torch.randn(n, 5)
     patient = torch.arange(n) // 4
     per_rank = [list(DistributedSampler(range(n), num_replicas=ranks, rank=r, shuffle=False)) for r in range(ranks)]
     assert sum(len(r) for r in per_rank) == 12  # two repeats
@@ -60,15 +61,16 @@ def test_gather_counts_every_slice_once_despite_distributed_sampler_padding():
     for rank_indices in per_rank:
         cb = PatientVoteCallback()
         idx = torch.tensor(rank_indices)
-        cb._batches = [(idx, patient[idx], probs[idx])]
+        cb._batches = [(idx, patient[idx], probs[idx], embedding[idx])]
         callbacks.append(cb)
-    stacked = {k: torch.stack([cb._batches[0][k] for cb in callbacks]) for k in range(3)}
+    stacked = {k: torch.stack([cb._batches[0][k] for cb in callbacks]) for k in range(4)}
     calls = iter(stacked.values())
     fake_trainer = SimpleNamespace(world_size=ranks, strategy=SimpleNamespace(all_gather=lambda t: next(calls)))
-    index, patient_out, probs_out = callbacks[0].gather(fake_trainer)
+    index, patient_out, probs_out, embedding_out = callbacks[0].gather(fake_trainer)
     assert index.tolist() == list(range(n))
     np.testing.assert_array_equal(patient_out, patient.numpy())
     np.testing.assert_allclose(probs_out, probs.numpy())
+    np.testing.assert_allclose(embedding_out, embedding.numpy())  # the MIL rule's inputs, gathered alike
 
 
 def _slices(rows: list[list[float]], n: int) -> list[list[float]]:

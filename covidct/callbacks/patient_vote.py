@@ -14,6 +14,13 @@ the patient it scores. ``threshold`` tunes its slice threshold and its tau toget
 (:func:`~covidct.voting.tune_threshold`), reported leave-one-patient-out the same way. The other rules
 have no fitted parameter.
 
+``mil`` (:mod:`covidct.aggregation`) is learned: a gated attention MIL head over the slice embeddings the
+model's ``validation_step`` returns (``embedding``), trained on the validation patients' classes (every
+patient, its slices labelled or not). Its reported predictions are cross-fitted (each patient scored by
+a head fitted on the other validation patients: stratified 5-fold, leave-one-out up to 10 patients); the
+head fitted on all of them is stored in the checkpoint for predict.py. It is not fitted on the training
+patients, whose embeddings the slice model has learnt by heart (they would not transfer).
+
 The chosen ``rule`` is also logged as ``val/patient/acc``, the metric checkpointing monitors.
 Under DDP the slices of all ranks are gathered and deduplicated by their global index (the
 DistributedSampler pads with repeats), so every rank computes the same patient metrics.
@@ -41,12 +48,14 @@ from torchmetrics.functional.classification import (
 )
 
 from covidct import CLASS_NAMES
+from covidct.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil, mil_from_state, mil_state
 from covidct.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
 from covidct.text_table import format_table
 from covidct.voting import (
     CENTER_SLICES,
+    LEARNED_RULES,
     SLICE_THRESHOLD,
     TOP_K,
     VOTE_RULES,
@@ -109,7 +118,8 @@ class ValidationVotes:
     and the run summary read (the callback's ``best`` holds the best epoch's).
 
     ``predictions[rule]`` (P,) are the *reported* predictions: for ``infected_fraction`` with a tuned
-    tau, each patient decided by a tau tuned on the other patients (leave-one-out); every other entry
+    tau, each patient decided by a tau tuned on the other patients (leave-one-out); for ``mil`` (present
+    when the model gave embeddings), each patient decided by a head fitted on the other patients; every other entry
     equals ``patients[i].rule_votes[rule]``, which for ``infected_fraction`` uses ``tau`` tuned on all
     of them. After a resume the best epoch of the earlier run has ``metrics`` and ``confusion`` only.
     """
@@ -158,6 +168,8 @@ class PatientVoteCallback(pl.Callback):
         from_ckpt: take tau, the threshold rule's parameters and the temperature from this checkpoint's
             vote state, fixed (nothing is tuned): e.g. a k-fold run's best fold, for a run on every
             patient (``data.val_fraction=0``), which has no validation patients to tune them on.
+        mil: fit and score the learned ``mil`` rule every epoch (needs the model's ``embedding`` outputs);
+            always on when ``rule`` is ``mil``.
     """
 
     def __init__(
@@ -171,8 +183,14 @@ class PatientVoteCallback(pl.Callback):
         slice_threshold: float | None = None,
         calibration: bool = True,
         from_ckpt: str | None = None,
+        mil: bool = True,
     ):
         check_vote_settings(rule, tau, k, center_slices, window_slices, slice_threshold)
+        if rule in LEARNED_RULES and from_ckpt is not None:
+            raise ConfigError(
+                f"vote.rule={rule} with vote.from_ckpt: the MIL head is fitted on the embeddings of the model it "
+                "belongs to, so another run's head cannot be reused; without validation patients use a fixed rule"
+            )
         if from_ckpt is not None:
             tau, slice_threshold, calibration = self._fixed_parameters(from_ckpt)
         self.rule, self.fixed_tau, self.k = rule, tau, k
@@ -190,7 +208,9 @@ class PatientVoteCallback(pl.Callback):
         self.tau = 0.5 if tau is None else float(tau)  # the latest tuned (or the fixed) tau: predict.py's
         self.best: ValidationVotes | None = None
         self.rule_table: tuple[list[str], list[list]] = ([], [])  # the last epoch's rules_table
-        self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.mil = mil or rule in LEARNED_RULES
+        self.mil_head: GatedAttentionMIL | None = None  # fitted on every validation patient: predict.py's
 
     def _fixed_parameters(self, source: str) -> tuple[float, float, bool]:
         """(tau, slice_threshold, calibration=False) from ``source``'s vote state; its temperature and the
@@ -230,18 +250,27 @@ class PatientVoteCallback(pl.Callback):
         self._batches = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batches.append((batch["index"].detach(), batch["patient"].detach(), outputs["probs"].detach()))
+        embedding = outputs.get("embedding") if self.mil else None
+        self._batches.append(
+            (
+                batch["index"].detach(),
+                batch["patient"].detach(),
+                outputs["probs"].detach(),
+                None if embedding is None else embedding.detach().float(),
+            )
+        )
 
-    def gather(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All ranks' (index (N,), patient (N,), probs (N, C)), each slice exactly once, by index."""
-        index = torch.cat([b[0] for b in self._batches])
-        patient = torch.cat([b[1] for b in self._batches])
-        probs = torch.cat([b[2] for b in self._batches])
+    def gather(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """All ranks' (index (N,), patient (N,), probs (N, C), embeddings (N, D) float32 or None when the
+        model gave none or ``mil`` is off), each slice exactly once, by index."""
+        columns = [torch.cat([b[k] for b in self._batches]) for k in range(3)]
+        if all(b[3] is not None for b in self._batches):
+            columns.append(torch.cat([b[3] for b in self._batches]))
         if trainer.world_size > 1:  # equal lengths per rank: DistributedSampler pads
-            index, patient, probs = (trainer.strategy.all_gather(t) for t in (index, patient, probs))
-            index, patient, probs = index.flatten(0, 1), patient.flatten(0, 1), probs.flatten(0, 1)
-        index, patient, probs = deduplicate(index, patient, probs)
-        return index.cpu().numpy(), patient.cpu().numpy(), probs.cpu().numpy()
+            columns = [trainer.strategy.all_gather(t).flatten(0, 1) for t in columns]
+        index, *arrays = deduplicate(*columns)
+        arrays = [a.cpu().numpy() for a in arrays]
+        return index.cpu().numpy(), arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None
 
     # ---- voting -------------------------------------------------------------------------------
     def decide(
@@ -253,13 +282,20 @@ class PatientVoteCallback(pl.Callback):
         patient_ids: list[str],
         patient_labels: np.ndarray,
         targets: np.ndarray | None = None,
+        embeddings: np.ndarray | None = None,
     ) -> ValidationVotes:
         """Calibrate (with ``calibration``), tune tau and the threshold rule (unless fixed), then vote every
-        rule once per patient and score each rule.
+        rule once per patient and score each rule; with ``embeddings``, fit and score ``mil`` too.
 
         ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
-        patient index, ``probs`` (N, C), ``targets`` (N,) slice targets (-1 unknown; None: none known);
-        ``patient_ids`` / ``patient_labels`` (all patients,)."""
+        patient index, ``probs`` (N, C), ``targets`` (N,) slice targets (-1 unknown; None: none known),
+        ``embeddings`` (N, D) float32 slice embeddings or None; ``patient_ids`` / ``patient_labels`` (all
+        patients,)."""
+        if embeddings is None and self.rule in LEARNED_RULES:
+            raise ConfigError(
+                f"vote.rule={self.rule} needs slice embeddings, but the model's validation_step returned no "
+                "'embedding': use SliceClassifier (covidct.models.classifier) or a fixed vote rule"
+            )
         calibration = self.calibrate(probs, patient, patient_labels, targets)
         probs = apply_temperature(probs, self.temperature)
         order = np.argsort(patient, kind="stable")  # by patient, each patient's slices still head first
@@ -287,6 +323,8 @@ class PatientVoteCallback(pl.Callback):
             predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
         if self.fixed_tau is None or self.fixed_slice_threshold is None:
             predictions["threshold"] = self.leave_one_out_threshold(list(groups.values()), labels)
+        if embeddings is not None:
+            predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, embeddings[order]).values()), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
         metrics = {
             f"val/patient/{rule}/{k}": v
@@ -356,14 +394,20 @@ class PatientVoteCallback(pl.Callback):
             groups, labels, slice_threshold=self.fixed_slice_threshold, tau=self.fixed_tau
         )
 
+    def fit_mil_rule(self, bags: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+        """Fit ``mil_head`` on every validation patient's bag (n_i, D) and class ``labels`` (P,); return the
+        reported (P,) int64 predictions, cross-fitted (each patient by a head fitted on the others)."""
+        self.mil_head = fit_mil(bags, labels, num_classes=len(CLASS_NAMES))
+        return cross_fit_predictions(bags, labels, num_classes=len(CLASS_NAMES))
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._batches:
             return
         table = trainer.datamodule.slice_table
-        index, patient, probs = self.gather(trainer)
+        index, patient, probs, embeddings = self.gather(trainer)
         targets = table.target[index] if len(table.target) else None
         result = self.decide(
-            trainer.current_epoch, index, patient, probs, table.patient_ids, table.patient_labels, targets
+            trainer.current_epoch, index, patient, probs, table.patient_ids, table.patient_labels, targets, embeddings
         )
         pl_module.log_dict(result.metrics, sync_dist=False)  # identical on every rank by construction
         if trainer.is_global_zero:
@@ -397,6 +441,7 @@ class PatientVoteCallback(pl.Callback):
             "true_class",
             "predicted_class",
             *[f"{rule}_vote" for rule in VOTE_RULES],
+            *[f"{rule}_vote" for rule in LEARNED_RULES if rule in result.predictions],
             "infected_fraction",
             "infected_share",
             "n_slices",
@@ -408,13 +453,14 @@ class PatientVoteCallback(pl.Callback):
                 CLASS_NAMES[t],
                 CLASS_NAMES[p],
                 *[CLASS_NAMES[v.rule_votes[rule]] for rule in VOTE_RULES],
+                *[CLASS_NAMES[result.predictions[rule][i]] for rule in LEARNED_RULES if rule in result.predictions],
                 round(v.infected_fraction, 4),
                 round(v.infected_share, 4),
                 v.n_slices,
                 *v.votes.tolist(),
                 *np.round(v.mean_prob, 4).tolist(),
             ]
-            for v, t, p in zip(result.patients, result.labels, result.predicted, strict=True)
+            for i, (v, t, p) in enumerate(zip(result.patients, result.labels, result.predicted, strict=True))
         ]
         atomic_write_csv(self.output_dir / "patients.csv", header, rows)
 
@@ -431,6 +477,9 @@ class PatientVoteCallback(pl.Callback):
             "k": self.k,
             "center_slices": self.center_slices,
             "window_slices": self.window_slices,
+            # the latest epoch's MIL head (plain tensors and numbers); with vote.rule=mil the checkpoint
+            # monitor saves the best epoch, so a best checkpoint holds the head of its own epoch
+            "mil": None if self.mil_head is None else mil_state(self.mil_head),
             "best": None if best is None else best.score,
             "best_epoch": None if best is None else best.epoch,
             "best_summary": {} if best is None else {k: float(v) for k, v in best.metrics.items()},
@@ -442,6 +491,8 @@ class PatientVoteCallback(pl.Callback):
         self.slice_threshold = float(state_dict.get("slice_threshold", self.slice_threshold))  # older: none
         self.threshold_tau = float(state_dict.get("threshold_tau", self.threshold_tau))
         self.temperature = float(state_dict.get("temperature", 1.0))
+        if state_dict.get("mil"):  # older checkpoints: none
+            self.mil_head = mil_from_state(state_dict["mil"])
         if state_dict.get("best") is None:
             return
         metrics = dict(state_dict.get("best_summary") or {"val/patient/acc": state_dict["best"]})  # older: no summary

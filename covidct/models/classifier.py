@@ -153,6 +153,26 @@ class SliceClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def head(self) -> nn.Linear:
+        """The backbone's last linear layer (resnet ``fc``, vgg ``classifier[6]``, efficientnet ``classifier[-1]``)."""
+        return [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, C, H, W) -> (logits (B, num_classes), penultimate features (B, D)), one forward pass:
+        a forward pre-hook on :meth:`head` captures its input."""
+        captured: list[torch.Tensor] = []
+        handle = self.head().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            logits = self(images)
+        finally:
+            handle.remove()
+        return logits, captured[-1].flatten(1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> the slice embeddings: the head's input, float (B, D) (D: 512 resnet18,
+        4096 vgg16, 1280 efficientnet_b0)."""
+        return self.forward_with_features(images)[1]
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["target"])
@@ -163,8 +183,9 @@ class SliceClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Logs the slice loss and metrics; returns ``probs`` float (B, C) for the patient vote."""
-        logits = self(batch["image"])
+        """Logs the slice loss and metrics; returns float32 ``probs`` (B, C) and ``embedding`` (B, D) (the
+        :meth:`features`, from the same forward pass) for the patient vote and its learned rule."""
+        logits, embedding = self.forward_with_features(batch["image"])
         target = batch["target"]
         bs = int((target != UNKNOWN).sum())
         if bs:
@@ -177,7 +198,7 @@ class SliceClassifier(pl.LightningModule):
             if self.infection_metrics is not None:
                 self.infection_metrics.update(logits.float().softmax(dim=1)[:, INFECTED], target)
                 self.log_dict(self.infection_metrics, on_epoch=True, batch_size=bs)
-        return {"probs": logits.float().softmax(dim=1).detach()}
+        return {"probs": logits.float().softmax(dim=1).detach(), "embedding": embedding.float().detach()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the W&B run id so that ``ckpt_path=...`` resumes the same W&B run."""

@@ -318,6 +318,30 @@ def test_spec_accepts_a_list_of_counts_as_hydra_gives_it() -> None:
     assert [p.patient_id for p in plan_patients(spec)] == ["P001", "P002", "cap001"]
 
 
+def test_patient_shift_zero_keeps_the_hash_and_a_shift_moves_each_patients_hu() -> None:
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from covidct.data.synthetic.spec import GENERATOR_VERSION
+
+    old = {k: v for k, v in asdict(TINY).items() if k != "patient_shift"}  # the payload before the field
+    payload = json.dumps({**old, "generator_version": GENERATOR_VERSION}, sort_keys=True)
+    assert spec_hash(TINY) == hashlib.sha256(payload.encode()).hexdigest()[:12]
+    shifted = replace(TINY, patient_shift=100)
+    assert spec_hash(shifted) != spec_hash(TINY)
+    offsets = []
+    for label, number in ((0, 1), (1, 1), (2, 1)):
+        plain, moved = patient_phantom(TINY, label, number), patient_phantom(shifted, label, number)
+        np.testing.assert_array_equal(plain.lesion, moved.lesion)  # the same anatomy and lesions
+        diff = moved.hu - plain.hu
+        assert abs(diff.mean()) <= 100 + 1 and diff.std() <= 50 + 1
+        offsets.append(diff.mean())
+    assert np.ptp(offsets) > 1.0  # each patient its own scanner
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.patient_shift="):
+        SyntheticSpec(patient_shift=-1)
+
+
 def test_equal_specs_share_a_hash_whatever_the_number_types() -> None:
     assert spec_hash(SyntheticSpec(labelled_fraction=1)) == spec_hash(SyntheticSpec(labelled_fraction=1.0))
     assert spec_hash(SyntheticSpec(patients_per_class=[20, 20, 20])) == spec_hash(SyntheticSpec())  # type: ignore[arg-type]

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from covidct import CLASS_NAMES
 from covidct.data.layout import INDEX_COLUMNS, INDEX_FILE
 from covidct.data.synthetic.dicom_writer import write_series
 from covidct.data.synthetic.patients import patient_phantom, plan_patients
-from covidct.data.synthetic.spec import GENERATOR_VERSION, MAX_SLICES, SyntheticSpec, spec_hash
+from covidct.data.synthetic.spec import GENERATOR_VERSION, MAX_SLICES, SyntheticSpec, spec_fields, spec_hash
 from covidct.errors import DataError
 
 COMPLETE_MARKER = ".synthetic-complete"
@@ -88,7 +87,7 @@ def generate_dataset(root: Path, spec: SyntheticSpec) -> Path:
     _write_index(root / INDEX_FILE, index_rows)
     np.save(root / "Slice-level-labels.npy", _label_array(label_rows))
     (root / "README.txt").write_text(_readme(spec))
-    (root / COMPLETE_MARKER).write_text(json.dumps(asdict(spec), sort_keys=True) + "\n")
+    (root / COMPLETE_MARKER).write_text(json.dumps(spec_fields(spec), sort_keys=True) + "\n")
     return root
 
 
@@ -111,7 +110,7 @@ def _label_array(rows: list[np.ndarray]) -> np.ndarray:
 
 
 def _readme(spec: SyntheticSpec) -> str:
-    values = "\n".join(f"  {f.name} = {getattr(spec, f.name)!r}" for f in fields(spec))
+    values = "\n".join(f"  {name} = {value!r}" for name, value in spec_fields(spec).items())
     return (
         "SYNTHETIC DATA - not from any patient.\n\n"
         "A synthetic copy of the COVID-CT-MD layout (Afshar et al., Sci Data 8, 121 (2021)) made by\n"

@@ -56,7 +56,18 @@ def plan_patients(spec: SyntheticSpec) -> list[PatientPlan]:
 
 def patient_phantom(spec: SyntheticSpec, label: int, number: int) -> Phantom:
     """The phantom of patient ``number`` (1-based) of class ``label``: depends on the seed, not on
-    the other patients."""
+    the other patients; with ``spec.patient_shift`` > 0, seen through a scanner of its own
+    (:func:`scanner_shift`)."""
     rng = np.random.default_rng([spec.seed, label, number])
     n_slices = int(rng.integers(spec.slices_min, spec.slices_max + 1))
-    return make_phantom(rng, n_slices, spec.image_size, CLASS_NAMES[label])
+    phantom = make_phantom(rng, n_slices, spec.image_size, CLASS_NAMES[label])
+    if spec.patient_shift:
+        scanner_shift(np.random.default_rng([spec.seed, label, number, 11]), phantom.hu, spec.patient_shift)
+    return phantom
+
+
+def scanner_shift(rng: np.random.Generator, hu: np.ndarray, shift: float) -> None:
+    """Add (in place) to the float32 (n, H, W) ``hu`` one offset uniform in [-shift, shift] HU and gaussian
+    noise of one sigma uniform in [0, shift / 2] HU: a patient's scanner calibration and dose."""
+    offset, sigma = rng.uniform(-shift, shift), rng.uniform(0.0, shift / 2)
+    hu += np.float32(offset) + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(sigma)

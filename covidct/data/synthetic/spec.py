@@ -28,6 +28,10 @@ class SyntheticSpec:
     rle_fraction: fraction of the other patients stored RLE Lossless.
     signed_fraction: fraction of the other patients stored signed 16-bit instead of unsigned 12-bit.
     seed: the seed everything derives from.
+    patient_shift: HU; > 0 gives each patient a scanner of its own: an intensity offset uniform in
+        [-patient_shift, +patient_shift] HU on the whole volume and extra gaussian noise of a sigma uniform
+        in [0, patient_shift / 2] HU (drawn from a stream of their own: the anatomy and lesions stay those of
+        patient_shift=0). 0 (the default) leaves the dataset, its hash and its files as before the field.
     """
 
     patients_per_class: tuple[int, int, int] = (20, 20, 20)
@@ -39,6 +43,7 @@ class SyntheticSpec:
     rle_fraction: float = 0.1
     signed_fraction: float = 0.3
     seed: int = 0
+    patient_shift: float = 0.0
 
     def __post_init__(self) -> None:
         counts = tuple(self.patients_per_class)
@@ -56,6 +61,10 @@ class SyntheticSpec:
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 _bad(name, value, "use a fraction between 0 and 1")
             object.__setattr__(self, name, float(value))  # 1 and 1.0: the same spec, the same hash
+        value = self.patient_shift
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 500.0:
+            _bad("patient_shift", value, "use a number of HU between 0 (no shift) and 500")
+        object.__setattr__(self, "patient_shift", float(value))
 
 
 def _bad(name: str, value: object, what_to_do: str) -> None:
@@ -70,7 +79,16 @@ def _check_int(spec: SyntheticSpec, name: str, low: int, high: int | None, why: 
         _bad(name, value, f"set it to an integer {bounds}; {why}")
 
 
+def spec_fields(spec: SyntheticSpec) -> dict[str, object]:
+    """The spec's fields, without ``patient_shift`` when it is 0: a dataset generated before the field
+    existed keeps its hash, cache folder and files."""
+    fields = asdict(spec)
+    if not spec.patient_shift:
+        del fields["patient_shift"]
+    return fields
+
+
 def spec_hash(spec: SyntheticSpec) -> str:
     """Short hex digest of the spec and GENERATOR_VERSION (names the cache folder)."""
-    payload = json.dumps({**asdict(spec), "generator_version": GENERATOR_VERSION}, sort_keys=True)
+    payload = json.dumps({**spec_fields(spec), "generator_version": GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
