@@ -39,8 +39,14 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, max_iter: int = 100)
     known = np.asarray(targets) >= 0
     if not known.any():
         return 1.0
-    logits = log_probs(np.asarray(probs)[known])
-    target = torch.as_tensor(np.asarray(targets)[known], dtype=torch.long)
+    # called from Lightning's validation hooks, which run under inference mode / no_grad
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(log_probs(np.asarray(probs)[known]), np.asarray(targets)[known], max_iter)
+
+
+def _fit(logits: torch.Tensor, targets: np.ndarray, max_iter: int) -> float:
+    """LBFGS on log T for :func:`fit_temperature` (autograd on)."""
+    target = torch.as_tensor(targets, dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

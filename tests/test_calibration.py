@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from covidct.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 
@@ -48,8 +49,6 @@ def test_training_stores_the_temperature_and_predict_applies_it(trained, tmp_pat
     import csv
     import json
 
-    import torch
-
     from tests.conftest import run_cli
 
     best, run = trained
@@ -83,3 +82,10 @@ def test_training_stores_the_temperature_and_predict_applies_it(trained, tmp_pat
     # the CSVs hold 4 decimals: applying T to rounded probabilities is exact to ~1e-3
     np.testing.assert_allclose(apply_temperature(probs["false"], temperature), probs["true"], atol=1e-3)
     assert (probs["true"].argmax(1) == probs["false"].argmax(1)).all()
+
+
+def test_fitting_works_inside_inference_mode_as_in_lightnings_validation_hooks():
+    probs, targets = overconfident(300, seed=2)
+    with torch.inference_mode():
+        inside = fit_temperature(probs, targets)
+    assert inside == pytest.approx(fit_temperature(probs, targets)) and inside != 1.0

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from covidct.calibration import apply_temperature
 from covidct.data.datamodule import CTDataModule
 from covidct.errors import DataError
 from covidct.inference import find_test_sets, load_checkpoint
@@ -109,6 +110,8 @@ def test_predict_uses_the_checkpoint_preprocessing_and_reports_bad_patients(trai
     rows = np.flatnonzero(dm.cache.patient == dm.patient_ids.index(pid))
     with torch.inference_mode():
         expected = model(torch.from_numpy(np.array(dm.cache.images[rows]))).softmax(1).numpy()
+    vote_state = next(v for k, v in ckpt_data["callbacks"].items() if "PatientVote" in k)
+    expected = apply_temperature(expected, vote_state["temperature"])  # the checkpoint's calibration
     slices = [r for r in read(result_dir / "Test1_slices.csv") if r["patient"] == pid]
     got = np.array([[float(r[f"prob_{c}"]) for c in ("COVID-19", "CAP", "Normal")] for r in slices])
     np.testing.assert_allclose(got, expected, atol=2e-4)
