@@ -34,7 +34,7 @@ def cli_env() -> dict[str, str]:
 
 
 def tiny(cache_dir: Path) -> list[str]:
-    """Train overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches."""
+    """Train overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches, no MIL fit."""
     return [
         "data.synthetic.patients_per_class=[4,4,4]",
         "data.synthetic.slices_min=8",
@@ -48,6 +48,7 @@ def tiny(cache_dir: Path) -> list[str]:
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "trainer.enable_progress_bar=false",
+        "vote.mil=false",  # ~5 s of MIL fitting per validation epoch; tests/test_aggregation.py runs it (vote=mil)
     ]
 
 

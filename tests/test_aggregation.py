@@ -69,6 +69,7 @@ def fixed_rule_accuracies(probs: list[np.ndarray], labels: np.ndarray) -> dict[s
     return acc
 
 
+@pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_mil_holds_where_the_fixed_rules_break_under_a_per_patient_shift():
     bags, labels, probs = shifted_patients()
     fixed = fixed_rule_accuracies(probs, labels)
@@ -83,6 +84,7 @@ def test_mil_holds_where_the_fixed_rules_break_under_a_per_patient_shift():
     assert np.mean(predict(fit_mil(bags, labels), fresh_bags) == fresh_labels) >= 0.9
 
 
+@pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_without_per_patient_centring_the_head_learns_less():
     # the same data, raw embeddings: each bag's shift is not removed (the design choice the default makes)
     bags, labels, _ = shifted_patients()
@@ -132,6 +134,7 @@ def test_folds_are_leave_one_out_for_few_patients_and_stratified_for_more():
         assert 4 <= np.count_nonzero(fold == f) <= 6
 
 
+@pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_cross_fitting_never_fits_on_the_patient_it_scores(monkeypatch):
     bags, labels, _ = shifted_patients(per_class=2)  # 6 patients: leave-one-out
     for i, bag in enumerate(bags):
@@ -194,6 +197,7 @@ def run_epoch(cb: PatientVoteCallback, embeddings: bool = True) -> dict[str, flo
     return logged
 
 
+@pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path):
     cb = PatientVoteCallback("mil", output_dir=str(tmp_path))
     logged = run_epoch(cb)
@@ -214,6 +218,7 @@ def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path
     np.testing.assert_array_equal(predict(restored.mil_head, bags), predict(cb.mil_head, bags))
 
 
+@pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_callback_without_embeddings_skips_mil_unless_it_is_the_rule(tmp_path):
     cb = PatientVoteCallback("majority", output_dir=str(tmp_path))
     logged = run_epoch(cb, embeddings=False)
