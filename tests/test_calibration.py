@@ -89,3 +89,20 @@ def test_fitting_works_inside_inference_mode_as_in_lightnings_validation_hooks()
     with torch.inference_mode():
         inside = fit_temperature(probs, targets)
     assert inside == pytest.approx(fit_temperature(probs, targets)) and inside != 1.0
+
+
+def test_a_temperature_at_its_bound_is_warned_about(caplog):
+    """A model confidently wrong on every validation slice drives T to its cap (seen on real CT with one
+    validation patient): the vote callback says so."""
+    import logging
+
+    from covidct.calibration import T_MAX
+    from covidct.callbacks.patient_vote import PatientVoteCallback
+
+    probs = np.tile([[0.001, 0.001, 0.998]], (20, 1))  # every slice confidently Normal
+    targets = np.zeros(20, dtype=np.int64)  # all COVID-19
+    cb = PatientVoteCallback()
+    with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
+        metrics = cb.calibrate(probs, np.zeros(20, dtype=np.int64), np.array([0]), targets)
+    assert metrics["val/calibration/temperature"] == T_MAX
+    assert "hit its bound" in caplog.text and "calibration=false" in caplog.text

@@ -49,7 +49,7 @@ from torchmetrics.functional.classification import (
 
 from covidct import CLASS_NAMES
 from covidct.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil, mil_from_state, mil_state
-from covidct.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from covidct.calibration import T_MAX, T_MIN, apply_temperature, expected_calibration_error, fit_temperature, nll
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
 from covidct.text_table import format_table
@@ -365,6 +365,14 @@ class PatientVoteCallback(pl.Callback):
         known = np.full(len(probs), -1) if targets is None else np.asarray(targets)
         if self.calibration:
             self.temperature = fit_temperature(probs, known)
+            if self.temperature in (T_MIN, T_MAX):
+                log.warning(
+                    "calibration: the fitted temperature hit its bound (%g): the model is confidently wrong on the "
+                    "validation slices or they are too few to calibrate on; its probabilities are %s. "
+                    "calibration=false keeps them raw",
+                    self.temperature,
+                    "flattened" if self.temperature == T_MAX else "sharpened",
+                )
         after = apply_temperature(probs, self.temperature)
         patients = np.unique(patient)
         labels = np.asarray(patient_labels)[patients]
