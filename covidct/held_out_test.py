@@ -38,16 +38,7 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
     fitted head), write ``test_patients.csv`` (patient, truth, every rule's vote) into ``output_dir``, and
     return the metrics."""
     model, settings = load_checkpoint(ckpt_path, torch.device("cpu"))
-    cache, params = (
-        datamodule.cache,
-        {
-            "k": settings.k,
-            "center_slices": settings.center_slices,
-            "window_slices": settings.window_slices,
-            "slice_threshold": settings.slice_threshold,
-            "threshold_tau": settings.threshold_tau,
-        },
-    )
+    cache, params = datamodule.cache, settings.vote_parameters()
     assert cache is not None
     rules = VOTE_RULES + (LEARNED_RULES if settings.mil_head is not None else ())
     votes, labels, rows = {r: [] for r in rules}, [], []

@@ -113,6 +113,16 @@ class PredictorSettings:
     mil_head: GatedAttentionMIL | None = None  # vote_rule mil: the head fitted on the validation patients
     overridden: dict[str, Any] = field(default_factory=dict)
 
+    def vote_parameters(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`covidct.voting.vote` besides the rule and tau."""
+        return {
+            "k": self.k,
+            "center_slices": self.center_slices,
+            "window_slices": self.window_slices,
+            "slice_threshold": self.slice_threshold,
+            "threshold_tau": self.threshold_tau,
+        }
+
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassifier, PredictorSettings]:
     """Model and settings from a Lightning checkpoint, loaded weights-only (no arbitrary pickle)."""
@@ -252,16 +262,7 @@ def predict_test_set(
         if embeddings is not None:
             pred = int(mil_predict(settings.mil_head, [embeddings])[0])
         else:
-            pred = vote(
-                probs,
-                settings.vote_rule,
-                settings.tau,
-                k=settings.k,
-                center_slices=settings.center_slices,
-                window_slices=settings.window_slices,
-                slice_threshold=settings.slice_threshold,
-                threshold_tau=settings.threshold_tau,
-            )
+            pred = vote(probs, settings.vote_rule, settings.tau, **settings.vote_parameters())
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
         if cam_slices:
