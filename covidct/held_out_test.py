@@ -1,5 +1,9 @@
 """The test patients of a fixed split (``data.split_file``), scored once after training with the best
-checkpoint, through predict.py's own path (the checkpoint's weights, temperature and vote parameters)."""
+checkpoint, through predict.py's own path (the checkpoint's weights, temperature and vote parameters),
+with the validation epochs' metrics: every rule's patient metrics and the slice accuracy and macro F1.
+
+Not ``trainer.test``: the test figure must be what predict.py would give for those patients (the best
+checkpoint's own vote state, calibration and MIL head), not the state of the callbacks at the last epoch."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from covidct import CLASS_NAMES
 from covidct.aggregation import predict as mil_predict
@@ -25,8 +30,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TestScores:
-    """Every rule's patient metrics on the test patients (``test/patient/<rule>/<metric>``), and the
-    configured rule's under ``test/patient/acc``."""
+    """Every rule's patient metrics on the test patients (``test/patient/<rule>/<metric>``), the configured
+    rule's under ``test/patient/acc``, and ``test/slice_acc`` / ``test/slice_f1_macro`` over the test slices
+    with a known target (as ``val/slice_acc`` / ``val/slice_f1_macro``; absent when none is known)."""
 
     checkpoint: str
     n_patients: int
@@ -42,11 +48,14 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
     assert cache is not None
     rules = VOTE_RULES + (LEARNED_RULES if settings.mil_head is not None else ())
     votes, labels, rows = {r: [] for r in rules}, [], []
+    slice_probs, slice_targets = [], []
     for i in map(int, datamodule.test_patients):
         p = cache.patients[i]
         images = torch.from_numpy(np.array(cache.images[p.offset : p.offset + p.n_slices]))  # (n, C, S, S) head first
         probs, embeddings = slice_probabilities_and_embeddings(model, images, 64)
         probs = apply_temperature(probs, settings.temperature)
+        slice_probs.append(probs)
+        slice_targets.append(datamodule.targets[p.offset : p.offset + p.n_slices])
         mine = {r: vote(probs, r, settings.tau, **params) for r in VOTE_RULES}
         if settings.mil_head is not None:
             mine["mil"] = int(mil_predict(settings.mil_head, [embeddings])[0])
@@ -59,8 +68,25 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
         m = patient_metrics(np.asarray(votes[r]), np.asarray(labels))
         metrics |= {f"test/patient/{r}/{k}": float(v) for k, v in m.items() if k != "confusion"}
     metrics["test/patient/acc"] = metrics[f"test/patient/{rule}/acc"]
+    if slice_probs:
+        metrics |= slice_metrics(np.concatenate(slice_probs), np.concatenate(slice_targets))
     atomic_write_csv(output_dir / "test_patients.csv", ["patient", "true_class", *(f"{r}_vote" for r in rules)], rows)
     log.info(
         "Test patients (%d, %s): accuracy %.3f with vote=%s", len(labels), ckpt_path, metrics["test/patient/acc"], rule
     )
     return TestScores(ckpt_path, len(labels), metrics)
+
+
+def slice_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """``test/slice_acc`` and ``test/slice_f1_macro`` (micro accuracy and macro F1, torchmetrics, as the
+    validation epochs log them) of ``probs`` (N, C) over the slices whose ``targets`` (N,) is known (>= 0)."""
+    known = np.asarray(targets) >= 0
+    if not known.any():
+        return {}
+    p = torch.as_tensor(probs[known])
+    t = torch.as_tensor(np.asarray(targets)[known], dtype=torch.long)
+    c = p.shape[1]
+    return {
+        "test/slice_acc": float(multiclass_accuracy(p, t, num_classes=c, average="micro")),
+        "test/slice_f1_macro": float(multiclass_f1_score(p, t, num_classes=c, average="macro")),
+    }

@@ -75,3 +75,17 @@ def test_test_patients_of_a_split_file_are_scored_once_with_the_best_checkpoint(
         np.mean([r[f"{rule}_vote"] == r["true_class"] for r in tested])
     )
     assert "test patients (data.split_file" in result.summary(rule)
+    # the validation epochs' slice metrics too (every synthetic slice has a known target)
+    assert 0.0 <= metrics["test"]["test/slice_acc"] <= 1.0 and "test/slice_f1_macro" in metrics["test"]
+
+
+def test_test_slice_metrics_leave_out_unknown_targets():
+    from covidct.held_out_test import slice_metrics
+
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05]])
+    targets = np.array([0, 1, 0, -1])  # the third is wrong, the fourth unknown
+    metrics = slice_metrics(probs, targets)
+    assert metrics["test/slice_acc"] == pytest.approx(2 / 3)
+    # F1: class 0 (P 1, R 1/2) 2/3, class 1 1, class 2 (one false positive) 0 -> macro over the 3 classes
+    assert metrics["test/slice_f1_macro"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert slice_metrics(probs, np.full(4, -1)) == {}

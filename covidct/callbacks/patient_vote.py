@@ -74,6 +74,8 @@ from covidct.voting import (
 )
 
 log = logging.getLogger(__name__)
+#: fewest validation patients (of at least two classes) whose slices a temperature is fitted on
+MIN_CALIBRATION_PATIENTS = 4
 # The patient metrics are computed from all ranks' gathered slices, so every rank logs the same values
 # and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
 warnings.filterwarnings(
@@ -199,6 +201,7 @@ class PatientVoteCallback(pl.Callback):
         self.slice_threshold = SLICE_THRESHOLD if slice_threshold is None else float(slice_threshold)
         self.threshold_tau = 0.5 if tau is None else float(tau)
         self.calibration = calibration
+        self._calibration_refused = False  # warned that there are too few validation patients to calibrate on
         self.temperature = 1.0 if from_ckpt is None else self._source_temperature  # predict.py divides by it
         self.from_ckpt = from_ckpt
         if from_ckpt is not None:
@@ -363,7 +366,7 @@ class PatientVoteCallback(pl.Callback):
         slice has a known target) and ECE at patient level (each patient's mean slice probabilities against
         its class)."""
         known = np.full(len(probs), -1) if targets is None else np.asarray(targets)
-        if self.calibration:
+        if self.calibration and self._enough_to_calibrate(patient[known >= 0], known[known >= 0]):
             self.temperature = fit_temperature(probs, known)
             if self.temperature in (T_MIN, T_MAX):
                 log.warning(
@@ -387,6 +390,25 @@ class PatientVoteCallback(pl.Callback):
                 metrics[f"val/calibration/slice_ece_{name}"] = expected_calibration_error(p, known)
                 metrics[f"val/calibration/slice_nll_{name}"] = nll(p, known)
         return metrics
+
+    def _enough_to_calibrate(self, patient: np.ndarray, target: np.ndarray) -> bool:
+        """Whether the slices with a known target (``patient``, ``target``: (K,) int) come from at least
+        :data:`MIN_CALIBRATION_PATIENTS` patients and two classes; if not, the temperature stays 1 and the
+        first epoch says why (one patient's slices fit that patient's errors, not the model's: seen on real
+        CT, where one validation patient drove T to its cap and flipped the threshold rule's call)."""
+        n_patients, n_classes = len(np.unique(patient)), len(np.unique(target))
+        enough = n_patients >= MIN_CALIBRATION_PATIENTS and n_classes >= 2
+        if not enough and not self._calibration_refused:
+            log.warning(
+                "calibration: not fitted, the temperature stays 1: the validation slices with a known class come "
+                "from %d patient(s) of %d class(es); at least %d patients of 2 classes are needed "
+                "(raise data.val_fraction, or calibration=false to silence this)",
+                n_patients,
+                n_classes,
+                MIN_CALIBRATION_PATIENTS,
+            )
+            self._calibration_refused = True
+        return enough
 
     def tune_threshold_rule(self, groups: list[np.ndarray], labels: np.ndarray) -> None:
         """Fit the threshold rule's (slice_threshold, tau) on the validation ``groups`` (per patient (n, C)),
