@@ -65,10 +65,12 @@ class TrainResult:
         votes, best = model.patient_votes, model.best_epoch
         if votes is None and best is not None:
             return cls(best.score, best.epoch, metrics=best.metrics, confusion=None, monitor=best.monitor, **common)
+        # the same epoch's slice metrics (val/loss, val/slice_acc, ...) beside its patient votes
+        logged = best.metrics if best is not None and votes is not None and best.epoch == votes.epoch else {}
         return cls(
             score=float(votes.score) if votes is not None else float("nan"),
             best_epoch=votes.epoch if votes is not None else None,
-            metrics=dict(votes.metrics) if votes is not None else {},
+            metrics=logged | dict(votes.metrics) if votes is not None else {},
             confusion=votes.confusion if votes is not None and votes.confusion.size else None,
             **common,
         )
@@ -217,12 +219,58 @@ def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None =
             continue
         extra: dict[str, Any] = {}
         if conf._target_.endswith("WandbLogger"):
-            extra = {"group": conf.get("group") or group}
+            extra = {"group": conf.get("group") or group, "name": conf.get("name") or run_name(cfg, group)}
             if wandb_run_id:
                 extra |= {"id": wandb_run_id, "resume": "allow"}
         loggers.append(instantiate_logger(conf, cfg, **extra))  # W&B: with its patient-id pseudonymizer
         log.info("Logger %s", name)
     return loggers
+
+
+def run_name(cfg: DictConfig, group: str | None) -> str:
+    """The run folder's name (``<time>_<suffix>``; a multirun job: ``<sweep folder>-<job number>``): the W&B
+    run's name, so that a dashboard row leads to its folder."""
+    folder = Path(cfg.paths.output_dir).name
+    return f"{group}-{folder}" if group else folder
+
+
+def logged_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as loggers record it: resolved, without ``paths`` and ``hydra`` (this machine's
+    absolute folders, which differ between otherwise equal runs), plus ``experiment`` (its choice),
+    ``choices`` (every config group's) and ``overrides`` (the command line's), so that W&B can group and
+    compare runs by them."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    for machine_specific in ("paths", "hydra"):
+        config.pop(machine_specific, None)
+    choices: dict[str, Any] = {}
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
+        overrides = list(hydra_cfg.overrides.task)
+    return config | {"experiment": choices.get("experiment"), "choices": choices, "overrides": overrides}
+
+
+def publish_best_epoch(loggers: list[Logger], result: TrainResult) -> None:
+    """Every W&B run's summary := what ``metrics.json`` holds: the best epoch's metrics, its number, score
+    and checkpoint (W&B would otherwise keep the last epoch's values, which its runs table and sweep
+    comparisons show)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if result.best_epoch is None:
+        return
+    checkpoint = Path(result.best_checkpoint)
+    summary = dict(result.metrics) | {
+        "best_epoch": result.best_epoch,
+        "score": result.score,
+        "best_checkpoint": str(checkpoint.relative_to(result.output_dir))
+        if checkpoint.is_relative_to(result.output_dir)
+        else str(checkpoint),
+    }
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(summary)
 
 
 def needs_validation(callback: pl.Callback) -> bool:
@@ -306,7 +354,7 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     datamodule, model, loggers, trainer = run.datamodule, run.model, run.loggers, run.trainer
     try:
         for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_hyperparams(logged_config(cfg))
         compile_network(model, cfg.compile)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -315,6 +363,8 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         result = TrainResult.of(trainer, model, output_dir)
         if trainer.is_global_zero and len(getattr(datamodule, "test_patients", ())) and result.best_checkpoint:
             result.test = score_test_set(result.best_checkpoint, datamodule, cfg.vote.rule, output_dir, loggers)
+        if trainer.is_global_zero:
+            publish_best_epoch(loggers, result)
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
     if trainer.is_global_zero:

@@ -173,3 +173,12 @@ def test_vote_state_holds_the_rule_parameters_and_older_states_load():
 def test_bad_rule_parameters_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         PatientVoteCallback(**kwargs)
+
+
+def test_wandb_sample_slices_take_the_classes_in_turn():
+    from covidct.callbacks.wandb_tables import classes_in_turn
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])  # 4 COVID-19, 2 CAP, 1 Normal
+    assert classes_in_turn(np.arange(7), labels) == [0, 4, 6, 1, 5, 2, 3]
+    assert classes_in_turn(np.array([1, 2, 5]), labels) == [1, 5, 2]
+    assert classes_in_turn(np.array([], dtype=int), labels) == []

@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
 from covidct.data import cache, datamodule
 from covidct.training import train
 from covidct.voting import VOTE_RULES
+from tests import wandb_records
 from tests.conftest import compose_train, run_cli, tiny
 
 pytestmark = pytest.mark.slow
@@ -22,8 +25,21 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, shared_cache, monkeypatch):
-    cfg = compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto"])
+class ScriptedPatientVotes(pl.Callback):
+    """Runs before the patient vote and overwrites the validation slice probabilities it receives: at epoch 0
+    each slice says its patient's true class (every rule right), later the next class (every rule wrong),
+    so the best epoch is 0 and not the last, whatever the tiny model learnt."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        labels = torch.as_tensor(trainer.datamodule.slice_table.patient_labels)[batch["patient"].cpu()]
+        said = labels if trainer.current_epoch == 0 else (labels + 1) % outputs["probs"].shape[1]
+        outputs["probs"].copy_(torch.nn.functional.one_hot(said, outputs["probs"].shape[1]).float())
+
+
+def test_two_epochs_through_the_composed_config_write_everything(tmp_path, shared_cache, monkeypatch):
+    cfg = compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto", "trainer.max_epochs=2"])
+    scripted = {"_target_": f"{__name__}.ScriptedPatientVotes"}  # first: the vote sees what it says
+    cfg.callbacks = OmegaConf.merge({"scripted_votes": scripted}, cfg.callbacks)
     calls = {"discover": 0, "cache_key": 0}
 
     def counted(name, real):
@@ -37,7 +53,7 @@ def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, share
     monkeypatch.setattr(cache, "cache_key", counted("cache_key", cache.cache_key))
     result = train(cfg)
     assert calls == {"discover": 1, "cache_key": 1}  # the files are listed and hashed once per run
-    assert 0.0 <= result.score <= 1.0 and result.best_epoch == 0
+    assert result.score == 1.0 and result.best_epoch == 0  # the last epoch's votes were all wrong
     patients = read_csv(tmp_path / "patients.csv")
     split = read_csv(tmp_path / "split.csv")
     val_ids = {r["patient"] for r in split if r["subset"] == "val"}
@@ -55,6 +71,20 @@ def test_one_epoch_through_the_composed_config_writes_everything(tmp_path, share
     assert sorted(row[0] for row in logged["data"]) == sorted(val_ids)
     assert list(media.glob("table/val/patient_confusion_table_*.table.json"))
     assert len(list(media.glob("images/val/sample_slices_*.png"))) == 6
+    # the W&B summary (its runs table, sweep comparisons) holds metrics.json's best epoch, not the last one
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (log_file,) = runs[0].glob("run-*.wandb")  # what `wandb sync` uploads
+    summary = wandb_records.summary(log_file)
+    assert summary["best_epoch"] == metrics["best_epoch"] == 0 and summary["val/patient/acc"] == 1.0
+    assert {k: pytest.approx(v) for k, v in metrics["metrics"].items()} == {k: summary[k] for k in metrics["metrics"]}
+    assert {"val/loss", "val/slice_acc", "val/patient/tau"} <= set(metrics["metrics"])  # that epoch's, all of them
+    assert summary["best_checkpoint"] == str(Path(result.best_checkpoint).relative_to(tmp_path))
+    # named after the run folder; its config: the experiment, choices and overrides, no machine paths
+    assert wandb_records.run_name(log_file) == tmp_path.name
+    config = wandb_records.config(log_file)
+    assert config["experiment"] == "demo" and config["choices"]["model"] == "resnet18"
+    assert "trainer.max_epochs=2" in config["overrides"] and "paths" not in config
+    assert "class_names" not in config  # the model's hyperparameters once, under model
     assert "val/patient/acc" in result.metrics and "val/patient/majority/acc" in result.metrics
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["preprocessing"]["image_size"] == 32

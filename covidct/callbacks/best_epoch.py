@@ -1,4 +1,6 @@
-"""Keep the best validation epoch's metrics of a run without patient votes (stage 1: infected slices)."""
+"""Keep the best validation epoch's every ``val/`` scalar: with patient votes (``val/patient/acc``) the slice
+metrics of the votes' best epoch, for ``metrics.json`` and the W&B summary; without (stage 1: infected
+slices, ``val/infection/auroc``) the run's best epoch itself."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ class BestEpoch:
 class BestEpochCallback(pl.Callback):
     """Snapshots the ``val/`` metrics of the best epoch by ``monitor`` (``mode`` max or min) and publishes
     it as ``pl_module.best_epoch`` (what ``train`` reports and ``metrics.json`` holds). Stored in the
-    checkpoint, so a resumed run still knows its best epoch. Runs with patient votes use
-    :class:`~covidct.callbacks.patient_vote.PatientVoteCallback` instead."""
+    checkpoint, so a resumed run still knows its best epoch. With patient votes, the best epoch is
+    :class:`~covidct.callbacks.patient_vote.PatientVoteCallback`'s (the same score, the same first-best
+    rule) and this one adds that epoch's slice metrics."""
 
     def __init__(self, monitor: str = "val/infection/auroc", mode: str = "max") -> None:
         if mode not in ("max", "min"):

@@ -95,7 +95,7 @@ class CamImagesCallback(pl.Callback):
                 captions.append(
                     f"{pseudonym(table.patient_ids[table.patient[row]])} slice {table.rank[row]}: "
                     f"true {CLASS_NAMES[target] if target >= 0 else '?'}, "
-                    f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f}"
+                    f"Grad-CAM of {CLASS_NAMES[pred]} p={p[pred]:.2f} ({image.shape[-1]} px input, upsampled)"
                 )
                 overlays.append(overlay(image[channel].numpy(), heatmap, captions[-1]))
             lg.log_image(self.key, overlays, step=trainer.global_step, caption=captions)

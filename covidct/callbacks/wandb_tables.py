@@ -20,8 +20,8 @@ from covidct.voting import VOTE_RULES
 
 class WandbTablesCallback(pl.Callback):
     """Logs ``val/patients`` (every rule's vote per patient), ``val/patient_confusion`` (the configured
-    rule's) and ``val/sample_slices`` (each of the first ``n_images`` validation patients' most
-    infected-looking slice) to every WandbLogger; nothing without one, or without a best epoch in
+    rule's) and ``val/sample_slices`` (the most infected-looking slice of ``n_images`` validation
+    patients, the classes taking turns) to every WandbLogger; nothing without one, or without a best epoch in
     this run (a resumed run that did not improve). With ``privacy.pseudonymize`` on, every patient id
     (table rows, captions) is the logger's pseudonym."""
 
@@ -76,18 +76,27 @@ def patient_rows(votes: ValidationVotes, pseudonym: Callable[[str], str] = str) 
 def sample_slices(
     votes: ValidationVotes, table: SliceTable, n: int, pseudonym: Callable[[str], str] = str
 ) -> list[tuple[np.ndarray, str]]:
-    """(uint8 (S, S) first channel, caption) of the most infected-looking slice (lowest P(Normal)) of each
-    of the first ``n`` validation patients; the caption names the patient as ``pseudonym(id)``."""
+    """(uint8 (S, S) first channel, caption) of the most infected-looking slice (lowest P(Normal)) of ``n``
+    validation patients taken from each true class in turn (the first patient of every class, then the
+    second, ...); the caption names the patient as ``pseudonym(id)``, its true class and what was predicted."""
     samples = []
     rows, patient, probs = votes.slice_rows, votes.slice_patient, votes.slice_probs
-    for p in np.unique(patient)[:n]:
+    for p in classes_in_turn(np.unique(patient), table.patient_labels)[:n]:
         mine = np.flatnonzero(patient == p)
         i = mine[np.argmin(probs[mine, NORMAL_CLASS])]
         row, pred, target = rows[i], int(probs[i].argmax()), int(table.target[rows[i]])
         caption = (
-            f"{pseudonym(table.patient_ids[p])} slice {table.rank[row]}: target "
-            f"{'unknown' if target < 0 else CLASS_NAMES[target]}, predicted {CLASS_NAMES[pred]} "
-            f"({probs[i, pred]:.2f})"
+            f"{pseudonym(table.patient_ids[p])} ({CLASS_NAMES[table.patient_labels[p]]}), its most infected-looking "
+            f"slice {table.rank[row]} ({table.images.shape[-1]} px): slice target "
+            f"{'unknown' if target < 0 else CLASS_NAMES[target]}, predicted {CLASS_NAMES[pred]} ({probs[i, pred]:.2f})"
         )
         samples.append((np.array(table.images[row, 0]), caption))
     return samples
+
+
+def classes_in_turn(patients: np.ndarray, patient_labels: np.ndarray) -> list[int]:
+    """``patients`` (P,) int reordered so that true classes (``patient_labels[p]``) take turns: the first
+    patient of each class (in class order), then the second of each, ..."""
+    by_class = [[int(p) for p in patients if patient_labels[p] == c] for c in np.unique(patient_labels[patients])]
+    depth = max((len(group) for group in by_class), default=0)
+    return [group[i] for i in range(depth) for group in by_class if i < len(group)]

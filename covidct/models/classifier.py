@@ -98,7 +98,8 @@ class SliceClassifier(pl.LightningModule):
         infection_threshold: float = 0.5,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "weights_path"])
+        # in the checkpoint only: the loggers get the run's whole config (model.* among it) from train()
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "weights_path"], logger=False)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
