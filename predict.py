@@ -1,4 +1,5 @@
 """Predict patients from DICOM folders: python predict.py ckpt_path=<checkpoint> input=<folder>
+(python predict.py --help: every key, conf/hydra/help/predict.yaml)
 
 Writes into the run folder (outputs/predict/runs/<time>_<suffix>/) one CSV per test set
 (patient, predicted class, mean probability per class, slices used and skipped, status), a
@@ -15,6 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.cli import usage_error
 from covidct.config import register_resolvers
 from covidct.errors import CovidCTError
 
@@ -24,16 +26,21 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    # Unset ckpt_path / input end before Hydra makes the run folder (covidct.cli.MandatoryKeysCheck, a
+    # callback of conf/hydra/default.yaml); this is the same line should that callback be switched off.
+    if missing := [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]:
+        log.error("%s", usage_error("predict", missing))
+        sys.exit(1)
+    vote = cfg.get("vote") or {}
+    for key in ("tau", "slice_threshold"):  # vote=threshold brings vote.tau: null; predict.py's tau is top level
+        if vote.get(key) is not None:
+            log.error(
+                "vote.%s=%s: predict.py sets it with %s=%s (vote.%s is not used)", key, vote[key], key, vote[key], key
+            )
+            sys.exit(1)
+
     from covidct.inference import run_prediction
 
-    missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
-    if missing:
-        log.error(
-            "%s not set: python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt "
-            "input=<patient folder | test set | folder of test sets>",
-            " and ".join(missing),
-        )
-        sys.exit(1)
     labels = cfg.get("labels")
     try:
         if labels is not None:  # a bad labels file or setting fails before any prediction work

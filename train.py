@@ -5,6 +5,8 @@ Examples:
     python train.py loss.gamma=2 model=vgg16
     python train.py -m loss.gamma=0,1,2              # three jobs, one W&B group
     python train.py data=covid_ct_md data.root=/data/COVID-CT-MD experiment=paper
+
+python train.py --help: examples, outputs, what null means, every group and key (conf/hydra/help/train.yaml).
 """
 
 from __future__ import annotations
