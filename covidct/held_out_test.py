@@ -23,6 +23,7 @@ from covidct.callbacks.patient_vote import patient_metrics
 from covidct.data.datamodule import CTDataModule
 from covidct.inference import load_checkpoint, slice_probabilities_and_embeddings
 from covidct.io import atomic_write_csv
+from covidct.metric_names import rule_metric
 from covidct.voting import LEARNED_RULES, VOTE_RULES, vote
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TestScores:
-    """Every rule's patient metrics on the test patients (``test/patient/<rule>/<metric>``), the configured
+    """Every rule's patient metrics on the test patients (``test_rules/<rule>/<metric>``), the configured
     rule's under ``test/patient/acc``, and ``test/slice_acc`` / ``test/slice_f1_macro`` over the test slices
     with a known target (as ``val/slice_acc`` / ``val/slice_f1_macro``; absent when none is known)."""
 
@@ -66,8 +67,8 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
     metrics: dict[str, Any] = {}
     for r in rules:
         m = patient_metrics(np.asarray(votes[r]), np.asarray(labels))
-        metrics |= {f"test/patient/{r}/{k}": float(v) for k, v in m.items() if k != "confusion"}
-    metrics["test/patient/acc"] = metrics[f"test/patient/{rule}/acc"]
+        metrics |= {rule_metric(r, k, "test"): float(v) for k, v in m.items() if k != "confusion"}
+    metrics["test/patient/acc"] = metrics[rule_metric(rule, "acc", "test")]
     if slice_probs:
         metrics |= slice_metrics(np.concatenate(slice_probs), np.concatenate(slice_targets))
     atomic_write_csv(output_dir / "test_patients.csv", ["patient", "true_class", *(f"{r}_vote" for r in rules)], rows)

@@ -33,6 +33,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from covidct.io import atomic_write_csv, atomic_write_text
+from covidct.metric_names import PATIENT_F1
 from covidct.text_table import format_table
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ BROKEN = ("crashed", "interrupted")
 FOLD_KEY = "data.fold"
 #: "score" is the monitored patient accuracy (the configured vote rule's); then the configured rule's
 #: macro F1, then ``<rule>_acc``: the patient accuracy of every vote rule scored on the same logits.
-RULE_ACCURACY = re.compile(r"^val/patient/(\w+)/acc$")
+RULE_ACCURACY = re.compile(r"^rules/(\w+)/acc$")  # covidct.metric_names.rule_metric(rule, "acc")
 
 
 def write_run_metrics(output_dir: Path, payload: dict[str, Any]) -> Path:
@@ -77,7 +78,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             record |= {"status": "ok", "best_epoch": payload.get("best_epoch")}
             record["metrics"] = {
                 "score": payload.get("score", math.nan),
-                "f1_macro": metrics.get(f"val/patient/{payload.get('vote_rule')}/f1_macro", math.nan),
+                "f1_macro": metrics.get(PATIENT_F1, math.nan),
             } | {f"{m[1]}_acc": v for k, v in metrics.items() if (m := RULE_ACCURACY.match(k))}
         else:
             reason = payload.get("error") or f"no {METRICS_FILE}; see the job's .log file"

@@ -25,6 +25,7 @@ from covidct.callbacks.step_seed import StepSeed
 from covidct.checkpoint import check_resume_settings, read_checkpoint
 from covidct.config import check_config
 from covidct.errors import ConfigError, CovidCTError
+from covidct.metric_names import rule_metric, vote_parameter
 from covidct.privacy import instantiate_logger
 from covidct.sweep_summary import write_run_metrics
 from covidct.voting import LEARNED_RULES, VOTE_RULES
@@ -114,7 +115,7 @@ class TrainResult:
         if self.best_epoch is None:
             head = f"No best epoch: no validation epoch was voted in this run (vote={rule})"
         else:
-            tau = m.get("val/patient/tau")
+            tau = m.get(vote_parameter("tau"))
             head = f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}" + (
                 f" (tau {tau:.3f}, leave-one-patient-out)" if rule == "infected_fraction" and tau is not None else ""
             )
@@ -123,11 +124,11 @@ class TrainResult:
             head,
             "  same logits, patient accuracy per rule (majority is the paper's): "
             + " | ".join(
-                f"{r} {m.get(f'val/patient/{r}/acc', nan):.3f}"
+                f"{r} {m.get(rule_metric(r, 'acc'), nan):.3f}"
                 for r in VOTE_RULES + LEARNED_RULES
-                if r in VOTE_RULES or f"val/patient/{r}/acc" in m
+                if r in VOTE_RULES or rule_metric(r, "acc") in m
             )
-            + f"; patient macro F1 {m.get(f'val/patient/{rule}/f1_macro', nan):.3f}",
+            + f"; patient macro F1 {m.get(rule_metric(rule, 'f1_macro'), nan):.3f}",
             f"  patient confusion (rows = truth, columns = prediction, {' / '.join(CLASS_NAMES)}): "
             f"{self.confusion.tolist() if self.confusion is not None else None}",
             f"  outputs: {self.output_dir} ({', '.join(written) or 'none of ' + ', '.join(RUN_FILES)})",
@@ -140,7 +141,7 @@ class TrainResult:
                 + " | ".join(
                     f"{r} {v:.3f}"
                     for r in VOTE_RULES + LEARNED_RULES
-                    if (v := self.test.get(f"test/patient/{r}/acc")) is not None
+                    if (v := self.test.get(rule_metric(r, "acc", "test"))) is not None
                 )
                 + " (test_patients.csv)"
             )

@@ -203,12 +203,12 @@ def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path
     logged = run_epoch(cb)
     columns, rows = cb.rule_table
     assert [r[0] for r in rows] == [*VOTE_RULES, "mil"]
-    assert logged["val/patient/acc"] == logged["val/patient/mil/acc"] >= 0.9  # cross-fitted
-    assert logged["val/patient/mil/acc"] > max(logged[f"val/patient/{r}/acc"] for r in VOTE_RULES)
+    assert logged["val/patient/acc"] == logged["rules/mil/acc"] >= 0.9  # cross-fitted
+    assert logged["rules/mil/acc"] > max(logged[f"rules/{r}/acc"] for r in VOTE_RULES)
     with (tmp_path / "patients.csv").open() as f:
         table = list(csv.DictReader(f))
     assert all(row["mil_vote"] == row["predicted_class"] for row in table)  # mil is vote.rule here
-    assert sum(row["mil_vote"] == row["true_class"] for row in table) / len(table) == logged["val/patient/mil/acc"]
+    assert sum(row["mil_vote"] == row["true_class"] for row in table) / len(table) == logged["rules/mil/acc"]
     buffer = io.BytesIO()
     torch.save(cb.state_dict(), buffer)
     buffer.seek(0)
@@ -222,7 +222,7 @@ def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path
 def test_callback_without_embeddings_skips_mil_unless_it_is_the_rule(tmp_path):
     cb = PatientVoteCallback("majority", output_dir=str(tmp_path))
     logged = run_epoch(cb, embeddings=False)
-    assert "val/patient/mil/acc" not in logged and cb.state_dict()["mil"] is None
+    assert "rules/mil/acc" not in logged and cb.state_dict()["mil"] is None
     with (tmp_path / "patients.csv").open() as f:
         assert "mil_vote" not in next(csv.reader(f))
     with pytest.raises(ConfigError, match="embedding"):

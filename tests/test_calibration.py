@@ -56,7 +56,7 @@ def test_training_stores_the_temperature_and_predict_applies_it(trained, tmp_pat
     temperature = next(v for k, v in state.items() if k.startswith("PatientVoteCallback"))["temperature"]
     assert temperature != 1.0 and 0.05 <= temperature <= 20.0
     logged = (run / "metrics.json").read_text()
-    assert "val/calibration/slice_ece_after" in logged and "val/calibration/temperature" in logged
+    assert "calibration/slice_ece_after" in logged and "calibration/temperature" in logged
     split = list(csv.DictReader((run / "split.csv").open()))
     root = Path(json.loads((run / "data_summary.json").read_text())["root"])
     folder = next(root.glob(f"*/{split[0]['patient']}"))
@@ -104,7 +104,7 @@ def test_a_temperature_at_its_bound_is_warned_about(caplog):
     cb = PatientVoteCallback()
     with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
         metrics = cb.calibrate(probs, np.repeat(np.arange(4), 5), np.array([0, 1, 0, 1]), targets)
-    assert metrics["val/calibration/temperature"] == T_MAX
+    assert metrics["calibration/temperature"] == T_MAX
     assert "hit its bound" in caplog.text and "calibration=false" in caplog.text
 
 
@@ -126,8 +126,8 @@ def test_too_few_validation_patients_or_classes_are_not_calibrated_on(caplog, pa
     with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
         for _ in range(2):  # two epochs
             metrics = cb.calibrate(probs, patients, labels, targets.astype(np.int64))
-    assert metrics["val/calibration/temperature"] == 1.0 and cb.temperature == 1.0
+    assert metrics["calibration/temperature"] == 1.0 and cb.temperature == 1.0
     assert caplog.text.count("calibration: not fitted") == 1
     assert f"at least {MIN_CALIBRATION_PATIENTS} patients of 2 classes" in caplog.text
     assert "slice_ece_after" in " ".join(metrics)  # ECE is still measured, before = after
-    assert metrics["val/calibration/slice_ece_after"] == pytest.approx(metrics["val/calibration/slice_ece_before"])
+    assert metrics["calibration/slice_ece_after"] == pytest.approx(metrics["calibration/slice_ece_before"])

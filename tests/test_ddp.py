@@ -36,6 +36,9 @@ SLURM_JOB = {
 }
 DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
+#: what the patient vote logs (covidct.metric_names): computed from all ranks' gathered slices
+PATIENT_LEVEL = ("val/patient/", "rules/", "vote/", "calibration/")
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without SLURM's or a launcher's rank variables (so Lightning starts the ranks)."""
@@ -113,9 +116,7 @@ def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path
     n = single["val_rows"]
     assert n % 2 == 1 and single["world_size"] == 1 and rank0["world_size"] == 2
     assert rank0["rank_slices"] + rank1["rank_slices"] == n + 1  # one padded repeat...
-    slice_metrics = {
-        k: v for k, v in single["metrics"].items() if not k.startswith(("val/patient/", "val/calibration/"))
-    }
+    slice_metrics = {k: v for k, v in single["metrics"].items() if not k.startswith(PATIENT_LEVEL)}
     assert set(slice_metrics) == {"val/loss", "val/slice_acc", "val/slice_f1_macro"}
     for key, value in slice_metrics.items():  # the repeat is not counted by the slice metrics either
         assert rank0["metrics"][key] == pytest.approx(value, abs=1e-6), key
@@ -126,9 +127,9 @@ def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path
     assert len(single["votes"]) == 6  # patients
     assert rank0["votes"] == single["votes"]  # votes per class, both rules, infected fraction, slices
     assert rank0["predictions"] == single["predictions"]
-    patient_metrics = {k: v for k, v in single["metrics"].items() if k.startswith(("val/patient/", "val/calibration/"))}
-    assert all(f"val/patient/{rule}/acc" in patient_metrics for rule in VOTE_RULES)
-    assert "val/calibration/temperature" in patient_metrics  # fitted on the gathered slices: the same on every rank
+    patient_metrics = {k: v for k, v in single["metrics"].items() if k.startswith(PATIENT_LEVEL)}
+    assert all(f"rules/{rule}/acc" in patient_metrics for rule in VOTE_RULES)
+    assert "calibration/temperature" in patient_metrics  # fitted on the gathered slices: the same on every rank
     assert {k: rank0["metrics"][k] for k in patient_metrics} == pytest.approx(patient_metrics)
     # every rank computed the same (so each logs and monitors the same val/patient/acc)
     del rank0["rank_slices"], rank1["rank_slices"]

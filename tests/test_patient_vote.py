@@ -23,8 +23,8 @@ def test_patient_metrics_on_known_predictions():
     preds = np.array([0, 2, 1, 1, 2, 0])
     m = patient_metrics(preds, labels)
     assert m["acc"] == pytest.approx(4 / 6)
-    assert m["sensitivity/COVID-19"] == pytest.approx(0.5) and m["sensitivity/CAP"] == 1.0
-    assert m["specificity/COVID-19"] == pytest.approx(3 / 4)  # one Normal called COVID-19
+    assert m["sensitivity_covid_19"] == pytest.approx(0.5) and m["sensitivity_cap"] == 1.0
+    assert m["specificity_covid_19"] == pytest.approx(3 / 4)  # one Normal called COVID-19
     assert m["confusion"].tolist() == [[1, 0, 1], [0, 2, 0], [1, 0, 1]]
     f1 = np.mean([0.5, 1.0, 0.5])
     assert m["f1_macro"] == pytest.approx(f1)
@@ -132,15 +132,15 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
         "threshold": ([2, 1, 2, 0], 0.5, 0.5, [0.0, 1.0, 0.5]),
     }
     columns, rows = cb.rule_table
-    assert columns == ["rule", "acc", "f1_macro", "sensitivity/COVID-19", "sensitivity/CAP", "sensitivity/Normal"]
+    assert columns == ["rule", "acc", "f1_macro", "sensitivity COVID-19", "sensitivity CAP", "sensitivity Normal"]
     assert [r[0] for r in rows] == list(VOTE_RULES) == list(expected)
     for (rule, (preds, acc, f1, sens)), row in zip(expected.items(), rows, strict=True):
         if rule not in ("infected_fraction", "threshold"):  # rule_votes: at the parameters tuned on all patients
             assert [v.rule_votes[rule] for v in cb.best.patients] == preds
         assert row[1:] == pytest.approx([acc, f1, *sens])
-        assert logged[f"val/patient/{rule}/acc"] == pytest.approx(acc)
-        assert logged[f"val/patient/{rule}/f1_macro"] == pytest.approx(f1)
-        assert logged[f"val/patient/{rule}/sensitivity/Normal"] == pytest.approx(sens[2])
+        assert logged[f"rules/{rule}/acc"] == pytest.approx(acc)
+        assert logged[f"rules/{rule}/f1_macro"] == pytest.approx(f1)
+        assert logged[f"rules/{rule}/sensitivity_normal"] == pytest.approx(sens[2])
     # the configured rule drives val/patient/acc, the best epoch's predictions and patients.csv
     assert logged["val/patient/acc"] == 1.0 and cb.best.epoch == 0 and cb.best.score == 1.0
     assert cb.best.predicted.tolist() == [0, 1, 2, 2] and cb.best.labels.tolist() == [0, 1, 2, 2]
@@ -150,7 +150,7 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
         first = next(csv.DictReader(f))
     assert (first["patient"], first["predicted_class"], first["majority_vote"]) == ("P0", "COVID-19", "Normal")
     assert (first["weighted_center_vote"], first["topk_mean_vote"], first["mean_prob_vote"]) == ("COVID-19",) * 3
-    wandb_logger.log_table.assert_called_once_with(key="val/rules", columns=columns, data=rows)
+    wandb_logger.log_table.assert_called_once_with(key="rules/table", columns=columns, data=rows)
     text = caplog.text
     assert "* weighted_center    1.000     1.000" in text and "  topk_mean          0.750     0.778" in text
     assert all(rule in text for rule in VOTE_RULES) and "sens COVID-19" in text

@@ -30,10 +30,11 @@ def fake_job(sweep: Path, num: int, overrides: list[str], score: float | None, e
     elif score is not None:
         metrics = {
             "val/patient/acc": score,
-            "val/patient/majority/acc": score / 2,
-            "val/patient/majority/f1_macro": 0.1,
-            "val/patient/infected_fraction/acc": score,
-            "val/patient/infected_fraction/f1_macro": score - 0.1,
+            "val/patient/f1_macro": score - 0.1,
+            "rules/majority/acc": score / 2,
+            "rules/majority/f1_macro": 0.1,
+            "rules/infected_fraction/acc": score,
+            "rules/infected_fraction/f1_macro": score - 0.1,
         }
         write_run_metrics(
             job, {"status": "ok", "score": score, "vote_rule": "infected_fraction", "best_epoch": 3, "metrics": metrics}

@@ -77,7 +77,7 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     summary = wandb_records.summary(log_file)
     assert summary["best_epoch"] == metrics["best_epoch"] == 0 and summary["val/patient/acc"] == 1.0
     assert {k: pytest.approx(v) for k, v in metrics["metrics"].items()} == {k: summary[k] for k in metrics["metrics"]}
-    assert {"val/loss", "val/slice_acc", "val/patient/tau"} <= set(metrics["metrics"])  # that epoch's, all of them
+    assert {"val/loss", "val/slice_acc", "vote/tau"} <= set(metrics["metrics"])  # that epoch's, all of them
     assert summary["best_checkpoint"] == str(Path(result.best_checkpoint).relative_to(tmp_path))
     # named after the run folder; its config: the experiment, choices and overrides, no machine paths
     assert wandb_records.run_name(log_file) == tmp_path.name
@@ -204,7 +204,7 @@ def test_weighted_center_vote_drives_checkpointing_and_every_rule_is_logged(tmp_
     patients = read_csv(tmp_path / "patients.csv")
     assert all(p["predicted_class"] == p["weighted_center_vote"] for p in patients)
     logged = read_csv(next(tmp_path.glob("csv/version_*/metrics.csv")))[0].keys()
-    assert all(f"val/patient/{rule}/sensitivity/CAP" in logged for rule in VOTE_RULES)
+    assert all(f"rules/{rule}/sensitivity_cap" in logged for rule in VOTE_RULES)
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
     assert (vote_state["center_slices"], vote_state["window_slices"], vote_state["k"]) == (

@@ -40,11 +40,11 @@ for name in ("pseudo", "pseudo_auto"):
     print(f"{name}: threshold {pseudo['threshold']:.3f} ({pseudo['threshold_source']}): {len(counts)} patients, "
           f"{sum(c == 0 for c in counts)} with no infected slice, {sum(counts)} infected slices")
 runs = {name: json.loads((out / name / "metrics.json").read_text()) for name in ("paper", "two_stage", "two_stage_auto")}
-rules = [r for r in VOTE_RULES if all(f"val/patient/{r}/acc" in run["metrics"] for run in runs.values())]
+rules = [r for r in VOTE_RULES if all(f"rules/{r}/acc" in run["metrics"] for run in runs.values())]
 rows = []
 for name, run in runs.items():
     summary = json.loads((out / name / "data_summary.json").read_text())
-    accs = [f"{run['metrics'][f'val/patient/{r}/acc']:.3f}" for r in rules]
+    accs = [f"{run['metrics'][f'rules/{r}/acc']:.3f}" for r in rules]
     rows.append([name, str(summary["train_slices"]), *accs])
 print("patient accuracy on the same validation patients (best epoch by vote.rule):")
 print(format_table(["labels", "train slices", *rules], rows))

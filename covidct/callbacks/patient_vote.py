@@ -1,10 +1,10 @@
 """Gather every validation slice's probabilities, vote per patient, log patient-level metrics.
 
 Every rule of :data:`covidct.voting.VOTE_RULES` is scored every validation epoch on the same slice
-probabilities, as ``val/patient/<rule>/<metric>`` scalars (any logger) and a per-rule table (rule,
-accuracy, macro F1, sensitivity per class): logged at INFO as aligned text and, with a WandbLogger,
-as the ``wandb.Table`` ``val/rules`` (rank 0 only). Each patient's slices are voted in position order
-(head first: the cache stores them so and ``index`` is the cache row).
+probabilities, as ``rules/<rule>/<metric>`` scalars (any logger; the names: :mod:`covidct.metric_names`)
+and a per-rule table (rule, accuracy, macro F1, sensitivity per class): logged at INFO as aligned text
+and, with a WandbLogger, as the ``wandb.Table`` ``rules/table`` (rank 0 only). Each patient's slices
+are voted in position order (head first: the cache stores them so and ``index`` is the cache row).
 
 ``infected_fraction`` (Normal if at most ``tau`` of the slices look infected, else the majority among
 the infected slices) tunes ``tau`` on the validation patients; it is stored in the checkpoint (this
@@ -52,6 +52,14 @@ from covidct.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mi
 from covidct.calibration import T_MAX, T_MIN, apply_temperature, expected_calibration_error, fit_temperature, nll
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
+from covidct.metric_names import (
+    PATIENT_ACC,
+    PATIENT_F1,
+    calibration_metric,
+    class_slug,
+    rule_metric,
+    vote_parameter,
+)
 from covidct.text_table import format_table
 from covidct.voting import (
     CENTER_SLICES,
@@ -79,7 +87,9 @@ MIN_CALIBRATION_PATIENTS = 4
 # The patient metrics are computed from all ranks' gathered slices, so every rank logs the same values
 # and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
 warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self.log\('val/patient/", category=PossibleUserWarning
+    "ignore",
+    message=r"It is recommended to use `self.log\('(val/patient|rules|vote|calibration)/",
+    category=PossibleUserWarning,
 )
 
 
@@ -93,15 +103,15 @@ def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAM
         "f1_macro": float(multiclass_f1_score(p, t, c, average="macro")),
     }
     for k, name in enumerate(class_names):
-        metrics[f"sensitivity/{name}"] = float(sens[k])
-        metrics[f"specificity/{name}"] = float(spec[k])
+        metrics[f"sensitivity_{class_slug(name)}"] = float(sens[k])
+        metrics[f"specificity_{class_slug(name)}"] = float(spec[k])
     metrics["confusion"] = multiclass_confusion_matrix(p, t, c).numpy()
     return metrics
 
 
 def rules_text(columns: list[str], rows: list[list], marked: str | None = None) -> str:
     """:func:`rules_table` as aligned text, numbers to 3 decimals; rule ``marked`` is starred."""
-    header = ["  " + columns[0], *(c.replace("sensitivity/", "sens ") for c in columns[1:])]
+    header = ["  " + columns[0], *(c.replace("sensitivity ", "sens ") for c in columns[1:])]
     body = [[("* " if r[0] == marked else "  ") + r[0], *(f"{v:.3f}" for v in r[1:])] for r in rows]
     return format_table(header, body)
 
@@ -109,8 +119,9 @@ def rules_text(columns: list[str], rows: list[list], marked: str | None = None) 
 def rules_table(metrics_by_rule: dict[str, dict[str, Any]], class_names=CLASS_NAMES) -> tuple[list[str], list[list]]:
     """Columns and one row per rule: rule, patient accuracy, macro F1, sensitivity of each class
     (``metrics_by_rule``: rule -> :func:`patient_metrics`)."""
-    columns = ["rule", "acc", "f1_macro", *[f"sensitivity/{name}" for name in class_names]]
-    rows = [[rule, *(float(m[c]) for c in columns[1:])] for rule, m in metrics_by_rule.items()]
+    columns = ["rule", "acc", "f1_macro", *[f"sensitivity {name}" for name in class_names]]
+    keys = ["acc", "f1_macro", *[f"sensitivity_{class_slug(name)}" for name in class_names]]
+    rows = [[rule, *(float(m[k]) for k in keys)] for rule, m in metrics_by_rule.items()]
     return columns, rows
 
 
@@ -133,7 +144,7 @@ class ValidationVotes:
     patients: list[PatientVote]  # validation patients, by patient index
     labels: np.ndarray  # (P,) int64 true class
     predictions: dict[str, np.ndarray]  # rule -> (P,) int64 reported predictions
-    metrics: dict[str, float]  # the logged scalars (val/patient/...)
+    metrics: dict[str, float]  # the logged scalars (val/patient/..., rules/..., vote/..., calibration/...)
     confusion: np.ndarray  # (C, C) int64 of ``rule``, rows = truth
     slice_rows: np.ndarray  # (N,) int64 cache row of each validation slice, sorted
     slice_patient: np.ndarray  # (N,) int64 patient index of each slice
@@ -141,7 +152,7 @@ class ValidationVotes:
 
     @property
     def score(self) -> float:
-        return self.metrics["val/patient/acc"]
+        return self.metrics[PATIENT_ACC]
 
     @property
     def predicted(self) -> np.ndarray:
@@ -330,18 +341,18 @@ class PatientVoteCallback(pl.Callback):
             predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, embeddings[order]).values()), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
         metrics = {
-            f"val/patient/{rule}/{k}": v
-            for rule, m in metrics_by_rule.items()
-            for k, v in m.items()
-            if k != "confusion"
+            PATIENT_ACC: metrics_by_rule[self.rule]["acc"],
+            PATIENT_F1: metrics_by_rule[self.rule]["f1_macro"],
         }
-        metrics["val/patient/acc"] = metrics[f"val/patient/{self.rule}/acc"]
+        metrics |= {
+            rule_metric(rule, k): v for rule, m in metrics_by_rule.items() for k, v in m.items() if k != "confusion"
+        }
         metrics |= calibration
-        metrics["val/patient/tau"] = self.tau
-        metrics["val/patient/threshold/slice_threshold"] = self.slice_threshold
-        metrics["val/patient/threshold/tau"] = self.threshold_tau
+        metrics[vote_parameter("tau")] = self.tau
+        metrics[vote_parameter("threshold_slice_threshold")] = self.slice_threshold
+        metrics[vote_parameter("threshold_tau")] = self.threshold_tau
         tuned = np.asarray([v.rule_votes["infected_fraction"] for v in votes])
-        metrics["val/patient/infected_fraction/acc_at_tuned_tau"] = float(np.mean(tuned == labels))
+        metrics[rule_metric("infected_fraction", "acc_at_tuned_tau")] = float(np.mean(tuned == labels))
         self.rule_table = rules_table(metrics_by_rule)
         return ValidationVotes(
             epoch,
@@ -362,7 +373,7 @@ class PatientVoteCallback(pl.Callback):
         self, probs: np.ndarray, patient: np.ndarray, patient_labels: np.ndarray, targets: np.ndarray | None
     ) -> dict[str, float]:
         """Fit ``temperature`` on the slices with a known target (unless ``calibration`` is off); returns the
-        ``val/calibration/*`` metrics: the temperature, ECE and NLL before and after at slice level (when any
+        ``calibration/*`` metrics: the temperature, ECE and NLL before and after at slice level (when any
         slice has a known target) and ECE at patient level (each patient's mean slice probabilities against
         its class)."""
         known = np.full(len(probs), -1) if targets is None else np.asarray(targets)
@@ -381,14 +392,14 @@ class PatientVoteCallback(pl.Callback):
         labels = np.asarray(patient_labels)[patients]
         mean_of = lambda p: np.stack([p[patient == i].mean(axis=0) for i in patients])  # noqa: E731
         metrics = {
-            "val/calibration/temperature": self.temperature,
-            "val/calibration/patient_ece_before": expected_calibration_error(mean_of(probs), labels),
-            "val/calibration/patient_ece_after": expected_calibration_error(mean_of(after), labels),
+            calibration_metric("temperature"): self.temperature,
+            calibration_metric("patient_ece_before"): expected_calibration_error(mean_of(probs), labels),
+            calibration_metric("patient_ece_after"): expected_calibration_error(mean_of(after), labels),
         }
         if (known >= 0).any():
             for name, p in (("before", probs), ("after", after)):
-                metrics[f"val/calibration/slice_ece_{name}"] = expected_calibration_error(p, known)
-                metrics[f"val/calibration/slice_nll_{name}"] = nll(p, known)
+                metrics[calibration_metric(f"slice_ece_{name}")] = expected_calibration_error(p, known)
+                metrics[calibration_metric(f"slice_nll_{name}")] = nll(p, known)
         return metrics
 
     def _enough_to_calibrate(self, patient: np.ndarray, target: np.ndarray) -> bool:
@@ -449,7 +460,7 @@ class PatientVoteCallback(pl.Callback):
                 self.write_patients_csv(result)
 
     def log_rule_table(self, trainer: pl.Trainer, n_patients: int) -> None:
-        """The epoch's per-rule table: INFO text, and ``val/rules`` to every WandbLogger (call on rank 0)."""
+        """The epoch's per-rule table: INFO text, and ``rules/table`` to every WandbLogger (call on rank 0)."""
         columns, rows = self.rule_table
         log.info(
             "Patient rules, epoch %d, %d validation patients (* = vote.rule, logged as val/patient/acc):\n%s",
@@ -459,7 +470,7 @@ class PatientVoteCallback(pl.Callback):
         )
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
-                lg.log_table(key="val/rules", columns=columns, data=rows)
+                lg.log_table(key="rules/table", columns=columns, data=rows)
 
     # ---- outputs ------------------------------------------------------------------------------
     def write_patients_csv(self, result: ValidationVotes) -> None:
@@ -525,7 +536,7 @@ class PatientVoteCallback(pl.Callback):
             self.mil_head = mil_from_state(state_dict["mil"])
         if state_dict.get("best") is None:
             return
-        metrics = dict(state_dict.get("best_summary") or {"val/patient/acc": state_dict["best"]})  # older: no summary
+        metrics = dict(state_dict.get("best_summary") or {PATIENT_ACC: state_dict["best"]})  # older: no summary
         confusion = state_dict.get("best_confusion")
         empty = np.zeros(0, dtype=np.int64)
         self.best = ValidationVotes(
