@@ -528,3 +528,134 @@ def deduplicate(indices: np.ndarray | torch.Tensor, *arrays: Any) -> tuple:
         return np.asarray(array)[first]
 
     return (take(indices), *(take(a) for a in arrays))
+
+
+# ---- what each rule decides on (for patients.csv and the run report) ---------------------------------
+
+#: rules that call a patient Normal unless a share of its slices exceeds a tau (then a sick class wins);
+#: every other rule takes the argmax of per-class scores (:func:`rule_scores`)
+SHARE_RULES: tuple[str, ...] = ("infected_fraction", "threshold")
+
+#: what :func:`rule_scores` gives per class, by rule (the run report's ROC label)
+RULE_SCORES: dict[str, str] = {
+    "majority": "share of slice votes",
+    "infected_fraction": "share of slice votes (Normal: 1 - infected fraction)",
+    "mean_prob": "mean slice probability",
+    "weighted_center": "weighted slice votes of the central window, as shares",
+    "topk_mean": "mean of the top-k slice probabilities",
+    "threshold": "infected share, split between the sick classes by their mean probability",
+    "mil": "MIL head probability",
+}
+
+
+def vote_shares(probs: np.ndarray) -> np.ndarray:
+    """(C,) float64: the share of the slices of ``probs`` (n_slices, C) whose argmax is each class (sums to 1)."""
+    probs = _check_probs(probs)
+    return np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]) / len(probs)
+
+
+def weighted_center_scores(
+    probs: np.ndarray,
+    center_slices: int = CENTER_SLICES,
+    normal_class: int = NORMAL_CLASS,
+    window_slices: int = WINDOW_SLICES,
+) -> np.ndarray:
+    """(C,) float64: :func:`weighted_center_vote`'s weighted argmax votes per class of ``probs`` (n_slices, C),
+    divided by their sum (so they sum to 1; the argmax is the same)."""
+    probs = _check_probs(probs)
+    _check_normal(normal_class, probs.shape[1])
+    pred = probs.argmax(axis=1)
+    outer = np.where(pred == normal_class, OUTER_WEIGHT_NORMAL, OUTER_WEIGHT_INFECTED)
+    weights = np.where(central_mask(len(probs), center_slices), 1.0, outer)
+    weights = np.where(central_mask(len(probs), window_slices), weights, 0.0)
+    scores = np.bincount(pred, weights=weights, minlength=probs.shape[1])
+    return scores / scores.sum()
+
+
+def threshold_scores(probs: np.ndarray, slice_threshold: float, normal_class: int = NORMAL_CLASS) -> np.ndarray:
+    """(C,) float64 for :func:`threshold_vote` on ``probs`` (n_slices, C): ``normal_class`` gets 1 - the
+    :func:`infected_share` s at ``slice_threshold``; each sick class c gets s * m_c / sum of the sick m, where m
+    is the mean probability over the slices above the threshold (over all slices when none is), the
+    quantity :func:`threshold_class` compares. The scores sum to 1."""
+    probs = _check_probs(probs)
+    share = infected_share(probs, slice_threshold, normal_class)
+    above = infected_probability(probs, normal_class) > slice_threshold
+    mean = (probs[above] if above.any() else probs).mean(axis=0)
+    sick = np.arange(probs.shape[1]) != normal_class
+    total = mean[sick].sum()
+    split = mean / total if total > 0 else np.full(probs.shape[1], 1.0 / max(1, int(sick.sum())))
+    return np.where(sick, share * split, 1.0 - share)
+
+
+def rule_scores(
+    probs: np.ndarray,
+    rule: str,
+    normal_class: int = NORMAL_CLASS,
+    *,
+    k: int = TOP_K,
+    center_slices: int = CENTER_SLICES,
+    window_slices: int = WINDOW_SLICES,
+    slice_threshold: float = SLICE_THRESHOLD,
+) -> np.ndarray:
+    """(C,) float64: the per-class scores ``rule`` ranks one patient's classes by (``probs`` (n_slices, C) in
+    position order); what the run report scores the patient ROC with (:data:`RULE_SCORES`).
+
+    ``majority`` and ``infected_fraction``: :func:`vote_shares` (Normal's is 1 - the infected fraction);
+    ``mean_prob``: the mean probabilities; ``weighted_center``: :func:`weighted_center_scores`; ``topk_mean``:
+    :func:`topk_mean`; ``threshold``: :func:`threshold_scores`. For the argmax rules the argmax of the scores
+    is the vote (up to the tie rule); the share rules (:data:`SHARE_RULES`) call Normal by a tau instead."""
+    if rule in ("majority", "infected_fraction"):
+        return vote_shares(probs)
+    if rule == "mean_prob":
+        return _check_probs(probs).mean(axis=0)
+    if rule == "weighted_center":
+        return weighted_center_scores(probs, center_slices, normal_class, window_slices)
+    if rule == "topk_mean":
+        return topk_mean(probs, k)
+    if rule == "threshold":
+        return threshold_scores(probs, slice_threshold, normal_class)
+    raise ValueError(f"rule_scores: no scores for rule {rule!r}; expected one of {VOTE_RULES}")
+
+
+def sick_margin(scores: np.ndarray, normal_class: int = NORMAL_CLASS) -> float:
+    """The best sick class's score minus ``normal_class``'s, of ``scores`` (C,): an argmax rule calls the
+    patient sick when it is > 0 (at 0, the tie rule decides)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(np.delete(scores, normal_class).max() - scores[normal_class])
+
+
+def leave_one_out_taus(
+    fractions: np.ndarray, infected_classes: np.ndarray, labels: np.ndarray, normal_class: int = NORMAL_CLASS
+) -> np.ndarray:
+    """(P,) float64: the tau :func:`leave_one_out_predictions` decides patient i by (tuned on the other
+    patients; 0.5 for a single patient). Arrays as in :func:`tune_tau`."""
+    fractions, infected_classes, labels = (np.asarray(a).reshape(-1) for a in (fractions, infected_classes, labels))
+    taus = np.full(len(labels), 0.5)
+    for i in range(len(labels)):
+        others = np.arange(len(labels)) != i
+        if others.any():
+            taus[i] = tune_tau(fractions[others], infected_classes[others], labels[others], normal_class)
+    return taus
+
+
+def leave_one_out_threshold_parameters(
+    groups: Sequence[np.ndarray],
+    labels: np.ndarray,
+    normal_class: int = NORMAL_CLASS,
+    slice_threshold: float | None = None,
+    tau: float | None = None,
+) -> np.ndarray:
+    """(P, 2) float64: the (slice_threshold, tau) :func:`leave_one_out_threshold_predictions` decides patient i
+    by (tuned on the other patients, fixed values kept; the fixed values or (0.5, 0.5) for a single patient)."""
+    labels = np.asarray(labels).reshape(-1)
+    params = np.empty((len(labels), 2))
+    for i in range(len(labels)):
+        others = [g for j, g in enumerate(groups) if j != i]
+        if others:
+            params[i] = tune_threshold(others, np.delete(labels, i), normal_class, slice_threshold, tau)
+        else:
+            params[i] = (
+                SLICE_THRESHOLD if slice_threshold is None else slice_threshold,
+                0.5 if tau is None else tau,
+            )
+    return params

@@ -135,6 +135,10 @@ class ValidationVotes:
     when the model gave embeddings), each patient decided by a head fitted on the other patients; every other entry
     equals ``patients[i].rule_votes[rule]``, which for ``infected_fraction`` uses ``tau`` tuned on all
     of them. After a resume the best epoch of the earlier run has ``metrics`` and ``confusion`` only.
+
+    ``temperature`` (the one ``slice_probs`` were divided by) and ``mil`` (:class:`MilDetails`) are what the
+    run report shows beyond the calls (:func:`report_fields`); None where they were not recorded.
+    :func:`patient_decisions` says per patient what the configured rule decided on.
     """
 
     epoch: int
@@ -148,7 +152,9 @@ class ValidationVotes:
     confusion: np.ndarray  # (C, C) int64 of ``rule``, rows = truth
     slice_rows: np.ndarray  # (N,) int64 cache row of each validation slice, sorted
     slice_patient: np.ndarray  # (N,) int64 patient index of each slice
-    slice_probs: np.ndarray  # (N, C) float32 softmax probabilities
+    slice_probs: np.ndarray  # (N, C) float32 softmax probabilities (calibrated: divided by ``temperature``)
+    temperature: float | None = None  # None: not recorded (see metrics' val/calibration/temperature)
+    mil: MilDetails | None = None  # the MIL head fitted on every validation patient, applied to them
 
     @property
     def score(self) -> float:
@@ -367,6 +373,7 @@ class PatientVoteCallback(pl.Callback):
             index,
             patient,
             probs,
+            **report_fields(self, patient, embeddings),  # run report: temperature, MIL attention (report_fields)
         )
 
     def calibrate(
@@ -474,36 +481,11 @@ class PatientVoteCallback(pl.Callback):
 
     # ---- outputs ------------------------------------------------------------------------------
     def write_patients_csv(self, result: ValidationVotes) -> None:
-        """``patients.csv``: one row per validation patient of the best epoch (atomic)."""
+        """``patients.csv``: one row per validation patient of the best epoch (atomic): what the configured
+        rule decided on (:func:`patient_decisions`) and every rule's reported vote (:func:`patients_table`)."""
         if self.output_dir is None:
             return
-        header = [
-            "patient",
-            "true_class",
-            "predicted_class",
-            *[f"{rule}_vote" for rule in VOTE_RULES],
-            *[f"{rule}_vote" for rule in LEARNED_RULES if rule in result.predictions],
-            "infected_fraction",
-            "infected_share",
-            "n_slices",
-        ]
-        header += [f"votes_{c}" for c in CLASS_NAMES] + [f"mean_prob_{c}" for c in CLASS_NAMES]
-        rows = [
-            [
-                v.patient,
-                CLASS_NAMES[t],
-                CLASS_NAMES[p],
-                *[CLASS_NAMES[v.rule_votes[rule]] for rule in VOTE_RULES],
-                *[CLASS_NAMES[result.predictions[rule][i]] for rule in LEARNED_RULES if rule in result.predictions],
-                round(v.infected_fraction, 4),
-                round(v.infected_share, 4),
-                v.n_slices,
-                *v.votes.tolist(),
-                *np.round(v.mean_prob, 4).tolist(),
-            ]
-            for i, (v, t, p) in enumerate(zip(result.patients, result.labels, result.predicted, strict=True))
-        ]
-        atomic_write_csv(self.output_dir / "patients.csv", header, rows)
+        atomic_write_csv(self.output_dir / "patients.csv", *patients_table(result, patient_decisions(result, self)))
 
     def state_dict(self) -> dict[str, Any]:
         # the best epoch's metrics and confusion too: a resumed run (ckpt_path, SLURM requeue) that does
@@ -553,3 +535,298 @@ class PatientVoteCallback(pl.Callback):
             empty,
             np.zeros((0, len(CLASS_NAMES)), dtype=np.float32),
         )
+
+
+# ---- what patients.csv and the run report show beyond the calls --------------------------------------
+
+
+@dataclass(frozen=True)
+class MilDetails:
+    """The ``mil`` head fitted on every validation patient (``PatientVoteCallback.mil_head``), applied to
+    them: in-sample, unlike the reported ``mil`` calls, which are cross-fitted.
+
+    ``probs`` (P, C) float32 class probabilities per patient (ascending patient index); ``attention`` (N,)
+    float32 each slice's attention weight within its patient (a patient's weights sum to 1), in the order
+    of the slices given (``ValidationVotes.slice_rows``)."""
+
+    probs: np.ndarray
+    attention: np.ndarray
+
+
+def mil_details(
+    head: GatedAttentionMIL | None, patient: np.ndarray, embeddings: np.ndarray | None
+) -> MilDetails | None:
+    """:class:`MilDetails` of ``head`` on the slice ``embeddings`` (N, D) float grouped by ``patient`` (N,) int;
+    None without a head or embeddings."""
+    if head is None or embeddings is None:
+        return None
+    patient = np.asarray(patient)
+    patients = np.unique(patient)
+    probs = np.zeros((len(patients), head.init_args["num_classes"]), dtype=np.float32)
+    attention = np.zeros(len(patient), dtype=np.float32)
+    head.eval()
+    with torch.inference_mode():
+        for i, p in enumerate(patients):
+            rows = np.flatnonzero(patient == p)
+            x = head.features(torch.as_tensor(np.asarray(embeddings[rows], dtype=np.float32))).unsqueeze(0)
+            logits, weights = head.forward_padded(x, torch.ones(x.shape[:2], dtype=torch.bool))
+            probs[i] = logits.softmax(dim=1)[0].numpy()
+            attention[rows] = weights[0].numpy()
+    return MilDetails(probs, attention)
+
+
+def report_fields(callback: PatientVoteCallback, patient: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+    """The :class:`ValidationVotes` fields that ``decide`` records for the run report: the ``temperature`` the
+    slice probabilities were divided by, and ``mil`` (:func:`mil_details` of the epoch's fitted head)."""
+    return {"temperature": float(callback.temperature), "mil": mil_details(callback.mil_head, patient, embeddings)}
+
+
+@dataclass(frozen=True)
+class PatientDecisions:
+    """What the configured rule decided each validation patient on (P patients, C classes): the figures a
+    reader checks a call against. The rule calls a patient sick (not Normal) when ``quantity`` > ``threshold``.
+
+    Attributes:
+        rule: the configured rule.
+        quantity_name, threshold_name: e.g. ``infected fraction`` and ``tau``.
+        quantity: (P,) float64, NaN where not recorded (``mil`` without :class:`MilDetails`).
+        threshold: (P,) float64, the threshold that decided each patient (leave-one-out: one per patient).
+        threshold_all: the threshold tuned on (or fixed for) all validation patients.
+        parameters: where the rule's parameters come from, one sentence.
+        scores: (P, C) float64 the rule's per-class scores (:func:`~covidct.voting.rule_scores`; the ``mil``
+            head's in-sample probabilities), what the patient ROC is scored by; NaN where not recorded.
+        scores_name: what ``scores`` are.
+        why: (P,) one sentence per patient: the figures and the comparison that made the call.
+        slice_threshold: the threshold rule's slice threshold on P(infected) (tuned on all patients), else None.
+        patient_slice_threshold: (P,) the slice threshold that decided each patient (threshold rule), else None.
+        infected_fraction_tau: (P,) the tau the ``infected_fraction`` rule's reported vote used, whatever the rule.
+        window: ``weighted_center``'s (central slices, voting window), else None.
+    """
+
+    rule: str
+    quantity_name: str
+    threshold_name: str
+    quantity: np.ndarray
+    threshold: np.ndarray
+    threshold_all: float
+    parameters: str
+    scores: np.ndarray
+    scores_name: str
+    why: list[str]
+    slice_threshold: float | None
+    patient_slice_threshold: np.ndarray | None
+    infected_fraction_tau: np.ndarray
+    window: tuple[int, int] | None = None
+
+
+def slice_groups(votes: ValidationVotes) -> list[np.ndarray]:
+    """Each validation patient's (n_i, C) slice probabilities (head first), in ``votes.patients``' order."""
+    groups = [votes.slice_probs[votes.slice_patient == p] for p in np.unique(votes.slice_patient)]
+    if [len(g) for g in groups] != [v.n_slices for v in votes.patients]:
+        raise ValueError("ValidationVotes: the slices per patient do not match the patients' slice counts")
+    return groups
+
+
+def _class_list(values: np.ndarray, classes: list[int], fmt: str) -> str:
+    return ", ".join(f"{CLASS_NAMES[c]} {format(values[c], fmt)}" for c in classes)
+
+
+def _tied(votes: np.ndarray) -> bool:
+    """Whether the largest of ``votes`` (counts) is shared."""
+    return int((votes == votes.max()).sum()) > 1
+
+
+def patient_decisions(votes: ValidationVotes, vote: PatientVoteCallback) -> PatientDecisions:
+    """Per patient of ``votes``, the quantity ``votes.rule`` decided on, the threshold that decided it, the
+    rule's class scores and one sentence saying why, recomputed from the slice probabilities with ``vote``'s
+    settings (k, central slices, fixed or tuned tau and slice threshold). Leave-one-out parameters are
+    those :func:`~covidct.voting.leave_one_out_predictions` and
+    :func:`~covidct.voting.leave_one_out_threshold_predictions` decide by, so every sentence agrees with the
+    reported call."""
+    from covidct import NORMAL_CLASS
+    from covidct.voting import (
+        RULE_SCORES,
+        infected_share,
+        leave_one_out_taus,
+        leave_one_out_threshold_parameters,
+        rule_scores,
+        sick_margin,
+        tune_threshold,
+    )
+
+    groups, labels, rule = slice_groups(votes), votes.labels, votes.rule
+    n, called = len(groups), [CLASS_NAMES[c] for c in votes.predicted]
+    sick = [c for c in range(len(CLASS_NAMES)) if c != NORMAL_CLASS]
+    everyone = list(range(len(CLASS_NAMES)))
+    fractions = np.asarray([v.infected_fraction for v in votes.patients], dtype=np.float64)
+    sick_class = np.asarray([v.infected_class for v in votes.patients])
+    taus = leave_one_out_taus(fractions, sick_class, labels) if votes.tau_tuned else np.full(n, votes.tau)
+    threshold_tuned = vote.fixed_tau is None or vote.fixed_slice_threshold is None
+    if threshold_tuned and n:
+        t_all, share_tau = tune_threshold(
+            groups, labels, slice_threshold=vote.fixed_slice_threshold, tau=vote.fixed_tau
+        )
+    else:
+        t_all, share_tau = vote.slice_threshold, vote.threshold_tau
+    params = {"k": vote.k, "center_slices": vote.center_slices, "window_slices": vote.window_slices}
+    slice_threshold = patient_slice_threshold = None
+    if rule in LEARNED_RULES:
+        mil = votes.mil
+        scores = mil.probs.astype(np.float64) if mil is not None else np.full((n, len(CLASS_NAMES)), np.nan)
+    else:
+        scores = np.asarray([rule_scores(g, rule, slice_threshold=t_all, **params) for g in groups]).reshape(n, -1)
+    if rule == "infected_fraction":
+        names, quantity, threshold, threshold_all = ("infected fraction", "tau"), fractions, taus, votes.tau
+        parameters = (
+            f"tau {votes.tau:.3f} tuned on all validation patients; each patient is called with a tau tuned on the "
+            "other validation patients (leave-one-out), the tau column"
+            if votes.tau_tuned
+            else f"tau fixed at {votes.tau:.3f} (vote.tau)"
+        )
+        why = []
+        for v, f, tau, name in zip(votes.patients, fractions, taus, called, strict=True):
+            infected = int(v.n_slices - v.votes[NORMAL_CLASS])
+            head = f"{infected} of {v.n_slices} slices infected (argmax not Normal): fraction {f:.3f}"
+            tie = " (a tie: the higher summed probability wins)" if _tied(v.votes[sick]) else ""
+            why.append(
+                f"{head} > tau {tau:.3f}; the infected slices vote {_class_list(v.votes, sick, 'd')}{tie}: {name}"
+                if f > tau
+                else f"{head} <= tau {tau:.3f}: {name}"
+            )
+    elif rule == "threshold":
+        slice_threshold = t_all
+        per_patient = (
+            leave_one_out_threshold_parameters(
+                groups, labels, slice_threshold=vote.fixed_slice_threshold, tau=vote.fixed_tau
+            )
+            if threshold_tuned
+            else np.tile([t_all, share_tau], (n, 1))
+        ).reshape(n, 2)
+        patient_slice_threshold, threshold, threshold_all = per_patient[:, 0], per_patient[:, 1], share_tau
+        quantity = np.asarray([infected_share(g, t) for g, t in zip(groups, patient_slice_threshold, strict=True)])
+        names = ("infected share", "tau")
+        parameters = (
+            f"slice threshold {t_all:.3f} and tau {share_tau:.3f} tuned on all validation patients; each patient is "
+            "called with both tuned on the other validation patients (leave-one-out), the slice threshold and tau "
+            "columns"
+            if threshold_tuned
+            else f"slice threshold {t_all:.3f} and tau {share_tau:.3f} fixed"
+        )
+        why = []
+        for g, t, s, tau, name in zip(groups, patient_slice_threshold, quantity, threshold, called, strict=True):
+            above = (1.0 - g[:, NORMAL_CLASS]) > t
+            head = f"{int(above.sum())} of {len(g)} slices with P(infected) > {t:.3f}: share {s:.3f}"
+            mean = (g[above] if above.any() else g).mean(axis=0)
+            why.append(
+                f"{head} > tau {tau:.3f}; mean P over them {_class_list(mean, sick, '.3f')}: {name}"
+                if s > tau
+                else f"{head} <= tau {tau:.3f}: {name}"
+            )
+    else:
+        names, threshold_all = ("sick margin", "threshold"), 0.0
+        quantity = np.asarray([sick_margin(s, NORMAL_CLASS) for s in scores]) if n else np.zeros(0)
+        threshold = np.zeros(n)
+        what = {
+            "majority": "slice votes",
+            "mean_prob": "mean P",
+            "weighted_center": f"weighted vote shares (central {vote.center_slices} of {vote.window_slices} slices)",
+            "topk_mean": f"mean of the top {vote.k} P",
+            "mil": "head fitted on all validation patients: P",
+        }[rule]
+        parameters = (
+            "an argmax rule: the class with the highest score wins (sick margin = best sick class's score - "
+            "Normal's; > 0 calls the patient sick)"
+            + (
+                "; the reported calls are cross-fitted (each patient by a head fitted on the other patients), "
+                "the probabilities shown are the head fitted on all of them (in-sample)"
+                if rule in LEARNED_RULES
+                else ""
+            )
+        )
+        why = []
+        for i, (v, name) in enumerate(zip(votes.patients, called, strict=True)):
+            if rule == "majority":
+                tie = " (a tie: the higher summed probability wins)" if _tied(v.votes) else ""
+                text = f"{what} {_class_list(v.votes, everyone, 'd')}{tie}"
+            elif rule == "mil" and votes.mil is None:
+                text = "cross-fitted head (probabilities not recorded)"
+            else:
+                text = f"{what} {_class_list(scores[i], everyone, '.3f')}"
+            if rule == "mil" and votes.mil is not None:
+                text = f"cross-fitted head; {text}"
+            why.append(f"{text}: {name}")
+    return PatientDecisions(
+        rule=rule,
+        quantity_name=names[0],
+        threshold_name=names[1],
+        quantity=np.asarray(quantity, dtype=np.float64),
+        threshold=np.asarray(threshold, dtype=np.float64),
+        threshold_all=float(threshold_all),
+        parameters=parameters,
+        scores=np.asarray(scores, dtype=np.float64),
+        scores_name=RULE_SCORES[rule],
+        why=why,
+        slice_threshold=slice_threshold,
+        patient_slice_threshold=patient_slice_threshold,
+        infected_fraction_tau=taus,
+        window=(vote.center_slices, vote.window_slices) if rule == "weighted_center" else None,
+    )
+
+
+def _r(value: float) -> float | str:
+    """A CSV number to 4 decimals; NaN as an empty cell."""
+    return "" if np.isnan(value) else round(float(value), 4)
+
+
+def patients_table(votes: ValidationVotes, decisions: PatientDecisions) -> tuple[list[str], list[list]]:
+    """``patients.csv``'s header and rows, one per validation patient: truth, the configured rule's call and
+    what it was decided on (``decision``, ``decision_quantity``, ``decision_threshold``; the threshold rule's
+    ``slice_threshold``; ``score_<class>``), every rule's reported vote (leave-one-out / cross-fitted where the
+    rule is tuned or learned: the votes the per-rule accuracies count), infected fraction with the tau its
+    rule used for this patient, infected share, slices, slice votes and mean probability per class (and the
+    in-sample MIL probabilities when recorded)."""
+    threshold_rule = decisions.patient_slice_threshold is not None
+    rules = [*VOTE_RULES, *[r for r in LEARNED_RULES if r in votes.predictions]]
+    header = [
+        "patient",
+        "true_class",
+        "predicted_class",
+        "correct",
+        "decision",
+        "decision_quantity",
+        "decision_threshold",
+        *(["slice_threshold"] if threshold_rule else []),
+        *[f"score_{c}" for c in CLASS_NAMES],
+        *[f"{rule}_vote" for rule in rules],
+        "infected_fraction",
+        "infected_fraction_tau",
+        "infected_share",
+        "n_slices",
+        *[f"votes_{c}" for c in CLASS_NAMES],
+        *[f"mean_prob_{c}" for c in CLASS_NAMES],
+        *([f"mil_prob_{c}" for c in CLASS_NAMES] if votes.mil is not None else []),
+    ]
+    rows = []
+    for i, (v, t, p) in enumerate(zip(votes.patients, votes.labels, votes.predicted, strict=True)):
+        rows.append(
+            [
+                v.patient,
+                CLASS_NAMES[t],
+                CLASS_NAMES[p],
+                bool(t == p),
+                decisions.why[i],
+                _r(decisions.quantity[i]),
+                _r(decisions.threshold[i]),
+                *([_r(decisions.patient_slice_threshold[i])] if threshold_rule else []),
+                *[_r(s) for s in decisions.scores[i]],
+                *[CLASS_NAMES[votes.predictions[rule][i]] for rule in rules],
+                _r(v.infected_fraction),
+                _r(decisions.infected_fraction_tau[i]),
+                _r(v.infected_share),
+                v.n_slices,
+                *v.votes.tolist(),
+                *[_r(m) for m in v.mean_prob],
+                *([_r(m) for m in votes.mil.probs[i]] if votes.mil is not None else []),
+            ]
+        )
+    return header, rows

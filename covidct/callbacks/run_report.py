@@ -1,37 +1,102 @@
 """At fit end (rank 0), the run report of the best validation epoch: ``report.html`` and its figures in
-the run folder (see :mod:`covidct.report`), and the same in W&B when a WandbLogger is active."""
+the run folder (see :mod:`covidct.report`), and the same in W&B when a WandbLogger is active.
+
+The callback also keeps the training curves: at every validation epoch's end the epoch's mean train
+loss (over its batches, weighted by batch size; rank-local under DDP, as Lightning's ``train/loss_epoch``
+is), ``val/loss`` and ``val/patient/acc``. They are kept in its checkpoint state, so a resumed run's report
+draws the epochs before the resume too.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import re
+import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from covidct import CLASS_NAMES
-from covidct.callbacks.patient_vote import ValidationVotes
+from covidct.callbacks.patient_vote import (
+    PatientVoteCallback,
+    ValidationVotes,
+    patient_decisions,
+    patient_metrics,
+)
 
 log = logging.getLogger(__name__)
 
+UNKNOWN = "unknown"
 
-def report_from_votes(votes: ValidationVotes, slice_targets: np.ndarray, run_name: str):
+
+def rules_comparison(votes: ValidationVotes) -> tuple[list[str], list[list]]:
+    """Header and one row per rule of ``votes.predictions``: patient accuracy, macro F1, sensitivity and
+    specificity per class of the rule's reported calls."""
+    header = [
+        "rule",
+        "accuracy",
+        "macro F1",
+        *[f"sensitivity {c}" for c in CLASS_NAMES],
+        *[f"specificity {c}" for c in CLASS_NAMES],
+    ]
+    rows = []
+    for rule, preds in votes.predictions.items():
+        m = patient_metrics(preds, votes.labels)
+        rows.append(
+            [
+                rule,
+                m["acc"],
+                m["f1_macro"],
+                *[m[f"sensitivity/{c}"] for c in CLASS_NAMES],
+                *[m[f"specificity/{c}"] for c in CLASS_NAMES],
+            ]
+        )
+    return header, rows
+
+
+def report_from_votes(
+    votes: ValidationVotes,
+    slice_targets: np.ndarray,
+    run_name: str,
+    vote: PatientVoteCallback | None = None,
+    **extra: Any,
+):
     """A :class:`~covidct.report.RunReport` of one validation epoch's :class:`ValidationVotes`.
 
     ``slice_targets``: int (rows of the slice cache,) slice class per cache row, -1 unknown
-    (:attr:`~covidct.data.datamodule.SliceTable.target`).
+    (:attr:`~covidct.data.datamodule.SliceTable.target`). ``vote``: the patient vote callback whose settings
+    the rule used (k, central slices, fixed or tuned parameters, calibration); without it the report has no
+    per-patient decisions. ``extra``: further :class:`~covidct.report.RunReport` fields (history, data,
+    config, links, title).
     """
-    from covidct.report import RunReport
+    from covidct.report import Calibration, RunReport
 
-    extra, note = {}, ""
-    if votes.rule == "infected_fraction" and votes.tau_tuned:
-        extra["tau (tuned at the best epoch)"] = float(votes.tau)
-        note = "Each patient's predicted class uses a tau tuned on the other validation patients (leave-one-out)."
-    elif votes.rule == "infected_fraction":
-        extra["tau (fixed)"] = float(votes.tau)
+    decisions = patient_decisions(votes, vote) if vote is not None else None
+    extra_metrics: dict[str, float] = {}
+    if decisions is not None and decisions.rule in ("infected_fraction", "threshold"):
+        tuned = "tuned on all validation patients" if "tuned" in decisions.parameters else "fixed"
+        if decisions.slice_threshold is not None:
+            extra_metrics[f"slice threshold ({tuned})"] = float(decisions.slice_threshold)
+        extra_metrics[f"{decisions.threshold_name} ({tuned})"] = decisions.threshold_all
+    temperature = votes.temperature
+    if temperature is None:  # recorded by decide() through report_fields; else the logged value
+        logged = [v for k, v in votes.metrics.items() if "calibration" in k and k.endswith("temperature")]
+        temperature = logged[0] if logged else None
+    calibration = None
+    if temperature is not None and vote is not None:
+        from covidct.calibration import apply_temperature
+
+        # the probabilities before: softmax(log p * T) undoes softmax(logits / T) exactly (up to float32)
+        before = apply_temperature(votes.slice_probs, 1.0 / float(temperature))
+        calibration = Calibration(float(temperature), bool(vote.calibration), before)
     return RunReport(
         run_name=run_name,
         class_names=CLASS_NAMES,
@@ -44,23 +109,221 @@ def report_from_votes(votes: ValidationVotes, slice_targets: np.ndarray, run_nam
         n_slices=np.asarray([v.n_slices for v in votes.patients]),
         slice_labels=np.asarray(slice_targets)[votes.slice_rows],
         slice_scores=votes.slice_probs,
-        extra_metrics=extra,
-        note=note,
+        slice_patient=np.searchsorted(np.unique(votes.slice_patient), votes.slice_patient),
+        decisions=decisions,
+        rule_votes=dict(votes.predictions),
+        rules=rules_comparison(votes),
+        calibration=calibration,
+        mil_attention=votes.mil.attention if votes.mil is not None else None,
+        extra_metrics=extra_metrics,
+        **extra,
     )
 
 
+# ---- what the run was ----------------------------------------------------------------------------------
+
+
+def git_commit(folder: Path) -> str:
+    """The commit of the git work tree holding ``folder`` (``+ uncommitted changes`` when tracked files
+    differ), or ``unknown`` (no git, not a work tree). Read-only: no optional index refresh."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode:
+            return UNKNOWN
+        status = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    dirty = " + uncommitted changes" if status.returncode == 0 and status.stdout.strip() else ""
+    return head.stdout.strip() + dirty
+
+
+def hydra_run(output_dir: Path) -> tuple[dict[str, Any], list[str], Any]:
+    """(choices per config group, command-line overrides, seed) of the run: from the run folder's
+    ``.hydra/`` files (what ``train.py`` runs write), else from Hydra's current config when one is set;
+    ({}, [], None) when neither is there. The seed falls back to Lightning's ``PL_GLOBAL_SEED``."""
+    from omegaconf import OmegaConf
+
+    choices: dict[str, Any] = {}
+    overrides: list[str] = []
+    seed: Any = None
+    saved = output_dir / ".hydra"
+    try:
+        if (saved / "hydra.yaml").is_file():
+            hydra = OmegaConf.load(saved / "hydra.yaml").hydra
+            choices, overrides = dict(hydra.runtime.choices), list(hydra.overrides.task)
+        else:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                hydra = HydraConfig.get()
+                choices, overrides = dict(hydra.runtime.choices), list(hydra.overrides.task)
+        if (saved / "config.yaml").is_file():
+            seed = OmegaConf.load(saved / "config.yaml").get("seed")
+    except Exception as exc:  # a hand-edited or foreign file: the report still gets written
+        log.warning("Run report: could not read the Hydra config of %s (%s)", output_dir, exc)
+    if seed is None:
+        seed = os.environ.get("PL_GLOBAL_SEED")
+    return choices, overrides, seed
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items() if k != "_target_")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    return str(value)
+
+
+def run_config(
+    output_dir: Path, pl_module: pl.LightningModule, vote: PatientVoteCallback | None, trainer: pl.Trainer
+) -> tuple[str, dict[str, str]]:
+    """(title, settings): the report's title (experiment, model, rule) and what the run was: experiment,
+    overrides, model, loss, vote rule, calibration, preprocessing, epochs, seed, git commit (``unknown``
+    where not known)."""
+    choices, overrides, seed = hydra_run(output_dir)
+    hp = getattr(pl_module, "hparams", {}) or {}
+    backbone = str(hp.get("backbone", UNKNOWN))
+    loss = hp.get("loss") or {}
+    loss_name = str(loss.get("_target_", UNKNOWN)).rsplit(".", 1)[-1] if isinstance(loss, Mapping) else UNKNOWN
+    settings = _plain(loss) if isinstance(loss, Mapping) else ""
+    experiment = str(choices.get("experiment") or UNKNOWN)
+    rule = vote.rule if vote is not None else UNKNOWN
+    config = {
+        "experiment": experiment,
+        "overrides": " ".join(overrides) if overrides else ("none" if choices else UNKNOWN),
+        "model": backbone + (" (ImageNet weights)" if hp.get("pretrained") else " (from scratch)"),
+        "loss": f"{loss_name} ({settings})" if settings else loss_name,
+        "vote rule": rule,
+        "calibration": UNKNOWN if vote is None else ("temperature scaling" if vote.calibration else "off"),
+        "preprocessing": _plain(hp.get("preprocessing", UNKNOWN)),
+        "epochs": f"{trainer.current_epoch} (trainer.max_epochs {trainer.max_epochs})",
+        "seed": UNKNOWN if seed is None else str(seed),
+        "git commit": git_commit(Path(__file__).resolve().parent),
+    }
+    for group in ("data", "optimizer", "scheduler", "loss"):
+        if group in choices:
+            config[f"{group} (config group)"] = str(choices[group])
+    title = f"{experiment} · {backbone} · vote {rule}"
+    return title, config
+
+
+def run_links(output_dir: Path, best_checkpoint: str | None) -> dict[str, str]:
+    """Label -> path relative to the run folder of the files a reader opens next: the best checkpoint,
+    patients.csv, metrics.json (written when the run ends), the run's log file(s), the data summary and
+    split, and the composed config."""
+    links: dict[str, str] = {}
+    if best_checkpoint:
+        links[f"best checkpoint ({Path(best_checkpoint).name})"] = Path(
+            os.path.relpath(best_checkpoint, output_dir)
+        ).as_posix()
+    links["patients.csv"] = "patients.csv"
+    links["metrics.json"] = "metrics.json"
+    for logfile in sorted(output_dir.glob("*.log")):  # train.py's Hydra job log: train.log
+        links[logfile.name] = logfile.name
+    for name in ("data_summary.txt", "split.csv", ".hydra/config.yaml"):
+        if (output_dir / name).is_file():
+            links[Path(name).name] = name
+    return links
+
+
+def data_counts(datamodule: Any) -> tuple[tuple[list[str], list[list]] | None, str]:
+    """((header, rows), note): patients and slices per class of the whole data and of each split, and the
+    slice targets; (None, "") for a datamodule without a slice table."""
+    try:
+        table = datamodule.slice_table
+    except Exception:  # not set up, or not a CTDataModule
+        return None, ""
+    labels = np.asarray(table.patient_labels)
+    c = len(CLASS_NAMES)
+    slices = np.bincount(np.asarray(table.patient), minlength=len(labels))
+    header = ["split", *[f"patients {n}" for n in CLASS_NAMES], "patients", *[f"slices {n}" for n in CLASS_NAMES]]
+    header.append("slices")
+    rows = []
+    splits = [("all", np.arange(len(labels)))]
+    for name, attr in (("train", "train_patients"), ("validation", "val_patients"), ("test", "test_patients")):
+        index = getattr(datamodule, attr, None)
+        if index is not None and len(index):
+            splits.append((name, np.asarray(index, dtype=np.int64)))
+    for name, index in splits:
+        patients = np.bincount(labels[index], minlength=c)
+        per_class = np.bincount(labels[index], weights=slices[index], minlength=c).astype(np.int64)
+        rows.append([name, *patients.tolist(), int(patients.sum()), *per_class.tolist(), int(per_class.sum())])
+    summary = getattr(datamodule, "summary", None)
+    note = ""
+    if summary is not None:
+        targets = ", ".join(f"{k} {v}" for k, v in summary.slice_targets.items())
+        note = (
+            f"Slice targets ({summary.label_mode} label mode): {targets}; training slices without a target "
+            f"(not trained on): {summary.unknown_slices_not_trained}. More in data_summary.txt."
+        )
+    return (header, rows), note
+
+
+# ---- the callback ----------------------------------------------------------------------------------------
+
+
 class RunReportCallback(pl.Callback):
-    """Writes the run report into ``output_dir`` when fitting ends (rank 0 only).
+    """Writes the run report into ``output_dir`` when fitting ends (rank 0 only), and keeps the per-epoch
+    values of its training curves (in its checkpoint state).
 
     Args:
         output_dir: the run folder (``${paths.output_dir}``).
-        run_name: shown as the report's title; None = the run folder's name.
+        run_name: shown under the report's title and on its figures; None = the run folder's name.
     """
 
     def __init__(self, output_dir: str, run_name: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.run_name = run_name or self.output_dir.name
+        #: per validation epoch: epoch, train_loss, val_loss, val_patient_acc
+        self.history: list[dict[str, float]] = []
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
 
+    # ---- training curves ----------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loss_sum, self._loss_count = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        n = len(batch["image"]) if isinstance(batch, Mapping) and "image" in batch else 1
+        self._loss_sum = self._loss_sum + loss.detach().float() * n  # stays on the device: no sync per step
+        self._loss_count += n
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the epoch (before ModelCheckpoint saves, which Lightning runs last: the checkpoint holds it)."""
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+
+        def value(key: str) -> float:
+            v = metrics.get(key)
+            return float(v) if v is not None else math.nan
+
+        train_loss = float(self._loss_sum) / self._loss_count if self._loss_count else math.nan
+        entry = {
+            "epoch": int(trainer.current_epoch),
+            "train_loss": train_loss,
+            "val_loss": value("val/loss"),
+            "val_patient_acc": value("val/patient/acc"),
+        }
+        self.history = [e for e in self.history if e["epoch"] != entry["epoch"]] + [entry]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(e) for e in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(e) for e in state_dict.get("history", [])]
+
+    # ---- the report ---------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -73,35 +336,58 @@ class RunReportCallback(pl.Callback):
             return
         from covidct.report import write_report
 
-        report = report_from_votes(votes, trainer.datamodule.slice_table.target, self.run_name)
+        vote = next((c for c in trainer.callbacks if isinstance(c, PatientVoteCallback)), None)
+        title, config = run_config(self.output_dir, pl_module, vote, trainer)
+        data, data_note = data_counts(trainer.datamodule)
+        ckpt = trainer.checkpoint_callback
+        report = report_from_votes(
+            votes,
+            trainer.datamodule.slice_table.target,
+            self.run_name,
+            vote,
+            history=list(self.history),
+            data=data,
+            data_note=data_note,
+            config=config,
+            links=run_links(self.output_dir, ckpt.best_model_path if ckpt else None),
+            title=title,
+        )
         written = write_report(report, self.output_dir)
         log.info("Run report: %s", written.paths["report.html"])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                log_to_wandb(logger, written, trainer.global_step, report)
+                log_to_wandb(logger, written, report)
 
 
-def log_to_wandb(logger: WandbLogger, written, step: int, report) -> None:
-    """The report's figures, AUCs and HTML page under ``report/`` in the W&B run; the page names the
-    patients by the logger's pseudonyms when ``privacy.pseudonymize`` is on (:mod:`covidct.privacy`)."""
+def log_to_wandb(logger: WandbLogger, written, report) -> None:
+    """The report in the W&B run's summary, under ``report/``: each figure once, with a caption saying what
+    it is (PNGs as images, the SVG figures as HTML), the AUCs and calibration errors as numbers, and the
+    page itself (without the run folder's links). Patients are named by the logger's pseudonyms when
+    ``privacy.pseudonymize`` is on (:mod:`covidct.privacy`); the PNGs name no patient."""
+    import html
+
     import wandb
 
     from covidct.privacy import pseudonymizer_of
-    from covidct.report import render_html
+    from covidct.report import render_figures, render_html
 
-    pseudonym, page = pseudonymizer_of(logger), written.html
+    pseudonym, page = pseudonymizer_of(logger), written.page
     if pseudonym.active:
-        renamed = dataclasses.replace(report, patients=[pseudonym(p) for p in report.patients])
-        page = render_html(renamed, written.metrics, written.images)
-
-    for title, path in written.paths.items():
+        report = dataclasses.replace(report, patients=[pseudonym(p) for p in report.patients])
+        page = render_figures(report, written.scored, pngs=written.images)
+    summary = logger.experiment.summary
+    for name, path in written.paths.items():
         if path.suffix == ".png":
-            logger.log_image(f"report/{path.stem}", [str(path)], step=step, caption=[title])
-    aucs = {_key(k): v for k, v in written.metrics.items() if "AUC" in k and np.isfinite(v)}
-    logger.log_metrics(aucs, step=step)
-    logger.experiment.log({"report/html": wandb.Html(page)})
+            summary[f"report/{path.stem}"] = wandb.Image(str(path), caption=page.captions[name])
+    for name, svg in page.svgs.items():
+        caption = html.escape(page.captions[name])
+        summary[f"report/{Path(name).stem}"] = wandb.Html(f"<figure>{svg}<figcaption>{caption}</figcaption></figure>")
+    for metric, value in written.metrics.items():
+        if np.isfinite(value):
+            summary[_key(metric)] = float(value)
+    summary["report/html"] = wandb.Html(render_html(report, written.scored, page, links=False))
 
 
 def _key(metric: str) -> str:
-    """'patient AUC (macro)' -> 'report/patient_auc_macro'."""
+    """'patient AUC (macro), rule scores' -> 'report/patient_auc_macro_rule_scores'."""
     return "report/" + re.sub(r"[^a-z0-9]+", "_", metric.lower()).strip("_")
