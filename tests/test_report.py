@@ -275,7 +275,7 @@ def test_patients_csv_is_the_one_per_patient_table_with_the_decision_columns(dec
             r["predicted_class"] == r["true_class"]
         )
     accuracy = {rule: np.mean([r[f"{rule}_vote"] == r["true_class"] for r in rows]) for rule in votes.predictions}
-    assert accuracy == pytest.approx({rule: votes.metrics[f"val/patient/{rule}/acc"] for rule in votes.predictions})
+    assert accuracy == pytest.approx({rule: votes.metrics[f"rules/{rule}/acc"] for rule in votes.predictions})
 
 
 def test_the_calibration_section_shows_ece_before_and_after_from_the_bins(decided):
@@ -285,13 +285,9 @@ def test_the_calibration_section_shows_ece_before_and_after_from_the_bins(decide
     # the slices before scaling, recovered from the calibrated ones: what decide() calibrated from
     np.testing.assert_allclose(cal.slice_before, validation()["probs"], atol=2e-5)
     m = written.metrics
-    assert m["slice ECE before calibration"] == pytest.approx(
-        votes.metrics["val/calibration/slice_ece_before"], abs=1e-5
-    )
-    assert m["slice ECE after calibration"] == pytest.approx(votes.metrics["val/calibration/slice_ece_after"], abs=1e-5)
-    assert m["patient ECE after calibration"] == pytest.approx(
-        votes.metrics["val/calibration/patient_ece_after"], abs=1e-5
-    )
+    assert m["slice ECE before calibration"] == pytest.approx(votes.metrics["calibration/slice_ece_before"], abs=1e-5)
+    assert m["slice ECE after calibration"] == pytest.approx(votes.metrics["calibration/slice_ece_after"], abs=1e-5)
+    assert m["patient ECE after calibration"] == pytest.approx(votes.metrics["calibration/patient_ece_after"], abs=1e-5)
     _, rows = Page(written.html).table_with("level")
     assert rows[0][1] == [
         "slices with a known class",

@@ -85,7 +85,7 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     assert config["experiment"] == "demo" and config["choices"]["model"] == "resnet18"
     assert "trainer.max_epochs=2" in config["overrides"] and "paths" not in config
     assert "class_names" not in config  # the model's hyperparameters once, under model
-    assert "val/patient/acc" in result.metrics and "val/patient/majority/acc" in result.metrics
+    assert "val/patient/acc" in result.metrics and "rules/majority/acc" in result.metrics
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["preprocessing"]["image_size"] == 32
     assert ckpt["wandb_run_id"] in runs[0].name
@@ -200,7 +200,7 @@ def test_compiled_training_saves_plain_checkpoints(tmp_path, shared_cache, monke
 def test_weighted_center_vote_drives_checkpointing_and_every_rule_is_logged(tmp_path, shared_cache):
     cfg = compose_train(tmp_path, tiny(shared_cache) + ["vote=weighted_center", "vote.center_slices=4", "logger=csv"])
     result = train(cfg)
-    assert result.metrics["val/patient/acc"] == result.metrics["val/patient/weighted_center/acc"] == result.score
+    assert result.metrics["val/patient/acc"] == result.metrics["rules/weighted_center/acc"] == result.score
     patients = read_csv(tmp_path / "patients.csv")
     assert all(p["predicted_class"] == p["weighted_center_vote"] for p in patients)
     logged = read_csv(next(tmp_path.glob("csv/version_*/metrics.csv")))[0].keys()

@@ -153,7 +153,7 @@ class ValidationVotes:
     slice_rows: np.ndarray  # (N,) int64 cache row of each validation slice, sorted
     slice_patient: np.ndarray  # (N,) int64 patient index of each slice
     slice_probs: np.ndarray  # (N, C) float32 softmax probabilities (calibrated: divided by ``temperature``)
-    temperature: float | None = None  # None: not recorded (see metrics' val/calibration/temperature)
+    temperature: float | None = None  # None: not recorded (see metrics' calibration/temperature)
     mil: MilDetails | None = None  # the MIL head fitted on every validation patient, applied to them
 
     @property

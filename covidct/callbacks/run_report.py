@@ -31,6 +31,7 @@ from covidct.callbacks.patient_vote import (
     patient_decisions,
     patient_metrics,
 )
+from covidct.metric_names import class_slug
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def rules_comparison(votes: ValidationVotes) -> tuple[list[str], list[list]]:
                 rule,
                 m["acc"],
                 m["f1_macro"],
-                *[m[f"sensitivity/{c}"] for c in CLASS_NAMES],
-                *[m[f"specificity/{c}"] for c in CLASS_NAMES],
+                *[m[f"sensitivity_{class_slug(c)}"] for c in CLASS_NAMES],
+                *[m[f"specificity_{class_slug(c)}"] for c in CLASS_NAMES],
             ]
         )
     return header, rows
