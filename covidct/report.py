@@ -707,6 +707,7 @@ h1{font-size:1.45em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;bord
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}th{background:#f2f2f2;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.t{text-align:left}
+td.long{min-width:22em}
 tr.wrong{background:#fde2e2}tr.marked{font-weight:bold}
 .figs{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}.figs img,svg{max-width:100%;height:auto}
 figcaption{font-size:.88em;color:#444;max-width:900px}code{background:#f5f5f5;padding:0 3px}"""
@@ -725,6 +726,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
 
 
+def _cell_class(value: object) -> str:
+    """``n`` (a number: right-aligned), ``t`` (text: left-aligned) or ``t long`` (a sentence, such as the
+    patient table's "why": kept wide enough to read instead of wrapping a word per line)."""
+    if _is_number(value):
+        return "n"
+    return "t long" if len(fmt(value)) > 40 else "t"
+
+
 def html_table(
     header: Sequence[str],
     rows: Sequence[Sequence[object]],
@@ -736,7 +745,7 @@ def html_table(
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
         (f'<tr class="{cls}">' if cls else "<tr>")
-        + "".join(f'<td class="{"n" if _is_number(v) else "t"}">{html.escape(fmt(v))}</td>' for v in row)
+        + "".join(f'<td class="{_cell_class(v)}">{html.escape(fmt(v))}</td>' for v in row)
         + "</tr>"
         for row, cls in zip(rows, list(classes) or [""] * len(rows), strict=True)
     )
