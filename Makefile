@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast lint train predict-demo two-stage-demo bench bench-predict clean
+.PHONY: install test test-fast lint train predict-demo two-stage-demo bench bench-predict bench-gpu clean
 
 install:  ## fresh venv with everything (torch first, then the project and its dev tools)
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ install:  ## fresh venv with everything (torch first, then the project and its d
 	$(BIN)/pip install --quiet -e '.[dev]'
 
 test:  ## the whole suite, slow end-to-end tests included (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast:  ## unit tests only
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -37,6 +37,8 @@ two-stage-demo:  ## paper label mode vs two-stage pseudo-labels on the same synt
 SAMPLE ?= ../shared/data/covid-ct-md-sample
 bench-predict:  ## seconds per 150-slice patient and overhead over a bare forward (VGG16, 224 px)
 	$(BIN)/python -m covidct.bench_predict input=$(SAMPLE) backbone=vgg16 image_size=224 $(ARGS)
+bench-gpu:  ## on a CUDA machine: VGG16 bf16 training img/s (cache vs GPU tensors, compile), predict.py GPU vs forward
+	$(BIN)/python -m covidct.bench_predict input=$(SAMPLE) backbone=vgg16 image_size=224 'rows=[gpu]' $(ARGS)
 
 clean:  ## run outputs and caches (generated data too); keeps the venv
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Patient-level prediction on new DICOM folders with a trained checkpoint (SPGC style: one CSV per test folder).
+"""Patient-level prediction on new DICOM folders (SPGC style: one CSV per test folder), with a trained
+checkpoint (PyTorch) or its ONNX export (onnxruntime, ``python -m covidct.export``).
 
 Accepted inputs:
 
@@ -6,7 +7,10 @@ Accepted inputs:
 * a folder of patient folders (one test set)                -> one CSV;
 * a folder of test sets (e.g. ``SPGC-Test1/T1-001/*.dcm``)  -> one CSV per test set.
 
-Preprocessing (windows, image size), class names and the vote rule come from the checkpoint.
+Preprocessing (windows, image size), class names and the vote rule come from the checkpoint, or from the
+export's sidecar. This module does not import torch: the checkpoint side lives in
+:mod:`covidct.torch_inference` (its names, e.g. ``load_checkpoint``, are also importable from here) and is
+imported only for a checkpoint; an ``.onnx`` model is read in worker processes and run by onnxruntime.
 """
 
 from __future__ import annotations
@@ -14,27 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydicom.misc import is_dicom
-from torch.utils.data import DataLoader, Dataset
 
 from covidct import NORMAL_CLASS
-from covidct.aggregation import GatedAttentionMIL, mil_from_state
-from covidct.aggregation import predict as mil_predict
-from covidct.calibration import apply_temperature
-from covidct.checkpoint import read_checkpoint
 from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line
 from covidct.data.labels import INFECTION_CLASSES
-from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker, parse_windows, read_preprocessed
+from covidct.data.preprocess import SlicePreprocessor, parse_windows, read_preprocessed
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
-from covidct.models.classifier import SliceClassifier
+from covidct.onnx_model import NumpyMIL, OnnxSliceModel, apply_temperature, load_onnx, looks_like_onnx, sidecar_path
 from covidct.voting import (
     CENTER_SLICES,
     LEARNED_RULES,
@@ -44,6 +44,30 @@ from covidct.voting import (
     check_vote_settings,
     vote,
 )
+
+if TYPE_CHECKING:
+    from covidct.aggregation import GatedAttentionMIL
+    from covidct.models.classifier import SliceClassifier
+
+#: the PyTorch side, importable from here as before (``from covidct.inference import load_checkpoint``)
+TORCH_NAMES = (
+    "load_checkpoint",
+    "PatientFolders",
+    "iterate_patients",
+    "slice_probabilities",
+    "slice_probabilities_and_embeddings",
+    "pick_device",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """``covidct.inference.load_checkpoint`` and the other :data:`TORCH_NAMES`: imported on first use."""
+    if name in TORCH_NAMES:
+        from covidct import torch_inference
+
+        return getattr(torch_inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +119,7 @@ def find_test_sets(input_path: str | Path) -> list[TestSet]:
 
 @dataclass
 class PredictorSettings:
-    """What prediction takes from the checkpoint (and what the user overrode)."""
+    """What prediction takes from the checkpoint or the export's sidecar (and what the user overrode)."""
 
     windows: list
     image_size: int
@@ -110,7 +134,8 @@ class PredictorSettings:
     temperature: float = 1.0  # divides the logits (temperature scaling fitted in training)
     tta: bool = False  # predict.py tta=true: mean of each slice's and its horizontal flip's probabilities
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
-    mil_head: GatedAttentionMIL | None = None  # vote_rule mil: the head fitted on the validation patients
+    mil_head: GatedAttentionMIL | NumpyMIL | None = None  # vote_rule mil: the head fitted on the validation patients
+    precision: str = "fp32"  # fp32 | bf16 (checkpoint, predict.py precision=bf16) | int8 (a quantized ONNX export)
     overridden: dict[str, Any] = field(default_factory=dict)
 
     def vote_parameters(self) -> dict[str, Any]:
@@ -124,121 +149,130 @@ class PredictorSettings:
         }
 
 
-def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassifier, PredictorSettings]:
-    """Model and settings from a Lightning checkpoint, loaded weights-only (no arbitrary pickle)."""
-    ckpt = read_checkpoint(path)
-    hp = dict(ckpt["hyper_parameters"])
-    hp.pop("loss", None)  # what the training loss was (recorded for the reader); not needed to predict
-    hp.pop("class_counts", None)  # older checkpoints
-    pre = hp.pop("preprocessing")
-    hp["pretrained"] = False  # the checkpoint brings the trained weights
-    model = SliceClassifier(**hp)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval().to(device)
-    vote_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), {})
-    settings = PredictorSettings(
-        windows=pre["windows"],
-        image_size=int(pre["image_size"]),
-        class_names=list(hp["class_names"]),
-        vote_rule=pre.get("vote_rule", "majority"),
-        tau=float(vote_state.get("tau", 0.5)),
-        k=int(vote_state.get("k", TOP_K)),  # older checkpoints: the defaults
-        center_slices=int(vote_state.get("center_slices", CENTER_SLICES)),
-        # checkpoints from before the winner's 80-slice window: every slice voted
-        window_slices=int(vote_state.get("window_slices", 1_000_000)),
-        slice_threshold=float(vote_state.get("slice_threshold", SLICE_THRESHOLD)),
-        threshold_tau=float(vote_state.get("threshold_tau", 0.5)),
-        temperature=float(vote_state.get("temperature", 1.0)),  # older checkpoints: not calibrated
-        lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
-        mil_head=mil_from_state(vote_state["mil"]) if vote_state.get("mil") else None,  # older: none
+def settings_from_sidecar(sidecar: dict[str, Any], mil_head: NumpyMIL | None) -> PredictorSettings:
+    """The :class:`PredictorSettings` an export's sidecar records (those of its source checkpoint)."""
+    v = sidecar["vote"]
+    return PredictorSettings(
+        windows=sidecar["windows"],
+        image_size=int(sidecar["image_size"]),
+        class_names=list(sidecar["class_names"]),
+        vote_rule=v["rule"],
+        tau=float(v["tau"]),
+        k=int(v["k"]),
+        center_slices=int(v["center_slices"]),
+        window_slices=int(v["window_slices"]),
+        slice_threshold=float(v["slice_threshold"]),
+        threshold_tau=float(v["threshold_tau"]),
+        temperature=float(v["temperature"]),
+        lung_crop=bool(sidecar.get("lung_crop", False)),
+        mil_head=mil_head,
+        precision=str(sidecar["precision"]),
     )
-    return model, settings
 
 
-class PatientFolders(Dataset):
-    """Reads and preprocesses one whole patient per item (run in DataLoader workers)."""
-
-    def __init__(self, folders: list[Path], preprocessor: SlicePreprocessor) -> None:
-        self.folders, self.preprocessor = folders, preprocessor
-
-    def __len__(self) -> int:
-        return len(self.folders)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        one_thread_per_worker()
-        folder = self.folders[i]
-        try:
-            series, _ = read_preprocessed(folder, self.preprocessor)  # a series not cropped is logged there
-        except CovidCTError as exc:
-            return {"folder": folder, "error": one_line(exc)}
-        return {
-            "folder": folder,
-            "images": torch.from_numpy(np.stack(series.slices)),
-            "locations": series.locations,
-            "ranks": series.ranks,
-            "order_key": series.order_key,
-            "order_note": series.order_note,
-            "skipped": [f"{s.path.name}: {s.reason}" for s in series.skipped],
-        }
+def read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict[str, Any]:
+    """One patient folder read and preprocessed: ``images`` uint8 (N, C, S, S) in slice order (head first),
+    ``locations``, ``ranks``, ``order_key``, ``order_note``, ``skipped`` (one line per unreadable slice); or
+    ``error`` (one line) when no slice could be used. Shared by the DataLoader (checkpoint) and the process
+    pool (ONNX) readers."""
+    try:
+        series, _ = read_preprocessed(folder, preprocessor)  # a series not cropped is logged there
+    except CovidCTError as exc:
+        return {"folder": folder, "error": one_line(exc)}
+    return {
+        "folder": folder,
+        "images": np.stack(series.slices),
+        "locations": series.locations,
+        "ranks": series.ranks,
+        "order_key": series.order_key,
+        "order_note": series.order_note,
+        "skipped": [f"{s.path.name}: {s.reason}" for s in series.skipped],
+    }
 
 
-def iterate_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_workers: int) -> Iterator[dict]:
-    """Preprocessed patients in order; reading overlaps with the caller's compute when workers > 0."""
-    loader = DataLoader(
-        PatientFolders(folders, preprocessor),
-        batch_size=None,
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,
-    )
-    yield from loader
+def _reader_process() -> None:
+    """A reader process resizes with one OpenCV thread: the processes already run in parallel."""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
-@torch.inference_mode()
-def slice_probabilities(model: SliceClassifier, images: torch.Tensor, batch_size: int, tta: bool = False) -> np.ndarray:
-    """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities, in batches; with ``tta`` the mean
-    of the probabilities of each slice and its horizontal flip (test-time augmentation, 2 forward passes)."""
-    device = next(model.parameters()).device
+def read_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_workers: int) -> Iterator[dict]:
+    """:func:`read_patient` of each folder, in order, without torch: ``num_workers`` processes read ahead
+    (at most two patients each) while the caller computes; 0 reads in this process."""
+    if not num_workers:
+        yield from (read_patient(f, preprocessor) for f in folders)
+        return
+    pool = ProcessPoolExecutor(num_workers, initializer=_reader_process)
+    try:
+        pending: deque[Future] = deque()
+        todo = iter(folders)
+        for folder in todo:
+            pending.append(pool.submit(read_patient, folder, preprocessor))
+            if len(pending) >= 2 * num_workers:
+                break
+        while pending:
+            item = pending.popleft().result()
+            folder = next(todo, None)
+            if folder is not None:
+                pending.append(pool.submit(read_patient, folder, preprocessor))
+            yield item
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
-    def probs(batch: torch.Tensor) -> torch.Tensor:
-        return model(batch).float().softmax(1)
 
-    out = []
-    for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size].to(device, non_blocking=True)
-        p = (probs(batch) + probs(batch.flip(-1))) / 2 if tta else probs(batch)
-        out.append(p.cpu())
-    return torch.cat(out).numpy()
+def patient_probabilities(
+    model: SliceClassifier | OnnxSliceModel, images: Any, settings: PredictorSettings, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One patient's uint8 (N, C, S, S) slices -> float32 (N, classes) probabilities at temperature 1, and
+    float32 (N, D) embeddings when the vote rule learns from them (``mil``), else None."""
+    embeddings = settings.vote_rule in LEARNED_RULES
+    if isinstance(model, OnnxSliceModel):
+        return model.run(images, batch_size, settings.tta, embeddings)
+    from covidct.torch_inference import slice_probabilities, slice_probabilities_and_embeddings
+
+    if embeddings:
+        return slice_probabilities_and_embeddings(model, images, batch_size, settings.tta, settings.precision)
+    return slice_probabilities(model, images, batch_size, settings.tta, settings.precision), None
 
 
-@torch.inference_mode()
-def slice_probabilities_and_embeddings(
-    model: SliceClassifier, images: torch.Tensor, batch_size: int, tta: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, C, S, S) -> float32 (N, classes) softmax probabilities and float32 (N, D) embeddings
-    (:meth:`SliceClassifier.features`) from the same forward passes; ``tta`` as in :func:`slice_probabilities`
-    (both averaged over each slice and its flip)."""
-    device = next(model.parameters()).device
-    probs, embeddings = [], []
-    for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size].to(device, non_blocking=True)
-        passes = [model.forward_with_features(b) for b in ((batch, batch.flip(-1)) if tta else (batch,))]
-        probs.append(sum(logits.float().softmax(1) for logits, _ in passes).cpu() / len(passes))
-        embeddings.append(sum(features.float() for _, features in passes).cpu() / len(passes))
-    return torch.cat(probs).numpy(), torch.cat(embeddings).numpy()
+def mil_decision(head: GatedAttentionMIL | NumpyMIL, embeddings: np.ndarray) -> int:
+    """The MIL head's class for one patient's (N, D) slice embeddings."""
+    if isinstance(head, NumpyMIL):
+        return int(head.predict([embeddings])[0])
+    from covidct.aggregation import predict as mil_predict
+
+    return int(mil_predict(head, [embeddings])[0])
+
+
+def predict_patient(
+    model: SliceClassifier | OnnxSliceModel, images: Any, settings: PredictorSettings, batch_size: int = 64
+) -> tuple[np.ndarray, int]:
+    """One patient's uint8 (N, C, S, S) slices (head first) -> (float32 (N, classes) calibrated slice
+    probabilities, the patient's class index): what :func:`predict_test_set` writes for each patient."""
+    probs, embeddings = patient_probabilities(model, images, settings, batch_size)
+    probs = apply_temperature(probs, settings.temperature)
+    if embeddings is not None:  # mil: the checkpoint's head on the slice embeddings
+        return probs, mil_decision(settings.mil_head, embeddings)
+    return probs, vote(probs, settings.vote_rule, settings.tau, **settings.vote_parameters())
 
 
 def predict_test_set(
     test_set: TestSet,
-    model: SliceClassifier,
+    model: SliceClassifier | OnnxSliceModel,
     settings: PredictorSettings,
     output_dir: Path,
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = True,
     cam_slices: int = 0,
+    record: dict[str, tuple[np.ndarray, int]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<name>.csv`` (one row per patient) and ``<name>_slices.csv`` into ``output_dir``; with
-    ``cam_slices`` > 0 also Grad-CAM PNGs of each patient's most decisive slices in ``<name>_cam/<patient>/``."""
+    ``cam_slices`` > 0 also Grad-CAM PNGs of each patient's most decisive slices in ``<name>_cam/<patient>/``
+    (checkpoints only). ``model``: a checkpoint's :class:`SliceClassifier` or an :class:`OnnxSliceModel`.
+    ``record``, when given, receives each predicted patient's (float32 (N, classes) slice probabilities, class
+    index), unrounded (the benchmark compares models with it)."""
     from tqdm import tqdm
 
     if cam_slices:  # pytorch-grad-cam imports matplotlib, scipy and scikit-learn: only when asked
@@ -246,23 +280,21 @@ def predict_test_set(
     pre = SlicePreprocessor(parse_windows(settings.windows), settings.image_size, settings.lung_crop)
     names = settings.class_names
     patient_rows, slice_rows = [], []
-    items = iterate_patients(test_set.patients, pre, num_workers)
+    if isinstance(model, OnnxSliceModel):
+        items = read_patients(test_set.patients, pre, num_workers)
+    else:
+        from covidct.torch_inference import iterate_patients
+
+        items = iterate_patients(test_set.patients, pre, num_workers)
     for item in tqdm(items, total=len(test_set.patients), desc=test_set.name, disable=not progress, unit="patient"):
         pid = item["folder"].name
         if "error" in item:
             log.error("%s: %s", pid, item["error"])
             patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
             continue
-        embeddings = None
-        if settings.vote_rule in LEARNED_RULES:  # mil: the checkpoint's head on the slice embeddings
-            probs, embeddings = slice_probabilities_and_embeddings(model, item["images"], batch_size, settings.tta)
-        else:
-            probs = slice_probabilities(model, item["images"], batch_size, settings.tta)
-        probs = apply_temperature(probs, settings.temperature)
-        if embeddings is not None:
-            pred = int(mil_predict(settings.mil_head, [embeddings])[0])
-        else:
-            pred = vote(probs, settings.vote_rule, settings.tau, **settings.vote_parameters())
+        probs, pred = predict_patient(model, item["images"], settings, batch_size)
+        if record is not None:
+            record[pid] = (probs, pred)
         infected = float(np.mean(probs.argmax(1) != NORMAL_CLASS))
         mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
         if cam_slices:
@@ -318,18 +350,6 @@ def predict_test_set(
     return patients_csv, slices_csv
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device={name!r}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device=cuda but no CUDA GPU is available here (or torch is a CPU build): use device=cpu or device=auto"
-        )
-    return torch.device(name)
-
-
 def check_cam(cfg) -> int:
     """Slices per patient to draw Grad-CAM overlays of: ``cam_slices`` when ``cam=true``, else 0."""
     if not cfg.get("cam", False):
@@ -340,8 +360,54 @@ def check_cam(cfg) -> int:
     return n
 
 
+def load_model(cfg, cam_slices: int) -> tuple[Any, PredictorSettings, dict[str, Any]]:
+    """The model ``cfg.ckpt_path`` names, its settings, and what ``prediction.json`` records about it: a
+    checkpoint (PyTorch, ``precision`` fp32 or bf16) or an ``.onnx`` export (onnxruntime, no torch import)."""
+    path = Path(cfg.ckpt_path)
+    requested = str(cfg.get("precision", "fp32"))
+    if looks_like_onnx(path):
+        if cam_slices:
+            raise ConfigError(
+                f"cam=true: Grad-CAM needs the network's gradients, and ckpt_path={path} is an ONNX export; draw "
+                "the overlays with its PyTorch checkpoint, or predict with cam=false"
+            )
+        if requested != "fp32":
+            raise ConfigError(
+                f"precision={requested}: ckpt_path={path} is an ONNX export, which runs at the precision it was "
+                "exported in (its sidecar says which); precision applies to PyTorch checkpoints. For int8, export "
+                "with python -m covidct.export ... quantize=int8 calibration_input=<DICOM folder>"
+            )
+        export = load_onnx(path, str(cfg.device))
+        settings = settings_from_sidecar(export.sidecar, export.mil_head)
+        side = export.sidecar
+        record = {
+            "model_format": "onnx",
+            "device": ",".join(export.model.providers),
+            "onnx": {
+                "sidecar": str(sidecar_path(path).resolve()),
+                "model_sha256": side["model_sha256"],
+                "opset": side.get("opset"),
+                "source_checkpoint": side.get("source_checkpoint"),
+                "source_checkpoint_sha256": side.get("source_checkpoint_sha256"),
+                "providers": export.model.providers,
+            },
+        }
+        return export.model, settings, record
+    from covidct.torch_inference import load_checkpoint, pick_device, resolve_precision
+
+    device = pick_device(cfg.device)
+    precision = resolve_precision(requested, device)
+    model, settings = load_checkpoint(path, device)
+    settings.precision = precision
+    record = {"model_format": "checkpoint", "device": str(device)}
+    if precision != requested:
+        record["precision_requested"] = requested
+    return model, settings, record
+
+
 def run_prediction(cfg) -> list[Path]:
-    """Everything ``predict.py`` does: check input, load the checkpoint, predict each test set."""
+    """Everything ``predict.py`` does: check input, load the model (a checkpoint, or an ONNX export when
+    ``ckpt_path`` is an ``.onnx`` file), predict each test set, record the settings in prediction.json."""
     test_sets = find_test_sets(cfg.input)
     chosen = cfg.get("vote") or {}  # vote=<rule>: that file's rule and parameters override the checkpoint's
     rule, k, center_slices, window_slices = (chosen.get(key) for key in ("rule", "k", "center_slices", "window_slices"))
@@ -349,8 +415,7 @@ def run_prediction(cfg) -> list[Path]:
     if cfg.tau is not None and not 0.0 <= float(cfg.tau) <= 1.0:
         raise ConfigError(f"tau must be in [0, 1] or null (the checkpoint's), got {cfg.tau}")
     cam_slices = check_cam(cfg)
-    device = pick_device(cfg.device)
-    model, settings = load_checkpoint(cfg.ckpt_path, device)
+    model, settings, model_record = load_model(cfg, cam_slices)
     if tuple(settings.class_names) == INFECTION_CLASSES:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: a stage-1 infected-slice model (classes {list(INFECTION_CLASSES)}); it "
@@ -385,11 +450,12 @@ def run_prediction(cfg) -> list[Path]:
         )
     record = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "model_file": str(Path(cfg.ckpt_path).resolve()),
         "input": str(Path(cfg.input).resolve()),
-        "device": str(device),
         "test_sets": {t.name: len(t.patients) for t in test_sets},
         "cam": cam_slices > 0,
         "cam_slices": cam_slices,
+        **model_record,
         **{key: value for key, value in settings.__dict__.items() if key != "mil_head"},
         "mil_head": settings.mil_head is not None,
     }

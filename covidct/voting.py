@@ -27,10 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.errors import ConfigError
@@ -505,29 +503,6 @@ def vote_patients(
         )
         for pid, p in group_slices(patient_ids, probs).items()
     ]
-
-
-def deduplicate(indices: np.ndarray | torch.Tensor, *arrays: Any) -> tuple:
-    """Keep the first occurrence of each global sample index.
-
-    ``DistributedSampler`` pads the dataset with repeated samples so every rank gets as many; after an
-    ``all_gather`` the repeats must count once. ``indices`` (N,) int and each array (N, ...) are numpy
-    arrays or torch tensors; returns ``(unique_indices_sorted, *arrays)`` with every array reordered the
-    same way and of the same type (and device) as given.
-    """
-    idx_np = indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
-    idx_np = idx_np.reshape(-1)
-    for k, array in enumerate(arrays):
-        if len(array) != idx_np.size:
-            raise ValueError(f"array {k} has {len(array)} rows but there are {idx_np.size} indices")
-    _, first = np.unique(idx_np, return_index=True)
-
-    def take(array: Any) -> Any:
-        if isinstance(array, torch.Tensor):
-            return array[torch.as_tensor(first, dtype=torch.long, device=array.device)]
-        return np.asarray(array)[first]
-
-    return (take(indices), *(take(a) for a in arrays))
 
 
 # ---- what each rule decides on (for patients.csv and the run report) ---------------------------------

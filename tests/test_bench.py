@@ -152,3 +152,26 @@ def test_a_bad_value_ends_in_one_line_naming_the_key(tmp_path, module, args, key
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and key in lines[0] and "ERROR" in lines[0], out.stderr
     assert not (tmp_path / "cache").exists()  # it failed before making any data
+
+
+@pytest.mark.slow
+def test_deployment_rows_compare_bf16_with_fp32_on_the_same_patient_and_skip_gpu_rows_without_one(tmp_path, caplog):
+    """bench_predict's deployment rows on a tiny stand-in (resnet18, 32 px): the bf16 row is measured, its largest
+    slice-probability difference is not zero, the calls are compared; the gpu rows are skipped with a message on a
+    machine without a CUDA GPU. (The onnx and int8 rows export a model, which takes long: tests/test_export.py
+    tests the export and the quantization, and ``make bench-predict`` runs the rows.)"""
+    import torch
+
+    from covidct.bench_predict import format_deployment, measure_deployment
+
+    stand_in = ensure_dataset(
+        tmp_path / "stand-in", SyntheticSpec(patients_per_class=(1, 0, 0), slices_min=5, slices_max=5, image_size=64)
+    )
+    with caplog.at_level("WARNING"):
+        rows = measure_deployment(stand_in, "resnet18", 32, 8, 0, 1, ["bf16", "gpu"], 1, None, 4, force_bf16=True)
+    assert rows[0]["row"] == "bf16" and rows[0]["a_s"] > 0 and rows[0]["b_s"] > 0
+    assert 0 < rows[0]["max_abs_prob_diff"] < 0.1 and set(rows[0]["calls_changed"]) <= {"P001"}
+    assert "(5 slices), resnet18 32 px, random weights" in rows[0]["data"]
+    if not torch.cuda.is_available():
+        assert "gpu rows skipped" in caplog.text and [r["row"] for r in rows] == ["bf16"]
+    assert "checkpoint bf16 autocast" in format_deployment(rows)

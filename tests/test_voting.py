@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from covidct.callbacks.patient_vote import deduplicate
 from covidct.voting import (
     VOTE_RULES,
     central_mask,
-    deduplicate,
     group_slices,
     infected_class,
     infected_fraction,
