@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from omegaconf import OmegaConf
 from pydicom.misc import is_dicom
 
 from covidct import NORMAL_CLASS
@@ -35,6 +36,7 @@ from covidct.data.preprocess import SlicePreprocessor, parse_windows, read_prepr
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
 from covidct.onnx_model import NumpyMIL, OnnxSliceModel, apply_temperature, load_onnx, looks_like_onnx, sidecar_path
+from covidct.tta import mean_over_views, tta_views
 from covidct.voting import (
     CENTER_SLICES,
     LEARNED_RULES,
@@ -133,6 +135,8 @@ class PredictorSettings:
     threshold_tau: float = 0.5  # threshold
     temperature: float = 1.0  # divides the logits (temperature scaling fitted in training)
     tta: bool = False  # predict.py tta=true: mean of each slice's and its horizontal flip's probabilities
+    tta_transforms: list = field(default_factory=list)  # predict.py tta_transforms: more views (covidct.tta)
+    tta_views: list = field(default_factory=list)  # the built tta_transforms (not recorded)
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     mil_head: GatedAttentionMIL | NumpyMIL | None = None  # vote_rule mil: the head fitted on the validation patients
     precision: str = "fp32"  # fp32 | bf16 (checkpoint, predict.py precision=bf16) | int8 (a quantized ONNX export)
@@ -227,13 +231,17 @@ def patient_probabilities(
     """One patient's uint8 (N, C, S, S) slices -> float32 (N, classes) probabilities at temperature 1, and
     float32 (N, D) embeddings when the vote rule learns from them (``mil``), else None."""
     embeddings = settings.vote_rule in LEARNED_RULES
-    if isinstance(model, OnnxSliceModel):
-        return model.run(images, batch_size, settings.tta, embeddings)
-    from covidct.torch_inference import slice_probabilities, slice_probabilities_and_embeddings
 
-    if embeddings:
-        return slice_probabilities_and_embeddings(model, images, batch_size, settings.tta, settings.precision)
-    return slice_probabilities(model, images, batch_size, settings.tta, settings.precision), None
+    def run(views_of: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        if isinstance(model, OnnxSliceModel):
+            return model.run(views_of, batch_size, settings.tta, embeddings)
+        from covidct.torch_inference import slice_probabilities, slice_probabilities_and_embeddings
+
+        if embeddings:
+            return slice_probabilities_and_embeddings(model, views_of, batch_size, settings.tta, settings.precision)
+        return slice_probabilities(model, views_of, batch_size, settings.tta, settings.precision), None
+
+    return mean_over_views(run, images, settings.tta_views)  # tta_transforms: each one more view
 
 
 def mil_decision(head: GatedAttentionMIL | NumpyMIL, embeddings: np.ndarray) -> int:
@@ -442,6 +450,11 @@ def run_prediction(cfg) -> list[Path]:
             "before the mil rule, or of a run without validation patients); choose another vote=<rule>"
         )
     settings.tta = bool(cfg.get("tta", False))
+    transforms = cfg.get("tta_transforms") or []
+    settings.tta_transforms = (
+        OmegaConf.to_container(transforms, resolve=True) if OmegaConf.is_config(transforms) else list(transforms)
+    )
+    settings.tta_views = tta_views(settings.tta_transforms)
     output_dir = Path(cfg.paths.output_dir)
     outputs = []
     for test_set in test_sets:
@@ -456,7 +469,7 @@ def run_prediction(cfg) -> list[Path]:
         "cam": cam_slices > 0,
         "cam_slices": cam_slices,
         **model_record,
-        **{key: value for key, value in settings.__dict__.items() if key != "mil_head"},
+        **{key: value for key, value in settings.__dict__.items() if key not in ("mil_head", "tta_views")},
         "mil_head": settings.mil_head is not None,
     }
     outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))

@@ -150,3 +150,29 @@ def test_test_time_augmentation_averages_each_slice_and_its_horizontal_flip():
     np.testing.assert_allclose(
         slice_probabilities(model, symmetric, 2, tta=True), slice_probabilities(model, symmetric, 2), atol=1e-6
     )
+
+
+def test_tta_transforms_are_more_views_averaged_in_and_bad_ones_are_refused():
+    """predict.py tta_transforms=[...]: each albumentations transform is one more view of every slice."""
+    from covidct.errors import ConfigError
+    from covidct.inference import PredictorSettings, patient_probabilities, slice_probabilities
+    from covidct.models.classifier import SliceClassifier
+    from covidct.tta import tta_views
+
+    torch.manual_seed(0)
+    model = SliceClassifier("resnet18").eval()
+    images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    vflip = {"_target_": "albumentations.VerticalFlip", "p": 1.0}
+    settings = PredictorSettings(["lung"], 32, ["COVID-19", "CAP", "Normal"], "majority", 0.5, tta=True)
+    settings.tta_views = tta_views([vflip])
+    probs, embeddings = patient_probabilities(model, images, settings, batch_size=2)
+    both = [slice_probabilities(model, x, 2, tta=True) for x in (images, images.flip(-2))]
+    np.testing.assert_allclose(probs, (both[0] + both[1]) / 2, atol=1e-6)
+    assert embeddings is None and np.abs(probs - both[0]).max() > 1e-4
+    with pytest.raises(ConfigError, match=r"tta_transforms\[0\].*not an albumentations transform"):
+        tta_views([{"_target_": "collections.OrderedDict"}])
+    with pytest.raises(ConfigError, match=r"tta_transforms\[1\].*cannot be built"):
+        tta_views([vflip, {"_target_": "albumentations.NoSuchTransform"}])
+    resize = tta_views([{"_target_": "albumentations.Resize", "height": 16, "width": 16}])
+    with pytest.raises(ConfigError, match="keep the slice's size"):
+        resize[0](images.numpy())
