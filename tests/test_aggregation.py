@@ -240,7 +240,6 @@ def test_training_with_patient_shift_reports_mil_and_predict_uses_its_head(share
         "logger=none",
         "vote=mil",
         "data.synthetic.patient_shift=100",
-        "trainer.max_epochs=2",
     ]
     result = train(compose_train(run, overrides))
     with (run / "patients.csv").open() as f:
