@@ -17,6 +17,7 @@ from covidct.config import register_resolvers
 from tests.conftest import REPO, cli_env, run_cli
 
 
+@pytest.mark.slow  # a few seconds: keeps make test-fast under 2 min
 def test_predict_without_its_keys_prints_a_usage_line_and_makes_no_run_folder(tmp_path):
     out = run_cli([], tmp_path, script="predict.py")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr

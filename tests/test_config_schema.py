@@ -196,6 +196,7 @@ def test_gpu_trainer_config_is_ready_for_a_gpu(tmp_path):
     assert cfg.data.num_workers is None and cfg.data.pin_memory is None  # auto: decided by the data module
 
 
+@pytest.mark.slow  # a few seconds: keeps make test-fast under 2 min
 def test_synthetic_schema_is_made_from_the_generator_spec_and_the_yaml_agrees(tmp_path):
     """``data.synthetic`` is typed by a schema made from the frozen SyntheticSpec it feeds: the same keys
     and defaults (tuples as lists), conf/data/synthetic.yaml sets the same values, overrides and type

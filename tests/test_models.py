@@ -34,6 +34,7 @@ def test_pretrained_loads_the_file_in_torch_hub_cache(torch_home):
     assert not torch.equal(scratch.conv1.weight, reference.conv1.weight)
 
 
+@pytest.mark.slow  # a few seconds: keeps make test-fast under 2 min
 def test_missing_weights_stop_with_a_message_saying_where_to_put_them(torch_home, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -54,7 +55,10 @@ def test_unknown_backbone_lists_the_choices():
         build_backbone("vgg61", 3)
 
 
-@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn", "resnet18"])
+@pytest.mark.parametrize(
+    "name",  # the VGGs take 2-2.5 s each to build: slow, to keep make test-fast under 2 min
+    [pytest.param("vgg16", marks=pytest.mark.slow), pytest.param("vgg16_bn", marks=pytest.mark.slow), "resnet18"],
+)
 def test_heads_have_three_classes(name):
     model = SliceClassifier(backbone=name, in_channels=1)
     out = model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
@@ -69,6 +73,7 @@ def test_input_adapter_normalises_uint8_with_imagenet_statistics():
     assert InputAdapter(2)(torch.zeros((1, 2, 4, 4), dtype=torch.uint8)).shape == (1, 3, 4, 4)
 
 
+@pytest.mark.slow  # a few seconds: keeps make test-fast under 2 min
 def test_training_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = SliceClassifier(
