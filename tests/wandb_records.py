@@ -41,24 +41,24 @@ def records(path: Path) -> list[Any]:
     return out
 
 
-def summary(path: Path) -> dict[str, Any]:
-    """The run's final summary: every summary update's key -> its latest value (JSON-decoded)."""
+def _latest(path: Path, kind: str) -> dict[str, Any]:
+    """Every ``kind`` (``summary`` or ``config``) record's update items: key -> its latest value (JSON-decoded)."""
     values: dict[str, Any] = {}
     for record in records(path):
-        if record.WhichOneof("record_type") == "summary":
-            for item in record.summary.update:
+        if record.WhichOneof("record_type") == kind:
+            for item in getattr(record, kind).update:
                 values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return values
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """The run's final summary."""
+    return _latest(path, "summary")
 
 
 def config(path: Path) -> dict[str, Any]:
-    """The run's config: every config update's key -> its latest value (JSON-decoded)."""
-    values: dict[str, Any] = {}
-    for record in records(path):
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
-                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return values
+    """The run's config."""
+    return _latest(path, "config")
 
 
 def run_name(path: Path) -> str:
