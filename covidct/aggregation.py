@@ -218,13 +218,15 @@ def cross_fit_predictions(
     **fit_kwargs: Any,
 ) -> np.ndarray:
     """(P,) int64 predictions, each made by a head (:func:`fit_mil`) fitted on the other folds only
-    (:func:`folds_of`); a single patient has no others and is scored by a head fitted on itself."""
+    (:func:`folds_of`). P >= 2: a single patient has no others to be scored by."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(labels) < 2:
+        raise ValueError(f"cross-fitting needs at least 2 patients, got {len(labels)}")
     fold = folds_of(labels, folds, seed)
     preds = np.empty(len(labels), dtype=np.int64)
     for f in np.unique(fold):
         held = fold == f
-        train = ~held if (~held).any() else held
+        train = ~held
         model = fit_mil(
             [b for b, t in zip(bags, train, strict=True) if t], labels[train], num_classes, seed, **fit_kwargs
         )

@@ -213,6 +213,31 @@ def threshold_class(probs: np.ndarray, slice_threshold: float, normal_class: int
     return _winner(scores, voting)
 
 
+def threshold_calls(
+    probs: np.ndarray, slice_thresholds: np.ndarray, normal_class: int = NORMAL_CLASS
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`infected_share` (T,) float64 and :func:`threshold_class` (T,) int64 of one patient's ``probs``
+    (n_slices, C) at each of ``slice_thresholds`` (T,), at once: the slices above a threshold are the top
+    of the slices sorted by infected probability, so their class sums come from one cumulative sum."""
+    probs = _check_probs(probs)
+    _check_normal(normal_class, probs.shape[1])
+    thresholds = np.asarray(slice_thresholds, dtype=np.float64).reshape(-1)
+    infected = infected_probability(probs, normal_class)
+    order = np.argsort(infected, kind="stable")
+    n = len(order)
+    above = n - np.searchsorted(infected[order], thresholds, side="right")  # (T,) slices above each threshold
+    top_sums = np.concatenate([np.zeros((1, probs.shape[1])), np.cumsum(probs[order][::-1], axis=0)])
+    voting = np.where(above > 0, above, n)  # none above: all slices vote
+    sums = top_sums[voting]  # (T, C)
+    scores = sums / voting[:, None]
+    scores[:, normal_class] = -np.inf
+    # the module's tie rule, row-wise (as _winner): best score, then best summed probability, then lowest index
+    tied = np.isclose(scores, scores.max(axis=1, keepdims=True), rtol=1e-9, atol=0.0)
+    tied_sums = np.where(tied, sums, -np.inf)
+    close = tied & np.isclose(tied_sums, tied_sums.max(axis=1, keepdims=True), rtol=1e-9, atol=0.0)
+    return above / n, close.argmax(axis=1).astype(np.int64)
+
+
 def threshold_vote(probs: np.ndarray, slice_threshold: float, tau: float, normal_class: int = NORMAL_CLASS) -> int:
     """``normal_class`` if :func:`infected_share` at ``slice_threshold`` is <= ``tau``, else :func:`threshold_class`."""
     tau = _check_tau(tau)
@@ -253,10 +278,11 @@ def tune_threshold(
         candidates = np.unique(np.concatenate([SLICE_THRESHOLDS, quantiles[quantiles < 1.0]]))
     else:
         candidates = np.asarray([slice_threshold], dtype=np.float64)
+    calls = [threshold_calls(g, candidates, normal_class) for g in groups]
+    all_shares = np.stack([c[0] for c in calls], axis=1)  # (T, P)
+    all_sick = np.stack([c[1] for c in calls], axis=1)
     results = []
-    for t in candidates:
-        shares = np.asarray([infected_share(g, t, normal_class) for g in groups])
-        sick = np.asarray([threshold_class(g, t, normal_class) for g in groups])
+    for t, shares, sick in zip(candidates, all_shares, all_sick, strict=True):
         share_tau = tune_tau(shares, sick, labels, normal_class) if tau is None else float(tau)
         correct = np.where(shares <= share_tau, normal_class, sick) == labels
         results.append((float(correct.mean()), float(t), share_tau))

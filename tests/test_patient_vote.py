@@ -182,3 +182,21 @@ def test_wandb_sample_slices_take_the_classes_in_turn():
     assert classes_in_turn(np.arange(7), labels) == [0, 4, 6, 1, 5, 2, 3]
     assert classes_in_turn(np.array([1, 2, 5]), labels) == [1, 5, 2]
     assert classes_in_turn(np.array([], dtype=int), labels) == []
+
+
+def test_mil_is_not_scored_on_one_validation_patient(caplog):
+    """One validation patient has no others to fit a head on: mil is left out (said once), never fitted on it;
+    vote.rule=mil stops with what to do."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=6).astype(np.float32)
+    embeddings = rng.normal(size=(6, 8)).astype(np.float32)
+    args = (np.arange(6), np.zeros(6, dtype=np.int64), probs, ["P0"], np.array([1]))
+    cb = PatientVoteCallback("threshold")
+    with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
+        for epoch in range(2):
+            result = cb.decide(epoch, *args, embeddings=embeddings)
+    assert "mil" not in result.predictions and cb.mil_head is None and result.mil is None
+    assert "rules/mil/acc" not in result.metrics and [r[0] for r in cb.rule_table[1]] == list(VOTE_RULES)
+    assert caplog.text.count("needs at least 2 validation patients") == 1
+    with pytest.raises(ConfigError, match=r"vote.rule=mil: .*got 1; raise data.val_fraction"):
+        PatientVoteCallback("mil").decide(0, *args, embeddings=embeddings)

@@ -20,6 +20,7 @@ from covidct.voting import (
     leave_one_out_threshold_predictions,
     majority_vote,
     mean_prob_vote,
+    threshold_calls,
     threshold_class,
     threshold_vote,
     topk_mean,
@@ -411,6 +412,20 @@ def test_threshold_rule_pieces_on_hand_made_probabilities() -> None:
     assert threshold_class(probs, 0.25) == 1  # slices 0-2: COVID-19 0.173 < CAP 0.193
     assert threshold_vote(probs, 0.35, tau=0.5) == 2 and threshold_vote(probs, 0.35, tau=0.4) == 0
     assert threshold_class(np.array([[0.0, 0.1, 0.9]]), 0.5) == 1  # none above: the sick class of all slices
+
+
+def test_threshold_calls_equal_the_one_threshold_functions() -> None:
+    """The vectorised form tune_threshold uses gives, at every threshold, the share and class (ties included)."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        probs = rng.dirichlet(np.full(3, rng.uniform(0.2, 3.0)), size=int(rng.integers(1, 30)))
+        if trial % 4 == 0:  # coarse probabilities: tied classes and slices exactly on a threshold
+            probs = np.round(probs, 1) + 1e-3
+            probs /= probs.sum(axis=1, keepdims=True)
+        thresholds = np.concatenate([np.arange(0.0, 1.0, 0.05), 1.0 - probs[:, 2]])
+        shares, classes = threshold_calls(probs, thresholds)
+        assert shares.tolist() == [infected_share(probs, t) for t in thresholds]
+        assert classes.tolist() == [threshold_class(probs, t) for t in thresholds]
 
 
 def test_tune_threshold_keeps_a_fixed_value() -> None:

@@ -83,6 +83,8 @@ from covidct.voting import (
 log = logging.getLogger(__name__)
 #: fewest validation patients (of at least two classes) whose slices a temperature is fitted on
 MIN_CALIBRATION_PATIENTS = 4
+#: the learned rule ``mil`` is fitted and scored (cross-fitted) from this many validation patients on
+MIN_MIL_PATIENTS = 2
 # The patient metrics are computed from all ranks' gathered slices, so every rank logs the same values
 # and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
 warnings.filterwarnings(
@@ -241,6 +243,7 @@ class PatientVoteCallback(pl.Callback):
         self.threshold_tau = 0.5 if tau is None else float(tau)
         self.calibration = calibration
         self._calibration_refused = False  # warned that there are too few validation patients to calibrate on
+        self._mil_refused = False  # warned that there are too few validation patients to score mil on
         self.temperature = 1.0 if from_ckpt is None else self._source_temperature  # predict.py divides by it
         self.from_ckpt = from_ckpt
         if from_ckpt is not None:
@@ -365,7 +368,7 @@ class PatientVoteCallback(pl.Callback):
             predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
         if self.fixed_tau is None or self.fixed_slice_threshold is None:
             predictions["threshold"] = self.leave_one_out_threshold(list(groups.values()), labels)
-        if embeddings is not None:
+        if embeddings is not None and self._enough_for_mil(len(labels)):
             predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, embeddings[order]).values()), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
         metrics = {
@@ -463,6 +466,23 @@ class PatientVoteCallback(pl.Callback):
         return leave_one_out_threshold_predictions(
             groups, labels, slice_threshold=self.fixed_slice_threshold, tau=self.fixed_tau
         )
+
+    def _enough_for_mil(self, n_patients: int) -> bool:
+        """Whether ``mil`` can be fitted and scored on ``n_patients`` validation patients: at least
+        :data:`MIN_MIL_PATIENTS`, so that each is scored by a head fitted on others. With fewer, ``vote.rule=mil``
+        stops with what to do; otherwise ``mil`` is left out of the rule table (said once)."""
+        if n_patients >= MIN_MIL_PATIENTS:
+            return True
+        message = (
+            f"the learned rule mil needs at least {MIN_MIL_PATIENTS} validation patients (each one is scored by a "
+            f"head fitted on the others), got {n_patients}"
+        )
+        if self.rule in LEARNED_RULES:
+            raise ConfigError(f"vote.rule={self.rule}: {message}; raise data.val_fraction or use a fixed vote rule")
+        if not self._mil_refused:
+            log.warning("%s: mil is not scored (vote.mil=false silences this)", message)
+            self._mil_refused = True
+        return False
 
     def fit_mil_rule(self, bags: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
         """Fit ``mil_head`` on every validation patient's bag (n_i, D) and class ``labels`` (P,); return the
