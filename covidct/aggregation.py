@@ -1,19 +1,21 @@
-"""A learned patient rule: gated attention multiple-instance learning over slice embeddings.
+"""A learned patient rule: gated attention multiple-instance learning over what the slice model says.
 
-A patient is a *bag* of slice embeddings (n_slices, D) float32: the slice model's penultimate features
-(:meth:`covidct.models.classifier.SliceClassifier.features`). :class:`GatedAttentionMIL` (Ilse et al.,
+A patient is a *bag* of per-slice features (n_slices, D) float32 (:mod:`covidct.mil_features`): the slice
+model's penultimate features (:meth:`covidct.models.classifier.SliceClassifier.features`) or the log of its
+calibrated slice probabilities. :class:`GatedAttentionMIL` (Ilse et al.,
 "Attention-based deep multiple instance learning", ICML 2018; MONAI's ``MILModel`` ``att_gated``) maps
 each bag to C class logits and is trained on patient labels only (:func:`fit_mil`), so every patient
 with a known class counts, whether or not its slices were labelled.
 
 Comparable across patients: a scanner shifts the intensities (and the noise) of all of a patient's
 slices alike, which moves all of its embeddings together. ``standardize="center"`` (the default)
-subtracts each bag's per-feature median (the patient's typical slice: its own clean tissue when fewer
+(for embeddings) subtracts each bag's per-feature median (the patient's typical slice: its own clean tissue when fewer
 than half of its slices are infected) before anything else, so the head sees how slices differ from the
 rest of their patient rather than where the patient's scanner put them; the centred features are then
 scaled by one global per-feature std fitted on the training bags. Not divided by each bag's own std:
 that would blow a Normal patient's small slice-to-slice noise up to the size of a sick patient's
-lesions. ``"none"`` uses the raw embeddings (globally standardised), ``"center_concat"`` both.
+lesions. ``"none"`` uses the raw features (globally standardised), ``"center_concat"`` (for log
+probabilities) both.
 
 :func:`cross_fit_predictions` gives each patient the prediction of a head fitted on the other patients
 only (stratified k-fold, or leave-one-out for few patients): a head scored on the patients it was fitted
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from covidct.mil_features import STANDARDIZE_OF, check_mil_features
 
 STANDARDIZE_MODES: tuple[str, ...] = ("center", "none", "center_concat")
 #: fit_mil's defaults (full-batch Adam: tens of patients fit in well under a second on a CPU)
@@ -68,11 +72,13 @@ class GatedAttentionMIL(nn.Module):
         attention: int = ATTENTION,
         standardize: str = "center",
         dropout: float = 0.25,
+        slice_features: str = "embeddings",
     ) -> None:
         super().__init__()
         if standardize not in STANDARDIZE_MODES:
             raise ValueError(f"standardize must be one of {STANDARDIZE_MODES}, got {standardize!r}")
         self.init_args: dict[str, Any] = {
+            "slice_features": check_mil_features(slice_features),  # what it reads (covidct.mil_features)
             "in_features": int(in_features),
             "num_classes": int(num_classes),
             "hidden": int(hidden),
@@ -89,6 +95,11 @@ class GatedAttentionMIL(nn.Module):
         self.attention_u = nn.Linear(hidden, attention)
         self.attention_w = nn.Linear(attention, 1)
         self.classifier = nn.Linear(hidden, num_classes)
+
+    @property
+    def slice_features(self) -> str:
+        """What the head reads of each slice (:data:`covidct.mil_features.MIL_FEATURES`)."""
+        return self.init_args["slice_features"]
 
     def features(self, bag: torch.Tensor) -> torch.Tensor:
         """(n, D) embeddings -> (n, F) standardised features."""
@@ -144,10 +155,14 @@ def fit_mil(
     epochs: int = EPOCHS,
     lr: float = LR,
     weight_decay: float = WEIGHT_DECAY,
-    standardize: str = "center",
+    standardize: str | None = None,
     hidden: int = HIDDEN,
+    slice_features: str = "embeddings",
 ) -> GatedAttentionMIL:
     """A :class:`GatedAttentionMIL` fitted on ``bags`` (P bags of (n_i, D) float32) and ``labels`` (P,) int.
+
+    ``slice_features`` names what the bags hold (:mod:`covidct.mil_features`; stored with the head so that
+    predict.py feeds it the same); ``standardize`` None: that kind's (``STANDARDIZE_OF``).
 
     Full-batch Adam on the class-balanced cross-entropy (each present class weighs the same in total),
     on the CPU, deterministic for a ``seed`` (the global torch RNG is left as it was). Returned in eval mode.
@@ -162,8 +177,11 @@ def fit_mil(
             raise ValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(y.tolist()))}")
         counts = torch.bincount(y, minlength=num_classes).float()
         weight = torch.where(counts > 0, len(y) / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(()))
+        standardize = STANDARDIZE_OF[check_mil_features(slice_features)] if standardize is None else standardize
         torch.manual_seed(seed)
-        model = GatedAttentionMIL(tensors[0].shape[1], num_classes, hidden=hidden, standardize=standardize)
+        model = GatedAttentionMIL(
+            tensors[0].shape[1], num_classes, hidden=hidden, standardize=standardize, slice_features=slice_features
+        )
         raw = [bag_features(b, standardize) for b in tensors]
         stacked = torch.cat(raw)
         model.shift.copy_(stacked.mean(dim=0))
@@ -243,7 +261,7 @@ def mil_state(model: GatedAttentionMIL) -> dict[str, Any]:
 
 
 def mil_from_state(state: dict[str, Any]) -> GatedAttentionMIL:
-    """Inverse of :func:`mil_state` (eval mode)."""
+    """Inverse of :func:`mil_state` (eval mode); heads saved before ``slice_features`` read embeddings."""
     model = GatedAttentionMIL(**state["init"])
     model.load_state_dict(state["state_dict"])
     return model.eval()

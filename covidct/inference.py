@@ -35,6 +35,7 @@ from covidct.data.labels import INFECTION_CLASSES
 from covidct.data.preprocess import SlicePreprocessor, parse_windows, read_preprocessed
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text
+from covidct.mil_features import slice_features
 from covidct.onnx_model import NumpyMIL, OnnxSliceModel, apply_temperature, load_onnx, looks_like_onnx, sidecar_path
 from covidct.tta import mean_over_views, tta_views
 from covidct.voting import (
@@ -229,8 +230,9 @@ def patient_probabilities(
     model: SliceClassifier | OnnxSliceModel, images: Any, settings: PredictorSettings, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One patient's uint8 (N, C, S, S) slices -> float32 (N, classes) probabilities at temperature 1, and
-    float32 (N, D) embeddings when the vote rule learns from them (``mil``), else None."""
-    embeddings = settings.vote_rule in LEARNED_RULES
+    float32 (N, D) embeddings when the vote rule's head reads them (``mil``, ``slice_features`` embeddings),
+    else None."""
+    embeddings = settings.vote_rule in LEARNED_RULES and settings.mil_head.slice_features == "embeddings"
 
     def run(views_of: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(model, OnnxSliceModel):
@@ -244,13 +246,14 @@ def patient_probabilities(
     return mean_over_views(run, images, settings.tta_views)  # tta_transforms: each one more view
 
 
-def mil_decision(head: GatedAttentionMIL | NumpyMIL, embeddings: np.ndarray) -> int:
-    """The MIL head's class for one patient's (N, D) slice embeddings."""
+def mil_decision(head: GatedAttentionMIL | NumpyMIL, features: np.ndarray) -> int:
+    """The MIL head's class for what it reads of one patient's N slices, ``features`` (N, F)
+    (:func:`covidct.mil_features.slice_features`)."""
     if isinstance(head, NumpyMIL):
-        return int(head.predict([embeddings])[0])
+        return int(head.predict([features])[0])
     from covidct.aggregation import predict as mil_predict
 
-    return int(mil_predict(head, [embeddings])[0])
+    return int(mil_predict(head, [features])[0])
 
 
 def predict_patient(
@@ -258,10 +261,14 @@ def predict_patient(
 ) -> tuple[np.ndarray, int]:
     """One patient's uint8 (N, C, S, S) slices (head first) -> (float32 (N, classes) calibrated slice
     probabilities, the patient's class index): what :func:`predict_test_set` writes for each patient."""
-    probs, embeddings = patient_probabilities(model, images, settings, batch_size)
-    probs = apply_temperature(probs, settings.temperature)
-    if embeddings is not None:  # mil: the checkpoint's head on the slice embeddings
-        return probs, mil_decision(settings.mil_head, embeddings)
+    raw, embeddings = patient_probabilities(model, images, settings, batch_size)
+    probs = apply_temperature(raw, settings.temperature)
+    if settings.vote_rule in LEARNED_RULES:  # mil: the checkpoint's head on what it reads of the slices
+        head = settings.mil_head
+        # fitted on probabilities at the checkpoint's temperature: it reads those even with calibration=false
+        fitted = settings.overridden.get("temperature", {}).get("checkpoint", settings.temperature)
+        features = slice_features(head.slice_features, apply_temperature(raw, fitted), embeddings)
+        return probs, mil_decision(head, features)
     return probs, vote(probs, settings.vote_rule, settings.tau, **settings.vote_parameters())
 
 
@@ -471,6 +478,7 @@ def run_prediction(cfg) -> list[Path]:
         **model_record,
         **{key: value for key, value in settings.__dict__.items() if key not in ("mil_head", "tta_views")},
         "mil_head": settings.mil_head is not None,
+        "mil_features": None if settings.mil_head is None else settings.mil_head.slice_features,
     }
     outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
     return outputs

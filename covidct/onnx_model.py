@@ -122,15 +122,18 @@ MIL_ARRAYS = (
 class NumpyMIL:
     """:class:`covidct.aggregation.GatedAttentionMIL` in eval mode, in numpy (float64): bag (n, D) -> C logits.
 
-    ``weights`` holds the state_dict's arrays (:data:`MIL_ARRAYS`); ``standardize`` is the head's mode.
+    ``weights`` holds the state_dict's arrays (:data:`MIL_ARRAYS`); ``standardize`` is the head's mode,
+    ``slice_features`` what it reads of each slice (:mod:`covidct.mil_features`).
     """
 
     weights: dict[str, np.ndarray]
     standardize: str
+    slice_features: str = "embeddings"
 
     @classmethod
-    def from_npz(cls, data: bytes, standardize: str, where: str) -> NumpyMIL:
-        """The head from the bytes of a ``.mil.npz`` written by the export (no pickle allowed)."""
+    def from_npz(cls, data: bytes, init: dict[str, Any], where: str) -> NumpyMIL:
+        """The head from the bytes of a ``.mil.npz`` written by the export (no pickle allowed) and its
+        constructor arguments ``init`` (the sidecar's)."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 weights = {name: np.asarray(npz[name], dtype=np.float64) for name in MIL_ARRAYS}
@@ -138,7 +141,8 @@ class NumpyMIL:
             raise DataError(
                 f"{where}: not a MIL head written by python -m covidct.export ({exc}); {EXPORT_HINT}."
             ) from None
-        return cls(weights, standardize)
+        # heads exported before slice_features read embeddings
+        return cls(weights, init["standardize"], init.get("slice_features", "embeddings"))
 
     def features(self, bag: np.ndarray) -> np.ndarray:
         """(n, D) embeddings -> (n, F) standardised features. torch's median of an even count is the lower
@@ -334,5 +338,5 @@ def load_onnx(path: str | Path, device: str = "auto", key: str = "ckpt_path") ->
         data = npz.read_bytes()
         if hashlib.sha256(data).hexdigest() != sidecar["mil"].get("sha256"):
             raise DataError(f"{npz} does not match the sidecar {sidecar_path(path)} (SHA-256 differs); {EXPORT_HINT}.")
-        head = NumpyMIL.from_npz(data, sidecar["mil"]["init"]["standardize"], str(npz))
+        head = NumpyMIL.from_npz(data, sidecar["mil"]["init"], str(npz))
     return OnnxExport(OnnxSliceModel(path, session, sidecar), sidecar, head)

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from covidct.data.synthetic.spec import SyntheticSpec
+from covidct.mil_features import DEFAULT_MIL_FEATURES
 
 
 def _mutable_mirror(frozen: type, name: str, doc: str) -> type:
@@ -119,7 +120,8 @@ class VoteConfig:
     averaged per class), ``center_slices`` / ``window_slices`` (weighted_center: central slices that count
     fully / that vote at all), ``slice_threshold`` (threshold: infected probability of an infected slice;
     null = tuned), ``from_ckpt`` (take those parameters, fixed, from a checkpoint: runs with data.val_fraction=0),
-    ``mil`` (fit and score the learned ``mil`` rule every validation epoch; on whenever ``rule`` is ``mil``).
+    ``mil`` (fit and score the learned ``mil`` rule every validation epoch; on whenever ``rule`` is ``mil``),
+    ``mil_features`` (what its head reads of each slice: embeddings | log_probs, :mod:`covidct.mil_features`).
     Only the rules that use them set them in their file; the others take the values here."""
 
     rule: str = MISSING
@@ -130,6 +132,7 @@ class VoteConfig:
     slice_threshold: float | None = None
     from_ckpt: str | None = None
     mil: bool = True
+    mil_features: str = DEFAULT_MIL_FEATURES
 
 
 @dataclass

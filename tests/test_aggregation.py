@@ -199,7 +199,7 @@ def run_epoch(cb: PatientVoteCallback, embeddings: bool = True) -> dict[str, flo
 
 @pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path):
-    cb = PatientVoteCallback("mil", output_dir=str(tmp_path))
+    cb = PatientVoteCallback("mil", output_dir=str(tmp_path), mil_features="embeddings")
     logged = run_epoch(cb)
     columns, rows = cb.rule_table
     assert [r[0] for r in rows] == [*VOTE_RULES, "mil"]
@@ -220,13 +220,13 @@ def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path
 
 @pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_callback_without_embeddings_skips_mil_unless_it_is_the_rule(tmp_path):
-    cb = PatientVoteCallback("majority", output_dir=str(tmp_path))
+    cb = PatientVoteCallback("majority", output_dir=str(tmp_path), mil_features="embeddings")
     logged = run_epoch(cb, embeddings=False)
     assert "rules/mil/acc" not in logged and cb.state_dict()["mil"] is None
     with (tmp_path / "patients.csv").open() as f:
         assert "mil_vote" not in next(csv.reader(f))
     with pytest.raises(ConfigError, match="embedding"):
-        run_epoch(PatientVoteCallback("mil"), embeddings=False)
+        run_epoch(PatientVoteCallback("mil", mil_features="embeddings"), embeddings=False)
 
 
 @pytest.mark.slow
@@ -248,14 +248,18 @@ def test_training_with_patient_shift_reports_mil_and_predict_uses_its_head(share
     assert all(row["mil_vote"] == row["predicted_class"] for row in table)
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("PatientVoteCallback"))
-    assert state["mil"]["init"]["in_features"] == 512
+    assert state["mil"]["init"]["in_features"] == 3 and state["mil"]["init"]["slice_features"] == "log_probs"
     data_root = next(shared_cache.glob("synthetic-*"))  # the shifted dataset: the only one made with this spec here
-    patient = next(p for p in sorted(data_root.glob("*/*")) if p.is_dir())
+    row = table[0]  # a validation patient: predict.py must call it as the stored head did in training
+    patient = next(p for p in data_root.glob(f"*/{row['patient']}") if p.is_dir())
     args = [f"ckpt_path={result.best_checkpoint}", f"input={patient}", "progress=false", "num_workers=0"]
     done = run_cli([*args, f"paths.output_dir={tmp_path / 'pred'}"], tmp_path, script="predict.py")
     assert done.returncode == 0, done.stderr[-2000:]
+    head_call = max(CLASS_NAMES, key=lambda c: float(row[f"mil_prob_{c}"]))  # the head fitted on all of them
+    with next(f for f in (tmp_path / "pred").glob("*.csv") if not f.stem.endswith("_slices")).open() as f:
+        assert next(csv.DictReader(f))["predicted_class"] == head_call
     record = (tmp_path / "pred" / "prediction.json").read_text()
-    assert '"vote_rule": "mil"' in record and '"mil_head": true' in record
+    assert '"vote_rule": "mil"' in record and '"mil_head": true' in record and '"mil_features": "log_probs"' in record
     # a checkpoint without a head is refused with a message, before any patient is read
     del state["mil"]
     bare = tmp_path / "bare.ckpt"
@@ -264,3 +268,29 @@ def test_training_with_patient_shift_reports_mil_and_predict_uses_its_head(share
         [f"ckpt_path={bare}", f"input={patient}", f"paths.output_dir={tmp_path / 'p2'}"], tmp_path, "predict.py"
     )
     assert done.returncode != 0 and "no fitted MIL head" in done.stderr
+
+
+def test_slice_features_are_the_embeddings_or_the_clipped_log_probabilities():
+    from covidct.mil_features import slice_features
+
+    probs = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    embeddings = np.arange(8, dtype=np.float64).reshape(2, 4)
+    logs = slice_features("log_probs", probs, None)
+    assert logs.dtype == np.float32 and logs.shape == (2, 3)
+    np.testing.assert_allclose(logs, np.log(np.maximum(probs, 1e-6)), rtol=1e-6)
+    np.testing.assert_array_equal(slice_features("embeddings", probs, embeddings), embeddings.astype(np.float32))
+    with pytest.raises(ValueError, match="needs the slice embeddings"):
+        slice_features("embeddings", probs, None)
+    with pytest.raises(ConfigError, match=r"vote.mil_features='pixels' is not known"):
+        PatientVoteCallback("mil", mil_features="pixels")
+
+
+@pytest.mark.slow  # several MIL fits (~3 s): CI runs it; make test-fast stays under 2 min
+def test_callback_fits_mil_on_log_probabilities_without_embeddings(tmp_path):
+    cb = PatientVoteCallback("mil", output_dir=str(tmp_path), mil_features="log_probs")
+    logged = run_epoch(cb, embeddings=False)  # the model gives no embeddings: none are needed
+    init = cb.mil_head.init_args
+    assert (init["in_features"], init["standardize"], init["slice_features"]) == (3, "center_concat", "log_probs")
+    assert cb.best.mil.attention.shape == (sum(len(b) for b in shifted_patients()[0]),)
+    # each patient's log probabilities relative to its own median slice undo the shift the argmax rules fall for
+    assert logged["rules/mil/acc"] >= 0.9 > max(logged[f"rules/{r}/acc"] for r in VOTE_RULES if r != "threshold")

@@ -231,6 +231,13 @@ def _group_choices() -> list[tuple[str, str]]:
     ]
 
 
+def _dotted_keys(node: object, prefix: str = "") -> set[str]:
+    """Every leaf key of a YAML file's mapping, dotted (``data.synthetic.patient_shift``)."""
+    if not OmegaConf.is_dict(node):
+        return {prefix[:-1]}
+    return {k for key, value in node.items() for k in _dotted_keys(value, f"{prefix}{key}.")}
+
+
 def _schema_defaults(schema: type, prefix: str = "") -> dict[str, object]:
     """Dotted key -> default, for every field of the schema dataclasses that has a value, not MISSING."""
     found: dict[str, object] = {}
@@ -264,9 +271,14 @@ def test_every_choice_composes_completely_and_the_schema_holds_no_second_default
         "vote.slice_threshold",
         "vote.from_ckpt",
         "vote.mil",
+        "vote.mil_features",
         *(f"data.synthetic.{f.name}" for f in dataclasses.fields(SyntheticSpec)),
     }
+    # an experiment may set a key on purpose (experiment=patient_shift: its dataset); nothing else contradicts the schema
+    chosen = _dotted_keys(OmegaConf.load(REPO / "conf" / group / f"{choice}.yaml")) if group == "experiment" else set()
     for key, default in defaults.items():  # a value in the schema is never contradicted by a YAML file
+        if key in chosen:
+            continue
         value = OmegaConf.select(cfg, key)
         if value is not None or not key.startswith("data.synthetic."):  # data=covid_ct_md: no synthetic data
             actual = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value

@@ -272,7 +272,8 @@ def test_the_numpy_mil_head_decides_as_the_torch_head(standardize):
     bags = [rng.normal(size=(n, 16)).astype(np.float32) * 3 for n in (1, 2, 7, 8, 40)]  # odd and even: the median
     settings = PredictorSettings(["lung"], 32, CLASSES, "mil", 0.5, mil_head=head)
     init, data = mil_arrays(settings)
-    numpy_head = NumpyMIL.from_npz(data, init["standardize"], "head.npz")
+    numpy_head = NumpyMIL.from_npz(data, init, "head.npz")
+    assert (numpy_head.standardize, numpy_head.slice_features) == (standardize, "embeddings")
     expected = predict_proba(head, bags)
     logits = np.stack([numpy_head.logits(b) for b in bags])
     got = np.exp(logits - logits.max(1, keepdims=True))

@@ -117,7 +117,7 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
     from pytorch_lightning.loggers import WandbLogger
 
     wandb_logger = MagicMock(spec=WandbLogger)
-    cb = PatientVoteCallback("weighted_center", output_dir=str(tmp_path), k=2, center_slices=4)
+    cb = PatientVoteCallback("weighted_center", output_dir=str(tmp_path), k=2, center_slices=4, mil=False)
     with caplog.at_level(logging.INFO, logger="covidct.callbacks.patient_vote"):
         logged, module = run_validation_epoch(cb, [wandb_logger])
     # truth COVID-19, CAP, Normal, Normal -> (predictions, acc, macro F1, sensitivity COVID-19 / CAP / Normal).

@@ -14,8 +14,9 @@ the patient it scores. ``threshold`` tunes its slice threshold and its tau toget
 (:func:`~covidct.voting.tune_threshold`), reported leave-one-patient-out the same way. The other rules
 have no fitted parameter.
 
-``mil`` (:mod:`covidct.aggregation`) is learned: a gated attention MIL head over the slice embeddings the
-model's ``validation_step`` returns (``embedding``), trained on the validation patients' classes (every
+``mil`` (:mod:`covidct.aggregation`) is learned: a gated attention MIL head over what the slice model says
+of each slice (``mil_features``, :mod:`covidct.mil_features`: the embeddings its ``validation_step``
+returns as ``embedding``, or its calibrated log probabilities), trained on the validation patients' classes (every
 patient, its slices labelled or not). Its reported predictions are cross-fitted (each patient scored by
 a head fitted on the other validation patients: stratified 5-fold, leave-one-out up to 10 patients); the
 head fitted on all of them is stored in the checkpoint for predict.py. It is not fitted on the training
@@ -60,6 +61,7 @@ from covidct.metric_names import (
     rule_metric,
     vote_parameter,
 )
+from covidct.mil_features import DEFAULT_MIL_FEATURES, check_mil_features, slice_features
 from covidct.text_table import format_table
 from covidct.voting import (
     CENTER_SLICES,
@@ -211,8 +213,9 @@ class PatientVoteCallback(pl.Callback):
         from_ckpt: take tau, the threshold rule's parameters and the temperature from this checkpoint's
             vote state, fixed (nothing is tuned): e.g. a k-fold run's best fold, for a run on every
             patient (``data.val_fraction=0``), which has no validation patients to tune them on.
-        mil: fit and score the learned ``mil`` rule every epoch (needs the model's ``embedding`` outputs);
-            always on when ``rule`` is ``mil``.
+        mil: fit and score the learned ``mil`` rule every epoch; always on when ``rule`` is ``mil``.
+        mil_features: what the ``mil`` head reads of each slice: ``embeddings`` (the model's ``embedding``
+            outputs) or ``log_probs`` (its calibrated log probabilities); see :mod:`covidct.mil_features`.
     """
 
     def __init__(
@@ -227,8 +230,13 @@ class PatientVoteCallback(pl.Callback):
         calibration: bool = True,
         from_ckpt: str | None = None,
         mil: bool = True,
+        mil_features: str = DEFAULT_MIL_FEATURES,
     ):
         check_vote_settings(rule, tau, k, center_slices, window_slices, slice_threshold)
+        try:
+            self.mil_features = check_mil_features(mil_features)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if rule in LEARNED_RULES and from_ckpt is not None:
             raise ConfigError(
                 f"vote.rule={rule} with vote.from_ckpt: the MIL head is fitted on the embeddings of the model it "
@@ -295,7 +303,7 @@ class PatientVoteCallback(pl.Callback):
         self._batches = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        embedding = outputs.get("embedding") if self.mil else None
+        embedding = outputs.get("embedding") if self.mil and self.mil_features == "embeddings" else None
         self._batches.append(
             (
                 batch["index"].detach(),
@@ -307,7 +315,7 @@ class PatientVoteCallback(pl.Callback):
 
     def gather(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """All ranks' (index (N,), patient (N,), probs (N, C), embeddings (N, D) float32 or None when the
-        model gave none or ``mil`` is off), each slice exactly once, by index."""
+        model gave none, ``mil`` is off or reads no embeddings), each slice exactly once, by index."""
         columns = [torch.cat([b[k] for b in self._batches]) for k in range(3)]
         if all(b[3] is not None for b in self._batches):
             columns.append(torch.cat([b[3] for b in self._batches]))
@@ -330,16 +338,18 @@ class PatientVoteCallback(pl.Callback):
         embeddings: np.ndarray | None = None,
     ) -> ValidationVotes:
         """Calibrate (with ``calibration``), tune tau and the threshold rule (unless fixed), then vote every
-        rule once per patient and score each rule; with ``embeddings``, fit and score ``mil`` too.
+        rule once per patient and score each rule; with ``mil`` on (and ``embeddings`` where it reads them),
+        fit and score ``mil`` too.
 
         ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
         patient index, ``probs`` (N, C), ``targets`` (N,) slice targets (-1 unknown; None: none known),
         ``embeddings`` (N, D) float32 slice embeddings or None; ``patient_ids`` / ``patient_labels`` (all
         patients,)."""
-        if embeddings is None and self.rule in LEARNED_RULES:
+        if embeddings is None and self.rule in LEARNED_RULES and self.mil_features == "embeddings":
             raise ConfigError(
                 f"vote.rule={self.rule} needs slice embeddings, but the model's validation_step returned no "
-                "'embedding': use SliceClassifier (covidct.models.classifier) or a fixed vote rule"
+                "'embedding': use SliceClassifier (covidct.models.classifier), vote.mil_features=log_probs or a "
+                "fixed vote rule"
             )
         calibration = self.calibrate(probs, patient, patient_labels, targets)
         probs = apply_temperature(probs, self.temperature)
@@ -368,8 +378,11 @@ class PatientVoteCallback(pl.Callback):
             predictions["infected_fraction"] = leave_one_out_predictions(fractions, infected, labels)
         if self.fixed_tau is None or self.fixed_slice_threshold is None:
             predictions["threshold"] = self.leave_one_out_threshold(list(groups.values()), labels)
-        if embeddings is not None and self._enough_for_mil(len(labels)):
-            predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, embeddings[order]).values()), labels)
+        mil_input = None  # (N, F) what the mil head reads of each slice, in the given order
+        if self.mil and (embeddings is not None or self.mil_features != "embeddings"):
+            mil_input = slice_features(self.mil_features, probs, embeddings)
+        if mil_input is not None and self._enough_for_mil(len(labels)):
+            predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, mil_input[order]).values()), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
         metrics = {
             PATIENT_ACC: metrics_by_rule[self.rule]["acc"],
@@ -398,7 +411,7 @@ class PatientVoteCallback(pl.Callback):
             index,
             patient,
             probs,
-            **report_fields(self, patient, embeddings),  # run report: temperature, MIL attention (report_fields)
+            **report_fields(self, patient, mil_input),  # run report: temperature, MIL attention (report_fields)
         )
 
     def calibrate(
@@ -487,8 +500,9 @@ class PatientVoteCallback(pl.Callback):
     def fit_mil_rule(self, bags: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
         """Fit ``mil_head`` on every validation patient's bag (n_i, D) and class ``labels`` (P,); return the
         reported (P,) int64 predictions, cross-fitted (each patient by a head fitted on the others)."""
-        self.mil_head = fit_mil(bags, labels, num_classes=len(CLASS_NAMES))
-        return cross_fit_predictions(bags, labels, num_classes=len(CLASS_NAMES))
+        fit_args = {"num_classes": len(CLASS_NAMES), "slice_features": self.mil_features}
+        self.mil_head = fit_mil(bags, labels, **fit_args)
+        return cross_fit_predictions(bags, labels, **fit_args)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._batches:
@@ -595,12 +609,10 @@ class MilDetails:
     attention: np.ndarray
 
 
-def mil_details(
-    head: GatedAttentionMIL | None, patient: np.ndarray, embeddings: np.ndarray | None
-) -> MilDetails | None:
-    """:class:`MilDetails` of ``head`` on the slice ``embeddings`` (N, D) float grouped by ``patient`` (N,) int;
-    None without a head or embeddings."""
-    if head is None or embeddings is None:
+def mil_details(head: GatedAttentionMIL | None, patient: np.ndarray, features: np.ndarray | None) -> MilDetails | None:
+    """:class:`MilDetails` of ``head`` on what it reads of each slice, ``features`` (N, F) float, grouped by
+    ``patient`` (N,) int; None without a head or features."""
+    if head is None or features is None:
         return None
     patient = np.asarray(patient)
     patients = np.unique(patient)
@@ -610,17 +622,18 @@ def mil_details(
     with torch.inference_mode():
         for i, p in enumerate(patients):
             rows = np.flatnonzero(patient == p)
-            x = head.features(torch.as_tensor(np.asarray(embeddings[rows], dtype=np.float32))).unsqueeze(0)
+            x = head.features(torch.as_tensor(np.asarray(features[rows], dtype=np.float32))).unsqueeze(0)
             logits, weights = head.forward_padded(x, torch.ones(x.shape[:2], dtype=torch.bool))
             probs[i] = logits.softmax(dim=1)[0].numpy()
             attention[rows] = weights[0].numpy()
     return MilDetails(probs, attention)
 
 
-def report_fields(callback: PatientVoteCallback, patient: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+def report_fields(callback: PatientVoteCallback, patient: np.ndarray, mil_input: np.ndarray | None) -> dict[str, Any]:
     """The :class:`ValidationVotes` fields that ``decide`` records for the run report: the ``temperature`` the
-    slice probabilities were divided by, and ``mil`` (:func:`mil_details` of the epoch's fitted head)."""
-    return {"temperature": float(callback.temperature), "mil": mil_details(callback.mil_head, patient, embeddings)}
+    slice probabilities were divided by, and ``mil`` (:func:`mil_details` of the epoch's fitted head on
+    ``mil_input`` (N, F), what it reads of each slice)."""
+    return {"temperature": float(callback.temperature), "mil": mil_details(callback.mil_head, patient, mil_input)}
 
 
 @dataclass(frozen=True)
