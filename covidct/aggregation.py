@@ -8,8 +8,8 @@ each bag to C class logits and is trained on patient labels only (:func:`fit_mil
 with a known class counts, whether or not its slices were labelled.
 
 Comparable across patients: a scanner shifts the intensities (and the noise) of all of a patient's
-slices alike, which moves all of its embeddings together. ``standardize="center"`` (the default)
-(for embeddings) subtracts each bag's per-feature median (the patient's typical slice: its own clean tissue when fewer
+slices alike, which moves all of its embeddings together. ``standardize="center"`` (for embeddings)
+subtracts each bag's per-feature median (the patient's typical slice: its own clean tissue when fewer
 than half of its slices are infected) before anything else, so the head sees how slices differ from the
 rest of their patient rather than where the patient's scanner put them; the centred features are then
 scaled by one global per-feature std fitted on the training bags. Not divided by each bag's own std:
@@ -102,7 +102,7 @@ class GatedAttentionMIL(nn.Module):
         return self.init_args["slice_features"]
 
     def features(self, bag: torch.Tensor) -> torch.Tensor:
-        """(n, D) embeddings -> (n, F) standardised features."""
+        """(n, D) slice features (embeddings or log probabilities) -> (n, F) standardised features."""
         return (bag_features(bag.float(), self.standardize) - self.shift) / self.scale
 
     def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

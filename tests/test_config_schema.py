@@ -274,7 +274,7 @@ def test_every_choice_composes_completely_and_the_schema_holds_no_second_default
         "vote.mil_features",
         *(f"data.synthetic.{f.name}" for f in dataclasses.fields(SyntheticSpec)),
     }
-    # an experiment may set a key on purpose (experiment=patient_shift: its dataset); nothing else contradicts the schema
+    # an experiment may set a key on purpose (experiment=patient_shift: its dataset); nothing else overrides the schema
     chosen = _dotted_keys(OmegaConf.load(REPO / "conf" / group / f"{choice}.yaml")) if group == "experiment" else set()
     for key, default in defaults.items():  # a value in the schema is never contradicted by a YAML file
         if key in chosen:

@@ -239,7 +239,7 @@ class PatientVoteCallback(pl.Callback):
             raise ConfigError(str(exc)) from None
         if rule in LEARNED_RULES and from_ckpt is not None:
             raise ConfigError(
-                f"vote.rule={rule} with vote.from_ckpt: the MIL head is fitted on the embeddings of the model it "
+                f"vote.rule={rule} with vote.from_ckpt: the MIL head is fitted on the outputs of the model it "
                 "belongs to, so another run's head cannot be reused; without validation patients use a fixed rule"
             )
         if from_ckpt is not None:
