@@ -138,12 +138,18 @@ def _windows(spec: Any) -> Any:
 
 
 def check_resume_settings(ckpt: dict[str, Any], cfg: DictConfig, source: str) -> None:
-    """Refuse resuming ``ckpt`` (read by :func:`read_checkpoint`; ``source`` is its path) with a config whose
-    input or network differs from the checkpoint's: ``data.windows``, ``data.image_size``, ``data.lung_crop``
-    (False in checkpoints from before it), ``model.backbone``.
+    """Refuse resuming ``ckpt`` (read by :func:`read_checkpoint`; ``source`` is its path) with a config that
+    changes what the run learns or how its best epoch is chosen.
 
-    Training on would feed the restored weights different inputs, or load a state_dict into another
-    architecture. Raises :class:`ConfigError` naming every key that differs and both values.
+    * input or network: ``data.windows``, ``data.image_size``, ``data.lung_crop`` (False in checkpoints from
+      before it), ``model.backbone``: training on would feed the restored weights different inputs, or load
+      a state_dict into another architecture;
+    * targets: ``data.label_mode``: the slices' targets (and with ``infection`` the classes) would change;
+    * selection: ``vote.rule``: the best checkpoint so far was chosen by the checkpoint's rule, whose
+      accuracy is not comparable with another rule's (every rule is scored every epoch anyway).
+
+    Keys a checkpoint predates are not checked. Raises :class:`ConfigError` naming every key that differs,
+    both values and why.
     """
     hp, pre = ckpt["hyper_parameters"], ckpt["hyper_parameters"]["preprocessing"]
     windows = OmegaConf.to_container(cfg.data.windows, resolve=True)
@@ -154,10 +160,15 @@ def check_resume_settings(ckpt: dict[str, Any], cfg: DictConfig, source: str) ->
         ("data.lung_crop", lung_crop, cfg.data.lung_crop, lung_crop != cfg.data.lung_crop),
         ("model.backbone", hp.get("backbone"), cfg.model.backbone, hp.get("backbone") != cfg.model.backbone),
     ]
+    for key, saved, now in (
+        ("data.label_mode", pre.get("label_mode"), cfg.data.label_mode),
+        ("vote.rule", pre.get("vote_rule"), cfg.vote.rule),
+    ):
+        pairs.append((key, saved, now, saved is not None and saved != now))
     differ = [f"{key}: checkpoint {saved!r}, this run {now!r}" for key, saved, now, different in pairs if different]
     if differ:
         raise ConfigError(
             f"ckpt_path={source} cannot be resumed with these settings ({'; '.join(differ)}): the checkpoint's "
-            "network was trained on other input. Resume with the checkpoint's values, or start a new run "
-            "without ckpt_path."
+            "network was trained on other input or targets, or its best epoch so far was chosen by another vote "
+            "rule. Resume with the checkpoint's values, or start a new run without ckpt_path."
         )

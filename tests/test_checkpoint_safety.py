@@ -123,10 +123,10 @@ def test_train_and_predict_refuse_foreign_files_in_one_line(tmp_path, shared_cac
 
 
 @pytest.mark.slow
-def test_resume_with_other_input_or_backbone_is_refused_before_any_data_is_read(
+def test_resume_with_other_input_backbone_targets_or_rule_is_refused_before_any_data_is_read(
     tmp_path, shared_cache, tiny_checkpoint
 ):
-    changed = ["data.image_size=64", "data.windows=[lung,bone]", "model=vgg16"]
+    changed = ["data.image_size=64", "data.windows=[lung,bone]", "model=vgg16", "vote=mil", "data.label_mode=patient"]
     cfg = compose_train(
         tmp_path / "resumed", tiny(shared_cache) + ["logger=none", f"ckpt_path={tiny_checkpoint}", *changed]
     )
@@ -137,4 +137,6 @@ def test_resume_with_other_input_or_backbone_is_refused_before_any_data_is_read(
     assert "data.windows: checkpoint ['lung'], this run ['lung', 'bone']" in message
     assert "data.image_size: checkpoint 32, this run 64" in message
     assert "model.backbone: checkpoint 'resnet18', this run 'vgg16'" in message
+    assert "vote.rule: checkpoint 'infected_fraction', this run 'mil'" in message
+    assert "data.label_mode: checkpoint 'paper', this run 'patient'" in message
     assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").iterdir())  # no data read
