@@ -37,9 +37,7 @@ class ScriptedPatientVotes(pl.Callback):
 
 
 def test_two_epochs_through_the_composed_config_write_everything(tmp_path, shared_cache, monkeypatch):
-    cfg = compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto", "trainer.max_epochs=2"])
-    scripted = {"_target_": f"{__name__}.ScriptedPatientVotes"}  # first: the vote sees what it says
-    cfg.callbacks = OmegaConf.merge({"scripted_votes": scripted}, cfg.callbacks)
+    cfg = with_scripted_votes(compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto", "trainer.max_epochs=2"]))
     calls = {"discover": 0, "cache_key": 0}
 
     def counted(name, real):
@@ -95,16 +93,26 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     assert "class_counts" not in ckpt["hyper_parameters"]
 
 
-def test_resume_continues_training_and_the_wandb_run(tmp_path, shared_cache):
-    first = compose_train(tmp_path / "a", tiny(shared_cache) + ["logger=wandb"])
-    train(first)
+def with_scripted_votes(cfg):
+    """``cfg`` with :class:`ScriptedPatientVotes` first among its callbacks (the vote sees what it says)."""
+    cfg.callbacks = OmegaConf.merge({"scripted_votes": {"_target_": f"{__name__}.ScriptedPatientVotes"}}, cfg.callbacks)
+    return cfg
+
+
+def test_resume_into_another_folder_continues_training_the_wandb_run_and_the_best_epoch(tmp_path, shared_cache):
+    first = with_scripted_votes(compose_train(tmp_path / "a", tiny(shared_cache) + ["logger=wandb"]))
+    train(first)  # epoch 0: every vote right, score 1.0
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     run_id = torch.load(last, map_location="cpu", weights_only=True)["wandb_run_id"]
     second = compose_train(tmp_path / "b", tiny(shared_cache) + ["trainer.max_epochs=2", f"ckpt_path={last}"])
-    result = train(second)
-    assert result.best_epoch in (0, 1)
+    result = train(with_scripted_votes(second))  # epoch 1, in another folder: every vote wrong
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["wandb_run_id"] == run_id
+    # the best so far is still run a's epoch 0, its checkpoint included (it was a worse epoch 1 of b's before)
+    assert (result.best_epoch, result.score) == (0, 1.0)
+    assert Path(result.best_checkpoint) == tmp_path / "a" / "checkpoints" / "epoch000.ckpt"
+    assert not (tmp_path / "b" / "checkpoints" / "epoch001.ckpt").exists()
+    assert (tmp_path / "a" / "checkpoints" / "epoch000.ckpt").is_file()  # never deleted from another folder
 
 
 def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
