@@ -160,10 +160,8 @@ def check_resume_settings(ckpt: dict[str, Any], cfg: DictConfig, source: str) ->
         ("data.lung_crop", lung_crop, cfg.data.lung_crop, lung_crop != cfg.data.lung_crop),
         ("model.backbone", hp.get("backbone"), cfg.model.backbone, hp.get("backbone") != cfg.model.backbone),
     ]
-    for key, saved, now in (
-        ("data.label_mode", pre.get("label_mode"), cfg.data.label_mode),
-        ("vote.rule", pre.get("vote_rule"), cfg.vote.rule),
-    ):
+    for key, saved in (("data.label_mode", pre.get("label_mode")), ("vote.rule", pre.get("vote_rule"))):
+        now = OmegaConf.select(cfg, key)
         pairs.append((key, saved, now, saved is not None and saved != now))
     differ = [f"{key}: checkpoint {saved!r}, this run {now!r}" for key, saved, now, different in pairs if different]
     if differ:

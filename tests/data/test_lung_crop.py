@@ -151,7 +151,7 @@ def test_resume_refuses_another_lung_crop():
     with pytest.raises(ConfigError, match="data.lung_crop: checkpoint False, this run True"):
         check_resume_settings(older, cfg, "last.ckpt")
     older["hyper_parameters"]["preprocessing"]["lung_crop"] = True
-    check_resume_settings(older, cfg, "last.ckpt")
+    check_resume_settings(older, cfg, "last.ckpt")  # a checkpoint without label_mode / vote_rule: not compared
 
 
 # ---- the real sample --------------------------------------------------------------------------
