@@ -267,7 +267,8 @@ def predict_patient(
         head = settings.mil_head
         # fitted on probabilities at the checkpoint's temperature: it reads those even with calibration=false
         fitted = settings.overridden.get("temperature", {}).get("checkpoint", settings.temperature)
-        features = slice_features(head.slice_features, apply_temperature(raw, fitted), embeddings)
+        head_probs = probs if fitted == settings.temperature else apply_temperature(raw, fitted)
+        features = slice_features(head.slice_features, head_probs, embeddings)
         return probs, mil_decision(head, features)
     return probs, vote(probs, settings.vote_rule, settings.tau, **settings.vote_parameters())
 

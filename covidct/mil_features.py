@@ -6,9 +6,8 @@
   centred on its own median slice (``standardize="center"``).
 * ``log_probs``: the log of the calibrated slice probabilities (N, C); the head reads them centred on the
   patient's own median slice *and* as they are (``standardize="center_concat"``, 2C features): how far
-  a slice stands out from the rest of its patient, and where it stands. Probability outputs are what the
-  slice model was trained to make comparable across patients; C features instead of 512 let tens of
-  validation patients fit a head (measured in the README: 120 synthetic patients with a scanner shift each).
+  a slice stands out from the rest of its patient, and where it stands. 2C features instead of 512: tens
+  of validation patients can fit a head on them (measured in the README, experiment=patient_shift).
 """
 
 from __future__ import annotations

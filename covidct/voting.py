@@ -70,17 +70,22 @@ def _check_positive_int(name: str, value: int) -> int:
     return int(value)
 
 
+def _winners(scores: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """The module's tie rule, row-wise: (T,) int64 index of the best of each row of ``scores`` (T, C) float;
+    among tied classes the largest of ``sums`` (T, C) (the summed probability over the voting slices),
+    then the lowest index."""
+    tied = np.isclose(scores, scores.max(axis=1, keepdims=True), rtol=1e-9, atol=0.0)
+    tied_sums = np.where(tied, sums, -np.inf)
+    close = tied & np.isclose(tied_sums, tied_sums.max(axis=1, keepdims=True), rtol=1e-9, atol=0.0)
+    return close.argmax(axis=1).astype(np.int64)
+
+
 def _winner(scores: np.ndarray, probs: np.ndarray, preferred: int | None = None) -> int:
     """Index of the best of ``scores`` (C,) float with the module's tie rule; ``probs`` (n, C) are the
     voting slices. ``preferred``: the class that wins any tie it is part of (before the other rules)."""
-    tied = np.isclose(scores, scores.max(), rtol=1e-9, atol=0.0)
-    if preferred is not None and tied[preferred]:
+    if preferred is not None and np.isclose(scores[preferred], scores.max(), rtol=1e-9, atol=0.0):
         return preferred
-    if np.count_nonzero(tied) == 1:
-        return int(np.flatnonzero(tied)[0])
-    sums = np.where(tied, probs.sum(axis=0), -np.inf)
-    close = tied & np.isclose(sums, sums.max(), rtol=1e-9, atol=0.0)
-    return int(np.flatnonzero(close)[0])
+    return int(_winners(scores[None, :], probs.sum(axis=0)[None, :])[0])
 
 
 def _vote(probs: np.ndarray, allowed: np.ndarray | None = None) -> int:
@@ -231,11 +236,7 @@ def threshold_calls(
     sums = top_sums[voting]  # (T, C)
     scores = sums / voting[:, None]
     scores[:, normal_class] = -np.inf
-    # the module's tie rule, row-wise (as _winner): best score, then best summed probability, then lowest index
-    tied = np.isclose(scores, scores.max(axis=1, keepdims=True), rtol=1e-9, atol=0.0)
-    tied_sums = np.where(tied, sums, -np.inf)
-    close = tied & np.isclose(tied_sums, tied_sums.max(axis=1, keepdims=True), rtol=1e-9, atol=0.0)
-    return above / n, close.argmax(axis=1).astype(np.int64)
+    return above / n, _winners(scores, sums)
 
 
 def threshold_vote(probs: np.ndarray, slice_threshold: float, tau: float, normal_class: int = NORMAL_CLASS) -> int:
