@@ -228,8 +228,10 @@ def read_predictions(source: str | Path) -> Predictions:
                 raise DataError(f"predictions={path} line {line}: {len(cells)} cells, the header has {len(header)}.")
             patient, status, name = (cells[col[c]].strip() for c in ("patient", "status", "predicted_class"))
             where = f"predictions={path} line {line}"
+            if status == "skipped":  # an entry beside the patient folders (a stray file): not a patient
+                continue
             if status not in ("ok", "error"):
-                raise DataError(f"{where}: status {status!r} of patient {patient!r} is neither ok nor error.")
+                raise DataError(f"{where}: status {status!r} of patient {patient!r} is not ok, error or skipped.")
             if status == "ok" and name not in names:
                 raise DataError(f"{where}: predicted class {name!r} of patient {patient!r} is not one of {names}.")
             if patient in seen:

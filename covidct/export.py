@@ -11,7 +11,8 @@
   ``embeddings`` float32 (batch, D), the slice features the ``mil`` vote rule reads;
 * ``<model>.json``, the sidecar: windows, image size, lung crop, class names, the vote rule and its tuned
   parameters (tau, thresholds, temperature when calibrated), the model's and the source checkpoint's SHA-256,
-  and the export check (the largest probability difference to PyTorch on a few chest phantom slices);
+  and the export check (the largest probability difference to PyTorch on a few chest phantom slices). The
+  model holds a copy of it in its ONNX metadata (:func:`bind_sidecar`): predict refuses an edited sidecar;
 * ``<model>.mil.npz`` when the checkpoint holds a fitted MIL head (plain arrays, run in numpy).
 
 ``python predict.py ckpt_path=<model>.onnx input=...`` then predicts with onnxruntime, without importing
@@ -43,8 +44,11 @@ from covidct.onnx_model import (
     EMBEDDINGS,
     INPUT_NAME,
     MIL_ARRAYS,
+    MODEL_SHA256,
     PROBABILITIES,
+    SIDECAR_METADATA,
     SIDECAR_VERSION,
+    bound_content,
     file_sha256,
     mil_path,
     open_session,
@@ -310,7 +314,6 @@ def export_checkpoint(ckpt_path: Path, output: Path, opset: int, check_slices: i
         sidecar = {
             "covidct_onnx": SIDECAR_VERSION,
             "model_file": output.name,
-            "model_sha256": file_sha256(fp32),
             "precision": "fp32",
             "format": "onnx",
             "opset": opset,
@@ -349,17 +352,32 @@ def export_checkpoint(ckpt_path: Path, output: Path, opset: int, check_slices: i
 
 
 def write_export(model: Path, output: Path, sidecar: dict[str, Any], mil: bytes | None) -> list[Path]:
-    """Move ``model`` (a file beside ``output``) to ``output``, write the MIL head and then the sidecar (last:
-    a model without its sidecar is refused by predict, never misread)."""
+    """Move ``model`` (a file beside ``output``) to ``output`` holding its sidecar (:func:`bind_sidecar`), write
+    the MIL head and then the sidecar (last: a model without its sidecar is refused by predict, never misread)."""
     import hashlib
 
     written = [output]
     if mil is not None:
         sidecar["mil"] = dict(sidecar["mil"], file=mil_path(output).name, sha256=hashlib.sha256(mil).hexdigest())
         written.append(atomic_write_bytes(mil_path(output), mil))
+    sidecar = bind_sidecar(model, sidecar)
     os.replace(model, output)
-    written.append(atomic_write_text(sidecar_path(output), json.dumps(_plain(sidecar), indent=1) + "\n"))
+    written.append(atomic_write_text(sidecar_path(output), json.dumps(sidecar, indent=1) + "\n"))
     return written
+
+
+def bind_sidecar(model: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """Write ``sidecar`` (all but the model's SHA-256) into the ONNX metadata of ``model`` (key
+    :data:`SIDECAR_METADATA`, replacing an older copy) and return it, as plain JSON types, with the SHA-256 of
+    the model so written: :func:`covidct.onnx_model.load_onnx` refuses a sidecar that differs from the copy."""
+    import onnx
+
+    plain = {k: v for k, v in _plain(sidecar).items() if k != MODEL_SHA256}
+    proto = onnx.load(str(model))
+    props = {p.key: p.value for p in proto.metadata_props} | {SIDECAR_METADATA: bound_content(plain)}
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(model))
+    return plain | {MODEL_SHA256: file_sha256(model)}
 
 
 def quantize_export(
@@ -390,7 +408,6 @@ def quantize_export(
         fp32_check = export.sidecar.get("export_check") or {}
         sidecar = dict(export.sidecar) | {
             "model_file": output.name,
-            "model_sha256": file_sha256(int8),
             "precision": "int8",
             "export_check": {
                 "against": "the fp32 export, on the calibration slices",

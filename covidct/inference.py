@@ -20,7 +20,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,13 +30,24 @@ from omegaconf import OmegaConf
 from pydicom.misc import is_dicom
 
 from covidct import NORMAL_CLASS
-from covidct.data.dicom import IGNORED_NAMES, entry_kind, one_line
+from covidct.data.dicom import IGNORED_NAMES, Skipped, entry_kind, one_line
 from covidct.data.labels import INFECTION_CLASSES
 from covidct.data.preprocess import SlicePreprocessor, parse_windows, read_preprocessed
+from covidct.data.series import (
+    AUTO,
+    SERIES_COLUMNS,
+    check_min_slices,
+    check_series_rule,
+    find_shared_series,
+    other_axial,
+    series_cells,
+    series_line,
+)
 from covidct.errors import ConfigError, CovidCTError, DataError
-from covidct.io import atomic_write_csv, atomic_write_text
+from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive
 from covidct.mil_features import slice_features
 from covidct.onnx_model import NumpyMIL, OnnxSliceModel, apply_temperature, load_onnx, looks_like_onnx, sidecar_path
+from covidct.processes import worker_pool
 from covidct.tta import mean_over_views, tta_views
 from covidct.voting import (
     CENTER_SLICES,
@@ -77,10 +88,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TestSet:
-    """A named group of patient folders whose predictions go into one CSV."""
+    """A named group of patient folders whose predictions go into one CSV; ``skipped``: the entries beside
+    them that are not patient folders (stray files, archives, hidden folders), each with why."""
 
     name: str
     patients: list[Path]
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -88,30 +101,52 @@ def _has_dicom(folder: Path) -> bool:
     return any(entry_kind(e) == "file" and e.name not in IGNORED_NAMES and is_dicom(e.path) for e in os.scandir(folder))
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _entries(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """The visible subfolders of ``folder`` (sorted), and every other entry with why it is not a patient."""
+    folders, others = [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path, kind = Path(entry.path), entry_kind(entry)
+        if entry.name in IGNORED_NAMES:
+            continue  # OS droppings (.DS_Store, Thumbs.db, DICOMDIR): never a patient, never worth a row
+        if entry.name.startswith("."):
+            others.append(Skipped(path, "hidden entry, not read"))
+        elif kind == "dir":
+            folders.append(path)
+        elif kind == "file":
+            what = "a DICOM file" if is_dicom(path) else "a file"
+            others.append(Skipped(path, f"{what} beside the patient folders, not a patient folder"))
+        else:
+            others.append(Skipped(path, "a broken link or special file, not a patient folder"))
+    return folders, others
 
 
 def find_test_sets(input_path: str | Path) -> list[TestSet]:
-    """Test sets under ``input_path`` (see the module docstring). Errors before any work is done."""
+    """Test sets under ``input_path`` (see the module docstring). Errors before any work is done.
+
+    ``input`` is one patient folder when it holds DICOM files and no subfolder with DICOM files; else its
+    subfolders are patients (a test set) when any holds DICOM files; else its subfolders are test sets.
+    Entries beside the patient folders (a stray ``.dcm``, a ``.zip``, a hidden folder) are listed in the
+    test set's ``skipped``, never read as a patient and never dropped without a word."""
     root = Path(input_path)
     if not root.exists():
         raise DataError(f"input={root}: does not exist.")
     if not root.is_dir():
         raise DataError(f"input={root}: is a file; give a patient folder or a folder of patient folders.")
-    if _has_dicom(root):
-        return [TestSet(root.name, [root])]
+    children, stray = _entries(root)
     # every subfolder of a test set is a patient: one without a readable slice gets a row saying why
-    children = _subfolders(root)
     if any(_has_dicom(c) for c in children):
-        return [TestSet(root.name, children)]
+        return [TestSet(root.name, children, stray)]
+    if _has_dicom(root):
+        return [TestSet(root.name, [root], [s for s in stray if not s.reason.startswith("a DICOM file")])]
     sets = []
     for child in children:
-        patients = _subfolders(child)
+        patients, others = _entries(child)
         if any(_has_dicom(p) for p in patients):
-            sets.append(TestSet(child.name, patients))
+            sets.append(TestSet(child.name, patients, others))
         else:
             log.warning("input: %s holds no patient folder with DICOM files; not a test set, skipped", child)
+    for s in stray:
+        log.warning("input: %s: %s; skipped", s.path, s.reason)
     if not sets:
         raise DataError(
             f"input={root}: no DICOM file in it, its subfolders or their subfolders. Expected a patient folder "
@@ -141,6 +176,8 @@ class PredictorSettings:
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     mil_head: GatedAttentionMIL | NumpyMIL | None = None  # vote_rule mil: the head fitted on the validation patients
     precision: str = "fp32"  # fp32 | bf16 (checkpoint, predict.py precision=bf16) | int8 (a quantized ONNX export)
+    series: str = AUTO  # predict.py series: which axial series of a folder is the patient's (covidct.data.series)
+    min_slices: int = 1  # predict.py min_slices: a series with fewer usable slices is not called (status error)
     overridden: dict[str, Any] = field(default_factory=dict)
 
     def vote_parameters(self) -> dict[str, Any]:
@@ -177,13 +214,17 @@ def settings_from_sidecar(sidecar: dict[str, Any], mil_head: NumpyMIL | None) ->
 
 def read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict[str, Any]:
     """One patient folder read and preprocessed: ``images`` uint8 (N, C, S, S) in slice order (head first),
-    ``locations``, ``ranks``, ``order_key``, ``order_note``, ``skipped`` (one line per unreadable slice); or
+    ``locations``, ``ranks``, ``order_key``, ``order_note``, ``skipped`` (one line per unreadable slice),
+    ``series`` (the series read, ``SeriesInfo.as_dict()``), ``n_series``, ``series_notes`` (one line per series
+    when the folder held more than one), ``sop_digest``; or
     ``error`` (one line) when no slice could be used. Shared by the DataLoader (checkpoint) and the process
     pool (ONNX) readers."""
     try:
         series, _ = read_preprocessed(folder, preprocessor)  # a series not cropped is logged there
     except CovidCTError as exc:
         return {"folder": folder, "error": one_line(exc)}
+    chosen = series.series.as_dict() if series.series else None
+    others = [s.as_dict() for s in series.other_series]
     return {
         "folder": folder,
         "images": np.stack(series.slices),
@@ -192,6 +233,11 @@ def read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict[str, Any
         "order_key": series.order_key,
         "order_note": series.order_note,
         "skipped": [f"{s.path.name}: {s.reason}" for s in series.skipped],
+        "series": chosen,
+        "n_series": 1 + len(other_axial(others)),
+        "series_notes": ([f"used {series_line(chosen)}"] if others and chosen else [])
+        + [f"not used: {series_line(o)}" for o in others],
+        "sop_digest": series.sop_digest,
     }
 
 
@@ -208,7 +254,7 @@ def read_patients(folders: list[Path], preprocessor: SlicePreprocessor, num_work
     if not num_workers:
         yield from (read_patient(f, preprocessor) for f in folders)
         return
-    pool = ProcessPoolExecutor(num_workers, initializer=_reader_process)
+    pool = worker_pool(num_workers, _reader_process)  # they die with this process, even after kill -9
     try:
         pending: deque[Future] = deque()
         todo = iter(folders)
@@ -293,9 +339,15 @@ def predict_test_set(
 
     if cam_slices:  # pytorch-grad-cam imports matplotlib, scipy and scikit-learn: only when asked
         from covidct.cam import lung_channel, write_patient_cams
-    pre = SlicePreprocessor(parse_windows(settings.windows), settings.image_size, settings.lung_crop)
+    pre = SlicePreprocessor(
+        parse_windows(settings.windows), settings.image_size, settings.lung_crop, settings.series, settings.min_slices
+    )
     names = settings.class_names
-    patient_rows, slice_rows = [], []
+    patient_rows: list[list[object]] = [
+        [s.path.name, "", *[""] * len(names), "", 0, "", "", "", "", "", "skipped", s.reason] for s in test_set.skipped
+    ]
+    slice_rows = []
+    series_of: list[tuple[str, str, str]] = []  # (patient, SeriesInstanceUID, SOP digest) of the patients read
     if isinstance(model, OnnxSliceModel):
         items = read_patients(test_set.patients, pre, num_workers)
     else:
@@ -304,9 +356,15 @@ def predict_test_set(
         items = iterate_patients(test_set.patients, pre, num_workers)
     for item in tqdm(items, total=len(test_set.patients), desc=test_set.name, disable=not progress, unit="patient"):
         pid = item["folder"].name
+        if "error" not in item:
+            series_of.append((pid, str((item["series"] or {}).get("uid", "")), item["sop_digest"]))
+            shared = find_shared_series(series_of)
+            if shared:
+                series_of.pop()
+                item = {"folder": item["folder"], "error": f"{shared} (not called twice)"}
         if "error" in item:
             log.error("%s: %s", pid, item["error"])
-            patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "error", item["error"]])
+            patient_rows.append([pid, "", *[""] * len(names), "", 0, "", "", "", "", "", "error", item["error"]])
             continue
         probs, pred = predict_patient(model, item["images"], settings, batch_size)
         if record is not None:
@@ -325,7 +383,8 @@ def predict_test_set(
                 lung_channel(settings.windows),
                 pid,
             )
-        detail = "; ".join(([item["order_note"]] if item["order_note"] else []) + item["skipped"])
+        notes = [item["order_note"]] if item["order_note"] else []
+        detail = "; ".join(notes + item["series_notes"] + item["skipped"])
         patient_rows.append(
             [
                 pid,
@@ -335,6 +394,7 @@ def predict_test_set(
                 len(probs),
                 len(item["skipped"]),
                 item["order_key"],
+                *series_cells(item["series"], item["n_series"]),
                 "ok",
                 detail,
             ]
@@ -353,6 +413,7 @@ def predict_test_set(
             "n_slices",
             "n_skipped",
             "order_key",
+            *SERIES_COLUMNS,
             "status",
             "detail",
         ],
@@ -457,6 +518,8 @@ def run_prediction(cfg) -> list[Path]:
             f"vote rule {settings.vote_rule}: ckpt_path={cfg.ckpt_path} holds no fitted MIL head (a checkpoint from "
             "before the mil rule, or of a run without validation patients); choose another vote=<rule>"
         )
+    settings.series = check_series_rule(cfg.get("series", AUTO), "series")
+    settings.min_slices = check_min_slices(cfg.get("min_slices", 1), "min_slices")
     settings.tta = bool(cfg.get("tta", False))
     transforms = cfg.get("tta_transforms") or []
     settings.tta_transforms = (
@@ -464,6 +527,7 @@ def run_prediction(cfg) -> list[Path]:
     )
     settings.tta_views = tta_views(settings.tta_transforms)
     output_dir = Path(cfg.paths.output_dir)
+    claim_output_dir(output_dir, test_sets, Path(cfg.input), bool(cfg.get("overwrite", False)))
     outputs = []
     for test_set in test_sets:
         outputs += predict_test_set(
@@ -483,3 +547,23 @@ def run_prediction(cfg) -> list[Path]:
     }
     outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
     return outputs
+
+
+def claim_output_dir(output_dir: Path, test_sets: list[TestSet], input_path: Path, overwrite: bool) -> Path:
+    """Make ``output_dir`` this run's before anything is written into it: its claim ``.predict-run.json`` is
+    created exclusively, so of two runs into one folder (``paths.output_dir=`` given to both) only one goes
+    on. A folder that holds another run's claim or results (prediction.json, a test set's CSVs) is refused
+    (:class:`ConfigError`) unless ``overwrite``."""
+    claim = output_dir / ".predict-run.json"
+    results = [f"{t.name}{suffix}.csv" for t in test_sets for suffix in ("", "_slices")]
+    found = [p.name for p in [claim, *(output_dir / name for name in ["prediction.json", *results])] if p.exists()]
+    owner = json.dumps({"pid": os.getpid(), "input": str(input_path.resolve())})
+    try:
+        if found and not overwrite:
+            raise FileExistsError(claim)
+        return create_exclusive(claim, owner, replace=overwrite)
+    except FileExistsError:
+        raise ConfigError(
+            f"paths.output_dir={output_dir}: holds another predict.py run's results "
+            f"({', '.join(found or [claim.name])}); predict into another folder, or set overwrite=true to replace them"
+        ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,10 +33,48 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def create_exclusive(path: str | Path, text: str, replace: bool = False) -> Path:
+    """Create ``path`` holding ``text``; FileExistsError if it exists, unless ``replace`` (then written
+    atomically). Of two processes creating it at once, exactly one succeeds: a claim on its folder."""
+    path = Path(path)
+    if replace:
+        return atomic_write_text(path, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+#: first characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection"); and the quote
+#: that neutralises them, so that a cell starting with it is quoted too (:func:`csv_text` is then reversible)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+#: a decimal number as text ("-0.5", "+1e-3"): a spreadsheet reads it as a number, not a formula
+NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_cell(value: object) -> object:
+    """``value`` as a CSV cell that no spreadsheet runs: text starting with ``= + - @``, a tab or a carriage
+    return (a patient folder named ``=HYPERLINK(...)``) gets a leading ``'``, as does text starting with
+    ``'``. Numbers, and text that is a decimal number (``-123.4``), are kept as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS) or NUMBER.fullmatch(value):
+        return value
+    return "'" + value
+
+
+def csv_text(cell: str) -> str:
+    """The text that :func:`csv_cell` wrote as ``cell`` (for readers of these CSVs, e.g. a patient id)."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+
+
 def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
-    """Write a CSV (header + rows) atomically."""
+    """Write a CSV (header + rows) atomically, every text cell through :func:`csv_cell`. A row with a carriage
+    return in a cell is written with every cell quoted: unquoted (the writer quotes only what is in its line
+    terminator, ``\\n``), a reader would end the row there."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    plain = csv.writer(buf, lineterminator="\n")
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in [header, *rows]:
+        cells = [csv_cell(cell) for cell in row]
+        (quoted if any(isinstance(cell, str) and "\r" in cell for cell in cells) else plain).writerow(cells)
     return atomic_write_text(path, buf.getvalue())

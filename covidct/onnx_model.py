@@ -8,7 +8,8 @@ An export is two or three files side by side:
   float32 (batch, D) the penultimate features (:meth:`covidct.models.classifier.SliceClassifier.features`).
 * ``<name>.onnx.json``: the sidecar (:func:`sidecar_path`): windows, image size, lung crop, class names,
   the vote rule and its tuned parameters (tau, thresholds, temperature), the SHA-256 of the model file
-  and of its source checkpoint.
+  and of its source checkpoint. The model file holds a copy of it (all but the model's SHA-256) in its
+  ONNX metadata (:data:`SIDECAR_METADATA`): an edited sidecar, or one beside another model, is refused.
 * ``<name>.onnx.mil.npz``: only when the checkpoint holds a fitted MIL head (vote rule ``mil``): its
   weights as plain arrays, run in numpy by :class:`NumpyMIL`.
 
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from covidct.errors import ConfigError, DataError
+from covidct.voting import VOTE_KEYS, check_vote_settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ SIDECAR_VERSION = 1
 INPUT_NAME = "images"
 PROBABILITIES = "probabilities"
 EMBEDDINGS = "embeddings"
+#: the ONNX ``metadata_props`` key of the model's copy of its sidecar (:func:`bound_content`)
+SIDECAR_METADATA = "covidct_sidecar"
+#: the sidecar key the model's copy leaves out: the SHA-256 of the model file that holds the copy
+MODEL_SHA256 = "model_sha256"
 #: the first byte of an ONNX file: field 1 (ir_version) of the ModelProto, a varint
 ONNX_FIRST_BYTE = 0x08
 #: smallest probability taken as a log (as covidct.calibration.EPS)
@@ -300,6 +306,61 @@ def check_model_against_sidecar(session: Any, sidecar: dict[str, Any], model_pat
         )
 
 
+def bound_content(sidecar: dict[str, Any]) -> str:
+    """What the model's metadata holds of ``sidecar`` (plain JSON types): canonical JSON of every key but
+    :data:`MODEL_SHA256`."""
+    return json.dumps({k: v for k, v in sidecar.items() if k != MODEL_SHA256}, sort_keys=True, separators=(",", ":"))
+
+
+def changed_keys(exported: dict[str, Any], sidecar: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys (``vote.tau`` for nested ones) whose values differ between two sidecars."""
+    keys = []
+    for key in sorted((set(exported) | set(sidecar)) - {MODEL_SHA256}):
+        a, b = exported.get(key), sidecar.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+            continue
+        same = key in exported and key in sidecar and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+        if not same:
+            keys.append(prefix + key)
+    return keys
+
+
+def check_binding(session: Any, sidecar: dict[str, Any], model_path: Path) -> None:
+    """Refuse a sidecar that is not the copy the export wrote into the model's metadata: edited, from
+    another export, or beside a model exported before the two were bound."""
+    side = sidecar_path(model_path)
+    copy = session.get_modelmeta().custom_metadata_map.get(SIDECAR_METADATA)
+    if copy is None:
+        raise DataError(
+            f"{model_path}: holds no copy of its sidecar {side.name} (exported before covidct bound the two), so "
+            f"an edited sidecar could not be told from the exported one; {EXPORT_HINT}."
+        )
+    try:
+        exported = json.loads(copy)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{model_path}: its copy of the sidecar is not JSON ({_first_line(exc)}); {EXPORT_HINT}."
+        ) from None
+    if bound_content(exported) != bound_content(sidecar):
+        keys = ", ".join(changed_keys(exported, sidecar)) or "the content"
+        raise DataError(
+            f"sidecar {side}: differs in {keys} from the copy exported into {model_path.name} (the sidecar was "
+            f"edited, or belongs to another export); put back the sidecar exported with it, or {EXPORT_HINT}."
+        )
+
+
+def check_vote(sidecar: dict[str, Any], model_path: Path) -> None:
+    """Refuse a sidecar whose vote rule or parameters are out of range (:func:`check_vote_settings`)."""
+    vote = sidecar["vote"] if isinstance(sidecar["vote"], dict) else {}
+    check_vote_settings(
+        **{key: vote.get(key) for key in VOTE_KEYS},
+        source=f"sidecar {sidecar_path(model_path)}",
+        fix=EXPORT_HINT,
+        error=DataError,
+    )
+
+
 @dataclass
 class OnnxExport:
     """What :func:`load_onnx` read: the model, its sidecar, and the MIL head (or None)."""
@@ -313,8 +374,10 @@ def load_onnx(path: str | Path, device: str = "auto", key: str = "ckpt_path") ->
     """Open an export (model, sidecar, MIL head) and check that its files belong together.
 
     Raises :class:`DataError` naming the file at fault for: a missing file, a file onnxruntime cannot read,
-    a missing or foreign sidecar, a model whose SHA-256 is not the sidecar's, a model whose input (uint8
-    (batch, C, S, S)) or number of classes differs from the sidecar's, a missing or changed MIL head file.
+    a missing or foreign sidecar, a model whose SHA-256 is not the sidecar's, a sidecar that differs from the
+    copy in the model's metadata (or a model without one), a model whose input (uint8 (batch, C, S, S)) or
+    number of classes differs from the sidecar's, a vote parameter out of range, a missing or changed MIL
+    head file.
     """
     path = Path(path)
     where = f"{key}={path}"
@@ -329,7 +392,9 @@ def load_onnx(path: str | Path, device: str = "auto", key: str = "ckpt_path") ->
             f"{str(sidecar['model_sha256'])[:16]}..., this file's is {digest[:16]}...; keep each model with the "
             f"sidecar exported with it ({EXPORT_HINT})."
         )
+    check_binding(session, sidecar, path)
     check_model_against_sidecar(session, sidecar, path, where)
+    check_vote(sidecar, path)
     head = None
     if sidecar["mil"]:
         npz = mil_path(path)

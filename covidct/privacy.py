@@ -196,9 +196,16 @@ def warn_identifier_shapes(patient_ids: Sequence[str]) -> bool:
     return True
 
 
+def carried(logger: Any) -> Pseudonymizer | None:
+    """The :class:`Pseudonymizer` a logger carries (:func:`instantiate_logger`), or None. Lightning's
+    ``DummyLogger`` (``trainer.fast_dev_run``) answers any attribute with a no-op function: not one."""
+    found = getattr(logger, ATTRIBUTE, None)
+    return found if isinstance(found, Pseudonymizer) else None
+
+
 def pseudonymizer_of(logger: Any) -> Pseudonymizer:
     """The :class:`Pseudonymizer` a logger carries (:func:`instantiate_logger`); inactive if none."""
-    return getattr(logger, ATTRIBUTE, None) or IDENTITY
+    return carried(logger) or IDENTITY
 
 
 def prepare_loggers(loggers: Iterable[Any], patient_ids: Sequence[str] | None) -> None:
@@ -206,7 +213,7 @@ def prepare_loggers(loggers: Iterable[Any], patient_ids: Sequence[str] | None) -
     if patient_ids is None:
         return
     for logger in loggers:
-        pseudonymizer = getattr(logger, ATTRIBUTE, None)
+        pseudonymizer = carried(logger)
         if pseudonymizer is not None:
             pseudonymizer.prepare(list(patient_ids))
 
@@ -229,7 +236,10 @@ def wandb_pseudonymizer(privacy: Any, logger_conf: Any, output_dir: str | Path |
 def instantiate_logger(conf: Any, cfg: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(conf, **kwargs)`` of a logger; a WandbLogger carries its
     :class:`Pseudonymizer` (from ``cfg.privacy``), and when that is active, W&B's console capture is off
-    (log lines and warnings name patients; the run's own train.log keeps them, locally)."""
+    (log lines and warnings name patients; the run's own train.log keeps them, locally).
+
+    A WandbLogger gets plain dicts and lists (``_convert_="all"``): ``wandb.init`` ignores a ``settings``
+    that is neither a dict nor a ``wandb.Settings``, such as the DictConfig Hydra would pass."""
     if not str(conf.get("_target_", "")).endswith("WandbLogger"):
         return instantiate(conf, **kwargs)
     pseudonymizer = wandb_pseudonymizer(cfg.privacy, conf, cfg.paths.get("output_dir"))
@@ -238,6 +248,6 @@ def instantiate_logger(conf: Any, cfg: Any, **kwargs: Any) -> Any:
         kwargs["settings"] = settings | {"console": "off"}
         secret = Path(cfg.privacy.secret_file).expanduser()
         log.info("privacy: W&B gets patient pseudonyms (key: %s) and no console capture", secret)
-    logger = instantiate(conf, **kwargs)
+    logger = instantiate(conf, _convert_="all", **kwargs)
     setattr(logger, ATTRIBUTE, pseudonymizer)
     return logger

@@ -137,7 +137,6 @@ def pseudo_label(cfg: DictConfig) -> Path:
             "class": CLASS_NAMES[p.label],
             "series_length": p.series_length,
             "slices": p.n_slices,
-            "infected": int(row.sum()),
             "median_p_infected": round(float(np.median(infected)), 4),
         }
         log.info("%s (%s): %d of %d slices infected", p.patient_id, CLASS_NAMES[p.label], row.sum(), p.n_slices)

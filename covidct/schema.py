@@ -84,6 +84,8 @@ class DataConfig:
     slice_labels_file: str | None = MISSING
     pseudo_labels: str | None = MISSING
     train_transforms: list[Any] = MISSING
+    series: str = MISSING  # auto | a part of SeriesDescription / ConvolutionKernel
+    min_slices: int = MISSING
 
 
 @dataclass

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 from covidct.aggregation import mil_from_state
 from covidct.checkpoint import read_checkpoint
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, DataError
 from covidct.inference import PredictorSettings, read_patient
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K
+from covidct.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K, check_vote_settings
 
 log = logging.getLogger("covidct.inference")
 
@@ -35,28 +35,51 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
     hp.pop("loss", None)  # what the training loss was (recorded for the reader); not needed to predict
     hp.pop("class_counts", None)  # older checkpoints
     pre = hp.pop("preprocessing")
+    vote = checkpoint_vote(ckpt, pre, path)
     hp["pretrained"] = False  # the checkpoint brings the trained weights
     model = SliceClassifier(**hp)
     model.load_state_dict(ckpt["state_dict"])
     model.eval().to(device)
-    vote_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), {})
     settings = PredictorSettings(
         windows=pre["windows"],
         image_size=int(pre["image_size"]),
         class_names=list(hp["class_names"]),
-        vote_rule=pre.get("vote_rule", "majority"),
-        tau=float(vote_state.get("tau", 0.5)),
-        k=int(vote_state.get("k", TOP_K)),  # older checkpoints: the defaults
-        center_slices=int(vote_state.get("center_slices", CENTER_SLICES)),
-        # checkpoints from before the winner's 80-slice window: every slice voted
-        window_slices=int(vote_state.get("window_slices", 1_000_000)),
-        slice_threshold=float(vote_state.get("slice_threshold", SLICE_THRESHOLD)),
-        threshold_tau=float(vote_state.get("threshold_tau", 0.5)),
-        temperature=float(vote_state.get("temperature", 1.0)),  # older checkpoints: not calibrated
+        vote_rule=vote["rule"],
+        tau=float(vote["tau"]),
+        k=int(vote["k"]),
+        center_slices=int(vote["center_slices"]),
+        window_slices=int(vote["window_slices"]),
+        slice_threshold=float(vote["slice_threshold"]),
+        threshold_tau=float(vote["threshold_tau"]),
+        temperature=float(vote["temperature"]),
         lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
-        mil_head=mil_from_state(vote_state["mil"]) if vote_state.get("mil") else None,  # older: none
+        mil_head=mil_from_state(vote["mil"]) if vote.get("mil") else None,  # older: none
     )
     return model, settings
+
+
+def checkpoint_vote(ckpt: dict[str, Any], preprocessing: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The vote rule and parameters a checkpoint records (older checkpoints: the defaults), and its MIL head's
+    state; checked (:func:`covidct.voting.check_vote_settings`) before any slice is read."""
+    state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), {})
+    vote = {
+        "rule": preprocessing.get("vote_rule", "majority"),
+        "tau": state.get("tau", 0.5),
+        "k": state.get("k", TOP_K),
+        "center_slices": state.get("center_slices", CENTER_SLICES),
+        # checkpoints from before the winner's 80-slice window: every slice voted
+        "window_slices": state.get("window_slices", 1_000_000),
+        "slice_threshold": state.get("slice_threshold", SLICE_THRESHOLD),
+        "threshold_tau": state.get("threshold_tau", 0.5),
+        "temperature": state.get("temperature", 1.0),  # older checkpoints: not calibrated
+    }
+    check_vote_settings(
+        **vote,
+        source=f"ckpt_path={path}",
+        fix="its vote settings are not ones training writes; predict with the checkpoint as train.py saved it",
+        error=DataError,
+    )
+    return vote | {"mil": state.get("mil")}
 
 
 class PatientFolders(Dataset):

@@ -50,6 +50,7 @@ class TrainResult:
     monitor: str = "val/patient/acc"
     class_names: tuple[str, ...] = CLASS_NAMES
     vote_parameters: str = ""  # where the checkpoint's vote parameters come from, when no validation tuned them
+    no_validation: str = ""  # why no validation epoch ran (:func:`validation_off`), "" when they did
     test: dict[str, float] | None = None  # data.split_file's test patients, scored with the best checkpoint
 
     @classmethod
@@ -57,11 +58,13 @@ class TrainResult:
         """The best epoch the patient vote (or, without one, :class:`BestEpochCallback`) recorded."""
         ckpt = trainer.checkpoint_callback
         vote = next((c for c in trainer.callbacks if hasattr(c, "parameters_source")), None)
+        why = validation_off(getattr(trainer.datamodule, "validates", True), trainer.limit_val_batches)
         common = {
             "best_checkpoint": (ckpt.best_model_path if ckpt else "") or "",
             "output_dir": output_dir,
             "class_names": tuple(model.hparams.class_names),
-            "vote_parameters": vote.parameters_source() if vote is not None and not trainer.limit_val_batches else "",
+            "vote_parameters": vote.parameters_source() if vote is not None and why else "",
+            "no_validation": why,
         }
         votes, best = model.patient_votes, model.best_epoch
         if votes is None and best is not None:
@@ -101,10 +104,10 @@ class TrainResult:
         Metrics missing (no validation epoch was voted) print as nan; only files that exist are named."""
         if not self.votes_patients:
             return self._infection_summary()
-        if self.vote_parameters:  # data.val_fraction=0
+        if self.no_validation:
             return "\n".join(
                 [
-                    "Trained on every patient (data.val_fraction=0): no validation, so no patient metrics",
+                    f"No validation ({self.no_validation}), so no patient metrics",
                     f"  vote={rule}, its parameters: {self.vote_parameters}",
                     f"  outputs: {self.output_dir}",
                     f"  checkpoint for predict.py: {self.best_checkpoint or 'none'}",
@@ -274,6 +277,16 @@ def publish_best_epoch(loggers: list[Logger], result: TrainResult) -> None:
             lg.experiment.summary.update(summary)
 
 
+def validation_off(validates: bool, limit_val_batches: float | int | None) -> str:
+    """Why no validation epoch runs, "" when they do: ``data.val_fraction=0`` (every patient trains) or
+    ``trainer.limit_val_batches=0`` (the validation patients are held out, and never validated)."""
+    if not validates:
+        return "data.val_fraction=0, every patient trains"
+    if limit_val_batches is not None and not limit_val_batches:
+        return "trainer.limit_val_batches=0, the validation patients are held out and never validated"
+    return ""
+
+
 def needs_validation(callback: pl.Callback) -> bool:
     """A callback with nothing to do without validation epochs: one that monitors a validation metric
     (best checkpoint, early stopping), the run report, Grad-CAM images and the W&B tables."""
@@ -325,9 +338,9 @@ def build_run(cfg: DictConfig, group: str | None = None, wandb_run_id: str | Non
     if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     no_validation = {} if datamodule.validates else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
-    if no_validation:
+    if why := validation_off(datamodule.validates, cfg.trainer.get("limit_val_batches", 1.0)):
         callbacks = [c for c in callbacks if not needs_validation(c)]
-        log.info("data.val_fraction=0: training on every patient; no validation epochs, checkpoints/last.ckpt only")
+        log.info("%s: no validation epochs, checkpoints/last.ckpt only", why)
     trainer: pl.Trainer = instantiate_checked(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_validation
     )
@@ -352,7 +365,9 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         check_resume_settings(resumed, cfg, ckpt_path)
     run = build_run(cfg, group, resumed.get("wandb_run_id"))
     del resumed  # Lightning reads it again (weights-only) to restore every state
-    datamodule, model, loggers, trainer = run.datamodule, run.model, run.loggers, run.trainer
+    datamodule, model, trainer = run.datamodule, run.model, run.trainer
+    # the trainer's: under trainer.fast_dev_run Lightning swaps them for a DummyLogger (no W&B run is made)
+    loggers = trainer.loggers
     try:
         for lg in loggers:
             lg.log_hyperparams(logged_config(cfg))

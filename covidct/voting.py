@@ -25,13 +25,15 @@ probability over the voting slices wins (same tolerance); if still tied, the low
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from math import isfinite
+from typing import Any
 
 import numpy as np
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, CovidCTError
 
 COVID_CLASS: int = CLASS_NAMES.index("COVID-19")
 #: defaults of the rules' parameters (``vote.center_slices``, ``vote.window_slices``, ``vote.k``)
@@ -329,6 +331,42 @@ VOTE_RULES: tuple[str, ...] = (
 LEARNED_RULES: tuple[str, ...] = ("mil",)
 
 
+#: the vote parameters a checkpoint and an export's sidecar (its ``vote`` object) record, in
+#: :func:`check_vote_settings`'s order
+VOTE_KEYS: tuple[str, ...] = (
+    "rule",
+    "tau",
+    "k",
+    "center_slices",
+    "window_slices",
+    "slice_threshold",
+    "threshold_tau",
+    "temperature",
+)
+#: parameters whose null in the config means "tuned on the validation patients"
+TUNED_KEYS: tuple[str, ...] = ("tau", "slice_threshold")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and isfinite(value)
+
+
+def _slices(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+#: what each numeric vote parameter must be: (test, the rule in words)
+VOTE_PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tau": (lambda v: _real(v) and 0.0 <= v <= 1.0, "in [0, 1] (a fraction of slices)"),
+    "k": (_slices, "an integer >= 1 (slices)"),
+    "center_slices": (_slices, "an integer >= 1 (slices)"),
+    "window_slices": (_slices, "an integer >= 1 (slices)"),
+    "slice_threshold": (lambda v: _real(v) and 0.0 <= v < 1.0, "in [0, 1) (an infected probability)"),
+    "threshold_tau": (lambda v: _real(v) and 0.0 <= v <= 1.0, "in [0, 1] (a fraction of slices)"),
+    "temperature": (lambda v: _real(v) and v > 0.0, "a finite number > 0 (it divides the logits)"),
+}
+
+
 def check_vote_settings(
     rule: str | None,
     tau: float | None = None,
@@ -336,25 +374,41 @@ def check_vote_settings(
     center_slices: int | None = None,
     window_slices: int | None = None,
     slice_threshold: float | None = None,
+    threshold_tau: float | None = None,
+    temperature: float | None = None,
+    *,
+    source: str = "",
+    fix: str = "",
+    error: type[CovidCTError] = ConfigError,
 ) -> None:
-    """Raise :class:`ConfigError` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``,
-    ``vote.center_slices``, ``vote.window_slices``, ``vote.slice_threshold``) for a bad value; None values
-    are not checked (tau and slice_threshold None = tuned)."""
-    if rule is not None and rule not in VOTE_RULES + LEARNED_RULES:
-        raise ConfigError(f"vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES + LEARNED_RULES)}")
-    if tau is not None and not 0.0 <= float(tau) <= 1.0:
-        raise ConfigError(f"vote.tau must be in [0, 1] (a fraction of slices) or null (tuned), got {tau}")
-    if slice_threshold is not None and not 0.0 <= float(slice_threshold) < 1.0:
-        raise ConfigError(
-            f"vote.slice_threshold must be in [0, 1) (an infected probability) or null (tuned), got {slice_threshold}"
+    """Raise ``error`` naming the key (``vote.rule``, ``vote.tau``, ``vote.k``, ...) for a bad value.
+
+    Config values (``source`` empty): None is not checked (tau and slice_threshold None = tuned). Values a
+    file records (``source``: the sidecar or checkpoint, which the message names first; ``fix``: what to do,
+    which ends it): every one must be set."""
+    prefix, suffix = (f"{source}: ", f"; {fix}" if fix else "") if source else ("", "")
+    if (rule is not None or source) and rule not in VOTE_RULES + LEARNED_RULES:
+        raise error(
+            f"{prefix}vote.rule={rule!r} is not known; choose one of {sorted(VOTE_RULES + LEARNED_RULES)}{suffix}"
         )
-    for key, value in (("vote.k", k), ("vote.center_slices", center_slices), ("vote.window_slices", window_slices)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{key} must be an integer >= 1 (slices), got {value!r}")
+    values = {
+        "tau": tau,
+        "k": k,
+        "center_slices": center_slices,
+        "window_slices": window_slices,
+        "slice_threshold": slice_threshold,
+        "threshold_tau": threshold_tau,
+        "temperature": temperature,
+    }
+    for key, value in values.items():
+        valid, what = VOTE_PARAMETER_RULES[key]
+        if (value is not None or source) and not valid(value):
+            tuned = " or null (tuned)" if key in TUNED_KEYS and not source else ""
+            raise error(f"{prefix}vote.{key} must be {what}{tuned}, got {value!r}{suffix}")
     if window_slices is not None and center_slices is not None and window_slices < center_slices:
-        raise ConfigError(
-            f"vote.window_slices={window_slices} must be >= vote.center_slices={center_slices}: the central slices "
-            "lie inside the voting window"
+        raise error(
+            f"{prefix}vote.window_slices={window_slices} must be >= vote.center_slices={center_slices}: the central "
+            f"slices lie inside the voting window{suffix}"
         )
 
 

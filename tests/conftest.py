@@ -107,9 +107,8 @@ def write_ct_slice(
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
     ds.PixelRepresentation = int(signed)
+    # MONOCHROME1 changes only how a viewer displays the values (DICOM PS3.3 C.7.6.3.1.2), not the values
     stored = (np.asarray(hu, dtype=np.float64) - (intercept or 0.0)) / (slope or 1.0)
-    if photometric == "MONOCHROME1":
-        stored = (2**bits_stored - 1) - stored
     ds.PixelData = np.rint(stored).astype(np.int16 if signed else np.uint16).tobytes()
     if intercept is not None:
         ds.RescaleIntercept, ds.RescaleSlope = intercept, slope

@@ -21,9 +21,10 @@ from onnx import TensorProto, helper
 
 from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.errors import ConfigError, DataError
-from covidct.export import check_settings, export_onnx
+from covidct.export import bind_sidecar, check_settings, export_onnx
 from covidct.inference import find_test_sets, read_patient, run_prediction
 from covidct.onnx_model import (
+    SIDECAR_METADATA,
     NumpyMIL,
     apply_temperature,
     file_sha256,
@@ -80,8 +81,8 @@ def tiny_onnx(
     return path
 
 
-def write_sidecar(model: Path, size: int = 16, classes: list[str] = CLASSES, **vote_settings) -> Path:
-    """The sidecar python -m covidct.export would write for ``model`` (lung window, majority vote)."""
+def sidecar_content(size: int = 16, classes: list[str] = CLASSES, mil: dict | None = None, **vote_settings) -> dict:
+    """The sidecar python -m covidct.export would write (lung window, majority vote), but its model's SHA-256."""
     rule = {
         "rule": "majority",
         "tau": 0.5,
@@ -92,25 +93,32 @@ def write_sidecar(model: Path, size: int = 16, classes: list[str] = CLASSES, **v
         "threshold_tau": 0.5,
         "temperature": 1.0,
     }
-    side = {
+    return {
         "covidct_onnx": 1,
-        "model_sha256": file_sha256(model),
         "precision": "fp32",
         "windows": ["lung"],
         "image_size": size,
         "lung_crop": False,
         "class_names": classes,
         "vote": rule | vote_settings,
-        "mil": None,
+        "mil": mil,
     }
+
+
+def write_sidecar(model: Path, size: int = 16, classes: list[str] = CLASSES, **settings) -> Path:
+    """Bind :func:`sidecar_content` to ``model`` as the export does (a copy in its metadata) and write it."""
+    side = bind_sidecar(model, sidecar_content(size, classes, **settings))
     sidecar_path(model).write_text(json.dumps(side))
     return sidecar_path(model)
 
 
 def ct_patient(folder: Path, values: list[float], size: int = 16) -> Path:
-    """A patient folder of uncompressed CT slices, slice i filled with HU ``values[i]`` (head first)."""
+    """A patient folder of uncompressed CT slices, slice i filled with HU ``values[i]`` (head first) but for its
+    top row, air (-1000 HU): every chest CT shows air, and the reader refuses a series without any."""
     for i, hu in enumerate(values):
-        write_ct_slice(folder / f"IM{i:04d}.dcm", np.full((size, size), hu, np.int16), slice_location=-float(i))
+        pixels = np.full((size, size), hu, np.int16)
+        pixels[0] = -1000
+        write_ct_slice(folder / f"IM{i:04d}.dcm", pixels, slice_location=-float(i))
     return folder
 
 
@@ -206,8 +214,7 @@ def test_a_bad_model_file_fails_naming_the_file_and_writes_nothing(tmp_path, cas
         if case == "sidecar of another model":
             tiny_onnx(model, 2 * w3)  # the model changed after its sidecar was written
         if case == "mil head missing":
-            data = json.loads(side.read_text())
-            side.write_text(json.dumps(data | {"mil": {"sha256": "0", "init": {"standardize": "center"}}}))
+            write_sidecar(model, mil={"sha256": "0", "init": {"standardize": "center"}})
         if case == "sidecar not JSON":
             side.write_text("{not json")
     patient = ct_patient(tmp_path / "in" / "T1-001", [-800, -700])
@@ -308,6 +315,147 @@ def test_bf16_falls_back_to_fp32_without_hardware_support_and_autocasts_when_ask
     fp32 = slice_probabilities(model, images, 4)
     bf16 = slice_probabilities(model, images, 4, precision="bf16")  # autocast itself works on any CPU
     assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 0.05
+
+
+# ---- the sidecar is bound to its model; every vote parameter is checked when the model is loaded ---------
+@pytest.fixture
+def no_slice_read(monkeypatch):
+    """Fail the test if predict reads a DICOM slice (with num_workers=0 it reads in this process)."""
+
+    def refuse(folder: Path, preprocessor: SlicePreprocessor) -> None:
+        raise AssertionError(f"a slice of {folder} was read")
+
+    monkeypatch.setattr("covidct.inference.read_preprocessed", refuse)
+
+
+SIDECAR_EDITS = {
+    "class_names": lambda side: side | {"class_names": ["Normal", "CAP", "COVID-19"]},  # COVID-19 called Normal
+    "windows": lambda side: side | {"windows": ["mediastinum"]},
+    "vote.temperature": lambda side: side | {"vote": side["vote"] | {"temperature": 0.0}},
+    "vote.tau": lambda side: side | {"vote": side["vote"] | {"tau": 1.5}},
+}
+
+
+def edit_sidecar(model: Path, key: str) -> Path:
+    """Edit the sidecar of ``model`` by hand, as :data:`SIDECAR_EDITS` says for ``key``."""
+    side = sidecar_path(model)
+    side.write_text(json.dumps(SIDECAR_EDITS[key](json.loads(side.read_text())), indent=1))
+    return side
+
+
+def refused(cfg: OmegaConf) -> str:
+    """The one-line :class:`DataError` message ``run_prediction(cfg)`` ends with; nothing written."""
+    with pytest.raises(DataError) as err:
+        run_prediction(cfg)
+    assert "\n" not in str(err.value) and not Path(cfg.paths.output_dir).exists(), str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("key", list(SIDECAR_EDITS))
+def test_an_edited_sidecar_is_refused_before_any_slice_is_read(tmp_path, no_slice_read, key):
+    """Class names reordered, another window, temperature 0 or tau 1.5 written into the sidecar by hand: the
+    model's copy of its sidecar differs, so predict refuses, naming the sidecar and the key."""
+    model = tiny_onnx(tmp_path / "m.onnx", np.array([[-4.0, 0.0, 4.0]]))
+    write_sidecar(model)
+    side = edit_sidecar(model, key)
+    patient = ct_patient(tmp_path / "in" / "T1-001", [-900, -800])
+    message = refused(predict_cfg(model, patient, tmp_path / "out", num_workers=0))
+    assert message.startswith(f"sidecar {side}: differs in {key} from the copy exported into m.onnx"), message
+    assert "export the checkpoint again with python -m covidct.export" in message
+
+
+def test_an_export_from_before_the_binding_is_refused_saying_to_export_again(tmp_path, no_slice_read):
+    """A sidecar written beside a model without a copy of it (an export made before they were bound): its
+    content cannot be vouched for, so it is refused."""
+    model = tiny_onnx(tmp_path / "m.onnx", np.array([[-4.0, 0.0, 4.0]]))
+    sidecar_path(model).write_text(json.dumps(sidecar_content() | {"model_sha256": file_sha256(model)}))
+    patient = ct_patient(tmp_path / "in" / "T1-001", [-900])
+    message = refused(predict_cfg(model, patient, tmp_path / "out", num_workers=0))
+    assert message.startswith(f"{model}: holds no copy of its sidecar m.onnx.json"), message
+    assert "export the checkpoint again" in message
+
+
+BAD_VOTES = [
+    ({"rule": "infected_fraction", "tau": 1.5}, "vote.tau must be in [0, 1] (a fraction of slices), got 1.5"),
+    ({"rule": "threshold", "threshold_tau": -0.1}, "vote.threshold_tau must be in [0, 1]"),
+    ({"rule": "threshold", "slice_threshold": 1.5}, "vote.slice_threshold must be in [0, 1)"),
+    ({"temperature": 0.0}, "vote.temperature must be a finite number > 0 (it divides the logits), got 0.0"),
+    ({"temperature": float("nan")}, "vote.temperature must be a finite number > 0"),
+    ({"rule": "topk_mean", "k": 0}, "vote.k must be an integer >= 1 (slices), got 0"),
+    ({"rule": "weighted_center", "center_slices": 0}, "vote.center_slices must be an integer >= 1"),
+    ({"rule": "weighted_center", "window_slices": 2.5}, "vote.window_slices must be an integer >= 1"),
+    ({"rule": "weighted_center", "window_slices": 10}, "vote.window_slices=10 must be >= vote.center_slices=40"),
+    ({"rule": "median"}, "vote.rule='median' is not known"),
+    ({"k": None}, "vote.k must be an integer >= 1 (slices), got None"),
+]
+
+
+@pytest.mark.parametrize(("vote_settings", "message"), BAD_VOTES)
+def test_vote_parameters_out_of_range_in_a_sidecar_are_refused_before_any_slice_is_read(
+    tmp_path, no_slice_read, vote_settings, message
+):
+    """An export whose sidecar (and the model's copy of it) holds a vote parameter out of range: refused when
+    the model is loaded, naming the sidecar and the key (temperature 0 gave NaN probabilities with status ok,
+    tau 1.5 a traceback after every slice was read)."""
+    model = tiny_onnx(tmp_path / "m.onnx", np.array([[-4.0, 0.0, 4.0]]))
+    side = write_sidecar(model, **vote_settings)
+    patient = ct_patient(tmp_path / "in" / "T1-001", [-900, -800])
+    got = refused(predict_cfg(model, patient, tmp_path / "out", num_workers=0))
+    assert got.startswith(f"sidecar {side}: {message}") and got.endswith("which writes them together"), got
+
+
+@pytest.fixture(scope="module")
+def random_resnet18(tmp_path_factory) -> Path:
+    """A checkpoint of a random-weight resnet18 at 32 px without a vote state (predict's defaults)."""
+    path = tmp_path_factory.mktemp("random_resnet18") / "random.ckpt"
+    random_checkpoint("resnet18", path, 32, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"temperature": 0.0}, "vote.temperature must be a finite number > 0 (it divides the logits), got 0.0"),
+        ({"tau": 1.5}, "vote.tau must be in [0, 1] (a fraction of slices), got 1.5"),
+        ({"window_slices": 0}, "vote.window_slices must be an integer >= 1 (slices), got 0"),
+    ],
+)
+def test_vote_parameters_out_of_range_in_a_checkpoint_are_refused_before_any_slice_is_read(
+    random_resnet18, tmp_path, no_slice_read, state, message
+):
+    """A checkpoint whose vote state holds a parameter out of range: predict and the export refuse it when it
+    is loaded, naming the checkpoint and the key."""
+    data = torch.load(random_resnet18, map_location="cpu", weights_only=True)
+    data["hyper_parameters"]["preprocessing"]["vote_rule"] = "infected_fraction"
+    data["callbacks"] = {"PatientVoteCallback{'rule': 'infected_fraction'}": state}
+    ckpt = tmp_path / "bad.ckpt"
+    torch.save(data, ckpt)
+    patient = ct_patient(tmp_path / "in" / "T1-001", [-900, -800])
+    got = refused(predict_cfg(ckpt, patient, tmp_path / "out", num_workers=0))
+    assert got.startswith(f"ckpt_path={ckpt}: {message}; ") and "as train.py saved it" in got, got
+    with pytest.raises(DataError, match=f"ckpt_path={ckpt}: vote"):
+        export_onnx(ckpt, tmp_path / "bad.onnx")
+    assert not list(tmp_path.glob("bad.onnx*"))
+
+
+def test_the_int8_export_is_bound_to_its_own_sidecar(tmp_path):
+    """quantize=int8 writes a new sidecar (precision, checks): the int8 model holds a copy of that one, so it
+    loads and an edit of its sidecar is refused; an edited fp32 sidecar cannot be quantized into an export."""
+    model = tiny_onnx(tmp_path / "m.onnx", np.array([[-4.0, 0.0, 4.0]]))
+    write_sidecar(model)
+    calibration = ct_patient(tmp_path / "calibration" / "P1", [-900, -500, 0, 100])
+    settings = {"quantize": "int8", "calibration_input": calibration.parent, "calibration_slices": 4}
+    int8_model = export_onnx(model, tmp_path / "m.int8.onnx", **settings)[0]
+    int8 = load_onnx(int8_model, "cpu")
+    copy = json.loads(int8.model.session.get_modelmeta().custom_metadata_map[SIDECAR_METADATA])
+    assert copy["precision"] == int8.sidecar["precision"] == "int8" and copy["model_file"] == "m.int8.onnx"
+    side = edit_sidecar(int8_model, "class_names")
+    with pytest.raises(DataError, match=f"sidecar {side}: differs in class_names"):
+        load_onnx(int8_model, "cpu")
+    side = edit_sidecar(model, "vote.temperature")
+    with pytest.raises(DataError, match=f"sidecar {side}: differs in vote.temperature"):
+        export_onnx(model, tmp_path / "again.int8.onnx", **settings)
+    assert not list(tmp_path.glob("again*"))
 
 
 # ---- slow: real exports -------------------------------------------------------------------------
@@ -445,6 +593,23 @@ def test_int8_export_is_quantized_calibrated_on_real_slices_and_close_to_fp32(ti
     images = read_patient(folder, pre)["images"]
     diff = np.abs(int8.model.probabilities(images) - fp32.model.probabilities(images)).max()
     assert 0 < diff < 0.1 and diff == pytest.approx(side["export_check"]["max_abs_prob_diff"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["class_names", "vote.temperature", "vote.tau"])
+def test_predict_refuses_an_edited_sidecar_of_a_real_export(tiny_export, real_sample, tmp_path, no_slice_read, key):
+    """The trained checkpoint's export (MIL head included), its sidecar edited by hand (class names reordered:
+    COVID-19 would be called Normal; temperature 0; tau 1.5), predicting a real patient: refused before any slice
+    is read, naming the sidecar and the key. The copy as exported loads."""
+    _, written = tiny_export
+    for path in written:
+        shutil.copy(path, tmp_path / path.name)
+    model = tmp_path / written[0].name
+    assert load_onnx(model, "cpu").mil_head is not None
+    side = edit_sidecar(model, key)
+    patient = real_slices(real_sample, tmp_path / "in" / "P001", n=2)
+    message = refused(predict_cfg(model, patient, tmp_path / "out", num_workers=0))
+    assert message.startswith(f"sidecar {side}: differs in {key} from the copy exported into tiny.onnx"), message
 
 
 @pytest.mark.slow

@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from covidct.calibration import apply_temperature
+from covidct.config import register_resolvers
 from covidct.data.datamodule import CTDataModule
-from covidct.errors import DataError
-from covidct.inference import find_test_sets, load_checkpoint
+from covidct.errors import ConfigError, DataError
+from covidct.inference import claim_output_dir, find_test_sets, load_checkpoint, run_prediction
 from tests.conftest import REPO, compose_train, tiny, write_ct_slice
 
 
@@ -132,6 +135,37 @@ def test_vote_override_is_recorded_and_bad_paths_exit_nonzero(trained, shared_ca
     assert bad.returncode != 0 and "does not exist" in bad.stderr
     bad = run_predict([f"ckpt_path={tmp_path / 'x.ckpt'}", f"input={one}", f"paths.log_dir={tmp_path}"], tmp_path)
     assert bad.returncode != 0 and "ckpt_path" in bad.stderr
+
+
+def compose_predict(overrides: list[str]) -> DictConfig:
+    """conf/predict.yaml composed with ``overrides``, as ``python predict.py`` would see it."""
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("predict", overrides=[*overrides, "num_workers=0", "progress=false", "device=cpu"])
+
+
+@pytest.mark.slow
+def test_a_folder_holding_another_runs_predictions_is_refused_unless_overwrite(trained, shared_cache, tmp_path):
+    one = next((next(shared_cache.glob("synthetic-*")) / "Normal subjects").iterdir())
+    out = tmp_path / "shared"
+    args = [f"ckpt_path={trained[0]}", f"input={one}", f"paths.output_dir={out}"]
+    run_prediction(compose_predict(args))
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"prediction.json", f"{one.name}.csv"} <= set(first)
+    with pytest.raises(ConfigError) as refused:
+        run_prediction(compose_predict([*args, "vote=majority"]))
+    message = str(refused.value)
+    assert message.startswith(f"paths.output_dir={out}: holds another predict.py run's results (")
+    assert "prediction.json" in message and "overwrite=true" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the first run's results are untouched
+
+    running = tmp_path / "running"  # a run that claimed its folder and has written nothing yet
+    claim_output_dir(running, find_test_sets(one), one, overwrite=False)
+    with pytest.raises(ConfigError, match=r"results \(\.predict-run\.json\); .* overwrite=true"):
+        run_prediction(compose_predict([f"ckpt_path={trained[0]}", f"input={one}", f"paths.output_dir={running}"]))
+
+    run_prediction(compose_predict([*args, "vote=majority", "overwrite=true"]))
+    assert json.loads((out / "prediction.json").read_text())["vote_rule"] == "majority"
 
 
 def test_test_time_augmentation_averages_each_slice_and_its_horizontal_flip():

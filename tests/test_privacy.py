@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -105,7 +107,7 @@ def test_the_leak_search_finds_a_planted_string(tmp_path):  # the search below c
 
 @pytest.mark.slow
 def test_patient_tags_never_reach_any_output(tmp_path):
-    spec = SyntheticSpec(patients_per_class=(2, 2, 2), slices_min=6, slices_max=8, image_size=64, seed=3)
+    spec = SyntheticSpec(patients_per_class=(2, 2, 2), slices_min=8, slices_max=10, image_size=64, seed=3)
     data = tmp_path / "hospital export"
     shutil.copytree(ensure_dataset(tmp_path / "gen", spec), data)
     assert plant_phi(data) >= 36
@@ -217,6 +219,8 @@ IDENTIFIER_FOLDERS = {
     "Normal subjects": ["Pt 1971-02-03", "NHS4857773456"],
 }
 FOLDER_NAMES = [name for names in IDENTIFIER_FOLDERS.values() for name in names]
+#: a patient folder without a readable slice: named only by the log line that says it is skipped
+SKIPPED_FOLDER = "KOWALSKI^ANNA_19580704"
 PSEUDONYM = re.compile(rb"pt-[0-9a-f]{10}")
 
 
@@ -290,6 +294,7 @@ def test_the_wandb_logger_carries_its_pseudonymizer_and_stops_console_capture_wh
     online = compose_train(tmp_path, ["logger=wandb", "logger.wandb.offline=false", f"privacy.secret_file={secret}"])
     logger = instantiate_logger(online.logger.wandb, online)  # auto + online: on (nothing connects yet)
     assert pseudonymizer_of(logger).active and logger._wandb_init["settings"] == {"console": "off"}
+    assert type(logger._wandb_init["settings"]) is dict  # wandb.init ignores any other mapping (a DictConfig)
     assert pseudonymizer_of(logger)("MRN004211") == Pseudonymizer(secret.read_bytes().strip())("MRN004211")
 
     offline = compose_train(tmp_path, ["logger=wandb", f"privacy.secret_file={tmp_path / 'unused'}"])
@@ -308,7 +313,7 @@ def test_the_wandb_logger_carries_its_pseudonymizer_and_stops_console_capture_wh
 def identifier_named_export(tmp_path: Path) -> Path:
     """A copy of a small synthetic dataset as a hospital might export it: no label files, patient folders
     named by identifiers (:data:`IDENTIFIER_FOLDERS`), the planted patient tags in every file."""
-    spec = SyntheticSpec(patients_per_class=(2, 2, 2), slices_min=6, slices_max=8, image_size=64, seed=3)
+    spec = SyntheticSpec(patients_per_class=(2, 2, 2), slices_min=8, slices_max=10, image_size=64, seed=3)
     data = tmp_path / "hospital export"
     shutil.copytree(ensure_dataset(tmp_path / "gen", spec), data)
     for extra in [*data.glob("*.csv"), *data.glob("*.npy")]:
@@ -317,7 +322,24 @@ def identifier_named_export(tmp_path: Path) -> Path:
         for patient, name in zip(sorted((data / class_folder).iterdir()), names, strict=True):
             patient.rename(patient.parent / name)
     plant_phi(data)
+    (data / "Normal subjects" / SKIPPED_FOLDER).mkdir()
+    (data / "Normal subjects" / SKIPPED_FOLDER / "IM0001.dcm").write_bytes(b"DICM cut short")
     return data
+
+
+@contextmanager
+def logged_to_stderr() -> Iterator[None]:
+    """Log records (INFO and up) printed on stderr, as train.py's Hydra job logging prints them: the console
+    that W&B's capture would record."""
+    handler, root = logging.StreamHandler(sys.stderr), logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def train_pseudonymized(data: Path, run: Path, cache: Path, secret: Path) -> Path:
@@ -352,14 +374,17 @@ def mapping(run: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_identifier_folder_names_never_reach_wandb_but_their_pseudonyms_do(tmp_path):
+def test_identifier_folder_names_never_reach_wandb_but_their_pseudonyms_do(tmp_path, capsys):
     data, cache = identifier_named_export(tmp_path), tmp_path / "cache"
     secret, other_secret = tmp_path / "keys" / "secret", tmp_path / "keys" / "other"
-    first = train_pseudonymized(data, tmp_path / "first", cache, secret)
+    with logged_to_stderr():
+        first = train_pseudonymized(data, tmp_path / "first", cache, secret)
+    console = capsys.readouterr().err
+    assert f"Skipping patient {SKIPPED_FOLDER}" in console  # a log line names it, on the console
 
     uploaded = files_under(first)  # everything `wandb sync` would upload, binary .wandb history included
     blob = b"\n".join([p.read_bytes() for p in uploaded] + [str(p.relative_to(first)).encode() for p in uploaded])
-    assert not [name for name in FOLDER_NAMES if name.lower().encode() in blob.lower()]
+    assert not [name for name in [*FOLDER_NAMES, SKIPPED_FOLDER] if name.lower().encode() in blob.lower()]
     assert leaks(uploaded, {}) == []  # the planted patient tags neither
     key = secret.read_bytes().strip()
     assert key not in blob and key not in b"\n".join(p.read_bytes() for p in files_under(tmp_path / "first"))

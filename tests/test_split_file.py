@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from covidct.data.split import read_split_file
-from covidct.errors import DataError
+from covidct.errors import ConfigError, DataError
 from tests.conftest import compose_train, tiny
 
 IDS = ["P1", "P2", "P3", "c1", "n1"]
@@ -42,6 +42,8 @@ def test_a_split_file_assigns_subsets_and_lists_what_does_not_match(tmp_path):
         ([("P1", "holdout")], ("patient", "subset"), "line 2: subset 'holdout'"),
         ([("P1", "train")], ("id", "split"), "needs columns patient,subset"),
         ([("P2", "val"), ("gone", "train")], ("patient", "subset"), "no training patient on disk"),
+        ([("P1", "train"), ("P2", "val", "test")], ("patient", "subset"), r"line 3: 1 more cell\(s\) than the header"),
+        ([("P1", "train"), ("", "train")], ("patient", "subset"), "line 3: no patient"),
     ],
 )
 def test_a_bad_split_file_is_refused_naming_the_line(tmp_path, rows, header, expected):
@@ -49,6 +51,18 @@ def test_a_bad_split_file_is_refused_naming_the_line(tmp_path, rows, header, exp
         read_split_file(write(tmp_path / "s.csv", rows, header), IDS)
     with pytest.raises(DataError, match="not found"):
         read_split_file(tmp_path / "none.csv", IDS)
+
+
+@pytest.mark.parametrize("folds", [["data.num_folds=5"], ["data.num_folds=5", "data.fold=3"], ["data.fold=1"]])
+def test_a_split_file_with_fold_settings_is_refused_naming_the_keys(shared_cache, tmp_path, folds):
+    from covidct.training import instantiate_checked
+
+    split = write(tmp_path / "split.csv", [("P001", "train"), ("P002", "val")])
+    cfg = compose_train(tmp_path / "run", [*tiny(shared_cache), f"data.split_file={split}", *folds])
+    # before: the fold keys were ignored, so each job of a fold sweep trained on the same split
+    with pytest.raises(ConfigError, match=r"data.split_file=.*split.csv fixes the split, so data.num_folds=") as info:
+        instantiate_checked(cfg.data, _convert_="all")
+    assert "set data.num_folds=null data.fold=0, or data.split_file=null" in str(info.value)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ pseudo-label file and its alignment, stage 2's use of it, and every refusal. Rea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -63,7 +64,8 @@ def test_stage1_targets_on_the_real_sample_follow_the_radiologists_labels(real_s
 
 def test_pseudo_label_file_follows_the_datasets_convention(tmp_path):
     rows = [("P007", 0, np.array([0, 1, 1, 0, 1], np.int8)), ("cap009", 1, np.ones(230, np.int8))]
-    meta = {"threshold": 0.5, "stage1_train_patients": ["P001"], "patients": {}, "preprocessing": {}}
+    sizes = {"P007": {"series_length": 5}, "cap009": {"series_length": 230}}
+    meta = {"threshold": 0.5, "stage1_train_patients": ["P001"], "patients": sizes, "preprocessing": {}}
     path = write_pseudo_labels(tmp_path, rows, meta)
     assert path == tmp_path / LABEL_FILE
     index = read_index(tmp_path)  # the dataset's own reader: row r of the array = r-th data row of Index.csv
@@ -75,12 +77,20 @@ def test_pseudo_label_file_follows_the_datasets_convention(tmp_path):
     back = read_pseudo_labels(path)
     assert back.meta["threshold"] == 0.5 and back.stage1_train_patients == ["P001"]
     assert back.rows["cap009"].sum() == 230
+    # the JSON binds the array: its SHA-256, the patient of each row, each patient's counts
+    assert back.meta["label_array"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert back.meta["label_array"]["rows"] == ["P007", "cap009"]
+    assert back.meta["patients"] == {
+        "P007": {"series_length": 5, "infected": 3},
+        "cap009": {"series_length": 230, "infected": 230},
+    }
 
 
 def test_a_foreign_or_broken_pseudo_label_folder_is_refused_naming_the_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_pseudo_labels(tmp_path / LABEL_FILE)
-    path = write_pseudo_labels(tmp_path, [("P1", 0, np.ones(3, np.int8))], {"stage1_train_patients": []})
+    meta = {"stage1_train_patients": [], "patients": {"P1": {"series_length": 3}}}
+    path = write_pseudo_labels(tmp_path, [("P1", 0, np.ones(3, np.int8))], meta)
     (tmp_path / META_FILE).write_text('{"kind": "something else"}')
     with pytest.raises(DataError, match="not covidct pseudo-labels"):
         read_pseudo_labels(path)
@@ -88,6 +98,86 @@ def test_a_foreign_or_broken_pseudo_label_folder_is_refused_naming_the_file(tmp_
         CTDataModule(synthetic={}, label_mode="pseudo")
     with pytest.raises(ConfigError, match="only with data.label_mode=pseudo"):
         CTDataModule(synthetic={}, label_mode="paper", pseudo_labels=str(path))
+
+
+# ---- the array, its Index.csv and its JSON are bound together -----------------------------------------
+
+REGENERATE = "regenerate them with python -m covidct.pseudo_label"
+
+
+def infected_row(length: int, columns: list[int]) -> np.ndarray:
+    row = np.zeros(length, np.int8)
+    row[columns] = 1
+    return row
+
+
+def three_patients(folder: Path) -> Path:
+    """A pseudo-label folder of P003 (99 of 148 slices infected), P005 and cap002 (3 each, elsewhere)."""
+    rows = [
+        ("P003", 0, infected_row(148, list(range(20, 119)))),
+        ("P005", 0, infected_row(150, [40, 41, 42])),
+        ("cap002", 1, infected_row(160, [70, 90, 110])),
+    ]
+    sizes = {pid: {"series_length": len(row)} for pid, _, row in rows}
+    return write_pseudo_labels(folder, rows, {"stage1_train_patients": [], "patients": sizes})
+
+
+def edit_array(path: Path, edit) -> None:
+    np.save(path, edit(np.load(path)))
+
+
+def edit_json(path: Path, edit) -> None:
+    meta = json.loads((path.parent / META_FILE).read_text())
+    edit(meta)
+    (path.parent / META_FILE).write_text(json.dumps(meta))
+
+
+def edit_index(path: Path, edit) -> None:
+    lines = (path.parent / INDEX_FILE).read_text().splitlines()
+    (path.parent / INDEX_FILE).write_text("\n".join(edit(lines)) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (  # the issue's case: accepted while the JSON said 99 infected
+            lambda p: edit_array(p, np.zeros_like),
+            r"labels-pseudo.npy: patient 'P003' \(row 0\) has 0 infected slices, pseudo_labels.json says 99",
+        ),
+        (
+            lambda p: edit_array(p, lambda a: a[[1, 0, 2]]),  # P003's and P005's rows swapped
+            r"patient 'P003' \(row 0\) has 3 infected slices, pseudo_labels.json says 99",
+        ),
+        (
+            lambda p: edit_array(p, lambda a: a[[0, 2, 1]]),  # two rows of equal counts swapped
+            r"Slice-level-labels-pseudo.npy: changed since it was written \(SHA-256 differs",
+        ),
+        (
+            lambda p: edit_index(p, lambda lines: [lines[0], lines[1], lines[3], lines[2]]),
+            r"Index.csv, line 3: row 1 is patient 'cap002' but pseudo_labels.json says patient 'P005'",
+        ),
+        (
+            lambda p: (edit_array(p, lambda a: a[:2]), edit_index(p, lambda lines: lines[:3])),  # cap002's row dropped
+            r"Slice-level-labels-pseudo.npy: no row for patient 'cap002' of pseudo_labels.json",
+        ),
+        (
+            lambda p: edit_json(p, lambda meta: meta["patients"].pop("cap002")),
+            r"pseudo_labels.json: no record of patient 'cap002'",
+        ),
+        (
+            lambda p: edit_json(p, lambda meta: meta.pop("label_array")),  # as written before the binding
+            r"pseudo_labels.json: records no SHA-256 and row patients .* older covidct",
+        ),
+    ],
+    ids=["zeroed", "rows-swapped", "equal-rows-swapped", "index-swapped", "row-dropped", "not-in-json", "older"],
+)
+def test_pseudo_labels_edited_apart_from_their_json_are_refused(tmp_path, edit, expected):
+    path = three_patients(tmp_path)
+    assert read_pseudo_labels(path).rows["P003"].sum() == 99  # as written, it reads back
+    edit(path)
+    with pytest.raises(DataError, match=expected) as info:
+        read_pseudo_labels(path)
+    assert REGENERATE in str(info.value) and "\n" not in str(info.value)
 
 
 # ---- the pipeline on synthetic data (stage 1 -> pseudo-labels -> stage 2) ------------------------------
@@ -181,12 +271,14 @@ def test_stage2_uses_pseudo_labels_for_training_patients_only_and_never_over_rad
     pseudo = read_pseudo_labels(path)
     planted = tmp_path / "planted"
     labelled = [
-        (pid, int(paper.patient_labels[i]), np.ones(200, np.int8))
+        (pid, int(paper.patient_labels[i]), np.ones(paper.cache.patients[i].series_length, np.int8))
         for i, pid in enumerate(paper.patient_ids)
         if paper.patient_labels[i] != NORMAL_CLASS and pid not in pseudo.rows
     ]
     rows = [(pid, CLASS_NAMES.index(pseudo.meta["patients"][pid]["class"]), r) for pid, r in pseudo.rows.items()]
-    planted_path = write_pseudo_labels(planted, rows + labelled, pseudo.meta)
+    sizes = {pid: {"series_length": len(row)} for pid, _, row in labelled}
+    meta = {**pseudo.meta, "patients": {**pseudo.meta["patients"], **sizes}}
+    planted_path = write_pseudo_labels(planted, rows + labelled, meta)
     dm = stage2_datamodule(
         compose_train(tmp_path / "s2", [*overrides, "data.label_mode=pseudo", f"data.pseudo_labels={planted_path}"])
     )
@@ -226,6 +318,23 @@ def test_stage2_refuses_pseudo_labels_that_do_not_fit(two_stage, tmp_path):
             )
         )
     assert (changed / INDEX_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_stage2_refuses_a_real_pseudo_label_array_edited_apart_from_its_json(two_stage, tmp_path):
+    _, path, _, _, overrides = two_stage
+    edited = tmp_path / "edited"
+    shutil.copytree(path.parent, edited)
+    meta = json.loads((edited / META_FILE).read_text())
+    pid = meta["label_array"]["rows"][0]
+    written, length = meta["patients"][pid]["infected"], meta["patients"][pid]["series_length"]
+    array = np.load(edited / LABEL_FILE)
+    array[0, :length] = 0 if written else 1  # row 0 cleared (or, when clean, every slice marked)
+    np.save(edited / LABEL_FILE, array)
+    stage2 = [*overrides, "data.label_mode=pseudo", f"data.pseudo_labels={edited / LABEL_FILE}"]
+    now = 0 if written else length
+    with pytest.raises(DataError, match=f"patient '{pid}' \\(row 0\\) has {now} infected slices, .* says {written}"):
+        stage2_datamodule(compose_train(tmp_path / "run", stage2))
 
 
 @pytest.mark.slow

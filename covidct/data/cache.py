@@ -24,16 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
 
@@ -42,13 +39,16 @@ import numpy as np
 from covidct.data.dicom import list_files
 from covidct.data.layout import PatientFolder
 from covidct.data.preprocess import SlicePreprocessor, read_preprocessed
+from covidct.data.series import other_axial, series_line
 from covidct.errors import DataError
+from covidct.processes import worker_pool
 
 log = logging.getLogger(__name__)
 
 # 3: series ranks (labels survive skipped slices), ordering fallbacks and notes (issue 14)
 # 4: each patient's lung crop (data.lung_crop, issue 16)
-CACHE_VERSION = 4
+# 5: one chosen series per patient, the others listed; padding is air, MONOCHROME1 not inverted (issue 26)
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,16 @@ class CachedPatient:
     # data.lung_crop=true: {"box": [top, bottom, left, right] px, "slice_shape": [rows, cols],
     # "lung_slices", "note"} (see covidct.data.preprocess.LungCrop); None without the crop
     lung_crop: dict[str, object] | None = None
+    # the chosen series (covidct.data.series.SeriesInfo.as_dict()), every other series or image group of
+    # the folder with why it was not used, and a digest of the kept images' SOPInstanceUIDs ("" if unknown)
+    series: dict[str, object] | None = None
+    other_series: list[dict[str, object]] = field(default_factory=list)
+    sop_digest: str = ""
+
+    @property
+    def n_series(self) -> int:
+        """Axial series in the patient folder (the chosen one included)."""
+        return 1 + len(other_axial(self.other_series))
 
 
 @dataclass
@@ -120,6 +130,9 @@ def _read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict:
         "unplaced": listed(series.unplaced),
         "ignored": listed(series.ignored),
         "lung_crop": None if crop is None else crop.as_dict(),
+        "series": series.series.as_dict() if series.series else None,
+        "other_series": [s.as_dict() for s in series.other_series],
+        "sop_digest": series.sop_digest,
     }
 
 
@@ -129,17 +142,8 @@ def _read_all(patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers
     if workers <= 1:
         yield from (_read_patient(folder, pre) for folder in folders)
         return
-    with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
+    with worker_pool(workers) as pool:  # forked on Linux; they die with this process, even after kill -9
         yield from pool.map(_read_patient, folders, repeat(pre))
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork on Linux, spawn elsewhere. A spawned worker re-imports the main module (train.py pulls in
-    torch, Lightning and Hydra: ~8 s per worker on 2 cores, measured), which made 2 workers slower
-    than 1 process on a 470-slice build (19.6 s vs 12.1 s); forked ones start at once (7.8 s). The
-    workers only decode DICOM (pydicom, numpy, single-threaded OpenCV), as DataLoader workers do,
-    which also fork by default on Linux."""
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreprocessor, workers: int) -> dict:
@@ -172,6 +176,9 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
                 result["unplaced"],
                 result["ignored"],
                 result["lung_crop"],
+                result["series"],
+                result["other_series"],
+                result["sop_digest"],
             )
             entries.append(asdict(entry))
             patient_col.append(np.full(n, i))
@@ -180,6 +187,8 @@ def _write_cache(tmp: Path, patients: Sequence[PatientFolder], pre: SlicePreproc
             offset += n
             for skipped in result["skipped"]:
                 log.warning("Skipping %s: %s", skipped["file"], skipped["reason"])
+            for other in result["other_series"]:
+                log.warning("Patient %s: not used: %s", patient.patient_id, series_line(other))
             if result["lung_crop"] and result["lung_crop"]["note"]:
                 log.warning("Patient %s: %s", patient.patient_id, result["lung_crop"]["note"])
     if not entries:

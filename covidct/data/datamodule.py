@@ -30,14 +30,30 @@ from covidct import CLASS_NAMES as PATIENT_CLASSES
 from covidct import NORMAL_CLASS
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.dicom import Skipped
-from covidct.data.labels import LABEL_MODES, UNKNOWN, class_names_of, slice_targets, usable_slice_labels
+from covidct.data.labels import (
+    LABEL_MODES,
+    UNKNOWN,
+    class_names_of,
+    series_of_labels,
+    slice_targets,
+    usable_slice_labels,
+)
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, Window, one_thread_per_worker, parse_windows
 from covidct.data.pseudo_labels import check_pseudo_labels, read_pseudo_labels
+from covidct.data.series import (
+    AUTO,
+    SERIES_COLUMNS,
+    check_min_slices,
+    check_series_rule,
+    find_shared_series,
+    other_axial,
+    series_cells,
+)
 from covidct.data.split import check_split, read_split_file, train_val_split
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, DataError
 from covidct.io import atomic_write_csv
 from covidct.seeding import derive_seed
 
@@ -188,6 +204,7 @@ def check_data_settings(
     num_folds: int | None,
     fold: int,
     pseudo_labels: str | None = None,
+    split_file: str | None = None,
 ) -> None:
     """Raise :class:`ConfigError` naming the ``data.*`` key of a bad value (before any data is read)."""
     if root is None and synthetic is None:
@@ -208,7 +225,7 @@ def check_data_settings(
             else f"data.pseudo_labels is read only with data.label_mode=pseudo (this run: {label_mode}); "
             "set data.label_mode=pseudo, or data.pseudo_labels=null"
         )
-    check_split(val_fraction, num_folds, fold)
+    check_split(val_fraction, num_folds, fold, split_file)
 
 
 @dataclass(frozen=True)
@@ -258,6 +275,9 @@ class CTDataModule(pl.LightningDataModule):
             ``label_mode=pseudo``: a training patient without radiologist slice labels takes its row.
         split_file: a fixed split, CSV ``patient,subset`` (train / val / test), instead of ``val_fraction``
             and folds (see :func:`read_split_file`); its test patients are scored once after training.
+        series: which axial series of a patient folder is the patient's: ``auto`` (the most slices, then the
+            thinnest) or a part of its SeriesDescription / ConvolutionKernel (see :mod:`covidct.data.series`).
+        min_slices: a series with fewer usable slices is not a patient (skipped with the reason).
     """
 
     def __init__(
@@ -284,10 +304,22 @@ class CTDataModule(pl.LightningDataModule):
         slice_labels_file: str | None = None,
         pseudo_labels: str | None = None,
         split_file: str | None = None,
+        series: str = AUTO,
+        min_slices: int = 5,
     ) -> None:
         super().__init__()
+        series, min_slices = check_series_rule(series), check_min_slices(min_slices)
         check_data_settings(
-            root, synthetic, image_size, label_mode, batch_size, val_fraction, num_folds, fold, pseudo_labels
+            root,
+            synthetic,
+            image_size,
+            label_mode,
+            batch_size,
+            val_fraction,
+            num_folds,
+            fold,
+            pseudo_labels,
+            split_file,
         )
         self.root = root
         self.synthetic = (
@@ -302,7 +334,7 @@ class CTDataModule(pl.LightningDataModule):
         )
         self.cache_dir = Path(cache_dir)
         self.output_dir = Path(output_dir) if output_dir else None
-        self.preprocessor = SlicePreprocessor(parse_windows(list(windows)), image_size, lung_crop)
+        self.preprocessor = SlicePreprocessor(parse_windows(list(windows)), image_size, lung_crop, series, min_slices)
         self.label_mode = label_mode
         self.val_fraction, self.num_folds, self.fold, self.seed = val_fraction, num_folds, fold, seed
         gpu = torch.cuda.is_available()
@@ -366,6 +398,11 @@ class CTDataModule(pl.LightningDataModule):
             return
         patients, skipped_entries, cache = self._prepared or self._read()  # other DDP ranks read here
         self._prepared = None
+        shared = find_shared_series(
+            [(p.patient_id, str((p.series or {}).get("uid", "")), p.sop_digest) for p in cache.patients]
+        )
+        if shared:
+            raise DataError(f"{self.data_root()}: {shared}.")
         self.cache = cache
         labels_of = {p.patient_id: p.slice_labels for p in patients}
         self.patient_ids = [p.patient_id for p in cache.patients]
@@ -373,6 +410,8 @@ class CTDataModule(pl.LightningDataModule):
         slice_labels, label_problems = [], []
         for p in cache.patients:  # skipped patients are not in the cache
             row, problem = usable_slice_labels(p.patient_id, labels_of[p.patient_id], p.series_length, p.unplaced)
+            if row is not None and self.preprocessor.series == AUTO:  # a named series settles which was labelled
+                row, problem = series_of_labels(p.patient_id, row, p.series or {}, other_axial(p.other_series))
             slice_labels.append(row)
             label_problems += [problem] if problem else []
         if self.split_file is None:
@@ -477,12 +516,13 @@ class CTDataModule(pl.LightningDataModule):
         return text + ("; " + "; ".join(label_problems) if label_problems else "")
 
     def save_split(self, path: Path) -> None:
-        """Write ``patient,class,subset,n_slices,series_length,order_key`` for every patient (atomic)."""
+        """Write ``patient,class,subset,n_slices,series_length,order_key,series_uid,series_description,n_series``
+        for every patient (atomic)."""
         subset = {int(i): "train" for i in self.train_patients} | {int(i): "val" for i in self.val_patients}
         subset |= {int(i): "test" for i in self.test_patients}
         atomic_write_csv(
             path,
-            ["patient", "class", "subset", "n_slices", "series_length", "order_key"],
+            ["patient", "class", "subset", "n_slices", "series_length", "order_key", *SERIES_COLUMNS],
             [
                 (
                     p.patient_id,
@@ -491,6 +531,7 @@ class CTDataModule(pl.LightningDataModule):
                     p.n_slices,
                     p.series_length,
                     p.order_key,
+                    *series_cells(p.series, p.n_series),
                 )
                 for i, p in enumerate(self.cache.patients)  # type: ignore[union-attr]
             ],

@@ -8,6 +8,7 @@ use (column i = i-th slice by SliceLocation descending).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -22,8 +23,9 @@ from typing import Generic, TypeVar
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
 
+from covidct.data import hounsfield
+from covidct.data.series import AUTO, SERIES_TAGS, ImageHeader, SeriesInfo, choose_series, image_header
 from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,10 @@ class Series(Generic[T]):
     still takes its place, so the slices after it keep their own rank, which is the column of the
     dataset's slice labels). ``series_length`` counts those positions. ``unplaced`` lists skipped
     files that may be slices of the series but whose position cannot be read: with any of them, the
-    ranks (and so the slice labels) of this series are ambiguous.
+    ranks (and so the slice labels) of this series are ambiguous. ``series`` is the chosen series
+    (see :mod:`covidct.data.series`), ``other_series`` every other series or image group of the
+    folder with why it was not used (their files are in neither ``skipped`` nor ``ignored``);
+    ``sop_digest`` identifies the kept images (SOPInstanceUIDs), to find one series under two ids.
     """
 
     folder: Path
@@ -120,6 +125,9 @@ class Series(Generic[T]):
     unplaced: list[Skipped] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     ignored: list[Skipped] = field(default_factory=list)
+    series: SeriesInfo | None = None
+    other_series: list[SeriesInfo] = field(default_factory=list)
+    sop_digest: str = ""
 
 
 def _float_or_none(value: object) -> float | None:
@@ -153,12 +161,11 @@ def read_header(ds: pydicom.Dataset) -> SliceHeader:
 
 
 def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
-    """Decode one single-frame slice to Hounsfield units.
+    """Decode one single-frame slice to Hounsfield units: float32 (rows, cols) HU.
 
-    Returns float32 (rows, cols) HU. RescaleSlope/Intercept are applied (identity when absent).
-    MONOCHROME1 (minimum = white) is mirrored within the stored bit range first, so that larger
-    values always mean denser tissue. Compressed transfer syntaxes (JPEG Lossless, JPEG 2000,
-    RLE, ...) are decoded by pydicom's plugins (pylibjpeg).
+    The modality rescale is applied (identity when absent) and padding pixels become air; MONOCHROME1
+    is a display instruction and changes nothing (see :mod:`covidct.data.hounsfield`). Compressed
+    transfer syntaxes (JPEG Lossless, JPEG 2000, RLE, ...) are decoded by pydicom's plugins (pylibjpeg).
     """
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
         raise ValueError(f"multi-frame image ({ds.NumberOfFrames} frames); expected one slice per file")
@@ -168,12 +175,7 @@ def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
         stored = ds.pixel_array
     if stored.ndim != 2:
         raise ValueError(f"pixel array has shape {stored.shape}; expected (rows, cols)")
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        stored = (lo + hi) - stored.astype(np.int64)
-    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    return hounsfield.to_hounsfield(ds, stored)
 
 
 @contextmanager
@@ -259,7 +261,8 @@ def entry_kind(entry: os.DirEntry) -> str:
     return "bad link" if entry.is_symlink() else "other"
 
 
-#: The only tags parsed from each file: pixel description, rescale, position, modality. Patient
+#: The only tags parsed from each file: pixel description, rescale, padding, position, modality, series
+#: identity and kind (:data:`covidct.data.series.SERIES_TAGS`). Patient
 #: attributes (PatientName, PatientID, dates, InstitutionName, AccessionNumber, ...) are never read,
 #: so they cannot reach a log, a cache, a CSV, a checkpoint or W&B.
 READ_TAGS = [
@@ -282,6 +285,9 @@ READ_TAGS = [
     "SliceLocation",
     "ImagePositionPatient",
     "InstanceNumber",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    *SERIES_TAGS,
     "PixelData",
 ]
 
@@ -334,22 +340,31 @@ def check_slice_header(ds: pydicom.Dataset, read_warnings: Sequence[str] = ()) -
 
 @dataclass
 class _SeriesFile:
-    """One CT file of a patient folder: its header, and its decoded slice or why it was skipped."""
+    """One CT file of a patient folder: its headers, and its decoded slice or why it was skipped. ``ds``
+    holds the parsed header (pixel data read only when decoded) until the file is decoded or dropped."""
 
     path: Path
     header: SliceHeader | None  # None: the header cannot be read, so neither can the position
+    image: ImageHeader | None = None  # series and kind; None when the header cannot be read
+    ds: pydicom.Dataset | None = None
     shape: tuple[int, int] = (0, 0)
     value: object = None
+    air_hu: float = 0.0
     skip_reason: str = ""
 
 
-def _read_file(path: Path, convert: Callable[[np.ndarray], object]) -> _SeriesFile | Skipped | None:
-    """Read and decode one file. Returns a :class:`_SeriesFile` for a file that is (or may be, when its
-    header cannot be read) a CT slice: decoded, or with ``skip_reason``; a :class:`Skipped` for a DICOM
-    file of another modality; None for a file that is not DICOM at all."""
+#: Elements larger than this (bytes) are read from the file only when used: the pixel data of a file
+#: is read when the file is decoded, so the files of series that are not chosen are never read whole.
+DEFER_SIZE = 4096
+
+
+def _read_header(path: Path) -> _SeriesFile | Skipped | None:
+    """Parse one file's header. Returns a :class:`_SeriesFile` for a file that is (or may be, when its
+    header cannot be read) a CT image: with ``skip_reason`` when it cannot be a usable slice; a
+    :class:`Skipped` for a DICOM file of another modality; None for a file that is not DICOM at all."""
     try:
         with _quiet_pydicom() as caught:
-            ds = pydicom.dcmread(path, specific_tags=READ_TAGS)
+            ds = pydicom.dcmread(path, specific_tags=READ_TAGS, defer_size=DEFER_SIZE)
     except InvalidDicomError:
         if path.suffix.lower() != ".dcm":
             return None
@@ -362,12 +377,19 @@ def _read_file(path: Path, convert: Callable[[np.ndarray], object]) -> _SeriesFi
     except NotCTSlice as exc:
         return Skipped(path, str(exc))
     except SliceRejected as exc:
-        return _SeriesFile(path, header, skip_reason=str(exc))
+        return _SeriesFile(path, header, image_header(ds), skip_reason=str(exc))
+    return _SeriesFile(path, header, image_header(ds), ds)
+
+
+def _decode(f: _SeriesFile, convert: Callable[[np.ndarray], object]) -> None:
+    """Decode ``f``'s pixels into ``value`` (through ``convert``), or set ``skip_reason``; frees ``ds``."""
     try:
-        hu = to_hounsfield(ds)
+        hu = to_hounsfield(f.ds)  # type: ignore[arg-type]
     except Exception as exc:  # missing decoder, truncated or corrupt pixel data, wrong shape, ...
-        return _SeriesFile(path, header, skip_reason=f"cannot decode pixel data: {type(exc).__name__}: {one_line(exc)}")
-    return _SeriesFile(path, header, hu.shape, convert(hu))
+        f.skip_reason = f"cannot decode pixel data: {type(exc).__name__}: {one_line(exc)}"
+    else:
+        f.shape, f.air_hu, f.value = hu.shape, hounsfield.slice_air(hu), convert(hu)
+    f.ds = None
 
 
 def _drop_odd_sizes(decoded: list[_SeriesFile]) -> None:
@@ -429,36 +451,58 @@ def read_series(
     folder: str | Path,
     convert: Callable[[np.ndarray], T] = lambda hu: hu,  # type: ignore[assignment,return-value]
     warn: bool = True,
+    series: str = AUTO,
+    min_slices: int = 1,
 ) -> Series[T]:
-    """Read every DICOM slice of one patient folder, head first.
+    """Read the CT series of one patient folder, head first.
 
     Args:
-        folder: a patient folder holding one CT series, one slice per file.
+        folder: a patient folder, one image per file.
         convert: applied to each slice's HU array (float32 (rows, cols)) right after decoding,
             e.g. window + resize, so that a large series never sits in memory as float HU.
         warn: log a warning per skipped file (callers that report ``skipped`` themselves pass False).
+        series: which axial series is the patient's when the folder holds several (``data.series``:
+            ``auto`` or a part of its SeriesDescription / ConvolutionKernel; see :mod:`covidct.data.series`).
+        min_slices: fewest usable slices a series may have (``data.min_slices``).
 
-    Every file not used is listed with its reason: in ``ignored`` (system files, subfolders, links,
-    non-DICOM files not named ``.dcm``) or in ``skipped`` (DICOM, or named ``.dcm``, but unusable:
-    unreadable, not CT, no pixel data, absurd size, no or broken rescale, undecodable, a size differing
-    from the series, a position already taken). The order uses :func:`choose_order`; see
-    :class:`Series` for ranks. A folder with no usable slice, or where more than
-    :data:`MAX_UNDECODABLE_FRACTION` of the CT slices cannot be decoded, raises :class:`DataError`.
+    Localizers, non-axial images and the other series are left out, each group with its reason in
+    ``other_series``. Every other file not used is listed with its reason: in ``ignored`` (system files,
+    subfolders, links, non-DICOM files not named ``.dcm``) or in ``skipped`` (DICOM, or named ``.dcm``,
+    but unusable: unreadable, not CT, no pixel data, absurd size, no or broken rescale, undecodable, a
+    size differing from the series, a position already taken). The order uses :func:`choose_order`; see
+    :class:`Series` for ranks. Raises :class:`DataError` for a folder with no axial series, fewer than
+    ``min_slices`` usable slices, more than :data:`MAX_UNDECODABLE_FRACTION` undecodable slices, or pixel
+    values that are not HU (:func:`covidct.data.hounsfield.check_series_hu`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder. Point data.root (or input) at an existing patient folder.")
     files, ignored = scan_folder(folder)
-    ct_files: list[_SeriesFile] = []
+    read: list[_SeriesFile] = []
     skipped: list[Skipped] = []  # files of other modalities here; every unusable CT file below
     for path in files:
-        result = _read_file(path, convert)
+        result = _read_header(path)
         if result is None:
             ignored.append(Skipped(path, "not a DICOM file"))
         elif isinstance(result, Skipped):
             skipped.append(result)
         else:
-            ct_files.append(result)
+            read.append(result)
+    if not any(f.image is not None for f in read):
+        reasons = [f.skip_reason for f in read] + [s.reason for s in skipped]
+        detail = f"; {len(reasons)} DICOM file(s) unusable (first: {reasons[0]})" if reasons else ""
+        raise DataError(
+            f"{folder}: no readable DICOM slice ({len(ignored)} other entr(ies) ignored{detail}). "
+            "Check the folder, or remove the patient."
+        )
+    chosen, members, other_series = choose_series(
+        [f.image for f in read], [not f.skip_reason for f in read], series, folder
+    )
+    # the chosen series' files, and the unreadable ones (they may be its slices: their place is unknown)
+    ct_files = [read[i] for i in members] + [f for f in read if f.image is None]
+    for f in ct_files:
+        if not f.skip_reason:
+            _decode(f, convert)
     undecodable = [f for f in ct_files if f.skip_reason.startswith("cannot decode")]
     attempted = undecodable + [f for f in ct_files if not f.skip_reason]
     if attempted and len(undecodable) > MAX_UNDECODABLE_FRACTION * len(attempted):
@@ -477,12 +521,7 @@ def read_series(
     for s in skipped if warn else ():
         log.warning("Skipping %s: %s", s.path, s.reason)
     kept = [(rank, f) for rank, f in ranked if not f.skip_reason]
-    if not kept:
-        detail = f"; {len(skipped)} DICOM file(s) unusable (first: {skipped[0].reason})" if skipped else ""
-        raise DataError(
-            f"{folder}: no readable DICOM slice ({len(ignored)} other entr(ies) ignored{detail}). "
-            "Check the folder, or remove the patient."
-        )
+    _check_series(folder, [f for _, f in kept], skipped, chosen, min_slices)
     assert order is not None
     return Series(
         folder=folder,
@@ -496,4 +535,32 @@ def read_series(
         unplaced=sorted(unplaced, key=lambda s: s.path.name),
         skipped=sorted(skipped, key=lambda s: s.path.name),
         ignored=ignored,
+        series=chosen,
+        other_series=other_series,
+        sop_digest=_sop_digest([f for _, f in kept]),
     )
+
+
+def _check_series(
+    folder: Path, kept: list[_SeriesFile], skipped: list[Skipped], chosen: SeriesInfo, min_slices: int
+) -> None:
+    """Raise :class:`DataError` when the kept slices are too few, or their values are not HU."""
+    if not kept:
+        detail = f"; {len(skipped)} DICOM file(s) unusable (first: {skipped[0].reason})" if skipped else ""
+        raise DataError(f"{folder}: no readable DICOM slice in series {chosen.label}{detail}. Check the folder.")
+    if len(kept) < min_slices:
+        raise DataError(
+            f"{folder}: {len(kept)} usable slice(s) in series {chosen.label}, fewer than the {min_slices} a series "
+            "needs (data.min_slices; predict.py min_slices): a stray image or a partial export, not a patient's CT"
+        )
+    why = hounsfield.check_series_hu([f.air_hu for f in kept])
+    if why:
+        raise DataError(f"{folder}: {why}")
+
+
+def _sop_digest(kept: list[_SeriesFile]) -> str:
+    """sha256 (hex, 16 digits) of the kept images' sorted SOPInstanceUIDs; "" when any image lacks one."""
+    uids = sorted(f.image.sop_uid for f in kept if f.image is not None)
+    if len(uids) != len(kept) or not all(uids):
+        return ""
+    return hashlib.sha256("\0".join(uids).encode()).hexdigest()[:16]

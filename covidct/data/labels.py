@@ -116,3 +116,32 @@ def usable_slice_labels(
     else:
         return row, None
     return None, f"{patient_id}: slice labels not used: {why}"
+
+
+def labels_fit(row: np.ndarray, series_length: int) -> bool:
+    """True when a label row (int8 (L,) 0/1) can describe a series of ``series_length`` positions: no
+    infected column at or beyond its end, and no position beyond the row's columns."""
+    marked = np.flatnonzero(row)
+    return series_length <= len(row) and not (len(marked) and marked[-1] >= series_length)
+
+
+def series_of_labels(
+    patient_id: str, row: np.ndarray | None, chosen: Mapping[str, object], others: Sequence[Mapping[str, object]]
+) -> tuple[np.ndarray | None, str | None]:
+    """``row`` if it can belong to the chosen series only, else (None, why naming the series).
+
+    A folder with several axial series (``others``: the other axial series, ``SeriesInfo.as_dict()``)
+    gives a label row more than one series it could describe; when another series fits it too
+    (:func:`labels_fit`), nothing says which one the radiologists labelled, so the labels are not used.
+    Pass ``others=()`` when the user named the series (``data.series``): that settles it.
+    """
+    if row is None:
+        return None, None
+    rivals = [s for s in others if labels_fit(row, int(s["n_images"]))]  # type: ignore[call-overload]
+    if not rivals:
+        return row, None
+    names = "; ".join(f"{s['uid']} ({s['n_images']} slices)" for s in rivals)
+    return None, (
+        f"{patient_id}: slice labels not used: they fit the chosen series {chosen['uid']} ({chosen['n_images']} "
+        f"slices) and also {names}; set data.series to the labelled series' description or kernel"
+    )

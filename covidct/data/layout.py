@@ -14,6 +14,7 @@ skips values, so it is never used). Column i is the i-th slice in head-first ord
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -71,27 +72,91 @@ def find_label_file(root: Path, name: str | None = None) -> Path | None:
     return next((root / n for n in SLICE_LABEL_FILES if (root / n).is_file()), None)
 
 
-def read_index(root: Path) -> list[dict[str, str]] | None:
-    """The data rows of ``root/Index.csv`` as dicts keyed by its header, in file order; None when absent.
-    A file without a ``Folder/ID`` column, or with a row of another length than the header, raises
-    :class:`DataError` naming the file and line (it would misalign the label rows)."""
+@dataclass(frozen=True)
+class IndexFile:
+    """``Index.csv``, read: its data ``rows`` (dicts keyed by the header, in file order) and the
+    physical ``lines`` (1-based) they came from."""
+
+    path: Path
+    rows: list[dict[str, str]]
+    lines: list[int]
+
+    @property
+    def ids(self) -> list[str]:
+        """The ``Folder/ID`` of each row, stripped."""
+        return [row[_ID_COLUMN].strip() for row in self.rows]
+
+
+def read_index_file(root: Path) -> IndexFile | None:
+    """``root/Index.csv`` with the line of each row; None when absent.
+
+    A file without a ``Folder/ID`` column, a row of another length than the header, or a patient
+    listed twice raises :class:`DataError` naming the file and line(s) (each would misalign or
+    overwrite label rows)."""
     index_path = root / INDEX_FILE
     if not index_path.is_file():
         return None
+    rows, lines = [], []
     with index_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        rows = list(reader)
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
     header = reader.fieldnames or []
     if rows and _ID_COLUMN not in header:
         raise DataError(f"{index_path}: no {_ID_COLUMN!r} column (header: {header}).")
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows, strict=True):
         if None in row or None in row.values():  # csv's markers of a longer or shorter row
             more_or_fewer = "more" if None in row else "fewer"
             raise DataError(
                 f"{index_path}, line {line}: {more_or_fewer} fields than the header ({', '.join(header)}); "
                 "fix the row, or the label rows would not match the patients."
             )
-    return rows
+    index = IndexFile(index_path, rows, lines)
+    _refuse_duplicate_ids(index)
+    return index
+
+
+def _refuse_duplicate_ids(index: IndexFile) -> None:
+    """Raise :class:`DataError` naming both lines when a ``Folder/ID`` is on two rows (one would win)."""
+    first_line: dict[str, int] = {}
+    for line, pid in zip(index.lines, index.ids, strict=True):
+        if pid and pid in first_line:
+            raise DataError(
+                f"{index.path}, lines {first_line[pid]} and {line}: patient {pid!r} listed twice, so one row's "
+                "slice labels would be lost; keep one row per patient (and delete the same row of the label "
+                "array: row r belongs to the r-th data row)."
+            )
+        first_line.setdefault(pid, line)
+
+
+def read_index(root: Path) -> list[dict[str, str]] | None:
+    """The data rows of ``root/Index.csv`` as dicts keyed by its header, in file order; None when absent.
+    Refuses the files :func:`read_index_file` refuses."""
+    index = read_index_file(root)
+    return None if index is None else index.rows
+
+
+def load_label_array(path: Path, data: bytes | None = None) -> np.ndarray:
+    """A slice label array, int8 (rows, columns) 0/1, from ``path`` (or from ``data``, the file's bytes).
+
+    An unreadable file, a pickled (object) or non-numeric array, another number of dimensions than 2,
+    or a value other than 0 and 1 raises :class:`DataError` naming the file."""
+    try:
+        labels = np.load(path if data is None else io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"{path}: not a readable label array ({reason}); save it with numpy.save as 0/1 integers."
+        ) from None
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "biuf":
+        kind = getattr(labels, "dtype", type(labels).__name__)
+        raise DataError(f"{path}: slice labels of type {kind}; save them with numpy.save as 0/1 integers.")
+    if labels.ndim != 2:
+        raise DataError(f"{path}: shape {labels.shape}; slice labels are (patients, slices), one row per patient.")
+    if not np.isin(labels, (0, 1)).all():
+        raise DataError(f"{path}: slice labels must be 0 or 1.")
+    return labels.astype(np.int8)
 
 
 def read_slice_labels(root: Path, label_file: str | None = None) -> dict[str, np.ndarray]:
@@ -99,35 +164,64 @@ def read_slice_labels(root: Path, label_file: str | None = None) -> dict[str, np
 
     Returns an empty dict when the dataset ships no label files.
     """
-    return _slice_labels(root, label_file, read_index(root))
+    return _slice_labels(root, label_file, read_index_file(root))
 
 
-def _slice_labels(root: Path, label_file: str | None, rows: list[dict[str, str]] | None) -> dict[str, np.ndarray]:
-    """:func:`read_slice_labels` given Index.csv's ``rows`` (None: no Index.csv)."""
+def _slice_labels(root: Path, label_file: str | None, index: IndexFile | None) -> dict[str, np.ndarray]:
+    """:func:`read_slice_labels` given Index.csv, read (None: no Index.csv)."""
     array_path = find_label_file(root, label_file)
-    index_path = root / INDEX_FILE
     if array_path is None:
         return {}
-    if rows is None:
-        raise DataError(f"{index_path}: missing; it is needed to map rows of {array_path.name} to patients.")
-    labels = np.load(array_path)
-    if labels.ndim != 2 or labels.shape[0] != len(rows):
+    if index is None:
+        raise DataError(f"{root / INDEX_FILE}: missing; it is needed to map rows of {array_path.name} to patients.")
+    labels = load_label_array(array_path)
+    if labels.shape[0] != len(index.rows):
         raise DataError(
-            f"{array_path}: shape {labels.shape} does not match the {len(rows)} data rows of {index_path}; "
+            f"{array_path}: shape {labels.shape} does not match the {len(index.rows)} data rows of {index.path}; "
             "row r of the array must be the r-th data row of Index.csv."
         )
-    if not np.isin(labels, (0, 1)).all():
-        raise DataError(f"{array_path}: slice labels must be 0 or 1.")
-    return {row[_ID_COLUMN].strip(): labels[r].astype(np.int8) for r, row in enumerate(rows)}
+    return dict(zip(index.ids, labels, strict=True))
 
 
-def _diagnoses(rows: list[dict[str, str]] | None) -> dict[str, int]:
+def _diagnoses(index: IndexFile | None) -> dict[str, int]:
     """Patient id -> class from Index.csv's Diagnosis column (to cross-check folders)."""
+    if index is None:
+        return {}
     return {
-        row[_ID_COLUMN].strip(): _CLASS_OF_WORD[row[_DIAGNOSIS_COLUMN].strip().lower()]
-        for row in rows or ()
+        pid: _CLASS_OF_WORD[row[_DIAGNOSIS_COLUMN].strip().lower()]
+        for pid, row in zip(index.ids, index.rows, strict=True)
         if row.get(_DIAGNOSIS_COLUMN, "").strip().lower() in _CLASS_OF_WORD
     }
+
+
+def _match_index_to_folders(index: IndexFile | None, folders: dict[str, Path]) -> None:
+    """Refuse an Index.csv id that names a patient folder in another case (its labels would silently be
+    lost); warn, naming them, about ids without a patient folder (a subset of the dataset is fine)."""
+    if index is None:
+        return
+    by_casefold = {pid.casefold(): folder for pid, folder in folders.items()}
+    absent = []
+    for line, pid in zip(index.lines, index.ids, strict=True):
+        if pid in folders:
+            continue
+        folder = by_casefold.get(pid.casefold())
+        if folder is not None:
+            raise DataError(
+                f"{index.path}, line {line}: Folder/ID {pid!r} matches the patient folder {folder} only "
+                "if case is ignored; rename the folder or edit Index.csv so that they are spelt alike "
+                "(otherwise its slice labels and diagnosis are not used)."
+            )
+        absent.append(pid)
+    if absent:
+        shown = ", ".join(repr(pid) for pid in absent[:10]) + (", ..." if len(absent) > 10 else "")
+        log.warning(
+            "%s: %d of %d rows name a patient with no folder under %s (%s); their slice labels are not used.",
+            index.path,
+            len(absent),
+            len(index.rows),
+            index.path.parent,
+            shown,
+        )
 
 
 def discover_covid_ct_md(
@@ -148,9 +242,9 @@ def discover_covid_ct_md(
             f"{root}: no class folders found. Expected folders such as 'COVID-19 subjects', 'Cap subjects', "
             "'Normal subjects' (or '... Cases'), each holding one folder per patient."
         )
-    index_rows = read_index(root)  # read once: slice label rows and the diagnoses to cross-check
-    slice_labels = _slice_labels(root, label_file, index_rows)
-    diagnoses = _diagnoses(index_rows)
+    index = read_index_file(root)  # read once: slice label rows and the diagnoses to cross-check
+    slice_labels = _slice_labels(root, label_file, index)
+    diagnoses = _diagnoses(index)
     patients: list[PatientFolder] = []
     seen: dict[str, Path] = {}
     for label, class_dir in sorted(class_dirs, key=lambda cd: (cd[0], cd[1].name)):
@@ -173,4 +267,5 @@ def discover_covid_ct_md(
             patients.append(PatientFolder(pid, label, folder, slice_labels.get(pid)))
     if not patients:
         raise DataError(f"{root}: class folders found but no patient folders inside them.")
+    _match_index_to_folders(index, seen)
     return patients

@@ -18,6 +18,7 @@ import numpy as np
 
 from covidct.data.dicom import Series, read_series
 from covidct.data.lung import LUNG_HU, MIN_LUNG_FRACTION, Box, full_box, lung_box, series_box
+from covidct.data.series import AUTO
 from covidct.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,16 @@ def _hu(value: object, key: str) -> float:
 
 @dataclass(frozen=True)
 class SlicePreprocessor:
-    """HU slice -> uint8 (C, size, size), one channel per window. Picklable for worker processes."""
+    """HU slice -> uint8 (C, size, size), one channel per window. Picklable for worker processes.
+
+    ``series`` and ``min_slices`` say which files of a patient folder are read (see
+    :func:`~covidct.data.dicom.read_series`): they change the cache's content, so they are part of it."""
 
     windows: tuple[Window, ...]
     image_size: int
     lung_crop: bool = False
+    series: str = AUTO
+    min_slices: int = 1
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
         """float32 (rows, cols) HU -> uint8 (len(windows), image_size, image_size)."""
@@ -141,8 +147,8 @@ def read_preprocessed(
     :func:`~covidct.data.dicom.read_series`.
     """
     if not pre.lung_crop:
-        return read_series(folder, pre, warn=warn), None
-    series = read_series(folder, _hu_and_lung_box, warn=warn)
+        return read_series(folder, pre, warn, pre.series, pre.min_slices), None
+    series = read_series(folder, _hu_and_lung_box, warn, pre.series, pre.min_slices)
     shape: tuple[int, int] = series.slices[0][0].shape
     boxes = [box for _, box in series.slices]
     box = series_box(boxes, shape)

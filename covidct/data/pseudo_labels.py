@@ -8,7 +8,8 @@ labels reads it too:
                                              column i = i-th slice position head first (the cache's rank)
     <folder>/pseudo_labels.json              how they were made: threshold, stage-1 checkpoint and its
                                              SHA-256, its preprocessing and training patients, each
-                                             patient's series length and infected slice count
+                                             patient's series length and infected slice count, and
+                                             the label array's SHA-256 and row patients (``label_array``)
 
 Only sick patients without radiologist slice labels get a row. Stage 2 (``data.label_mode=pseudo
 data.pseudo_labels=<folder>/Slice-level-labels-pseudo.npy``) uses a row only for a *training* patient
@@ -17,6 +18,7 @@ that has no radiologist labels; :func:`check_pseudo_labels` refuses files that d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from covidct import CLASS_NAMES
-from covidct.data.layout import INDEX_COLUMNS, INDEX_FILE, read_index
+from covidct.data.layout import INDEX_COLUMNS, INDEX_FILE, IndexFile, load_label_array, read_index_file
 from covidct.data.preprocess import SlicePreprocessor
 from covidct.errors import DataError
 from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
@@ -36,6 +38,7 @@ LABEL_FILE = "Slice-level-labels-pseudo.npy"
 META_FILE = "pseudo_labels.json"
 KIND = "covidct stage-1 pseudo-labels"
 MIN_COLUMNS = 200  # as the dataset's label arrays
+REGENERATE = "regenerate them with python -m covidct.pseudo_label ckpt_path=<stage-1 checkpoint> input=<data.root>"
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,21 @@ def preprocessing_of(pre: SlicePreprocessor) -> dict[str, Any]:
 
 def write_pseudo_labels(folder: Path, patients: Sequence[tuple[str, int, np.ndarray]], meta: Mapping[str, Any]) -> Path:
     """Write ``patients`` (id, class index, int8 (L,) row) and ``meta`` into ``folder`` (each file atomic,
-    the label array last but one and the JSON last). Returns the label array's path."""
+    the label array last but one and the JSON last). Returns the label array's path.
+
+    ``meta["patients"]`` must give each written patient's ``series_length`` (slice positions); the JSON
+    gets, per patient, its ``infected`` slice count, and under ``label_array`` the array's SHA-256 and
+    the patient of each row, so that :func:`read_pseudo_labels` refuses parts edited apart."""
     folder.mkdir(parents=True, exist_ok=True)
     width = max([MIN_COLUMNS, *(len(row) for _, _, row in patients)])
     array = np.zeros((len(patients), width), dtype=np.int8)
     for r, (_, _, row) in enumerate(patients):
         array[r, : len(row)] = row
+    given = meta.get("patients", {})
+    records = {pid: {**given.get(pid, {}), "infected": int(row.sum())} for pid, _, row in patients}
+    unsized = [pid for pid, record in records.items() if "series_length" not in record]
+    if unsized:
+        raise ValueError(f"write_pseudo_labels: meta['patients'] gives no series_length for {unsized[:5]}")
     atomic_write_csv(
         folder / INDEX_FILE,
         INDEX_COLUMNS,
@@ -72,13 +84,17 @@ def write_pseudo_labels(folder: Path, patients: Sequence[tuple[str, int, np.ndar
     buf = io.BytesIO()
     np.save(buf, array)
     label_path = atomic_write_bytes(folder / LABEL_FILE, buf.getvalue())
-    atomic_write_text(folder / META_FILE, json.dumps({"kind": KIND, **meta}, indent=1) + "\n")
+    binding = {"file": LABEL_FILE, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "rows": list(records)}
+    document = {"kind": KIND, **meta, "patients": records, "label_array": binding}
+    atomic_write_text(folder / META_FILE, json.dumps(document, indent=1) + "\n")
     return label_path
 
 
 def read_pseudo_labels(path: str | Path) -> PseudoLabels:
-    """Read a pseudo-label array and the ``Index.csv`` and ``pseudo_labels.json`` beside it; a missing,
-    misshapen or foreign file raises :class:`DataError` naming it."""
+    """Read a pseudo-label array and the ``Index.csv`` and ``pseudo_labels.json`` beside it.
+
+    A missing, misshapen or foreign file, or parts that disagree (see :func:`_check_binding`), raise
+    :class:`DataError` naming the file, the patient and what differs."""
     path = Path(path)
     folder = path.parent
     where = f"data.pseudo_labels={path}"
@@ -88,21 +104,65 @@ def read_pseudo_labels(path: str | Path) -> PseudoLabels:
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{folder / META_FILE}: unreadable ({exc}); write the pseudo-labels again") from None
+        raise DataError(f"{folder / META_FILE}: unreadable ({exc}); {REGENERATE}") from None
     if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise DataError(f"{folder / META_FILE}: not covidct pseudo-labels ({where})")
-    rows = read_index(folder) or []
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a label array ({exc})") from None
-    if array.ndim != 2 or array.shape[0] != len(rows) or not np.isin(array, (0, 1)).all():
+    index = read_index_file(folder) or IndexFile(folder / INDEX_FILE, [], [])
+    data = path.read_bytes()
+    array = load_label_array(path, data)
+    ids = index.ids
+    if array.shape[0] != len(ids):
         raise DataError(
-            f"{path}: expected 0/1 labels with one row per data row of {folder / INDEX_FILE} ({len(rows)}), "
-            f"got shape {array.shape}"
+            f"{path}: expected one row per data row of {folder / INDEX_FILE} ({len(ids)}), got shape {array.shape}; "
+            f"{REGENERATE}"
         )
-    labels = {row[INDEX_COLUMNS[3]].strip(): array[r].astype(np.int8) for r, row in enumerate(rows)}
-    return PseudoLabels(path, labels, meta)
+    _check_binding(path, meta, index, array, data)
+    return PseudoLabels(path, dict(zip(ids, array, strict=True)), meta)
+
+
+def _check_binding(path: Path, meta: dict[str, Any], index: IndexFile, array: np.ndarray, data: bytes) -> None:
+    """Refuse a pseudo-label array, ``Index.csv`` and JSON that were not written together: the JSON's row
+    patients must be Index.csv's, in order; its patients exactly the rows' patients, each with as many
+    infected slices as its row and none past its series; and the array's SHA-256 the JSON's."""
+    meta_path = path.parent / META_FILE
+    binding, records = meta.get("label_array"), meta.get("patients")
+    if not isinstance(binding, dict) or not {"sha256", "rows"} <= binding.keys() or not isinstance(records, dict):
+        raise DataError(
+            f"{meta_path}: records no SHA-256 and row patients of {path.name} (written by an older covidct); "
+            f"{REGENERATE}"
+        )
+    rows = [str(pid) for pid in binding["rows"]]
+    for r, (line, pid) in enumerate(zip(index.lines, index.ids, strict=True)):
+        if r >= len(rows) or pid != rows[r]:
+            expected = f"patient {rows[r]!r}" if r < len(rows) else "no such row"
+            raise DataError(
+                f"{index.path}, line {line}: row {r} is patient {pid!r} but {meta_path.name} says {expected}; "
+                f"{REGENERATE}"
+            )
+    if len(rows) > len(index.ids):
+        raise DataError(f"{path}: no row for patient {rows[len(index.ids)]!r} of {meta_path.name}; {REGENERATE}")
+    unrecorded = [pid for pid in rows if pid not in records]
+    rowless = [pid for pid in records if pid not in rows]
+    if unrecorded or rowless:
+        what = f"no record of patient {unrecorded[0]!r}" if unrecorded else f"patient {rowless[0]!r} but no row of it"
+        raise DataError(f"{meta_path}: {what} in {path.name}; {REGENERATE}")
+    for r, pid in enumerate(rows):
+        _check_row(path, pid, r, array[r], records[pid])
+    if hashlib.sha256(data).hexdigest() != binding["sha256"]:
+        raise DataError(f"{path}: changed since it was written (SHA-256 differs from {meta_path.name}); {REGENERATE}")
+
+
+def _check_row(path: Path, pid: str, r: int, row: np.ndarray, record: Mapping[str, Any]) -> None:
+    """Refuse row ``r`` of ``path`` when its infected count or extent disagrees with the JSON's ``record``."""
+    infected, series_length = int(row.sum()), int(record.get("series_length", -1))
+    marked = np.flatnonzero(row)
+    if infected != record.get("infected"):
+        differs = f"{infected} infected slices, {META_FILE} says {record.get('infected')}"
+    elif len(marked) and marked[-1] >= series_length:
+        differs = f"an infected slice at column {marked[-1]}, past its series of {series_length} ({META_FILE})"
+    else:
+        return
+    raise DataError(f"{path}: patient {pid!r} (row {r}) has {differs}; {REGENERATE}")
 
 
 def check_pseudo_labels(

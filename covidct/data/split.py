@@ -24,10 +24,16 @@ def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.nda
     return folds
 
 
-def check_split(val_fraction: float, num_folds: int | None, fold: int) -> None:
-    """Raise :class:`ConfigError` naming ``data.val_fraction`` / ``data.num_folds`` / ``data.fold`` when
-    the split settings are impossible (``val_fraction`` must be in [0, 1) without folds; 0 = train on every
-    patient, no validation)."""
+def check_split(val_fraction: float, num_folds: int | None, fold: int, split_file: str | None = None) -> None:
+    """Raise :class:`ConfigError` naming ``data.val_fraction`` / ``data.num_folds`` / ``data.fold`` /
+    ``data.split_file`` when the split settings are impossible (``val_fraction`` must be in [0, 1) without
+    folds; 0 = train on every patient, no validation) or contradict each other (a ``split_file`` fixes
+    the split, so fold keys would be ignored and a fold sweep would repeat one split)."""
+    if split_file is not None and (num_folds is not None or fold != 0):
+        raise ConfigError(
+            f"data.split_file={split_file} fixes the split, so data.num_folds={num_folds} and data.fold={fold} "
+            "would be ignored; set data.num_folds=null data.fold=0, or data.split_file=null to draw folds"
+        )
     if num_folds is None:
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(
@@ -74,6 +80,41 @@ def train_val_split(
 SUBSETS = ("train", "val", "test")
 
 
+def _read_split_rows(path: Path) -> dict[str, str]:
+    """Patient -> subset from the split CSV at ``path``; raises :class:`DataError` naming the line of a
+    row with more cells than the header or no patient, an unknown subset or a patient listed twice."""
+    subset_of: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        if not {"patient", "subset"} <= set(header):
+            raise DataError(
+                f"data.split_file={path}: needs columns patient,subset (found: {', '.join(header) or 'none'})"
+            )
+        for raw in reader:
+            line = reader.line_num
+            if None in raw:  # csv's marker of a row longer than the header
+                raise DataError(
+                    f"{path}, line {line}: {len(raw[None])} more cell(s) than the header ({', '.join(header)}); "
+                    "give one patient,subset per row (quote a cell that holds a comma)"
+                )
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items()}
+            if not row["patient"]:
+                raise DataError(f"{path}, line {line}: no patient; give one patient,subset per row")
+            pid, subset = row["patient"], row["subset"].lower()
+            if subset not in SUBSETS:
+                raise DataError(
+                    f"{path}, line {line}: subset {row['subset']!r} of {pid!r} is not one of {', '.join(SUBSETS)}"
+                )
+            if pid in seen:
+                raise DataError(
+                    f"{path}, line {line}: patient {pid!r} again (first on line {seen[pid]}); one subset per patient"
+                )
+            seen[pid], subset_of[pid] = line, subset
+    return subset_of
+
+
 def read_split_file(path: str | Path, patient_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
     """A fixed split from a CSV ``patient,subset`` (subset: train, val or test), e.g. an official one.
 
@@ -84,32 +125,13 @@ def read_split_file(path: str | Path, patient_ids: Sequence[str]) -> tuple[dict[
     Returns:
         ``{"train": int64 indices, "val": ..., "test": ...}`` into ``patient_ids``, and notes listing the
         patients of the file that are not on disk and the patients on disk that are not in the file
-        (not used). A missing file or column, an unknown subset and a patient in two rows raise
-        :class:`DataError` naming the line.
+        (not used). A missing file or column, a row of more cells than the header or without a patient,
+        an unknown subset and a patient in two rows raise :class:`DataError` naming the line.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.split_file={path}: not found; give a CSV with columns patient,subset")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-    if not {"patient", "subset"} <= set(header):
-        raise DataError(f"data.split_file={path}: needs columns patient,subset (found: {', '.join(header) or 'none'})")
-    seen: dict[str, int] = {}
-    subset_of: dict[str, str] = {}
-    for line, row in enumerate(rows, start=2):
-        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-        pid, subset = row["patient"], row["subset"].lower()
-        if subset not in SUBSETS:
-            raise DataError(
-                f"{path}, line {line}: subset {row['subset']!r} of {pid!r} is not one of {', '.join(SUBSETS)}"
-            )
-        if pid in seen:
-            raise DataError(
-                f"{path}, line {line}: patient {pid!r} again (first on line {seen[pid]}); one subset per patient"
-            )
-        seen[pid], subset_of[pid] = line, subset
+    subset_of = _read_split_rows(path)
     index = {pid: i for i, pid in enumerate(patient_ids)}
     absent = [pid for pid in subset_of if pid not in index]
     unlisted = [pid for pid in patient_ids if pid not in subset_of]

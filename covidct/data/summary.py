@@ -15,6 +15,7 @@ from covidct import CLASS_NAMES
 from covidct.data.cache import CachedPatient, SliceCache
 from covidct.data.dicom import Skipped
 from covidct.data.labels import UNKNOWN
+from covidct.data.series import series_line
 from covidct.io import atomic_write_text
 
 MAX_IGNORED_SHOWN = 20  # ignored entries listed in the text summary (all are in the JSON)
@@ -40,7 +41,9 @@ class DataSummary:
     unknown_slices_not_trained: int
     slice_order: dict[str, int]  # patients per ordering key
     # per patient: patient, n_slices, series_length, order_key, order_note, lung_crop (None without
-    # data.lung_crop; else box [top, bottom, left, right] px, slice_shape [rows, cols], lung_slices, note)
+    # data.lung_crop; else box [top, bottom, left, right] px, slice_shape [rows, cols], lung_slices, note),
+    # series (the one used: uid, description, kernel, thickness_mm, kind, n_images, note), n_series (axial
+    # series in the folder), other_series (every other series or image group, with why not used)
     series: list[dict[str, Any]]
     skipped_patients: list[dict[str, str]]  # {"patient", "folder", "reason"}: no usable slice
     skipped_files: list[dict[str, str]]  # {"file", "reason"}: DICOM (or .dcm) files not used
@@ -98,6 +101,9 @@ class DataSummary:
                     "order_key": p.order_key,
                     "order_note": p.order_note,
                     "lung_crop": p.lung_crop,
+                    "series": p.series,
+                    "n_series": p.n_series,
+                    "other_series": p.other_series,
                 }
                 for p in cache.patients
             ],
@@ -128,6 +134,7 @@ class DataSummary:
             row("patients, slices ordered by", self.slice_order),
         ]
         lines += [f"    {s['patient']}: {s['order_note']}" for s in self.series if s["order_note"]]
+        lines += _series_lines(self.series)
         lines += _lung_crop_lines(self.series)
         lines += [
             f"  skipped patients {len(self.skipped_patients)}, skipped files {len(self.skipped_files)}, "
@@ -150,6 +157,19 @@ class DataSummary:
 def _not_cropped(patient: CachedPatient) -> bool:
     """``data.lung_crop=true`` and no lung found: the full slice was used (the note says why)."""
     return bool(patient.lung_crop and patient.lung_crop["note"])
+
+
+def _series_lines(series: list[dict[str, Any]]) -> list[str]:
+    """Text lines of the patients whose folder held more than their series: the series used and why, then
+    each series or image group left out and why; [] when every folder held one series."""
+    mixed = [s for s in series if s.get("other_series")]
+    if not mixed:
+        return []
+    lines = [f"  series: {len(mixed)} patient folder(s) hold more than one series or image group (one used each)"]
+    for s in mixed:
+        lines.append(f"    {s['patient']}: used {series_line(s['series'])}")
+        lines += [f"      not used: {series_line(other)}" for other in s["other_series"]]
+    return lines
 
 
 def _lung_crop_lines(series: list[dict[str, Any]]) -> list[str]:

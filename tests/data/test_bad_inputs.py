@@ -149,6 +149,7 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
         val_fraction=0.5,
         seed=0,
         label_mode="patient",
+        min_slices=4,  # the planted patients have 4 slices
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -172,7 +173,12 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
     assert NON_ASCII in split
 
     again = CTDataModule(
-        root=str(messy_root), cache_dir=str(tmp_path / "cache"), image_size=32, val_fraction=0.5, label_mode="patient"
+        root=str(messy_root),
+        cache_dir=str(tmp_path / "cache"),
+        image_size=32,
+        val_fraction=0.5,
+        label_mode="patient",
+        min_slices=4,
     )
     again.setup("fit")  # the cache is found again (its key survives non-UTF-8 file names)
     assert again.cache.path == dm.cache.path

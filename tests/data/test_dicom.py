@@ -33,8 +33,8 @@ def test_hu_applies_rescale_and_defaults(tmp_path):
     np.testing.assert_allclose(to_hounsfield(ds), hu, atol=1.0)
 
 
-def test_monochrome1_is_inverted_so_dense_is_high(tmp_path):
-    hu = ramp(400)
+def test_monochrome1_is_a_display_step_that_does_not_invert_hounsfield_units(tmp_path):
+    hu = ramp(400)  # the same stored values read the same HU whatever PhotometricInterpretation says
     ds = pydicom.dcmread(write_ct_slice(tmp_path / "m1.dcm", hu, photometric="MONOCHROME1"))
     np.testing.assert_array_equal(to_hounsfield(ds), hu)
 
@@ -44,7 +44,10 @@ def test_jpeg2000_ct_decodes_bit_exact_to_the_uncompressed_original():
     j2k = to_hounsfield(pydicom.dcmread(get_testdata_file("693_J2KR.dcm")))
     assert j2k.shape == (512, 512)
     np.testing.assert_array_equal(j2k, plain)
-    assert plain.min() == -3024.0  # stored -2000 with intercept -1024: outside the scan circle
+    # outside the scan circle the file stores its PixelPaddingValue -2000 (-3024 through the rescale): air
+    raw = pydicom.dcmread(get_testdata_file("693_UNCR.dcm")).pixel_array
+    assert raw[0, 0] == -2000 and plain[0, 0] == -1000.0
+    assert plain[raw != -2000].min() == -1024.0  # inside the circle, untouched
 
 
 def test_rle_and_jpeg_lossless_decode():

@@ -111,9 +111,11 @@ def test_prediction_crops_as_the_cache_does(synthetic, tmp_path):
 
 
 def write_no_lung_patient(folder: Path, hu: float) -> PatientFolder:
-    """Three 64 x 64 slices of one HU value: no air inside a body anywhere."""
+    """Three 64 x 64 slices of a body of ``hu`` (a disc) in air: no air inside a body anywhere."""
+    rows, cols = np.mgrid[:64, :64]
+    image = np.where((rows - 31.5) ** 2 + (cols - 31.5) ** 2 < 28**2, hu, -1000).astype(np.int16)
     for i in range(3):
-        write_ct_slice(folder / f"{i}.dcm", np.full((64, 64), hu, dtype=np.int16), slice_location=float(i))
+        write_ct_slice(folder / f"{i}.dcm", image, slice_location=float(i))
     return PatientFolder(folder.name, 2, folder)
 
 
@@ -156,13 +158,16 @@ def test_resume_refuses_another_lung_crop():
 
 # ---- the real sample --------------------------------------------------------------------------
 def test_a_real_series_made_lungless_falls_back(real_sample, tmp_path):
-    """Real headers and sizes, pixels replaced by soft tissue (40 HU): read, not cropped, no crash."""
+    """Real headers and sizes, pixels replaced by a body of soft tissue (40 HU) in air: read, not cropped,
+    no crash."""
     source = discover_covid_ct_md(real_sample)[0].folder
     folder = tmp_path / "P001-no-lung"
     folder.mkdir()
     for path in list_files(source)[:3]:
         ds = pydicom.dcmread(path)
-        stored = np.full((ds.Rows, ds.Columns), 40 - float(ds.RescaleIntercept), dtype=np.uint16)
+        rows, cols = np.mgrid[: ds.Rows, : ds.Columns]
+        body = (rows - ds.Rows / 2) ** 2 + (cols - ds.Columns / 2) ** 2 < (0.45 * ds.Rows) ** 2
+        stored = (np.where(body, 40, -1000) - float(ds.RescaleIntercept)).astype(np.uint16)
         ds.set_pixel_data(stored, photometric_interpretation="MONOCHROME2", bits_stored=12)
         ds.save_as(folder / path.name)
     series, crop = read_preprocessed(folder, CROP, warn=False)
