@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError, CovidCTError, DataError
-from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, csv_text
 from covidct.text_table import format_table
 
 log = logging.getLogger("evaluate")
@@ -96,7 +96,7 @@ def _read_rows(path: Path, what: str) -> list[tuple[int, list[str]]]:
     try:
         for cells in reader:
             if any(c.strip() for c in cells):
-                rows.append((reader.line_num, cells))
+                rows.append((reader.line_num, [csv_text(c) for c in cells]))  # as covidct.io wrote them
     except csv.Error as exc:
         raise DataError(f"{what}={path} line {reader.line_num}: not valid CSV ({exc}).") from exc
     return rows

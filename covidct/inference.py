@@ -513,6 +513,8 @@ def run_prediction(cfg) -> list[Path]:
         if value is not None:
             settings.overridden[attr] = {"checkpoint": getattr(settings, attr), "used": value}
             setattr(settings, attr, value)
+    if settings.overridden:  # the overrides beside the checkpoint's other values (window_slices >= center_slices)
+        check_vote_settings(settings.vote_rule, settings.tau, **settings.vote_parameters())
     if settings.vote_rule in LEARNED_RULES and settings.mil_head is None:
         raise ConfigError(
             f"vote rule {settings.vote_rule}: ckpt_path={cfg.ckpt_path} holds no fitted MIL head (a checkpoint from "

@@ -33,3 +33,14 @@ def test_formula_cells_are_written_as_text_and_numbers_stay_numbers(tmp_path):
     assert numbers == ["-0.5", "-123.4", "-1.5", "-2", "0", "-123.4", "+7", "-1e-3"]
     assert plain == PLAIN
     assert [csv_text(cell) for cell in written] == [str(cell) for cell in FORMULAS + NUMBERS + PLAIN]
+
+
+def test_the_projects_csv_readers_get_back_the_ids_its_writer_neutralised(tmp_path):
+    from covidct.data.split import _read_split_rows
+    from covidct.evaluate import _read_rows
+
+    ids = ["-x", "=HYPERLINK(1)", "@p", "'quoted", "P001"]
+    path = atomic_write_csv(tmp_path / "split.csv", ["patient", "subset"], [(pid, "train") for pid in ids])
+    assert "'-x" in path.read_text()  # neutralised on disk, for spreadsheets
+    assert list(_read_split_rows(path)) == ids  # split.csv reused as data.split_file
+    assert [cells[0] for _, cells in _read_rows(path, "labels")[1:]] == ids  # predict's CSVs read by evaluate

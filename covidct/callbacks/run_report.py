@@ -31,6 +31,7 @@ from covidct.callbacks.patient_vote import (
     patient_decisions,
     patient_metrics,
 )
+from covidct.data.series import series_line
 from covidct.metric_names import class_slug
 
 log = logging.getLogger(__name__)
@@ -262,9 +263,24 @@ def data_counts(datamodule: Any) -> tuple[tuple[list[str], list[list]] | None, s
         targets = ", ".join(f"{k} {v}" for k, v in summary.slice_targets.items())
         note = (
             f"Slice targets ({summary.label_mode} label mode): {targets}; training slices without a target "
-            f"(not trained on): {summary.unknown_slices_not_trained}. More in data_summary.txt."
+            f"(not trained on): {summary.unknown_slices_not_trained}. {series_note(summary.series)}"
+            "More in data_summary.txt."
         )
     return (header, rows), note
+
+
+def series_note(series: list[dict[str, Any]]) -> str:
+    """One sentence on the patient folders that held more than their series (``DataSummary.series``): which
+    series each used and why, and what was left out; "" when every folder held one series."""
+    mixed = [s for s in series if s.get("other_series")]
+    if not mixed:
+        return ""
+    used = "; ".join(
+        f"{s['patient']} used {series_line(s['series'])} and left out {len(s['other_series'])} other series or "
+        f"image group(s)"
+        for s in mixed
+    )
+    return f"{len(mixed)} patient folder(s) held more than one series: {used}. "
 
 
 # ---- the callback ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from covidct.errors import ConfigError, DataError
+from covidct.io import csv_text
 
 
 def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.ndarray:
@@ -99,7 +100,7 @@ def _read_split_rows(path: Path) -> dict[str, str]:
                     f"{path}, line {line}: {len(raw[None])} more cell(s) than the header ({', '.join(header)}); "
                     "give one patient,subset per row (quote a cell that holds a comma)"
                 )
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items()}
+            row = {k.strip().lower(): csv_text((v or "").strip()) for k, v in raw.items()}  # split.csv's own cells
             if not row["patient"]:
                 raise DataError(f"{path}, line {line}: no patient; give one patient,subset per row")
             pid, subset = row["patient"], row["subset"].lower()

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from covidct.callbacks.run_report import series_note
 from covidct.data.datamodule import CTDataModule
 from covidct.data.dicom import read_series
 from covidct.errors import ConfigError, DataError
@@ -81,6 +82,9 @@ def test_a_second_reconstruction_is_not_merged_and_labels_stay_with_the_labelled
     assert "not used: ThorRoutine 1.0 B70f / B70f / 1 mm" in caplog.text  # in the run log
     summary = (tmp_path / "run" / "data_summary.txt").read_text()
     assert "P001: used ThorRoutine 2.0 D40s" in summary and "not used: ThorRoutine 1.0 B70f" in summary
+    assert series_note(dm.summary.series).startswith(  # the report's data section
+        f"1 patient folder(s) held more than one series: P001 used {D40S} / D40s / 2 mm"
+    )
     split = (tmp_path / "run" / "split.csv").read_text().splitlines()
     assert split[0].endswith("series_uid,series_description,n_series") and split[1].endswith(f"{D40S},2")
 
@@ -223,7 +227,7 @@ def test_a_rescale_that_does_not_give_hounsfield_units_skips_the_patient_with_th
 def test_a_series_shorter_than_min_slices_is_not_a_patient(real_sample, tmp_path):
     folder, _ = subset(real_sample, tmp_path / "P001", 3)
     assert len(read_series(folder).slices) == 3  # the reader alone takes any length
-    with pytest.raises(DataError, match=r"3 usable slice\(s\) in series ThorRoutine.*fewer than the 5 a series needs \(data.min_slices"):
+    with pytest.raises(DataError, match=r"3 usable slice\(s\) in series ThorRoutine.*fewer than the 5 a series needs"):
         read_series(folder, min_slices=5)
 
 
@@ -271,7 +275,6 @@ def test_the_predict_csv_names_each_series_and_lists_what_is_not_a_patient(real_
         rows["P001 again"]["status"] == "error"
         and "'P001' and 'P001 again' hold one series" in rows["P001 again"]["detail"]
     )
-    assert (
-        rows["three slices"]["status"] == "error" and "fewer than the 5 a series needs" in rows["three slices"]["detail"]
-    )
+    short = rows["three slices"]
+    assert short["status"] == "error" and "fewer than the 5 a series needs" in short["detail"]
     assert rows["stray.dcm"]["status"] == "skipped" and "beside the patient folders" in rows["stray.dcm"]["detail"]
