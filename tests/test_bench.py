@@ -83,7 +83,7 @@ def test_rows_selects_rows_and_names_unknown_ones(tmp_path):
             f"paths.cache_dir={tmp_path / 'cache'}",
             f"bench.real_sample={tmp_path / 'absent'}",
             "bench.data.patients_per_class=2",
-            "bench.data.slices=4",
+            "bench.data.slices=5",  # data.min_slices: fewer is no patient
             "bench.image_size=32",
             "bench.framework.epochs=1",
             "bench.framework.repeats=1",

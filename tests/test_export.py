@@ -659,6 +659,7 @@ def test_predict_py_with_an_onnx_model_imports_no_pytorch_code(tmp_path):
     write_sidecar(model)
     patient = ct_patient(tmp_path / "in" / "T1-001", [-900, -800, 100])
     args = [f"ckpt_path={model}", f"input={patient}", f"paths.log_dir={tmp_path / 'logs'}", "progress=false"]
+    args.append("min_slices=3")  # a 3-slice phantom (the default, 5, would refuse it as no patient)
     out = subprocess.run(
         [sys.executable, "-c", NO_TORCH_PROBE, str(REPO / "predict.py"), *args],
         cwd=tmp_path,

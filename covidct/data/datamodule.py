@@ -474,7 +474,7 @@ class CTDataModule(pl.LightningDataModule):
             pid = self.patient_ids[i]
             if slice_labels[i] is None and self.patient_labels[i] != NORMAL_CLASS and pid in pseudo.rows:
                 slice_labels[i], _ = usable_slice_labels(pid, pseudo.rows[pid], cache.patients[i].series_length, ())
-                used.append(i)
+                used += [i] if slice_labels[i] is not None else []  # counted only when its row is used
         log.info("%d training patients take stage-1 pseudo-labels from %s", len(used), pseudo.path)
         return used
 

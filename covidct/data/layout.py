@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from covidct import CLASS_NAMES
-from covidct.data.dicom import Skipped, scan_folder
+from covidct.data.dicom import IGNORED_NAMES, Skipped, scan_folder
 from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,11 @@ def discover_covid_ct_md(
         if skipped is not None:
             skipped += [Skipped(o.path, f"not a patient folder: {o.reason}") for o in visible if not o.path.is_dir()]
             skipped += [Skipped(f, "a file where patient folders are expected") for f in files]
+            skipped += [  # a hidden folder may be a patient someone hid, or a tool's: either way, say so
+                Skipped(o.path, "a hidden folder, not read as a patient")
+                for o in others
+                if o.path.name.startswith(".") and o.path.name not in IGNORED_NAMES and o.path.is_dir()
+            ]
         for folder in sorted(o.path for o in visible if o.path.is_dir()):
             pid = folder.name
             if pid in seen:

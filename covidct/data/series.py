@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -256,8 +256,7 @@ def choose_series(
             )
     ranked = sorted(candidates, key=lambda k: _auto_key(infos[k]))
     chosen_key = ranked[0]
-    chosen = infos[chosen_key]
-    chosen = SeriesInfo(**{**chosen.as_dict(), "note": _why_chosen(chosen, [infos[k] for k in ranked[1:]], rule)})
+    chosen = replace(infos[chosen_key], note=_why_chosen(infos[chosen_key], [infos[k] for k in ranked[1:]], rule))
     members = list(groups[chosen_key])
     others = []
     for key, info in sorted(infos.items(), key=lambda kv: _auto_key(kv[1])):
@@ -268,7 +267,7 @@ def choose_series(
             continue
         if info.kind == "axial":
             why = "does not match data.series" if key not in candidates else "not chosen"
-            info = SeriesInfo(**{**info.as_dict(), "note": f"another axial series, {why} ({info.n_images} slices)"})
+            info = replace(info, note=f"another axial series, {why} ({info.n_images} slices)")
         others.append(info)
     return chosen, sorted(members), others
 

@@ -140,6 +140,7 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
     (messy_root / "Normal subjects" / "empty patient").mkdir()
     (messy_root / "Cap subjects" / "loop patient").symlink_to(messy_root / "Cap subjects" / "loop patient")
     (messy_root / "Cap subjects" / "stray file.dcm").write_bytes(b"\0" * 10)
+    good_patient(messy_root / "Cap subjects" / ".hidden patient")  # never read, but listed
 
     dm = CTDataModule(
         root=str(messy_root),
@@ -162,8 +163,8 @@ def test_data_module_survives_the_messy_dataset_and_its_summary_names_every_prob
         ("empty patient", True)
     ]
     skipped = {Path(s["file"]).name: s["reason"] for s in summary.skipped_files}
-    assert set(skipped) == set(expected) | {"loop patient", "stray file.dcm"}
-    assert "looping symbolic link" in skipped["loop patient"]
+    assert set(skipped) == set(expected) | {"loop patient", "stray file.dcm", ".hidden patient"}
+    assert "looping symbolic link" in skipped["loop patient"] and "hidden folder" in skipped[".hidden patient"]
     assert "a file where patient folders are expected" in skipped["stray file.dcm"]
     text = (tmp_path / "run" / "data_summary.txt").read_text(encoding="utf-8")
     for reason in [*expected.values(), "skipped patient empty patient"]:
