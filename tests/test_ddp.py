@@ -205,9 +205,14 @@ def test_slurm_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes(tm
             stderr=subprocess.STDOUT,
         )
         try:
-            while not (run_dir / "checkpoints" / "last.ckpt").exists():  # epoch 0 done: training is running
+            last, saves = run_dir / "checkpoints" / "last.ckpt", set()
+            # last.ckpt saved twice: epoch 0 is complete (its first save comes just before the epoch counts as
+            # completed: a signal in between saved an HPC checkpoint of 0 completed epochs, 2 runs in 5)
+            while len(saves) < 2:
                 assert job.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                time.sleep(0.2)
+                if last.exists():
+                    saves.add(last.stat().st_mtime_ns)
+                time.sleep(0.05)
             job.send_signal(signal.SIGUSR1)
             job.wait(timeout=120)
         finally:
@@ -229,8 +234,10 @@ def test_slurm_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes(tm
     assert f"Restoring states from the checkpoint path at {run_dir}/hpc_ckpt_1.ckpt" in second.stderr
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2 * (done + 1) and last["wandb_run_id"] == hpc["wandb_run_id"]
-    # the requeued job trained only the epoch left, not done + 1 epochs from scratch
-    with next(run_dir.glob("csv/version_1/metrics.csv")).open() as f:
+    # the requeued job trained only what was left of epoch `done` (nothing, when the signal came after its
+    # last batch), never done + 1 epochs from scratch (the global step above says the same)
+    logged = run_dir / "csv" / "version_1" / "metrics.csv"
+    with logged.open() if logged.exists() else io.StringIO("") as f:
         epochs = {int(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")}
-    assert epochs == {done}
+    assert epochs <= {done}
     assert "Best epoch" in second.stderr
