@@ -36,9 +36,9 @@ two-stage-demo:  ## paper label mode vs two-stage pseudo-labels on the same synt
 
 SAMPLE ?= ../shared/data/covid-ct-md-sample
 bench-predict:  ## seconds per 150-slice patient and overhead over a bare forward (VGG16, 224 px)
-	$(BIN)/python -m covidct.bench_predict input=$(SAMPLE) backbone=vgg16 image_size=224 $(ARGS)
+	$(BIN)/python -m covidct.bench.predict input=$(SAMPLE) backbone=vgg16 image_size=224 $(ARGS)
 bench-gpu:  ## on a CUDA machine: VGG16 bf16 training img/s (cache vs GPU tensors, compile), predict.py GPU vs forward
-	$(BIN)/python -m covidct.bench_predict input=$(SAMPLE) backbone=vgg16 image_size=224 'rows=[gpu]' $(ARGS)
+	$(BIN)/python -m covidct.bench.predict input=$(SAMPLE) backbone=vgg16 image_size=224 'rows=[gpu]' $(ARGS)
 
 clean:  ## run outputs and caches (generated data too); keeps the venv
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@
 Writes into the run folder (outputs/predict/runs/<time>_<suffix>/) one CSV per test set
 (patient, predicted class, mean probability per class, slices used and skipped, status), a
 per-slice CSV per test set, and prediction.json recording the checkpoint and settings used.
-With ``labels=<patient,class CSV>`` it then scores them (covidct/evaluate.py): evaluation.json,
+With ``labels=<patient,class CSV>`` it then scores them (covidct/predict/evaluate.py): evaluation.json,
 evaluation.csv and confusion_<test set>.png in the same folder, and a printed table.
 """
 
@@ -39,12 +39,12 @@ def main(cfg: DictConfig) -> None:
             )
             sys.exit(1)
 
-    from covidct.inference import run_prediction
+    from covidct.predict.predictor import run_prediction
 
     labels = cfg.get("labels")
     try:
         if labels is not None:  # a bad labels file or setting fails before any prediction work
-            from covidct.evaluate import check_settings, read_labels
+            from covidct.predict.evaluate import check_settings, read_labels
 
             check_settings(cfg.get("bootstrap"), cfg.get("seed"), cfg.get("allow_errors"))
             read_labels(labels)
@@ -55,14 +55,16 @@ def main(cfg: DictConfig) -> None:
     for path in outputs:
         log.info("wrote %s", path)
     if labels is not None:
-        from covidct.evaluate import run_evaluation
+        from covidct.predict.evaluate import run_evaluation
 
         out = cfg.paths.output_dir
         try:
             outputs = run_evaluation(cfg, out)
         except CovidCTError as exc:
             log.error("%s", exc)
-            log.error("the predictions are kept in %s: python -m covidct.evaluate predictions=%s labels=...", out, out)
+            log.error(
+                "the predictions are kept in %s: python -m covidct.predict.evaluate predictions=%s labels=...", out, out
+            )
             sys.exit(1)  # noqa: B904
         for path in outputs:
             log.info("wrote %s", path)

@@ -49,8 +49,8 @@ def main(cfg: DictConfig) -> float | None:
     """
     from pytorch_lightning.utilities import rank_zero_only
 
-    from covidct.sweep_summary import write_run_metrics, write_sweep_summary
-    from covidct.training import LaunchError, RunInterrupted, train
+    from covidct.training.run import LaunchError, RunInterrupted, train
+    from covidct.training.sweep_summary import write_run_metrics, write_sweep_summary
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def record_crash(output_dir: str, exc: BaseException) -> None:
     """``metrics.json`` with status ``crashed``; a failure to write it must not hide the crash."""
-    from covidct.sweep_summary import write_run_metrics
+    from covidct.training.sweep_summary import write_run_metrics
 
     try:
         write_run_metrics(output_dir, {"status": "crashed", "error": describe(exc)})

@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 USAGE: dict[str, str] = {
     "predict": "python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt "
     "input=<patient folder | test set | folder of test sets>",
-    "evaluate": "python -m covidct.evaluate predictions=<predict.py run folder | test set CSV> "
+    "evaluate": "python -m covidct.predict.evaluate predictions=<predict.py run folder | test set CSV> "
     "labels=<patient,class CSV>",
-    "pseudo_label": "python -m covidct.pseudo_label ckpt_path=<stage-1 run>/checkpoints/<best>.ckpt "
+    "pseudo_label": "python -m covidct.training.pseudo_label ckpt_path=<stage-1 run>/checkpoints/<best>.ckpt "
     "input=<dataset root>",
-    "bench_predict": "python -m covidct.bench_predict input=<patient folder | test set | folder of test sets>",
-    "export": "python -m covidct.export ckpt_path=<run>/checkpoints/<best>.ckpt",
+    "bench_predict": "python -m covidct.bench.predict input=<patient folder | test set | folder of test sets>",
+    "export": "python -m covidct.predict.export ckpt_path=<run>/checkpoints/<best>.ckpt",
 }
 """Config name -> the command with its mandatory keys (what to type)."""
 

@@ -43,7 +43,7 @@ def check_config(cfg: DictConfig) -> None:
     """Fail fast, naming the key, on the values no constructor checks (the trainer's epochs, the
     optimizer's learning rate, which torch checks only once training starts). Every other value is
     checked by the constructor it is for (``CTDataModule``, ``SliceClassifier`` and its backbone,
-    ``FocalLoss``, ``PatientVoteCallback``), which ``covidct.training.build_run`` calls before any data
+    ``FocalLoss``, ``PatientVoteCallback``), which ``covidct.training.run.build_run`` calls before any data
     is read."""
     trainer = cfg.get("trainer") or {}
     if not trainer.get("fast_dev_run"):  # fast_dev_run ignores both

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from covidct.data.synthetic.spec import SyntheticSpec
-from covidct.mil_features import DEFAULT_MIL_FEATURES
+from covidct.patients.mil_features import DEFAULT_MIL_FEATURES
 
 
 def _mutable_mirror(frozen: type, name: str, doc: str) -> type:
@@ -123,7 +123,7 @@ class VoteConfig:
     fully / that vote at all), ``slice_threshold`` (threshold: infected probability of an infected slice;
     null = tuned), ``from_ckpt`` (take those parameters, fixed, from a checkpoint: runs with data.val_fraction=0),
     ``mil`` (fit and score the learned ``mil`` rule every validation epoch; on whenever ``rule`` is ``mil``),
-    ``mil_features`` (what its head reads of each slice: embeddings | log_probs, :mod:`covidct.mil_features`).
+    ``mil_features`` (what its head reads of each slice: embeddings | log_probs, :mod:`covidct.patients.mil_features`).
     Only the rules that use them set them in their file; the others take the values here."""
 
     rule: str = MISSING
@@ -148,7 +148,7 @@ class CompileConfig:
 
 @dataclass
 class PrivacyConfig:
-    """``privacy``: pseudonyms for the patient ids logged to W&B (see ``covidct.privacy``):
+    """``privacy``: pseudonyms for the patient ids logged to W&B (see ``covidct.training.privacy``):
     ``pseudonymize`` auto | true | false, ``secret_file`` (the HMAC key, made on first use),
     ``mapping_file`` (write ``pseudonyms.csv`` into the run folder), ``pseudonym_length`` (hex digits)."""
 

@@ -127,7 +127,7 @@ def write_ct_slice(
 def trained(tmp_path_factory, shared_cache) -> tuple[Path, Path]:
     """(best checkpoint, run folder) of one tiny in-process training (resnet18, lung window, 32 px),
     shared by every test of the session that needs a trained model."""
-    from covidct.training import train
+    from covidct.training.run import train
 
     run = tmp_path_factory.mktemp("tiny_run")
     result = train(compose_train(run, tiny(shared_cache) + ["logger=none"]))

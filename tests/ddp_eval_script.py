@@ -22,9 +22,9 @@ def main(out_dir: Path, ckpt_path: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from covidct.callbacks.patient_vote import PatientVoteCallback
     from covidct.config import register_resolvers
-    from covidct.inference import load_checkpoint
+    from covidct.predict.predictor import load_checkpoint
+    from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):

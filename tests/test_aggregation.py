@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from covidct import CLASS_NAMES
-from covidct import aggregation as agg
-from covidct.aggregation import cross_fit_predictions, fit_mil, folds_of, mil_from_state, mil_state, predict
-from covidct.callbacks.patient_vote import PatientVoteCallback
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
-from covidct.voting import (
+from covidct.patients import aggregation as agg
+from covidct.patients.aggregation import cross_fit_predictions, fit_mil, folds_of, mil_from_state, mil_state, predict
+from covidct.patients.voting import (
     VOTE_RULES,
     check_vote_settings,
     infected_class,
@@ -27,6 +26,7 @@ from covidct.voting import (
     leave_one_out_threshold_predictions,
     vote,
 )
+from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
 
 def shifted_patients(per_class: int = 8, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
@@ -153,7 +153,7 @@ def test_cross_fitting_never_fits_on_the_patient_it_scores(monkeypatch):
 
 def test_mil_is_a_vote_rule_of_its_own():
     check_vote_settings("mil")  # accepted as vote.rule
-    with pytest.raises(ValueError, match="covidct.aggregation"):
+    with pytest.raises(ValueError, match="covidct.patients.aggregation"):
         vote(np.full((3, 3), 1 / 3), "mil")
     with pytest.raises(ConfigError, match="from_ckpt"):
         PatientVoteCallback("mil", from_ckpt="some.ckpt")
@@ -231,7 +231,7 @@ def test_callback_without_embeddings_skips_mil_unless_it_is_the_rule(tmp_path):
 
 @pytest.mark.slow
 def test_training_with_patient_shift_reports_mil_and_predict_uses_its_head(shared_cache, tmp_path):
-    from covidct.training import train
+    from covidct.training.run import train
     from tests.conftest import compose_train, run_cli, tiny
 
     run = tmp_path / "run"
@@ -271,7 +271,7 @@ def test_training_with_patient_shift_reports_mil_and_predict_uses_its_head(share
 
 
 def test_slice_features_are_the_embeddings_or_the_clipped_log_probabilities():
-    from covidct.mil_features import slice_features
+    from covidct.patients.mil_features import slice_features
 
     probs = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     embeddings = np.arange(8, dtype=np.float64).reshape(2, 4)

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from hydra import compose, initialize_config_dir
 
-from covidct.bench import run_bench
+from covidct.bench.framework import run_bench
 from covidct.config import register_resolvers
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
@@ -109,7 +109,7 @@ IMPORT_PROBE = textwrap.dedent("""
                 "config_store": sorted(ConfigStore.instance().repo)}
 
     before, modules = state(), set(sys.modules)
-    import covidct.bench, covidct.bench_predict
+    import covidct.bench.framework, covidct.bench.predict
     after = state()
     changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
     if "environ" in changed:
@@ -120,7 +120,7 @@ IMPORT_PROBE = textwrap.dedent("""
 
 
 def test_importing_the_bench_modules_only_defines_things():
-    """In a fresh process without NO_ALBUMENTATIONS_UPDATE: importing covidct.bench and covidct.bench_predict
+    """In a fresh process without NO_ALBUMENTATIONS_UPDATE: importing covidct.bench.framework and covidct.bench.predict
     leaves the environment, logging, warning filters, OmegaConf resolvers and Hydra's ConfigStore as they were
     and imports none of the libraries the rows use (before: the variable was set, resolvers and the train
     schema registered, and torch, Lightning and albumentations imported, 4000 modules)."""
@@ -136,8 +136,8 @@ def test_importing_the_bench_modules_only_defines_things():
     [
         ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
         ("covidct.bench", ["bench.framework.backbone=vgg61"], "bench.framework.backbone='vgg61' is not known"),
-        ("covidct.bench_predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
-        ("covidct.bench_predict", [], "input not set"),
+        ("covidct.bench.predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
+        ("covidct.bench.predict", [], "input not set"),
     ],
 )
 def test_a_bad_value_ends_in_one_line_naming_the_key(tmp_path, module, args, key):
@@ -162,7 +162,7 @@ def test_deployment_rows_compare_bf16_with_fp32_on_the_same_patient_and_skip_gpu
     tests the export and the quantization, and ``make bench-predict`` runs the rows.)"""
     import torch
 
-    from covidct.bench_predict import format_deployment, measure_deployment
+    from covidct.bench.predict import format_deployment, measure_deployment
 
     stand_in = ensure_dataset(
         tmp_path / "stand-in", SyntheticSpec(patients_per_class=(1, 0, 0), slices_min=5, slices_max=5, image_size=64)

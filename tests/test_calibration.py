@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from covidct.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from covidct.patients.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 
 
 def overconfident(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +96,13 @@ def test_a_temperature_at_its_bound_is_warned_about(caplog):
     validation patient): the vote callback says so."""
     import logging
 
-    from covidct.calibration import T_MAX
-    from covidct.callbacks.patient_vote import PatientVoteCallback
+    from covidct.patients.calibration import T_MAX
+    from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
     probs = np.tile([[0.001, 0.001, 0.998]], (20, 1))  # every slice confidently Normal
     targets = np.repeat([0, 1, 0, 1], 5)  # all COVID-19 or CAP, 4 patients
     cb = PatientVoteCallback()
-    with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
+    with caplog.at_level(logging.WARNING, logger="covidct.training.callbacks.patient_vote"):
         metrics = cb.calibrate(probs, np.repeat(np.arange(4), 5), np.array([0, 1, 0, 1]), targets)
     assert metrics["calibration/temperature"] == T_MAX
     assert "hit its bound" in caplog.text and "calibration=false" in caplog.text
@@ -118,12 +118,12 @@ def test_too_few_validation_patients_or_classes_are_not_calibrated_on(caplog, pa
     slices of one class keep T = 1, and the first epoch says why, once."""
     import logging
 
-    from covidct.callbacks.patient_vote import MIN_CALIBRATION_PATIENTS, PatientVoteCallback
+    from covidct.training.callbacks.patient_vote import MIN_CALIBRATION_PATIENTS, PatientVoteCallback
 
     probs, _ = overconfident(20, seed=3)  # a fit would move T well away from 1
     cb = PatientVoteCallback()
     labels = np.zeros(patients.max() + 1, dtype=np.int64)
-    with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
+    with caplog.at_level(logging.WARNING, logger="covidct.training.callbacks.patient_vote"):
         for _ in range(2):  # two epochs
             metrics = cb.calibrate(probs, patients, labels, targets.astype(np.int64))
     assert metrics["calibration/temperature"] == 1.0 and cb.temperature == 1.0

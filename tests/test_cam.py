@@ -17,13 +17,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from covidct.callbacks.cam_images import pick_slices
-from covidct.cam import _warn_flat, decisive_slices, grad_cam, lung_channel, overlay, png_bytes, target_layer
 from covidct.data.dicom import to_hounsfield
 from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.errors import ConfigError
-from covidct.inference import check_cam
 from covidct.models.classifier import SliceClassifier
+from covidct.predict.predictor import check_cam
+from covidct.report.cam import _warn_flat, decisive_slices, grad_cam, lung_channel, overlay, png_bytes, target_layer
+from covidct.training.callbacks.cam_images import pick_slices
 from tests.conftest import REPO
 
 

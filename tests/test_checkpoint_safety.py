@@ -21,9 +21,9 @@ import pytest
 import torch
 import torchvision
 
-from covidct.checkpoint import read_checkpoint
 from covidct.errors import ConfigError, DataError
-from covidct.training import train
+from covidct.models.checkpoint import read_checkpoint
+from covidct.training.run import train
 from tests.conftest import REPO, cli_env, compose_train, tiny, write_ct_slice
 
 

@@ -35,7 +35,7 @@ def test_predict_without_its_keys_prints_a_usage_line_and_makes_no_run_folder(tm
 
 def test_other_entry_points_print_their_usage_line_too(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "covidct.evaluate", "bootstrap=0"],
+        [sys.executable, "-m", "covidct.predict.evaluate", "bootstrap=0"],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,
@@ -44,7 +44,7 @@ def test_other_entry_points_print_their_usage_line_too(tmp_path):
     )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1, out.stderr
-    assert "predictions and labels not set: python -m covidct.evaluate predictions=<" in lines[0]
+    assert "predictions and labels not set: python -m covidct.predict.evaluate predictions=<" in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 

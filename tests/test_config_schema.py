@@ -14,9 +14,9 @@ from omegaconf import MISSING, OmegaConf
 from covidct.config import check_config, register_resolvers
 from covidct.data.synthetic import SyntheticSpec
 from covidct.errors import ConfigError
+from covidct.patients.voting import LEARNED_RULES, VOTE_RULES
 from covidct.schema import DataConfig, TrainConfig
-from covidct.training import build_run
-from covidct.voting import LEARNED_RULES, VOTE_RULES
+from covidct.training.run import build_run
 from tests.conftest import REPO, compose_train
 
 
@@ -111,7 +111,7 @@ def test_vote_parameters_override(tmp_path):
 def test_paper_experiment_is_the_papers_recipe(tmp_path):
     cfg = compose_train(tmp_path, ["experiment=paper", f"data.root={tmp_path}"])
     assert cfg.model.backbone == "vgg16" and cfg.model.pretrained is True
-    assert (cfg.loss._target_, cfg.loss.gamma, cfg.loss.alpha) == ("covidct.losses.FocalLoss", 2.0, 0.25)
+    assert (cfg.loss._target_, cfg.loss.gamma, cfg.loss.alpha) == ("covidct.models.losses.FocalLoss", 2.0, 0.25)
     assert list(cfg.data.windows) == ["lung"] and cfg.data.image_size == 224
     assert cfg.data.label_mode == "paper" and cfg.vote.rule == "majority"
     assert cfg.data.synthetic is None and cfg.data.root == str(tmp_path)
@@ -122,7 +122,10 @@ def test_paper_experiment_is_the_papers_recipe(tmp_path):
 @pytest.mark.parametrize(
     ("experiment", "changed"),
     [
-        ("paper_ce", {"loss._target_": "covidct.losses.CrossEntropyLoss", "loss.gamma": None, "loss.alpha": None}),
+        (
+            "paper_ce",
+            {"loss._target_": "covidct.models.losses.CrossEntropyLoss", "loss.gamma": None, "loss.alpha": None},
+        ),
         ("paper_patient_labels", {"data.label_mode": "patient"}),
         ("paper_infected_fraction", {"vote.rule": "infected_fraction"}),
     ],
@@ -140,13 +143,13 @@ def test_paper_variants_change_one_thing(tmp_path, experiment, changed):
 
 
 def test_spgc_winner_experiment_is_the_winners_recipe_in_two_stages(tmp_path):
-    from covidct.training import instantiate_checked
+    from covidct.training.run import instantiate_checked
 
     cfg = compose_train(tmp_path, ["experiment=spgc_winner", f"data.root={tmp_path}"])
     assert (cfg.model.backbone, cfg.model.pretrained, cfg.loss._target_) == (
         "efficientnet_b5",
         True,
-        "covidct.losses.CrossEntropyLoss",
+        "covidct.models.losses.CrossEntropyLoss",
     )
     assert OmegaConf.to_container(cfg.data.windows) == [{"level": -500, "width": 1300}]  # [-1150, 150] HU
     assert (cfg.data.image_size, cfg.data.batch_size, cfg.data.label_mode) == (512, 10, "pseudo")

@@ -19,9 +19,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from covidct.callbacks.patient_vote import PatientVoteCallback
-from covidct.training import resume_checkpoint, train
-from covidct.voting import VOTE_RULES
+from covidct.patients.voting import VOTE_RULES
+from covidct.training.callbacks.patient_vote import PatientVoteCallback
+from covidct.training.run import resume_checkpoint, train
 from tests.conftest import REPO, compose_train, tiny
 
 SLURM_JOB = {

@@ -1,4 +1,4 @@
-"""covidct.evaluate: metrics against a hand computation, seeded bootstrap CIs, every bad labels file
+"""covidct.predict.evaluate: metrics against a hand computation, seeded bootstrap CIs, every bad labels file
 refused with its row named, and predict.py labels=... end to end."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchmetrics.functional.classification import multiclass_f1_score
 
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError, DataError
-from covidct.evaluate import batch_metrics, evaluate, read_labels
+from covidct.predict.evaluate import batch_metrics, evaluate, read_labels
 from tests.conftest import REPO, cli_env, run_cli
 
 HEADER = [
@@ -303,7 +303,7 @@ def test_predict_with_labels_writes_the_evaluation(tiny_checkpoint, shared_cache
     # the evaluate entry point scores the same run folder to the same numbers
     args = [f"predictions={run}", f"labels={labels}", "bootstrap=200", f"hydra.run.dir={tmp_path / 'e'}"]
     again = subprocess.run(
-        [sys.executable, "-m", "covidct.evaluate", *args],
+        [sys.executable, "-m", "covidct.predict.evaluate", *args],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

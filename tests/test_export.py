@@ -21,9 +21,9 @@ from onnx import TensorProto, helper
 
 from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.errors import ConfigError, DataError
-from covidct.export import bind_sidecar, check_settings, export_onnx
-from covidct.inference import find_test_sets, read_patient, run_prediction
-from covidct.onnx_model import (
+from covidct.patients.voting import vote
+from covidct.predict.export import bind_sidecar, check_settings, export_onnx
+from covidct.predict.onnx_backend import (
     SIDECAR_METADATA,
     NumpyMIL,
     apply_temperature,
@@ -31,7 +31,7 @@ from covidct.onnx_model import (
     load_onnx,
     sidecar_path,
 )
-from covidct.voting import vote
+from covidct.predict.predictor import find_test_sets, read_patient, run_prediction
 from tests.conftest import REPO, cli_env, write_ct_slice
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def tiny_onnx(
 
 
 def sidecar_content(size: int = 16, classes: list[str] = CLASSES, mil: dict | None = None, **vote_settings) -> dict:
-    """The sidecar python -m covidct.export would write (lung window, majority vote), but its model's SHA-256."""
+    """The sidecar covidct.predict.export would write (lung window, majority vote), but its model's SHA-256."""
     rule = {
         "rule": "majority",
         "tau": 0.5,
@@ -266,9 +266,9 @@ def test_export_settings_are_checked_naming_the_key(kwargs, message):
 
 @pytest.mark.parametrize("standardize", ["center", "none", "center_concat"])
 def test_the_numpy_mil_head_decides_as_the_torch_head(standardize):
-    from covidct.aggregation import GatedAttentionMIL, predict_proba
-    from covidct.export import mil_arrays
-    from covidct.inference import PredictorSettings
+    from covidct.patients.aggregation import GatedAttentionMIL, predict_proba
+    from covidct.predict.export import mil_arrays
+    from covidct.predict.predictor import PredictorSettings
 
     torch.manual_seed(0)
     kind = "log_probs" if standardize == "center_concat" else "embeddings"  # as vote.mil_features makes them
@@ -290,7 +290,7 @@ def test_the_numpy_mil_head_decides_as_the_torch_head(standardize):
 
 
 def test_numpy_temperature_equals_the_calibration_module():
-    from covidct.calibration import apply_temperature as torch_temperature
+    from covidct.patients.calibration import apply_temperature as torch_temperature
 
     p = np.random.default_rng(0).dirichlet([1, 1, 1], size=50).astype(np.float32)
     p[0] = [1.0, 0.0, 0.0]  # a zero probability: both clamp it before the log
@@ -300,7 +300,7 @@ def test_numpy_temperature_equals_the_calibration_module():
 
 def test_bf16_falls_back_to_fp32_without_hardware_support_and_autocasts_when_asked(caplog):
     from covidct.models.classifier import SliceClassifier
-    from covidct.torch_inference import bf16_supported, resolve_precision, slice_probabilities
+    from covidct.predict.torch_backend import bf16_supported, resolve_precision, slice_probabilities
 
     native, what = bf16_supported(torch.device("cpu"))
     with caplog.at_level("WARNING"):
@@ -325,7 +325,7 @@ def no_slice_read(monkeypatch):
     def refuse(folder: Path, preprocessor: SlicePreprocessor) -> None:
         raise AssertionError(f"a slice of {folder} was read")
 
-    monkeypatch.setattr("covidct.inference.read_preprocessed", refuse)
+    monkeypatch.setattr("covidct.predict.predictor.read_preprocessed", refuse)
 
 
 SIDECAR_EDITS = {
@@ -361,7 +361,7 @@ def test_an_edited_sidecar_is_refused_before_any_slice_is_read(tmp_path, no_slic
     patient = ct_patient(tmp_path / "in" / "T1-001", [-900, -800])
     message = refused(predict_cfg(model, patient, tmp_path / "out", num_workers=0))
     assert message.startswith(f"sidecar {side}: differs in {key} from the copy exported into m.onnx"), message
-    assert "export the checkpoint again with python -m covidct.export" in message
+    assert "export the checkpoint again with python -m covidct.predict.export" in message
 
 
 def test_an_export_from_before_the_binding_is_refused_saying_to_export_again(tmp_path, no_slice_read):
@@ -494,7 +494,7 @@ def random_checkpoint(backbone: str, path: Path, image_size: int, warm_images: t
 def test_onnx_slice_probabilities_match_the_checkpoint_for_each_backbone(real_sample, tmp_path, backbone):
     """Random weights at 64 px on 6 real slices: the export (onnxruntime) vs the checkpoint's model (PyTorch)
     within 1e-4, same argmax and the same patient call (resnet18: the trained checkpoint, whole sample)."""
-    from covidct.torch_inference import slice_probabilities_and_embeddings
+    from covidct.predict.torch_backend import slice_probabilities_and_embeddings
 
     folder = real_slices(real_sample, tmp_path / "P001")
     images = read_patient(folder, SlicePreprocessor(parse_windows(["lung"]), 64))["images"]
@@ -518,7 +518,7 @@ def test_onnx_slice_probabilities_match_the_checkpoint_for_each_backbone(real_sa
 
 def with_mil_head(ckpt: Path, dest: Path) -> Path:
     """A copy of ``ckpt`` with a fitted MIL head in its vote state and ``mil`` as its vote rule."""
-    from covidct.aggregation import fit_mil, mil_state
+    from covidct.patients.aggregation import fit_mil, mil_state
 
     data = torch.load(ckpt, map_location="cpu", weights_only=True)
     rng = np.random.default_rng(0)
@@ -544,8 +544,8 @@ def test_predict_with_the_onnx_export_matches_the_checkpoint_on_the_real_sample(
     """predict.py's per-patient work (:func:`predict_patient`: slice probabilities, temperature, vote) with the
     trained checkpoint and with its export, on the 3 real patients read once by predict's ONNX reader: every
     slice probability within 1e-4, every patient call the same (the MIL head, and a rule on probabilities)."""
-    from covidct.inference import predict_patient, read_patients, settings_from_sidecar
-    from covidct.torch_inference import load_checkpoint
+    from covidct.predict.predictor import predict_patient, read_patients, settings_from_sidecar
+    from covidct.predict.torch_backend import load_checkpoint
 
     ckpt, written = tiny_export
     assert [p.name for p in written] == ["tiny.onnx", "tiny.onnx.mil.npz", "tiny.onnx.json"]
@@ -615,7 +615,7 @@ def test_predict_refuses_an_edited_sidecar_of_a_real_export(tiny_export, real_sa
 @pytest.mark.slow
 def test_the_export_command_line_ends_a_bad_setting_in_one_line(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "covidct.export", f"ckpt_path={tmp_path / 'x.ckpt'}", "quantize=int8"]
+        [sys.executable, "-m", "covidct.predict.export", f"ckpt_path={tmp_path / 'x.ckpt'}", "quantize=int8"]
         + [f"paths.log_dir={tmp_path}"],
         cwd=tmp_path,
         env=cli_env(),
@@ -644,8 +644,8 @@ NO_TORCH_PROBE = textwrap.dedent("""
         runpy.run_path(predict, run_name="__main__")
     except SystemExit as exc:
         assert not exc.code, exc.code
-    pytorch = ("torch", "pytorch_lightning", "torchvision", "torchmetrics", "covidct.torch_inference",
-               "covidct.models.classifier", "covidct.calibration", "covidct.aggregation")
+    pytorch = ("torch", "pytorch_lightning", "torchvision", "torchmetrics", "covidct.predict.torch_backend",
+               "covidct.models.classifier", "covidct.patients.calibration", "covidct.patients.aggregation")
     print("PROBE " + json.dumps({"importers": sorted(i for i in importers if i.startswith("covidct")),
                                  "pytorch_modules": [m for m in pytorch if m in sys.modules]}))
 """)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from covidct.training import train
+from covidct.training.run import train
 from tests.conftest import compose_train, tiny
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from covidct.errors import ConfigError
-from covidct.losses import CrossEntropyLoss, FocalLoss, resolve_alpha, validate_gamma
+from covidct.models.losses import CrossEntropyLoss, FocalLoss, resolve_alpha, validate_gamma
 
 LOGITS = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [1.0, 1.0, 1.0]]
 TARGET = [0, 2, 1, 0]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from covidct.errors import ConfigError
-from covidct.losses import FocalLoss
 from covidct.models import backbones
 from covidct.models.backbones import BACKBONES, build_backbone, imagenet_weights_path
 from covidct.models.classifier import InputAdapter, SliceClassifier
+from covidct.models.losses import FocalLoss
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ def vote_state(path) -> dict:
 def test_a_run_on_every_patient_trains_without_validation_and_says_where_its_thresholds_come_from(
     trained, shared_cache, tmp_path
 ):
-    from covidct.training import train
+    from covidct.training.run import train
 
     source, _ = trained  # a validated run (the session's tiny training)
     runs = {}
@@ -46,7 +46,7 @@ def test_a_run_on_every_patient_trains_without_validation_and_says_where_its_thr
 
 
 def test_from_ckpt_must_hold_a_vote_state(tmp_path):
-    from covidct.callbacks.patient_vote import PatientVoteCallback
+    from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
     bogus = tmp_path / "x.ckpt"
     bogus.write_text("not a checkpoint")

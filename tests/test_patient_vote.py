@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from covidct.callbacks.patient_vote import PatientVoteCallback, patient_metrics
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
-from covidct.voting import VOTE_RULES, leave_one_out_predictions
+from covidct.patients.voting import VOTE_RULES, leave_one_out_predictions
+from covidct.training.callbacks.patient_vote import PatientVoteCallback, patient_metrics
 
 
 def test_patient_metrics_on_known_predictions():
@@ -118,7 +118,7 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
 
     wandb_logger = MagicMock(spec=WandbLogger)
     cb = PatientVoteCallback("weighted_center", output_dir=str(tmp_path), k=2, center_slices=4, mil=False)
-    with caplog.at_level(logging.INFO, logger="covidct.callbacks.patient_vote"):
+    with caplog.at_level(logging.INFO, logger="covidct.training.callbacks.patient_vote"):
         logged, module = run_validation_epoch(cb, [wandb_logger])
     # truth COVID-19, CAP, Normal, Normal -> (predictions, acc, macro F1, sensitivity COVID-19 / CAP / Normal).
     # infected_fraction is leave-one-out: without P0 (40% infected) tau lands above it, without P3 (20%) at 0
@@ -176,7 +176,7 @@ def test_bad_rule_parameters_name_the_key(kwargs, key):
 
 
 def test_wandb_sample_slices_take_the_classes_in_turn():
-    from covidct.callbacks.wandb_tables import classes_in_turn
+    from covidct.training.callbacks.wandb_tables import classes_in_turn
 
     labels = np.array([0, 0, 0, 0, 1, 1, 2])  # 4 COVID-19, 2 CAP, 1 Normal
     assert classes_in_turn(np.arange(7), labels) == [0, 4, 6, 1, 5, 2, 3]
@@ -192,7 +192,7 @@ def test_mil_is_not_scored_on_one_validation_patient(caplog):
     embeddings = rng.normal(size=(6, 8)).astype(np.float32)
     args = (np.arange(6), np.zeros(6, dtype=np.int64), probs, ["P0"], np.array([1]))
     cb = PatientVoteCallback("threshold")
-    with caplog.at_level(logging.WARNING, logger="covidct.callbacks.patient_vote"):
+    with caplog.at_level(logging.WARNING, logger="covidct.training.callbacks.patient_vote"):
         for epoch in range(2):
             result = cb.decide(epoch, *args, embeddings=embeddings)
     assert "mil" not in result.predictions and cb.mil_head is None and result.mil is None

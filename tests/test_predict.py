@@ -15,11 +15,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from covidct.calibration import apply_temperature
 from covidct.config import register_resolvers
 from covidct.data.datamodule import CTDataModule
 from covidct.errors import ConfigError, DataError
-from covidct.inference import claim_output_dir, find_test_sets, load_checkpoint, run_prediction
+from covidct.patients.calibration import apply_temperature
+from covidct.predict.predictor import claim_output_dir, find_test_sets, load_checkpoint, run_prediction
 from tests.conftest import REPO, compose_train, tiny, write_ct_slice
 
 
@@ -169,8 +169,8 @@ def test_a_folder_holding_another_runs_predictions_is_refused_unless_overwrite(t
 
 
 def test_test_time_augmentation_averages_each_slice_and_its_horizontal_flip():
-    from covidct.inference import slice_probabilities
     from covidct.models.classifier import SliceClassifier
+    from covidct.predict.predictor import slice_probabilities
 
     torch.manual_seed(0)
     model = SliceClassifier("resnet18").eval()
@@ -189,9 +189,9 @@ def test_test_time_augmentation_averages_each_slice_and_its_horizontal_flip():
 def test_tta_transforms_are_more_views_averaged_in_and_bad_ones_are_refused():
     """predict.py tta_transforms=[...]: each albumentations transform is one more view of every slice."""
     from covidct.errors import ConfigError
-    from covidct.inference import PredictorSettings, patient_probabilities, slice_probabilities
     from covidct.models.classifier import SliceClassifier
-    from covidct.tta import tta_views
+    from covidct.predict.predictor import PredictorSettings, patient_probabilities, slice_probabilities
+    from covidct.predict.tta import tta_views
 
     torch.manual_seed(0)
     model = SliceClassifier("resnet18").eval()

@@ -30,10 +30,10 @@ import pydicom
 import pytest
 import torch
 
-from covidct.checkpoint import read_checkpoint
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError, DataError
-from covidct.privacy import (
+from covidct.models.checkpoint import read_checkpoint
+from covidct.training.privacy import (
     MAPPING_FILE,
     Pseudonymizer,
     identifier_shapes,
@@ -266,7 +266,7 @@ def test_auto_pseudonymizes_exactly_the_online_runs():
 
 
 def test_online_without_pseudonyms_warns_once_about_identifier_shaped_folders(caplog):
-    caplog.set_level(logging.WARNING, logger="covidct.privacy")
+    caplog.set_level(logging.WARNING, logger="covidct.training.privacy")
     online_off = Pseudonymizer(None, online=True)
     online_off.prepare(FOLDER_NAMES + ["P001"])
     online_off.prepare(FOLDER_NAMES)  # the second callback: no second warning
@@ -344,7 +344,7 @@ def logged_to_stderr() -> Iterator[None]:
 
 def train_pseudonymized(data: Path, run: Path, cache: Path, secret: Path) -> Path:
     """One tiny in-process training on ``data`` with W&B offline and pseudonyms on; returns the W&B run folder."""
-    from covidct.training import train
+    from covidct.training.run import train
 
     overrides = [
         "data=covid_ct_md",

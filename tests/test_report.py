@@ -21,17 +21,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
-from covidct import report as report_module
-from covidct.aggregation import GatedAttentionMIL, predict_proba
-from covidct.calibration import expected_calibration_error
-from covidct.callbacks.patient_vote import (
-    PatientVoteCallback,
-    mil_details,
-    patient_decisions,
-    slice_groups,
-)
-from covidct.callbacks.run_report import RunReportCallback, report_from_votes
-from covidct.report import (
+from covidct.patients.aggregation import GatedAttentionMIL, predict_proba
+from covidct.patients.calibration import expected_calibration_error
+from covidct.patients.voting import infected_share, leave_one_out_predictions, vote_shares
+from covidct.report.page import (
     decision_svg,
     reliability,
     render_figures,
@@ -41,8 +34,15 @@ from covidct.report import (
     series_svg,
     write_report,
 )
-from covidct.training import train
-from covidct.voting import infected_share, leave_one_out_predictions, vote_shares
+from covidct.report import page as report_module
+from covidct.training.callbacks.patient_vote import (
+    PatientVoteCallback,
+    mil_details,
+    patient_decisions,
+    slice_groups,
+)
+from covidct.training.callbacks.run_report import RunReportCallback, report_from_votes
+from covidct.training.run import train
 from tests.conftest import compose_train, tiny
 
 NORMAL = CLASS_NAMES[NORMAL_CLASS]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from covidct.checkpoint import read_checkpoint
 from covidct.config import synthetic_override_conflict
 from covidct.errors import ConfigError
-from covidct.sweep_summary import write_sweep_summary
-from covidct.training import TrainResult, train
+from covidct.models.checkpoint import read_checkpoint
+from covidct.training.run import TrainResult, train
+from covidct.training.sweep_summary import write_sweep_summary
 from tests.conftest import REPO, cli_env, compose_train, tiny
 
 
@@ -130,7 +130,7 @@ def test_a_crashing_job_of_a_multirun_is_listed_as_crashed_and_the_sweep_exits_1
     assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "crashed"
     assert "Traceback" in (sweep / "0" / "train.log").read_text()  # the crash's traceback is in the job's log
     (sweep / "summary.csv").unlink()
-    write_sweep_summary(sweep)  # python -m covidct.sweep_summary: the same statuses
+    write_sweep_summary(sweep)  # python -m covidct.training.sweep_summary: the same statuses
     assert {r["job"]: r["status"] for r in read_csv(sweep / "summary.csv")} == {k: r["status"] for k, r in rows.items()}
 
 

@@ -55,7 +55,7 @@ def test_a_bad_split_file_is_refused_naming_the_line(tmp_path, rows, header, exp
 
 @pytest.mark.parametrize("folds", [["data.num_folds=5"], ["data.num_folds=5", "data.fold=3"], ["data.fold=1"]])
 def test_a_split_file_with_fold_settings_is_refused_naming_the_keys(shared_cache, tmp_path, folds):
-    from covidct.training import instantiate_checked
+    from covidct.training.run import instantiate_checked
 
     split = write(tmp_path / "split.csv", [("P001", "train"), ("P002", "val")])
     cfg = compose_train(tmp_path / "run", [*tiny(shared_cache), f"data.split_file={split}", *folds])
@@ -67,7 +67,7 @@ def test_a_split_file_with_fold_settings_is_refused_naming_the_keys(shared_cache
 
 @pytest.mark.slow
 def test_test_patients_of_a_split_file_are_scored_once_with_the_best_checkpoint(shared_cache, tmp_path):
-    from covidct.training import train
+    from covidct.training.run import train
 
     ids = (
         [f"P{i:03d}" for i in range(1, 5)]
@@ -94,7 +94,7 @@ def test_test_patients_of_a_split_file_are_scored_once_with_the_best_checkpoint(
 
 
 def test_test_slice_metrics_leave_out_unknown_targets():
-    from covidct.held_out_test import slice_metrics
+    from covidct.training.held_out_test import slice_metrics
 
     probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05]])
     targets = np.array([0, 1, 0, -1])  # the third is wrong, the fourth unknown

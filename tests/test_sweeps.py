@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from covidct.sweep_summary import write_run_metrics, write_sweep_summary
+from covidct.training.sweep_summary import write_run_metrics, write_sweep_summary
 from tests.conftest import run_cli, tiny
 
 

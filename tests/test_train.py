@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from covidct.data import cache, datamodule
-from covidct.training import train
-from covidct.voting import VOTE_RULES
+from covidct.patients.voting import VOTE_RULES
+from covidct.training.run import train
 from tests import wandb_records
 from tests.conftest import compose_train, run_cli, tiny
 
@@ -89,7 +89,11 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     assert ckpt["wandb_run_id"] in runs[0].name
     vote_state = next(v for k, v in ckpt["callbacks"].items() if "PatientVote" in k)
     assert 0.0 <= vote_state["tau"] <= 1.0
-    assert ckpt["hyper_parameters"]["loss"] == {"_target_": "covidct.losses.FocalLoss", "gamma": 2.0, "alpha": "auto"}
+    assert ckpt["hyper_parameters"]["loss"] == {
+        "_target_": "covidct.models.losses.FocalLoss",
+        "gamma": 2.0,
+        "alpha": "auto",
+    }
     assert "class_counts" not in ckpt["hyper_parameters"]
 
 
@@ -184,7 +188,7 @@ def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]
     assert hparams["backbone"] == "vgg16"
-    assert hparams["loss"] == {"_target_": "covidct.losses.FocalLoss", "gamma": 2.0, "alpha": 0.25}
+    assert hparams["loss"] == {"_target_": "covidct.models.losses.FocalLoss", "gamma": 2.0, "alpha": 0.25}
     assert hparams["preprocessing"]["windows"] == ["lung"] and hparams["preprocessing"]["vote_rule"] == "majority"
     # started from the weights file: two Adam steps at lr 1e-4 move each weight by ~2e-4 at most
     trained = ckpt["state_dict"]["net.features.0.weight"]

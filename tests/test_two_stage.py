@@ -102,7 +102,7 @@ def test_a_foreign_or_broken_pseudo_label_folder_is_refused_naming_the_file(tmp_
 
 # ---- the array, its Index.csv and its JSON are bound together -----------------------------------------
 
-REGENERATE = "regenerate them with python -m covidct.pseudo_label"
+REGENERATE = "regenerate them with python -m covidct.training.pseudo_label"
 
 
 def infected_row(length: int, columns: list[int]) -> np.ndarray:
@@ -206,8 +206,8 @@ def compose_pseudo_label(output_dir: Path, overrides: list[str]) -> DictConfig:
 @pytest.fixture(scope="module")
 def two_stage(tmp_path_factory):
     """(stage-1 TrainResult, pseudo-label array path, dataset root, cache dir, overrides)."""
-    from covidct.pseudo_label import pseudo_label
-    from covidct.training import train
+    from covidct.training.pseudo_label import pseudo_label
+    from covidct.training.run import train
 
     cache = tmp_path_factory.mktemp("two_stage_cache")
     overrides = tiny_unlabelled(cache)
@@ -221,7 +221,7 @@ def two_stage(tmp_path_factory):
 
 
 def stage2_datamodule(cfg: DictConfig) -> CTDataModule:
-    from covidct.training import instantiate_checked
+    from covidct.training.run import instantiate_checked
 
     dm = instantiate_checked(cfg.data, _convert_="all")
     dm.setup()
@@ -244,7 +244,7 @@ def test_stage1_reports_its_slice_auroc_and_records_what_it_trained_on(two_stage
 @pytest.mark.slow
 def test_pseudo_labels_cover_exactly_the_unlabelled_sick_patients_at_their_slice_positions(two_stage):
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
-    from covidct.inference import iterate_patients, load_checkpoint, slice_probabilities
+    from covidct.predict.predictor import iterate_patients, load_checkpoint, slice_probabilities
 
     stage1, path, root, _, _ = two_stage
     pseudo = read_pseudo_labels(path)
@@ -339,7 +339,7 @@ def test_stage2_refuses_a_real_pseudo_label_array_edited_apart_from_its_json(two
 
 @pytest.mark.slow
 def test_pseudo_label_refuses_a_checkpoint_that_is_not_a_stage1_model(two_stage, tiny_checkpoint, tmp_path):
-    from covidct.pseudo_label import pseudo_label
+    from covidct.training.pseudo_label import pseudo_label
 
     _, _, root, cache, _ = two_stage
     cfg = compose_pseudo_label(tmp_path, [f"ckpt_path={tiny_checkpoint}", f"input={root}", f"paths.cache_dir={cache}"])
@@ -360,14 +360,14 @@ def test_predict_refuses_a_stage1_checkpoint_and_says_what_it_is_for(two_stage, 
     assert done.returncode == 1
     assert (
         "stage-1 infected-slice model" in done.stderr + done.stdout
-        and "covidct.pseudo_label" in done.stderr + done.stdout
+        and "covidct.training.pseudo_label" in done.stderr + done.stdout
     )
     assert not list(tmp_path.glob("*.csv"))
 
 
 @pytest.mark.slow
 def test_stage2_trains_on_radiologist_and_pseudo_labels(two_stage, tmp_path):
-    from covidct.training import train
+    from covidct.training.run import train
 
     _, path, _, _, overrides = two_stage
     result = train(compose_train(tmp_path, [*overrides, "data.label_mode=pseudo", f"data.pseudo_labels={path}"]))
@@ -377,7 +377,7 @@ def test_stage2_trains_on_radiologist_and_pseudo_labels(two_stage, tmp_path):
 
 @pytest.mark.slow
 def test_an_automatic_threshold_maximises_youdens_j_on_stage1_validation_patients(two_stage, tmp_path):
-    from covidct.pseudo_label import pseudo_label
+    from covidct.training.pseudo_label import pseudo_label
 
     stage1, _, root, cache, _ = two_stage
     cfg = compose_pseudo_label(
@@ -386,7 +386,7 @@ def test_an_automatic_threshold_maximises_youdens_j_on_stage1_validation_patient
     meta = read_pseudo_labels(pseudo_label(cfg)).meta
     assert "Youden" in meta["threshold_source"] and 0.0 < meta["threshold"] < 1.0
     # recompute J over every candidate threshold from the validation patients' labelled slices
-    from covidct.inference import load_checkpoint, slice_probabilities
+    from covidct.predict.predictor import load_checkpoint, slice_probabilities
 
     model, _ = load_checkpoint(stage1.best_checkpoint, torch.device("cpu"))
     val = set(torch.load(stage1.best_checkpoint, weights_only=True)["CTDataModule"]["val_patients"])

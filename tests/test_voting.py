@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from covidct.callbacks.patient_vote import deduplicate
-from covidct.voting import (
+from covidct.patients.voting import (
     VOTE_RULES,
     central_mask,
     group_slices,
@@ -31,6 +30,7 @@ from covidct.voting import (
     vote_patients,
     weighted_center_vote,
 )
+from covidct.training.callbacks.patient_vote import deduplicate
 
 COVID, CAP, NORMAL = 0, 1, 2
 ONE_HOT = {COVID: [0.8, 0.1, 0.1], CAP: [0.1, 0.8, 0.1], NORMAL: [0.1, 0.1, 0.8]}
@@ -359,7 +359,7 @@ def test_deduplicate_keeps_first_occurrence_and_torch_types() -> None:
 
 
 def test_vote_dispatches_on_the_rule_name():
-    from covidct.voting import vote
+    from covidct.patients.voting import vote
 
     # 3 of 10 slices COVID-19, 7 Normal: the paper's rule says Normal, infected_fraction (tau 0.2) COVID-19
     probs = np.array([[0.8, 0.1, 0.1]] * 3 + [[0.1, 0.1, 0.8]] * 7)

@@ -3,7 +3,7 @@
 # only LABELLED (default 0.25) of the sick ones have radiologist slice labels. Four commands:
 #   1. paper:    python train.py                       (sick patients without slice labels: not trained on)
 #   2. stage 1:  python train.py stage=infection       (infected-vs-clean slices, labelled patients)
-#   3. labels:   python -m covidct.pseudo_label ...    (marks the unlabelled sick patients' infected slices,
+#   3. labels:   python -m covidct.training.pseudo_label ...    (marks the unlabelled sick patients' infected slices,
 #                at P(infected) > 0.5 as the winner did, and at threshold=auto: Youden's J on validation)
 #   4. stage 2:  python train.py data.label_mode=pseudo data.pseudo_labels=...   (once per threshold)
 # Usage, from the project root:  make two-stage-demo [ARGS='<train.py overrides for all runs>']
@@ -21,8 +21,8 @@ run paper "$PY" train.py "${COMMON[@]}"
 run stage1 "$PY" train.py stage=infection "${COMMON[@]}"
 CKPT=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['best_checkpoint'])" "$OUT/stage1/metrics.json")
 ROOT=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['root'])" "$OUT/paper/data_summary.json")
-run pseudo "$PY" -m covidct.pseudo_label ckpt_path="$CKPT" input="$ROOT"
-run pseudo_auto "$PY" -m covidct.pseudo_label ckpt_path="$CKPT" input="$ROOT" threshold=auto
+run pseudo "$PY" -m covidct.training.pseudo_label ckpt_path="$CKPT" input="$ROOT"
+run pseudo_auto "$PY" -m covidct.training.pseudo_label ckpt_path="$CKPT" input="$ROOT" threshold=auto
 run two_stage "$PY" train.py data.label_mode=pseudo data.pseudo_labels="$OUT/pseudo/Slice-level-labels-pseudo.npy" "${COMMON[@]}"
 run two_stage_auto "$PY" train.py data.label_mode=pseudo \
   data.pseudo_labels="$OUT/pseudo_auto/Slice-level-labels-pseudo.npy" "${COMMON[@]}"
@@ -30,7 +30,7 @@ run two_stage_auto "$PY" train.py data.label_mode=pseudo \
 import json, sys
 from pathlib import Path
 from covidct.text_table import format_table
-from covidct.voting import VOTE_RULES
+from covidct.patients.voting import VOTE_RULES
 out = Path(sys.argv[1])
 s1 = json.loads((out / "stage1" / "metrics.json").read_text())
 print(f"stage 1: validation slice AUROC {s1['score']:.3f}")

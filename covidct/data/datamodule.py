@@ -55,7 +55,7 @@ from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError, DataError
 from covidct.io import atomic_write_csv
-from covidct.seeding import derive_seed
+from covidct.training.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def check_data_settings(
     if (label_mode == "pseudo") != (pseudo_labels is not None):
         raise ConfigError(
             "data.label_mode=pseudo needs data.pseudo_labels=<folder>/Slice-level-labels-pseudo.npy (written by "
-            "python -m covidct.pseudo_label)"
+            "python -m covidct.training.pseudo_label)"
             if pseudo_labels is None
             else f"data.pseudo_labels is read only with data.label_mode=pseudo (this run: {label_mode}); "
             "set data.label_mode=pseudo, or data.pseudo_labels=null"

@@ -1,4 +1,4 @@
-"""Stage-1 pseudo-labels on disk: written by ``python -m covidct.pseudo_label``, read by stage 2.
+"""Stage-1 pseudo-labels on disk: written by ``python -m covidct.training.pseudo_label``, read by stage 2.
 
 A pseudo-label folder follows the dataset's own convention, so any tool that reads COVID-CT-MD's
 labels reads it too:
@@ -38,7 +38,9 @@ LABEL_FILE = "Slice-level-labels-pseudo.npy"
 META_FILE = "pseudo_labels.json"
 KIND = "covidct stage-1 pseudo-labels"
 MIN_COLUMNS = 200  # as the dataset's label arrays
-REGENERATE = "regenerate them with python -m covidct.pseudo_label ckpt_path=<stage-1 checkpoint> input=<data.root>"
+REGENERATE = (
+    "regenerate them with python -m covidct.training.pseudo_label ckpt_path=<stage-1 checkpoint> input=<data.root>"
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ def read_pseudo_labels(path: str | Path) -> PseudoLabels:
     where = f"data.pseudo_labels={path}"
     for needed in (path, folder / INDEX_FILE, folder / META_FILE):
         if not needed.is_file():
-            raise DataError(f"{needed}: not found ({where}); write pseudo-labels with python -m covidct.pseudo_label")
+            raise DataError(
+                f"{needed}: not found ({where}); write pseudo-labels with python -m covidct.training.pseudo_label"
+            )
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as exc:

@@ -20,12 +20,12 @@ from torchmetrics.classification import (
 from covidct import CLASS_NAMES
 from covidct.data.labels import INFECTED, INFECTION_CLASSES, UNKNOWN
 from covidct.errors import ConfigError
-from covidct.losses import FocalLoss
 from covidct.models.backbones import build_backbone
+from covidct.models.losses import FocalLoss
 
 if TYPE_CHECKING:
-    from covidct.callbacks.best_epoch import BestEpoch
-    from covidct.callbacks.patient_vote import ValidationVotes
+    from covidct.training.callbacks.best_epoch import BestEpoch
+    from covidct.training.callbacks.patient_vote import ValidationVotes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +66,7 @@ class SliceClassifier(pl.LightningModule):
         weights_path: explicit weights file instead of torch hub's cache.
         in_channels: number of window channels the data provides (``${len:${data.windows}}``).
         loss: factory ``(num_classes, ignore_index) -> nn.Module`` (a Hydra ``_partial_`` of
-            :class:`~covidct.losses.FocalLoss` or :class:`~covidct.losses.CrossEntropyLoss`), called here,
+            :class:`~covidct.models.losses.FocalLoss` or :class:`~covidct.models.losses.CrossEntropyLoss`), called here,
             so a bad loss value fails before any data is read; None = focal loss, gamma 2. A loss with
             ``fit_class_counts`` (``alpha: auto``) gets the training split's class counts in ``setup``.
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
@@ -76,7 +76,7 @@ class SliceClassifier(pl.LightningModule):
             mode); saved in the checkpoint so prediction always uses the same ones.
         infection_threshold: a stage-1 model (``class_names`` clean, infected) calls a slice infected when
             P(infected) exceeds it: its validation sensitivity and specificity, and the default threshold
-            of its pseudo-labels (``python -m covidct.pseudo_label``).
+            of its pseudo-labels (``python -m covidct.training.pseudo_label``).
 
     A stage-1 model also logs ``val/infection/{auroc,sensitivity,specificity}`` over the validation
     slices with a known label (``data.label_mode=infection``).

@@ -11,7 +11,6 @@ import pydicom
 import pytest
 from omegaconf import OmegaConf
 
-from covidct.checkpoint import check_resume_settings
 from covidct.data.cache import build_or_load_cache, cache_key
 from covidct.data.dicom import list_files, read_series
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
@@ -20,7 +19,8 @@ from covidct.data.preprocess import NO_LUNG, SlicePreprocessor, parse_windows, r
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset, make_phantom
 from covidct.errors import ConfigError
-from covidct.inference import PatientFolders
+from covidct.models.checkpoint import check_resume_settings
+from covidct.predict.predictor import PatientFolders
 from tests.conftest import write_ct_slice
 
 PLAIN = SlicePreprocessor(parse_windows(["lung", "mediastinum"]), 32)

@@ -15,11 +15,11 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from covidct.callbacks.run_report import series_note
 from covidct.data.datamodule import CTDataModule
 from covidct.data.dicom import read_series
 from covidct.errors import ConfigError, DataError
-from covidct.inference import find_test_sets
+from covidct.predict.predictor import find_test_sets
+from covidct.training.callbacks.run_report import series_note
 from tests.data.test_real_series_integrity import CAP001, P001, copy_sample, head_first_files, set_tags
 
 D40S = "ThorRoutine 2.0 D40s"  # the sample's own series (SeriesDescription; ConvolutionKernel D40s)
@@ -251,8 +251,8 @@ def test_signed_pixels_declared_unsigned_are_not_read_as_hounsfield_units(real_s
 def test_the_predict_csv_names_each_series_and_lists_what_is_not_a_patient(real_sample, tiny_checkpoint, tmp_path):
     import torch
 
-    from covidct.inference import predict_test_set
-    from covidct.torch_inference import load_checkpoint
+    from covidct.predict.predictor import predict_test_set
+    from covidct.predict.torch_backend import load_checkpoint
 
     test_set = tmp_path / "Test1"
     _, sources = subset(real_sample, test_set / "P001", 12)

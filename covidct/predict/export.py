@@ -1,7 +1,9 @@
 """Export a trained checkpoint for deployment without PyTorch: ONNX model + JSON sidecar (+ MIL head).
 
-    python -m covidct.export ckpt_path=<run>/checkpoints/<best>.ckpt [format=onnx] [opset=18] [output=<file.onnx>]
-    python -m covidct.export ckpt_path=<ckpt> quantize=int8 calibration_input=<DICOM folder> [calibration_slices=32]
+    python -m covidct.predict.export ckpt_path=<run>/checkpoints/<best>.ckpt [format=onnx] [opset=18] [output=<f.onnx>]
+
+    python -m covidct.predict.export ckpt_path=<ckpt> quantize=int8 calibration_input=<DICOM folder>
+        [calibration_slices=32]
 
 (settings in ``conf/export.yaml``). Writes, by default into the run folder (outputs/export/runs/<time>_<id>/):
 
@@ -16,7 +18,7 @@
 * ``<model>.mil.npz`` when the checkpoint holds a fitted MIL head (plain arrays, run in numpy).
 
 ``python predict.py ckpt_path=<model>.onnx input=...`` then predicts with onnxruntime, without importing
-PyTorch (:mod:`covidct.onnx_model`). ``quantize=int8``: onnxruntime static quantization (QDQ, int8 weights per
+PyTorch (:mod:`covidct.predict.onnx_backend`). ``quantize=int8``: onnxruntime static quantization (QDQ, int8 weights per
 channel, uint8 activations) calibrated on slices read from ``calibration_input`` with the checkpoint's own
 preprocessing. The files appear only once everything is exported and checked: a failure writes nothing.
 
@@ -40,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_bytes, atomic_write_text
-from covidct.onnx_model import (
+from covidct.predict.onnx_backend import (
     EMBEDDINGS,
     INPUT_NAME,
     MIL_ARRAYS,
@@ -56,8 +58,8 @@ from covidct.onnx_model import (
 )
 
 if TYPE_CHECKING:
-    from covidct.inference import PredictorSettings
     from covidct.models.classifier import SliceClassifier
+    from covidct.predict.predictor import PredictorSettings
 
 log = logging.getLogger("export")
 
@@ -74,7 +76,7 @@ def check_settings(
 ) -> None:
     """Fail before the checkpoint is read, naming the key, on a bad value."""
     if format not in FORMATS:
-        raise ConfigError(f"format={format!r}: only onnx is supported (python -m covidct.export format=onnx)")
+        raise ConfigError(f"format={format!r}: only onnx is supported (python -m covidct.predict.export format=onnx)")
     if not isinstance(opset, int) or isinstance(opset, bool) or not OPSET_MIN <= opset <= OPSET_MAX:
         raise ConfigError(f"opset={opset!r}: use a whole number from {OPSET_MIN} to {OPSET_MAX} (default 18)")
     if quantize not in QUANTIZE:
@@ -95,7 +97,7 @@ def read_slices(input_path: str | Path, settings: PredictorSettings, n: int, key
     """Up to ``n`` uint8 (C, S, S) slices from the DICOM patients under ``input_path``, preprocessed as the
     checkpoint's model expects: evenly spaced through each patient, the same number from each."""
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
-    from covidct.inference import find_test_sets, read_patient
+    from covidct.predict.predictor import find_test_sets, read_patient
 
     try:
         patients = [p for t in find_test_sets(input_path) for p in t.patients]
@@ -197,7 +199,7 @@ def _export(model: SliceClassifier, example: Any, path: Path, opset: int) -> Non
 
 def torch_outputs(model: SliceClassifier, images: np.ndarray) -> np.ndarray:
     """float32 (N, classes) PyTorch probabilities of uint8 (N, C, S, S) ``images``."""
-    from covidct.torch_inference import slice_probabilities
+    from covidct.predict.torch_backend import slice_probabilities
 
     return slice_probabilities(model, images, batch_size=32)
 
@@ -266,7 +268,7 @@ def export_onnx(
     PyTorch's. ``quantize=int8`` exports fp32, then quantizes it with
     :func:`quantize_export` (its difference to the fp32 export is recorded, not bounded).
     """
-    from covidct.onnx_model import looks_like_onnx
+    from covidct.predict.onnx_backend import looks_like_onnx
 
     check_settings("onnx", opset, quantize, calibration_input, calibration_slices, output)
     ckpt_path, output = Path(ckpt_path), Path(output)
@@ -291,7 +293,7 @@ def export_checkpoint(ckpt_path: Path, output: Path, opset: int, check_slices: i
     import onnxruntime
     import torch
 
-    from covidct.torch_inference import load_checkpoint
+    from covidct.predict.torch_backend import load_checkpoint
 
     model, settings = load_checkpoint(ckpt_path, torch.device("cpu"))
     check = phantom_slices(settings, check_slices)
@@ -369,7 +371,7 @@ def write_export(model: Path, output: Path, sidecar: dict[str, Any], mil: bytes 
 def bind_sidecar(model: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
     """Write ``sidecar`` (all but the model's SHA-256) into the ONNX metadata of ``model`` (key
     :data:`SIDECAR_METADATA`, replacing an older copy) and return it, as plain JSON types, with the SHA-256 of
-    the model so written: :func:`covidct.onnx_model.load_onnx` refuses a sidecar that differs from the copy."""
+    the model so written: :func:`~.onnx_backend.load_onnx` refuses a sidecar that differs from the copy."""
     import onnx
 
     plain = {k: v for k, v in _plain(sidecar).items() if k != MODEL_SHA256}
@@ -387,8 +389,8 @@ def quantize_export(
     :func:`quantize_int8`), calibrated on ``calibration_slices`` slices of ``calibration_input`` read with the
     export's preprocessing; the sidecar records the largest slice-probability difference to the fp32 export
     on those slices. Uses onnxruntime only (no PyTorch)."""
-    from covidct.inference import settings_from_sidecar
-    from covidct.onnx_model import load_onnx
+    from covidct.predict.onnx_backend import load_onnx
+    from covidct.predict.predictor import settings_from_sidecar
 
     model_path, output = Path(model_path), Path(output)
     export = load_onnx(model_path, "cpu")
@@ -446,10 +448,10 @@ def default_output(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / (Path(cfg.ckpt_path).stem + suffix)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def export_app(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
-        log.error("ckpt_path not set: python -m covidct.export ckpt_path=<run>/checkpoints/<best>.ckpt")
+        log.error("ckpt_path not set: python -m covidct.predict.export ckpt_path=<run>/checkpoints/<best>.ckpt")
         sys.exit(1)
     try:
         check_settings(
@@ -473,7 +475,7 @@ def export_app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``python -m covidct.export ckpt_path=<checkpoint> [key=value ...]``: process setup, then Hydra."""
+    """``python -m covidct.predict.export ckpt_path=<checkpoint> [key=value ...]``: process setup, then Hydra."""
     from covidct.config import register_resolvers
 
     register_resolvers()  # ${run_suffix:} names the run folder

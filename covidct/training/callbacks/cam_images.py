@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError
-from covidct.privacy import prepare_loggers, pseudonymizer_of
+from covidct.training.privacy import prepare_loggers, pseudonymizer_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class CamImagesCallback(pl.Callback):
                 log.debug("Grad-CAM images not logged: no WandbLogger")
                 self._said_no_wandb = True
             return
-        from covidct.cam import grad_cam, lung_channel, overlay
+        from covidct.report.cam import grad_cam, lung_channel, overlay
 
         table = trainer.datamodule.slice_table
         val = table.val_rows

@@ -12,7 +12,7 @@ Outputs in the sweep folder (atomic), also printed:
   one row per combination of the other varying overrides.
 
 Hydra calls :class:`SweepSummaryCallback` at the end of a multirun (``conf/hydra/default.yaml``);
-``python -m covidct.sweep_summary <sweep dir>`` rebuilds the tables by hand. A sweep with a crashed or
+``python -m covidct.training.sweep_summary <sweep dir>`` rebuilds the tables by hand. A sweep with a crashed or
 interrupted job exits 1 once the table is written; failed jobs (bad values) do not change the exit code.
 """
 

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from covidct.models.classifier import SliceClassifier
 
 log = logging.getLogger("bench")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 BENCH_ROWS = ("loader", "cache_build", "cache_lung_crop", "framework", "memory", "inference")
 
 
@@ -283,7 +283,7 @@ def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
-    from covidct.callbacks.patient_vote import PatientVoteCallback
+    from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
     model = new_model(dm, cfg)
     trainer = pl.Trainer(
@@ -386,7 +386,7 @@ def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> lis
 # ---- row 4: memory ------------------------------------------------------------------------------
 MEMORY_CHILD = """
 import json, resource, sys
-from covidct.bench import memory_child
+from covidct.bench.framework import memory_child
 memory_child(json.loads(sys.argv[1]))
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -397,7 +397,7 @@ def memory_child(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     from covidct.config import register_resolvers
-    from covidct.training import train
+    from covidct.training.run import train
 
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
@@ -469,7 +469,7 @@ def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
 # ---- row 5: inference ---------------------------------------------------------------------------
 def measure_inference(sample: Path, cfg: DictConfig) -> list[Row]:
     """predict.py on the first ``cfg.patients`` patients of the sample (each a patient folder)."""
-    from covidct.bench_predict import measure_predict
+    from covidct.bench.predict import measure_predict
     from covidct.data.layout import discover_covid_ct_md
 
     folders = [p.folder for p in discover_covid_ct_md(sample)[: cfg.patients]]
@@ -534,7 +534,7 @@ def row_key(step_name: str) -> str:
 
 def check_bench(cfg: DictConfig) -> None:
     """Fail before any data is made, naming the key, on the values only the bench reads."""
-    from covidct.bench_predict import check_backbone
+    from covidct.bench.predict import check_backbone
 
     rows = cfg.rows
     if not OmegaConf.is_list(rows):
@@ -631,7 +631,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
 
 
 # ---- command line -------------------------------------------------------------------------------
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def bench_app(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     try:

@@ -25,7 +25,7 @@ class BestEpochCallback(pl.Callback):
     """Snapshots the ``val/`` metrics of the best epoch by ``monitor`` (``mode`` max or min) and publishes
     it as ``pl_module.best_epoch`` (what ``train`` reports and ``metrics.json`` holds). Stored in the
     checkpoint, so a resumed run still knows its best epoch. With patient votes, the best epoch is
-    :class:`~covidct.callbacks.patient_vote.PatientVoteCallback`'s (the same score, the same first-best
+    :class:`~covidct.training.callbacks.patient_vote.PatientVoteCallback`'s (the same score, the same first-best
     rule) and this one adds that epoch's slice metrics."""
 
     def __init__(self, monitor: str = "val/infection/auroc", mode: str = "max") -> None:

@@ -1,6 +1,6 @@
 """A learned patient rule: gated attention multiple-instance learning over what the slice model says.
 
-A patient is a *bag* of per-slice features (n_slices, D) float32 (:mod:`covidct.mil_features`): the slice
+A patient is a *bag* of per-slice features (n_slices, D) float32 (:mod:`covidct.patients.mil_features`): the slice
 model's penultimate features (:meth:`covidct.models.classifier.SliceClassifier.features`) or the log of its
 calibrated slice probabilities. :class:`GatedAttentionMIL` (Ilse et al.,
 "Attention-based deep multiple instance learning", ICML 2018; MONAI's ``MILModel`` ``att_gated``) maps
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidct.mil_features import STANDARDIZE_OF, check_mil_features
+from covidct.patients.mil_features import STANDARDIZE_OF, check_mil_features
 
 STANDARDIZE_MODES: tuple[str, ...] = ("center", "none", "center_concat")
 #: fit_mil's defaults (full-batch Adam: tens of patients fit in well under a second on a CPU)
@@ -78,7 +78,7 @@ class GatedAttentionMIL(nn.Module):
         if standardize not in STANDARDIZE_MODES:
             raise ValueError(f"standardize must be one of {STANDARDIZE_MODES}, got {standardize!r}")
         self.init_args: dict[str, Any] = {
-            "slice_features": check_mil_features(slice_features),  # what it reads (covidct.mil_features)
+            "slice_features": check_mil_features(slice_features),  # what it reads (covidct.patients.mil_features)
             "in_features": int(in_features),
             "num_classes": int(num_classes),
             "hidden": int(hidden),
@@ -98,7 +98,7 @@ class GatedAttentionMIL(nn.Module):
 
     @property
     def slice_features(self) -> str:
-        """What the head reads of each slice (:data:`covidct.mil_features.MIL_FEATURES`)."""
+        """What the head reads of each slice (:data:`covidct.patients.mil_features.MIL_FEATURES`)."""
         return self.init_args["slice_features"]
 
     def features(self, bag: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ def fit_mil(
 ) -> GatedAttentionMIL:
     """A :class:`GatedAttentionMIL` fitted on ``bags`` (P bags of (n_i, D) float32) and ``labels`` (P,) int.
 
-    ``slice_features`` names what the bags hold (:mod:`covidct.mil_features`; stored with the head so that
+    ``slice_features`` names what the bags hold (:mod:`covidct.patients.mil_features`; stored with the head so that
     predict.py feeds it the same); ``standardize`` None: that kind's (``STANDARDIZE_OF``).
 
     Full-batch Adam on the class-balanced cross-entropy (each present class weighs the same in total),

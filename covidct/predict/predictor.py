@@ -1,5 +1,5 @@
 """Patient-level prediction on new DICOM folders (SPGC style: one CSV per test folder), with a trained
-checkpoint (PyTorch) or its ONNX export (onnxruntime, ``python -m covidct.export``).
+checkpoint (PyTorch) or its ONNX export (onnxruntime, ``python -m covidct.predict.export``).
 
 Accepted inputs:
 
@@ -9,7 +9,7 @@ Accepted inputs:
 
 Preprocessing (windows, image size), class names and the vote rule come from the checkpoint, or from the
 export's sidecar. This module does not import torch: the checkpoint side lives in
-:mod:`covidct.torch_inference` (its names, e.g. ``load_checkpoint``, are also importable from here) and is
+:mod:`covidct.predict.torch_backend` (its names, e.g. ``load_checkpoint``, are also importable from here) and is
 imported only for a checkpoint; an ``.onnx`` model is read in worker processes and run by onnxruntime.
 """
 
@@ -45,11 +45,8 @@ from covidct.data.series import (
 )
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive
-from covidct.mil_features import slice_features
-from covidct.onnx_model import NumpyMIL, OnnxSliceModel, apply_temperature, load_onnx, looks_like_onnx, sidecar_path
-from covidct.processes import worker_pool
-from covidct.tta import mean_over_views, tta_views
-from covidct.voting import (
+from covidct.patients.mil_features import slice_features
+from covidct.patients.voting import (
     CENTER_SLICES,
     LEARNED_RULES,
     SLICE_THRESHOLD,
@@ -58,12 +55,22 @@ from covidct.voting import (
     check_vote_settings,
     vote,
 )
+from covidct.predict.onnx_backend import (
+    NumpyMIL,
+    OnnxSliceModel,
+    apply_temperature,
+    load_onnx,
+    looks_like_onnx,
+    sidecar_path,
+)
+from covidct.predict.tta import mean_over_views, tta_views
+from covidct.processes import worker_pool
 
 if TYPE_CHECKING:
-    from covidct.aggregation import GatedAttentionMIL
     from covidct.models.classifier import SliceClassifier
+    from covidct.patients.aggregation import GatedAttentionMIL
 
-#: the PyTorch side, importable from here as before (``from covidct.inference import load_checkpoint``)
+#: the PyTorch side, importable from here as before (``from covidct.predict.predictor import load_checkpoint``)
 TORCH_NAMES = (
     "load_checkpoint",
     "PatientFolders",
@@ -75,9 +82,9 @@ TORCH_NAMES = (
 
 
 def __getattr__(name: str) -> Any:
-    """``covidct.inference.load_checkpoint`` and the other :data:`TORCH_NAMES`: imported on first use."""
+    """``covidct.predict.predictor.load_checkpoint`` and the other :data:`TORCH_NAMES`: imported on first use."""
     if name in TORCH_NAMES:
-        from covidct import torch_inference
+        from covidct.predict import torch_backend as torch_inference
 
         return getattr(torch_inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -171,7 +178,7 @@ class PredictorSettings:
     threshold_tau: float = 0.5  # threshold
     temperature: float = 1.0  # divides the logits (temperature scaling fitted in training)
     tta: bool = False  # predict.py tta=true: mean of each slice's and its horizontal flip's probabilities
-    tta_transforms: list = field(default_factory=list)  # predict.py tta_transforms: more views (covidct.tta)
+    tta_transforms: list = field(default_factory=list)  # predict.py tta_transforms: more views (covidct.predict.tta)
     tta_views: list = field(default_factory=list)  # the built tta_transforms (not recorded)
     lung_crop: bool = False  # crop each series to its lungs, as the model was trained
     mil_head: GatedAttentionMIL | NumpyMIL | None = None  # vote_rule mil: the head fitted on the validation patients
@@ -181,7 +188,7 @@ class PredictorSettings:
     overridden: dict[str, Any] = field(default_factory=dict)
 
     def vote_parameters(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`covidct.voting.vote` besides the rule and tau."""
+        """The keyword arguments of :func:`covidct.patients.voting.vote` besides the rule and tau."""
         return {
             "k": self.k,
             "center_slices": self.center_slices,
@@ -283,7 +290,7 @@ def patient_probabilities(
     def run(views_of: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(model, OnnxSliceModel):
             return model.run(views_of, batch_size, settings.tta, embeddings)
-        from covidct.torch_inference import slice_probabilities, slice_probabilities_and_embeddings
+        from covidct.predict.torch_backend import slice_probabilities, slice_probabilities_and_embeddings
 
         if embeddings:
             return slice_probabilities_and_embeddings(model, views_of, batch_size, settings.tta, settings.precision)
@@ -294,10 +301,10 @@ def patient_probabilities(
 
 def mil_decision(head: GatedAttentionMIL | NumpyMIL, features: np.ndarray) -> int:
     """The MIL head's class for what it reads of one patient's N slices, ``features`` (N, F)
-    (:func:`covidct.mil_features.slice_features`)."""
+    (:func:`covidct.patients.mil_features.slice_features`)."""
     if isinstance(head, NumpyMIL):
         return int(head.predict([features])[0])
-    from covidct.aggregation import predict as mil_predict
+    from covidct.patients.aggregation import predict as mil_predict
 
     return int(mil_predict(head, [features])[0])
 
@@ -338,7 +345,7 @@ def predict_test_set(
     from tqdm import tqdm
 
     if cam_slices:  # pytorch-grad-cam imports matplotlib, scipy and scikit-learn: only when asked
-        from covidct.cam import lung_channel, write_patient_cams
+        from covidct.report.cam import lung_channel, write_patient_cams
     pre = SlicePreprocessor(
         parse_windows(settings.windows), settings.image_size, settings.lung_crop, settings.series, settings.min_slices
     )
@@ -351,7 +358,7 @@ def predict_test_set(
     if isinstance(model, OnnxSliceModel):
         items = read_patients(test_set.patients, pre, num_workers)
     else:
-        from covidct.torch_inference import iterate_patients
+        from covidct.predict.torch_backend import iterate_patients
 
         items = iterate_patients(test_set.patients, pre, num_workers)
     for item in tqdm(items, total=len(test_set.patients), desc=test_set.name, disable=not progress, unit="patient"):
@@ -452,7 +459,7 @@ def load_model(cfg, cam_slices: int) -> tuple[Any, PredictorSettings, dict[str, 
             raise ConfigError(
                 f"precision={requested}: ckpt_path={path} is an ONNX export, which runs at the precision it was "
                 "exported in (its sidecar says which); precision applies to PyTorch checkpoints. For int8, export "
-                "with python -m covidct.export ... quantize=int8 calibration_input=<DICOM folder>"
+                "with python -m covidct.predict.export ... quantize=int8 calibration_input=<DICOM folder>"
             )
         export = load_onnx(path, str(cfg.device))
         settings = settings_from_sidecar(export.sidecar, export.mil_head)
@@ -470,7 +477,7 @@ def load_model(cfg, cam_slices: int) -> tuple[Any, PredictorSettings, dict[str, 
             },
         }
         return export.model, settings, record
-    from covidct.torch_inference import load_checkpoint, pick_device, resolve_precision
+    from covidct.predict.torch_backend import load_checkpoint, pick_device, resolve_precision
 
     device = pick_device(cfg.device)
     precision = resolve_precision(requested, device)
@@ -496,7 +503,8 @@ def run_prediction(cfg) -> list[Path]:
     if tuple(settings.class_names) == INFECTION_CLASSES:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: a stage-1 infected-slice model (classes {list(INFECTION_CLASSES)}); it "
-            "calls slices, not patients. Use it for pseudo-labels (python -m covidct.pseudo_label), and predict "
+            "calls slices, not patients. Use it for pseudo-labels (python -m covidct.training.pseudo_label), and "
+            "predict "
             "with the stage-2 checkpoint"
         )
     overrides = (

@@ -1,7 +1,7 @@
 """Benchmark predict: seconds per 150-slice patient, and its ratio to a bare model forward; and what deployment
 choices cost or save (ONNX export, bf16, int8, GPU).
 
-    python -m covidct.bench_predict input=../shared/data/covid-ct-md-sample [backbone=vgg16] [image_size=224]
+    python -m covidct.bench.predict input=../shared/data/covid-ct-md-sample [backbone=vgg16] [image_size=224]
         [rows=[overhead,onnx,bf16,int8,gpu]]
 
 (settings in ``conf/bench_predict.yaml``; ``make bench-predict`` runs it on the COVID-CT-MD sample).
@@ -110,8 +110,8 @@ def measure_predict(
 
     from covidct.data.dicom import read_series
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
-    from covidct.inference import PredictorSettings, find_test_sets, predict_test_set, slice_probabilities
     from covidct.models.classifier import SliceClassifier
+    from covidct.predict.predictor import PredictorSettings, find_test_sets, predict_test_set, slice_probabilities
 
     torch.manual_seed(0)
     model = SliceClassifier(backbone=backbone, in_channels=1).eval()
@@ -197,10 +197,10 @@ def measure_deployment(
     native bfloat16 the bf16 row is skipped (predict.py would run fp32) unless ``force_bf16``."""
     import torch
 
-    from covidct.export import export_onnx, quantize_export
-    from covidct.inference import TestSet, find_test_sets, predict_test_set, settings_from_sidecar
-    from covidct.onnx_model import load_onnx
-    from covidct.torch_inference import bf16_supported, load_checkpoint
+    from covidct.predict.export import export_onnx, quantize_export
+    from covidct.predict.onnx_backend import load_onnx
+    from covidct.predict.predictor import TestSet, find_test_sets, predict_test_set, settings_from_sidecar
+    from covidct.predict.torch_backend import bf16_supported, load_checkpoint
 
     everyone = [p for t in find_test_sets(input_path) for p in t.patients]
     test_set = TestSet("bench", everyone[:patients])
@@ -290,10 +290,10 @@ def measure_gpu(
     if not torch.cuda.is_available():
         log.warning("gpu rows skipped: no CUDA GPU here (torch.cuda.is_available() is False); nothing else uses them")
         return []
-    from covidct.export import export_onnx
-    from covidct.inference import predict_test_set, read_patient, settings_from_sidecar
-    from covidct.onnx_model import load_onnx
-    from covidct.torch_inference import load_checkpoint, slice_probabilities
+    from covidct.predict.export import export_onnx
+    from covidct.predict.onnx_backend import load_onnx
+    from covidct.predict.predictor import predict_test_set, read_patient, settings_from_sidecar
+    from covidct.predict.torch_backend import load_checkpoint, slice_probabilities
 
     device = torch.device("cuda")
     rows = []
@@ -356,8 +356,8 @@ def training_rate(compiled: bool, batches: Callable[[], Any], steps: int) -> flo
     until ``steps`` steps are done), after 3 warm-up steps (which also compile, with ``compiled``)."""
     import torch
 
-    from covidct.losses import FocalLoss
     from covidct.models.classifier import SliceClassifier
+    from covidct.models.losses import FocalLoss
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -472,11 +472,11 @@ def check_rows(rows: Any) -> list[str]:
     return list(rows)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_predict")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench_predict")
 def bench_predict_app(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "input"):
         log.error(
-            "input not set: python -m covidct.bench_predict input=<patient folder | test set | folder of test sets>"
+            "input not set: python -m covidct.bench.predict input=<patient folder | test set | folder of test sets>"
         )
         sys.exit(1)
     try:
@@ -514,7 +514,7 @@ def bench_predict_app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``python -m covidct.bench_predict input=<folder> [key=value ...]``: process setup, then Hydra."""
+    """``python -m covidct.bench.predict input=<folder> [key=value ...]``: process setup, then Hydra."""
     from covidct.config import register_resolvers
 
     register_resolvers()  # ${run_suffix:} names the run folder

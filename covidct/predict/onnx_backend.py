@@ -1,4 +1,4 @@
-"""Predict with an exported ONNX model (``python -m covidct.export``) through onnxruntime: no PyTorch.
+"""Predict with an exported ONNX model (``python -m covidct.predict.export``) through onnxruntime: no PyTorch.
 
 An export is two or three files side by side:
 
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from covidct.errors import ConfigError, DataError
-from covidct.voting import VOTE_KEYS, check_vote_settings
+from covidct.patients.voting import VOTE_KEYS, check_vote_settings
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,11 @@ SIDECAR_METADATA = "covidct_sidecar"
 MODEL_SHA256 = "model_sha256"
 #: the first byte of an ONNX file: field 1 (ir_version) of the ModelProto, a varint
 ONNX_FIRST_BYTE = 0x08
-#: smallest probability taken as a log (as covidct.calibration.EPS)
+#: smallest probability taken as a log (as covidct.patients.calibration.EPS)
 EPS = 1e-12
 EXPORT_HINT = (
-    "export the checkpoint again with python -m covidct.export ckpt_path=<checkpoint>, which writes them together"
+    "export the checkpoint again with python -m covidct.predict.export ckpt_path=<checkpoint>, "
+    "which writes them together"
 )
 SIDECAR_KEYS = (
     "covidct_onnx",
@@ -98,7 +99,7 @@ def looks_like_onnx(path: str | Path) -> bool:
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """(N, C) probabilities -> float32 (N, C) softmax(log(probs) / ``temperature``): numpy twin of
-    :func:`covidct.calibration.apply_temperature` (same float64 arithmetic, same clamp)."""
+    :func:`covidct.patients.calibration.apply_temperature` (same float64 arithmetic, same clamp)."""
     if temperature == 1.0:
         return np.asarray(probs, dtype=np.float32)
     z = np.log(np.maximum(np.asarray(probs, dtype=np.float64), EPS)) / temperature
@@ -107,7 +108,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 # ---- the MIL head in numpy ----------------------------------------------------------------------
-#: the parameter names of :class:`covidct.aggregation.GatedAttentionMIL`'s state_dict
+#: the parameter names of :class:`covidct.patients.aggregation.GatedAttentionMIL`'s state_dict
 MIL_ARRAYS = (
     "shift",
     "scale",
@@ -126,10 +127,10 @@ MIL_ARRAYS = (
 
 @dataclass
 class NumpyMIL:
-    """:class:`covidct.aggregation.GatedAttentionMIL` in eval mode, in numpy (float64): bag (n, D) -> C logits.
+    """:class:`covidct.patients.aggregation.GatedAttentionMIL` in eval mode, in numpy (float64): bag (n, D) -> C logits.
 
     ``weights`` holds the state_dict's arrays (:data:`MIL_ARRAYS`); ``standardize`` is the head's mode,
-    ``slice_features`` what it reads of each slice (:mod:`covidct.mil_features`).
+    ``slice_features`` what it reads of each slice (:mod:`covidct.patients.mil_features`).
     """
 
     weights: dict[str, np.ndarray]
@@ -145,7 +146,7 @@ class NumpyMIL:
                 weights = {name: np.asarray(npz[name], dtype=np.float64) for name in MIL_ARRAYS}
         except (KeyError, ValueError, OSError) as exc:
             raise DataError(
-                f"{where}: not a MIL head written by python -m covidct.export ({exc}); {EXPORT_HINT}."
+                f"{where}: not a MIL head written by python -m covidct.predict.export ({exc}); {EXPORT_HINT}."
             ) from None
         # heads exported before slice_features read embeddings
         return cls(weights, init["standardize"], init.get("slice_features", "embeddings"))
@@ -172,7 +173,7 @@ class NumpyMIL:
         return (attention[:, None] * h).sum(axis=0) @ w["classifier.weight"].T + w["classifier.bias"]
 
     def predict(self, bags: Sequence[np.ndarray]) -> np.ndarray:
-        """(P,) int64 predicted class of each bag (as :func:`covidct.aggregation.predict`)."""
+        """(P,) int64 predicted class of each bag (as :func:`covidct.patients.aggregation.predict`)."""
         return np.array([int(np.argmax(self.logits(b))) for b in bags], dtype=np.int64)
 
 

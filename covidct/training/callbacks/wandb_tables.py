@@ -1,6 +1,6 @@
 """At fit end (rank 0, with a WandbLogger): the best validation epoch's per-patient table, patient
 confusion matrix and a few sample slices, from the patient vote's :class:`ValidationVotes`. Patients are
-named by the logger's pseudonyms when ``privacy.pseudonymize`` is on (see :mod:`covidct.privacy`)."""
+named by the logger's pseudonyms when ``privacy.pseudonymize`` is on (see :mod:`covidct.training.privacy`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
-from covidct.callbacks.patient_vote import ValidationVotes
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
-from covidct.privacy import prepare_loggers, pseudonymizer_of
-from covidct.voting import VOTE_RULES
+from covidct.patients.voting import VOTE_RULES
+from covidct.training.callbacks.patient_vote import ValidationVotes
+from covidct.training.privacy import prepare_loggers, pseudonymizer_of
 
 
 class WandbTablesCallback(pl.Callback):

@@ -18,7 +18,7 @@ MIL_FEATURES: tuple[str, ...] = ("embeddings", "log_probs")
 #: ``vote.mil_features``'s default: on the synthetic demo and on a dataset with a scanner shift per patient
 #: it scored higher than embeddings at most epochs (README, Patient vote)
 DEFAULT_MIL_FEATURES: str = "log_probs"
-#: the per-patient standardisation the head applies to each kind (covidct.aggregation.bag_features)
+#: the per-patient standardisation the head applies to each kind (covidct.patients.aggregation.bag_features)
 STANDARDIZE_OF: dict[str, str] = {"embeddings": "center", "log_probs": "center_concat"}
 #: probabilities are clipped to this before the log (a slice with P = 0 would give -inf)
 MIN_PROB: float = 1e-6

@@ -326,7 +326,7 @@ VOTE_RULES: tuple[str, ...] = (
     "topk_mean",
     "threshold",
 )
-#: rules learned on slice embeddings (:mod:`covidct.aggregation`), not functions of probabilities: a valid
+#: rules learned on slice embeddings (:mod:`covidct.patients.aggregation`), not functions of probabilities: a valid
 #: ``vote.rule``, scored by the patient vote callback and applied by predict.py, but not by :func:`vote`
 LEARNED_RULES: tuple[str, ...] = ("mil",)
 
@@ -440,7 +440,7 @@ def vote(
     if rule == "threshold":
         return threshold_vote(probs, slice_threshold, threshold_tau, normal_class)
     if rule in LEARNED_RULES:
-        raise ValueError(f"rule {rule!r} is learned on slice embeddings: use covidct.aggregation, not vote()")
+        raise ValueError(f"rule {rule!r} is learned on slice embeddings: use covidct.patients.aggregation, not vote()")
     raise ValueError(f"unknown vote rule {rule!r}; expected one of {VOTE_RULES}")
 
 

@@ -17,14 +17,14 @@ import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from covidct import CLASS_NAMES
-from covidct.aggregation import predict as mil_predict
-from covidct.calibration import apply_temperature
-from covidct.callbacks.patient_vote import patient_metrics
 from covidct.data.datamodule import CTDataModule
-from covidct.inference import load_checkpoint, slice_probabilities_and_embeddings
 from covidct.io import atomic_write_csv
 from covidct.metric_names import rule_metric
-from covidct.voting import LEARNED_RULES, VOTE_RULES, vote
+from covidct.patients.aggregation import predict as mil_predict
+from covidct.patients.calibration import apply_temperature
+from covidct.patients.voting import LEARNED_RULES, VOTE_RULES, vote
+from covidct.predict.predictor import load_checkpoint, slice_probabilities_and_embeddings
+from covidct.training.callbacks.patient_vote import patient_metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Score predictions against ground truth: accuracy, per-class sensitivity / specificity, macro F1,
 confusion matrices and 95% bootstrap confidence intervals, per test set and overall.
 
-    python -m covidct.evaluate predictions=<predict.py run folder | one test set's CSV> labels=<csv>
+    python -m covidct.predict.evaluate predictions=<predict.py run folder | one test set's CSV> labels=<csv>
         [bootstrap=2000] [seed=0] [allow_errors=false]
 
 or ``python predict.py ... labels=<csv>``, which scores the CSVs it has just written. Settings in
@@ -495,7 +495,7 @@ def evaluate(
 
 def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
     """Evaluate ``predictions`` with ``cfg.labels / bootstrap / seed / allow_errors`` into the run
-    folder; print the table. Shared by ``python -m covidct.evaluate`` and ``predict.py labels=...``."""
+    folder; print the table. Shared by ``python -m covidct.predict.evaluate`` and ``predict.py labels=...``."""
     resamples, seed = cfg.get("bootstrap", 2000), cfg.get("seed", 0)
     result = evaluate(predictions, cfg.labels, cfg.paths.output_dir, resamples, seed, cfg.get("allow_errors", False))
     what = f"value [95% CI, {resamples} patient resamples, seed {seed}]" if resamples else "value (bootstrap=0)"
@@ -506,12 +506,12 @@ def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
     return result.files
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
 def evaluate_app(cfg: DictConfig) -> None:
     missing = [key for key in ("predictions", "labels") if OmegaConf.is_missing(cfg, key)]
     if missing:
         log.error(
-            "%s not set: python -m covidct.evaluate predictions=<predict.py run folder | test set CSV> "
+            "%s not set: python -m covidct.predict.evaluate predictions=<predict.py run folder | test set CSV> "
             "labels=<patient,class CSV>",
             " and ".join(missing),
         )
@@ -526,7 +526,7 @@ def evaluate_app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``python -m covidct.evaluate predictions=<...> labels=<csv> [key=value ...]``: process setup, then Hydra."""
+    """``python -m covidct.predict.evaluate predictions=<...> labels=<csv> [...]``: process setup, then Hydra."""
     from covidct.config import register_resolvers
 
     register_resolvers()  # ${run_suffix:} names the run folder

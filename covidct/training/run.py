@@ -21,14 +21,14 @@ from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from covidct import CLASS_NAMES
-from covidct.callbacks.step_seed import StepSeed
-from covidct.checkpoint import check_resume_settings, read_checkpoint
 from covidct.config import check_config
 from covidct.errors import ConfigError, CovidCTError
 from covidct.metric_names import rule_metric, vote_parameter
-from covidct.privacy import instantiate_logger
-from covidct.sweep_summary import write_run_metrics
-from covidct.voting import LEARNED_RULES, VOTE_RULES
+from covidct.models.checkpoint import check_resume_settings, read_checkpoint
+from covidct.patients.voting import LEARNED_RULES, VOTE_RULES
+from covidct.training.callbacks.step_seed import StepSeed
+from covidct.training.privacy import instantiate_logger
+from covidct.training.sweep_summary import write_run_metrics
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class TrainResult:
                 "  (validation slices with radiologist labels; every slice of a Normal patient is clean)",
                 f"  outputs: {self.output_dir}",
                 f"  best checkpoint: {self.best_checkpoint or 'none'}",
-                f"  next: python -m covidct.pseudo_label ckpt_path={ckpt} input=<data.root>",
+                f"  next: python -m covidct.training.pseudo_label ckpt_path={ckpt} input=<data.root>",
             ]
         )
 
@@ -290,9 +290,9 @@ def validation_off(validates: bool, limit_val_batches: float | int | None) -> st
 def needs_validation(callback: pl.Callback) -> bool:
     """A callback with nothing to do without validation epochs: one that monitors a validation metric
     (best checkpoint, early stopping), the run report, Grad-CAM images and the W&B tables."""
-    from covidct.callbacks.cam_images import CamImagesCallback
-    from covidct.callbacks.run_report import RunReportCallback
-    from covidct.callbacks.wandb_tables import WandbTablesCallback
+    from covidct.training.callbacks.cam_images import CamImagesCallback
+    from covidct.training.callbacks.run_report import RunReportCallback
+    from covidct.training.callbacks.wandb_tables import WandbTablesCallback
 
     monitored = getattr(callback, "monitor", None) is not None
     return monitored or isinstance(callback, RunReportCallback | CamImagesCallback | WandbTablesCallback)
@@ -392,7 +392,7 @@ def score_test_set(
     checkpoint: str, datamodule: pl.LightningDataModule, rule: str, output_dir: Path, loggers: list[Logger]
 ) -> dict[str, float]:
     """``data.split_file``'s test patients, scored once with ``checkpoint``; the metrics also go to the loggers."""
-    from covidct.held_out_test import score_test_patients
+    from covidct.training.held_out_test import score_test_patients
 
     metrics = score_test_patients(checkpoint, datamodule, rule, output_dir).metrics
     for lg in loggers:

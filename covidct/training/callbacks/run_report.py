@@ -1,5 +1,5 @@
 """At fit end (rank 0), the run report of the best validation epoch: ``report.html`` and its figures in
-the run folder (see :mod:`covidct.report`), and the same in W&B when a WandbLogger is active.
+the run folder (see :mod:`covidct.report.page`), and the same in W&B when a WandbLogger is active.
 
 The callback also keeps the training curves: at every validation epoch's end the epoch's mean train
 loss (over its batches, weighted by batch size; rank-local under DDP, as Lightning's ``train/loss_epoch``
@@ -25,14 +25,14 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from covidct import CLASS_NAMES
-from covidct.callbacks.patient_vote import (
+from covidct.data.series import series_line
+from covidct.metric_names import class_slug
+from covidct.training.callbacks.patient_vote import (
     PatientVoteCallback,
     ValidationVotes,
     patient_decisions,
     patient_metrics,
 )
-from covidct.data.series import series_line
-from covidct.metric_names import class_slug
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,15 @@ def report_from_votes(
     vote: PatientVoteCallback | None = None,
     **extra: Any,
 ):
-    """A :class:`~covidct.report.RunReport` of one validation epoch's :class:`ValidationVotes`.
+    """A :class:`~covidct.report.page.RunReport` of one validation epoch's :class:`ValidationVotes`.
 
     ``slice_targets``: int (rows of the slice cache,) slice class per cache row, -1 unknown
     (:attr:`~covidct.data.datamodule.SliceTable.target`). ``vote``: the patient vote callback whose settings
     the rule used (k, central slices, fixed or tuned parameters, calibration); without it the report has no
-    per-patient decisions. ``extra``: further :class:`~covidct.report.RunReport` fields (history, data,
+    per-patient decisions. ``extra``: further :class:`~covidct.report.page.RunReport` fields (history, data,
     config, links, title).
     """
-    from covidct.report import Calibration, RunReport
+    from covidct.report.page import Calibration, RunReport
 
     decisions = patient_decisions(votes, vote) if vote is not None else None
     extra_metrics: dict[str, float] = {}
@@ -94,7 +94,7 @@ def report_from_votes(
         temperature = logged[0] if logged else None
     calibration = None
     if temperature is not None and vote is not None:
-        from covidct.calibration import apply_temperature
+        from covidct.patients.calibration import apply_temperature
 
         # the probabilities before: softmax(log p * T) undoes softmax(logits / T) exactly (up to float32)
         before = apply_temperature(votes.slice_probs, 1.0 / float(temperature))
@@ -351,7 +351,7 @@ class RunReportCallback(pl.Callback):
                 "run did not improve on its checkpoint's best, whose slices are not stored)"
             )
             return
-        from covidct.report import write_report
+        from covidct.report.page import write_report
 
         vote = next((c for c in trainer.callbacks if isinstance(c, PatientVoteCallback)), None)
         title, config = run_config(self.output_dir, pl_module, vote, trainer)
@@ -380,13 +380,13 @@ def log_to_wandb(logger: WandbLogger, written, report) -> None:
     """The report in the W&B run's summary, under ``report/``: each figure once, with a caption saying what
     it is (PNGs as images, the SVG figures as HTML), the AUCs and calibration errors as numbers, and the
     page itself (without the run folder's links). Patients are named by the logger's pseudonyms when
-    ``privacy.pseudonymize`` is on (:mod:`covidct.privacy`); the PNGs name no patient."""
+    ``privacy.pseudonymize`` is on (:mod:`covidct.training.privacy`); the PNGs name no patient."""
     import html
 
     import wandb
 
-    from covidct.privacy import pseudonymizer_of
-    from covidct.report import render_figures, render_html
+    from covidct.report.page import render_figures, render_html
+    from covidct.training.privacy import pseudonymizer_of
 
     pseudonym, page = pseudonymizer_of(logger), written.page
     if pseudonym.active:

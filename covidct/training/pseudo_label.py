@@ -1,4 +1,4 @@
-"""Stage-1 pseudo-labels: python -m covidct.pseudo_label ckpt_path=<stage-1 checkpoint> input=<dataset root>
+"""Stage-1 pseudo-labels: python -m covidct.training.pseudo_label ckpt_path=<stage-1 checkpoint> input=<dataset root>
 
 Reads the dataset with the checkpoint's preprocessing (through the slice cache stage 1 built), scores
 every slice of each sick patient without radiologist slice labels with the stage-1 infected-vs-clean
@@ -83,13 +83,13 @@ def youden_threshold(cache, radiologist: dict, validated_on: list[str], p_infect
 
 def pseudo_label(cfg: DictConfig) -> Path:
     """Write the pseudo-label folder into ``cfg.paths.output_dir``; returns the label array's path."""
-    from covidct.checkpoint import read_checkpoint
     from covidct.data.cache import build_or_load_cache
     from covidct.data.labels import INFECTED, INFECTION_CLASSES
     from covidct.data.layout import discover_covid_ct_md
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
     from covidct.data.pseudo_labels import preprocessing_of, write_pseudo_labels
-    from covidct.inference import load_checkpoint, slice_probabilities
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.predict.predictor import load_checkpoint, slice_probabilities
 
     source = str(cfg.ckpt_path)
     ckpt = read_checkpoint(source)
@@ -158,12 +158,12 @@ def pseudo_label(cfg: DictConfig) -> Path:
     return write_pseudo_labels(Path(cfg.paths.output_dir), written, meta)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pseudo_label")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="pseudo_label")
 def main(cfg: DictConfig) -> None:
     missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
     if missing:
         log.error(
-            "%s not set: python -m covidct.pseudo_label ckpt_path=<stage-1 run>/checkpoints/<best>.ckpt "
+            "%s not set: python -m covidct.training.pseudo_label ckpt_path=<stage-1 run>/checkpoints/<best>.ckpt "
             "input=<dataset root>",
             " and ".join(missing),
         )

@@ -152,7 +152,7 @@ class FocalLoss(nn.Module):
 
     def settings(self) -> dict[str, object]:
         """What this loss was configured with, as plain data (saved in the model's checkpoint)."""
-        return {"_target_": "covidct.losses.FocalLoss", "gamma": self.gamma, "alpha": self.alpha_setting}
+        return {"_target_": "covidct.models.losses.FocalLoss", "gamma": self.gamma, "alpha": self.alpha_setting}
 
     def _weights(self, alpha: AlphaSpec, class_counts: Sequence[int] | None) -> torch.Tensor | None:
         resolved = resolve_alpha(alpha, class_counts, self.num_classes)
@@ -209,7 +209,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
     def settings(self) -> dict[str, object]:
         """What this loss was configured with, as plain data (saved in the model's checkpoint)."""
-        return {"_target_": "covidct.losses.CrossEntropyLoss"}
+        return {"_target_": "covidct.models.losses.CrossEntropyLoss"}
 
     def fit_class_counts(self, class_counts: Sequence[int]) -> None:
         """Nothing to fit: cross-entropy has no class weights here."""

@@ -44,11 +44,11 @@ from torchmetrics.functional.classification import (  # noqa: E402
 from covidct.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 if TYPE_CHECKING:
-    from covidct.callbacks.patient_vote import PatientDecisions
+    from covidct.training.callbacks.patient_vote import PatientDecisions
 
 #: validation patients drawn in the series small multiples (misclassified first); the page says how many
 MAX_SERIES_PANELS = 24
-#: equal-width confidence bins of the reliability diagram (as :func:`covidct.calibration.expected_calibration_error`)
+#: equal-width confidence bins of the reliability diagram (as ``expected_calibration_error``)
 RELIABILITY_BINS = 15
 #: PNG resolution
 DPI = 120
@@ -76,7 +76,7 @@ class RunReport:
         slice_labels: int (N,) slice class, -1 = unknown (left out of the slice ROC).
         slice_scores: float (N, C) slice softmax probabilities (calibrated: those the rules voted on).
         slice_patient: int (N,) index into ``patients`` of each slice, each patient's slices head first.
-        decisions: what the rule decided each patient on (:class:`~covidct.callbacks.patient_vote.PatientDecisions`).
+        decisions: what the rule decided each patient on (:class:`PatientDecisions`).
         rule_votes: rule -> (P,) int every rule's reported call.
         rules: (header, rows) the vote rules compared on the same slices.
         calibration: the temperature scaling of the slice probabilities, or None.
@@ -175,7 +175,7 @@ class Reliability:
 
 def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = RELIABILITY_BINS) -> Reliability:
     """:class:`Reliability` of ``probs`` (N, C) against ``labels`` (N,); rows with label -1 are left out.
-    Computed in float32 like :func:`covidct.calibration.expected_calibration_error`, whose value ``ece`` is."""
+    Computed in float32 like :func:`covidct.patients.calibration.expected_calibration_error`, whose value ``ece`` is."""
     known = np.asarray(labels) >= 0
     p = np.asarray(probs, dtype=np.float32)[known]
     if not len(p):
@@ -604,7 +604,7 @@ def series_svg(report: RunReport, max_panels: int | None = None) -> tuple[str, i
 
 def _window(ax: Axes, n: int, window: tuple[int, int]) -> None:
     """Shade weighted_center's voting window (light) and central slices (darker) of an ``n``-slice series."""
-    from covidct.voting import central_mask
+    from covidct.patients.voting import central_mask
 
     for size, opacity in ((window[1], 0.07), (window[0], 0.12)):
         mask = np.flatnonzero(central_mask(n, size))

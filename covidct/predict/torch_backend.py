@@ -1,5 +1,5 @@
 """The PyTorch side of prediction: load a checkpoint, read patients in DataLoader workers, slice probabilities
-(fp32, or bf16 autocast where the hardware has it). :mod:`covidct.inference` imports this module only for
+(fp32, or bf16 autocast where the hardware has it). :mod:`covidct.predict.predictor` imports this module only for
 checkpoints, so predicting with an ONNX export never imports torch."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from covidct.aggregation import mil_from_state
-from covidct.checkpoint import read_checkpoint
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker
 from covidct.errors import ConfigError, DataError
-from covidct.inference import PredictorSettings, read_patient
+from covidct.models.checkpoint import read_checkpoint
 from covidct.models.classifier import SliceClassifier
-from covidct.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K, check_vote_settings
+from covidct.patients.aggregation import mil_from_state
+from covidct.patients.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K, check_vote_settings
+from covidct.predict.predictor import PredictorSettings, read_patient
 
-log = logging.getLogger("covidct.inference")
+log = logging.getLogger("covidct.predict.predictor")
 
 #: predict.py precision=...: fp32 (the default) or bf16 (autocast; CPUs with AVX-512 BF16 or AMX, or a GPU)
 PRECISIONS = ("fp32", "bf16")
@@ -60,7 +60,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
 
 def checkpoint_vote(ckpt: dict[str, Any], preprocessing: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """The vote rule and parameters a checkpoint records (older checkpoints: the defaults), and its MIL head's
-    state; checked (:func:`covidct.voting.check_vote_settings`) before any slice is read."""
+    state; checked (:func:`covidct.patients.voting.check_vote_settings`) before any slice is read."""
     state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), {})
     vote = {
         "rule": preprocessing.get("vote_rule", "majority"),
@@ -84,7 +84,7 @@ def checkpoint_vote(ckpt: dict[str, Any], preprocessing: dict[str, Any], path: s
 
 class PatientFolders(Dataset):
     """Reads and preprocesses one whole patient per item (run in DataLoader workers); ``images`` is a
-    uint8 (N, C, S, S) tensor (see :func:`covidct.inference.read_patient` for the other keys)."""
+    uint8 (N, C, S, S) tensor (see :func:`covidct.predict.predictor.read_patient` for the other keys)."""
 
     def __init__(self, folders: list[Path], preprocessor: SlicePreprocessor) -> None:
         self.folders, self.preprocessor = folders, preprocessor
@@ -128,7 +128,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     """The precision to predict in: ``requested`` (fp32 | bf16) when ``device`` has it; bf16 on hardware
     without native bfloat16 falls back to fp32 with a warning."""
     if requested not in PRECISIONS:
-        hint = " (int8: export a quantized ONNX model, python -m covidct.export ... quantize=int8)"
+        hint = " (int8: export a quantized ONNX model, python -m covidct.predict.export ... quantize=int8)"
         raise ConfigError(
             f"precision={requested!r}: use fp32 or bf16 with a checkpoint{hint if requested == 'int8' else ''}"
         )

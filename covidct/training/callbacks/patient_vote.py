@@ -1,6 +1,6 @@
 """Gather every validation slice's probabilities, vote per patient, log patient-level metrics.
 
-Every rule of :data:`covidct.voting.VOTE_RULES` is scored every validation epoch on the same slice
+Every rule of :data:`covidct.patients.voting.VOTE_RULES` is scored every validation epoch on the same slice
 probabilities, as ``rules/<rule>/<metric>`` scalars (any logger; the names: :mod:`covidct.metric_names`)
 and a per-rule table (rule, accuracy, macro F1, sensitivity per class): logged at INFO as aligned text
 and, with a WandbLogger, as the ``wandb.Table`` ``rules/table`` (rank 0 only). Each patient's slices
@@ -11,11 +11,11 @@ the infected slices) tunes ``tau`` on the validation patients; it is stored in t
 callback's state) for prediction. The *reported* accuracy of this rule is leave-one-patient-out: each
 patient is scored with a tau tuned on the other validation patients, so the figure is not fitted to
 the patient it scores. ``threshold`` tunes its slice threshold and its tau together
-(:func:`~covidct.voting.tune_threshold`), reported leave-one-patient-out the same way. The other rules
+(:func:`~covidct.patients.voting.tune_threshold`), reported leave-one-patient-out the same way. The other rules
 have no fitted parameter.
 
-``mil`` (:mod:`covidct.aggregation`) is learned: a gated attention MIL head over what the slice model says
-of each slice (``mil_features``, :mod:`covidct.mil_features`: the embeddings its ``validation_step``
+``mil`` (:mod:`covidct.patients.aggregation`) is learned: a gated attention MIL head over what the slice model says
+of each slice (``mil_features``, :mod:`covidct.patients.mil_features`: the embeddings its ``validation_step``
 returns as ``embedding``, or its calibrated log probabilities), trained on the validation patients' classes (every
 patient, its slices labelled or not). Its reported predictions are cross-fitted (each patient scored by
 a head fitted on the other validation patients: stratified 5-fold, leave-one-out up to 10 patients); the
@@ -49,8 +49,6 @@ from torchmetrics.functional.classification import (
 )
 
 from covidct import CLASS_NAMES
-from covidct.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil, mil_from_state, mil_state
-from covidct.calibration import T_MAX, T_MIN, apply_temperature, expected_calibration_error, fit_temperature, nll
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
 from covidct.metric_names import (
@@ -61,9 +59,17 @@ from covidct.metric_names import (
     rule_metric,
     vote_parameter,
 )
-from covidct.mil_features import DEFAULT_MIL_FEATURES, check_mil_features, slice_features
-from covidct.text_table import format_table
-from covidct.voting import (
+from covidct.patients.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil, mil_from_state, mil_state
+from covidct.patients.calibration import (
+    T_MAX,
+    T_MIN,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
+from covidct.patients.mil_features import DEFAULT_MIL_FEATURES, check_mil_features, slice_features
+from covidct.patients.voting import (
     CENTER_SLICES,
     LEARNED_RULES,
     SLICE_THRESHOLD,
@@ -81,6 +87,7 @@ from covidct.voting import (
     tune_threshold,
     vote_patients,
 )
+from covidct.text_table import format_table
 
 log = logging.getLogger(__name__)
 #: fewest validation patients (of at least two classes) whose slices a temperature is fitted on
@@ -200,7 +207,7 @@ class PatientVoteCallback(pl.Callback):
     ``pl_module.patient_votes`` (read by the report and W&B callbacks).
 
     Args:
-        rule: one of :data:`~covidct.voting.VOTE_RULES`; drives ``val/patient/acc``.
+        rule: one of :data:`~covidct.patients.voting.VOTE_RULES`; drives ``val/patient/acc``.
         tau: fixed infected-fraction threshold; None = tuned on the validation patients.
         output_dir: where ``patients.csv`` of the best epoch is written (None: not written).
         k: ``topk_mean``'s slices averaged per class.
@@ -209,13 +216,13 @@ class PatientVoteCallback(pl.Callback):
         slice_threshold: ``threshold``'s infected probability above which a slice is infected; None = tuned
             with its tau (a fixed ``tau`` is then that rule's tau too).
         calibration: fit a temperature on the validation slices with a known target every epoch
-            (:mod:`covidct.calibration`) and vote on the calibrated probabilities; stored for predict.py.
+            (:mod:`covidct.patients.calibration`) and vote on the calibrated probabilities; stored for predict.py.
         from_ckpt: take tau, the threshold rule's parameters and the temperature from this checkpoint's
             vote state, fixed (nothing is tuned): e.g. a k-fold run's best fold, for a run on every
             patient (``data.val_fraction=0``), which has no validation patients to tune them on.
         mil: fit and score the learned ``mil`` rule every epoch; always on when ``rule`` is ``mil``.
         mil_features: what the ``mil`` head reads of each slice: ``embeddings`` (the model's ``embedding``
-            outputs) or ``log_probs`` (its calibrated log probabilities); see :mod:`covidct.mil_features`.
+            outputs) or ``log_probs`` (its calibrated log probabilities); see :mod:`covidct.patients.mil_features`.
     """
 
     def __init__(
@@ -269,7 +276,7 @@ class PatientVoteCallback(pl.Callback):
         """(tau, slice_threshold, calibration=False) from ``source``'s vote state; its temperature and the
         threshold rule's tau are kept in ``_source_temperature`` and ``_source_threshold_tau``.
         A checkpoint without a vote state is refused, naming ``vote.from_ckpt``."""
-        from covidct.checkpoint import read_checkpoint
+        from covidct.models.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(source, key="vote.from_ckpt")
         state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), None)
@@ -648,7 +655,7 @@ class PatientDecisions:
         threshold: (P,) float64, the threshold that decided each patient (leave-one-out: one per patient).
         threshold_all: the threshold tuned on (or fixed for) all validation patients.
         parameters: where the rule's parameters come from, one sentence.
-        scores: (P, C) float64 the rule's per-class scores (:func:`~covidct.voting.rule_scores`; the ``mil``
+        scores: (P, C) float64 the rule's per-class scores (:func:`~covidct.patients.voting.rule_scores`; the ``mil``
             head's in-sample probabilities), what the patient ROC is scored by; NaN where not recorded.
         scores_name: what ``scores`` are.
         why: (P,) one sentence per patient: the figures and the comparison that made the call.
@@ -695,11 +702,11 @@ def patient_decisions(votes: ValidationVotes, vote: PatientVoteCallback) -> Pati
     """Per patient of ``votes``, the quantity ``votes.rule`` decided on, the threshold that decided it, the
     rule's class scores and one sentence saying why, recomputed from the slice probabilities with ``vote``'s
     settings (k, central slices, fixed or tuned tau and slice threshold). Leave-one-out parameters are
-    those :func:`~covidct.voting.leave_one_out_predictions` and
-    :func:`~covidct.voting.leave_one_out_threshold_predictions` decide by, so every sentence agrees with the
+    those :func:`~covidct.patients.voting.leave_one_out_predictions` and
+    :func:`~covidct.patients.voting.leave_one_out_threshold_predictions` decide by, so every sentence agrees with the
     reported call."""
     from covidct import NORMAL_CLASS
-    from covidct.voting import (
+    from covidct.patients.voting import (
         RULE_SCORES,
         infected_share,
         leave_one_out_taus,
