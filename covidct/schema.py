@@ -22,6 +22,7 @@ from omegaconf import MISSING
 
 from covidct.data.synthetic.spec import SyntheticSpec
 from covidct.patients.mil_features import DEFAULT_MIL_FEATURES
+from covidct.patients.parameters import CENTER_SLICES, TOP_K, WINDOW_SLICES
 
 
 def _mutable_mirror(frozen: type, name: str, doc: str) -> type:
@@ -128,9 +129,9 @@ class VoteConfig:
 
     rule: str = MISSING
     tau: float | None = MISSING
-    k: int = 5
-    center_slices: int = 40
-    window_slices: int = 80
+    k: int = TOP_K
+    center_slices: int = CENTER_SLICES
+    window_slices: int = WINDOW_SLICES
     slice_threshold: float | None = None
     from_ckpt: str | None = None
     mil: bool = True

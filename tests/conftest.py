@@ -25,6 +25,25 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("COVIDCT_SAMPLE_DIR", REPO.parent / "shared" / "data" / "covid-ct-md-sample"))
 
 
+PYTHON_STARTS: list[str] = []
+"""The Python processes the suite started (``subprocess`` with this interpreter), reported at the end."""
+_popen_init = subprocess.Popen.__init__
+
+
+def _counting_popen_init(self, args, *rest, **kwargs) -> None:
+    if isinstance(args, (list, tuple)) and args and str(args[0]) == sys.executable:
+        PYTHON_STARTS.append(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
+    _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _counting_popen_init
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line: how many Python processes the tests started (each costs an import of torch + Lightning)."""
+    terminalreporter.write_line(f"python process starts: {len(PYTHON_STARTS)} (in {len(set(PYTHON_STARTS))} tests)")
+
+
 def cli_env() -> dict[str, str]:
     """Environment for a ``train.py`` / ``predict.py`` subprocess: W&B offline, and without the W&B
     service address that an in-process W&B run of this pytest process left in ``os.environ`` (a child
@@ -141,7 +160,16 @@ def tiny_checkpoint(trained) -> Path:
 
 
 def run_cli(args: list[str], cwd: Path, script: str = "train.py") -> subprocess.CompletedProcess:
-    """``python <script> <args>`` in ``cwd`` with :func:`cli_env`; output captured as text."""
+    """``python <script> <args>`` from ``cwd``, run in this process (:mod:`tests.in_process`): exit code and
+    captured stdout / stderr as a CompletedProcess. ``script`` may be ``-m covidct.<module>``."""
+    from tests.in_process import run_command
+
+    return run_command(args, cwd, script, env={"WANDB_MODE": "offline"})
+
+
+def run_cli_process(args: list[str], cwd: Path, script: str = "train.py") -> subprocess.CompletedProcess:
+    """``python <script> <args>`` as a real process in ``cwd`` with :func:`cli_env`; output captured as text.
+    For the few tests that need a process of their own (the ``__main__`` guard, import side effects)."""
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
     )

@@ -23,7 +23,7 @@ def main(out_dir: Path, ckpt_path: str, overrides: list[str]) -> None:
     from hydra.utils import instantiate
 
     from covidct.config import register_resolvers
-    from covidct.predict.predictor import load_checkpoint
+    from covidct.predict.torch_backend import load_checkpoint
     from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
     register_resolvers()

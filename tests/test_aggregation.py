@@ -17,15 +17,9 @@ from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
 from covidct.patients import aggregation as agg
 from covidct.patients.aggregation import cross_fit_predictions, fit_mil, folds_of, mil_from_state, mil_state, predict
-from covidct.patients.voting import (
-    VOTE_RULES,
-    check_vote_settings,
-    infected_class,
-    infected_fraction,
-    leave_one_out_predictions,
-    leave_one_out_threshold_predictions,
-    vote,
-)
+from covidct.patients.rules import VOTE_RULES, check_vote_settings, vote
+from covidct.patients.tuning import leave_one_out_predictions, leave_one_out_threshold_predictions
+from covidct.patients.voting import infected_class, infected_fraction
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
 
@@ -215,14 +209,14 @@ def test_callback_scores_mil_beside_the_fixed_rules_and_stores_the_head(tmp_path
     restored = PatientVoteCallback("mil")
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     bags, labels, _ = shifted_patients(seed=1)
-    np.testing.assert_array_equal(predict(restored.mil_head, bags), predict(cb.mil_head, bags))
+    np.testing.assert_array_equal(predict(restored.parameters.mil_head, bags), predict(cb.parameters.mil_head, bags))
 
 
 @pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min
 def test_callback_without_embeddings_skips_mil_unless_it_is_the_rule(tmp_path):
     cb = PatientVoteCallback("majority", output_dir=str(tmp_path), mil_features="embeddings")
     logged = run_epoch(cb, embeddings=False)
-    assert "rules/mil/acc" not in logged and cb.state_dict()["mil"] is None
+    assert "rules/mil/acc" not in logged and cb.state_dict()["mil"] is None and cb.parameters.mil_head is None
     with (tmp_path / "patients.csv").open() as f:
         assert "mil_vote" not in next(csv.reader(f))
     with pytest.raises(ConfigError, match="embedding"):
@@ -289,8 +283,25 @@ def test_slice_features_are_the_embeddings_or_the_clipped_log_probabilities():
 def test_callback_fits_mil_on_log_probabilities_without_embeddings(tmp_path):
     cb = PatientVoteCallback("mil", output_dir=str(tmp_path), mil_features="log_probs")
     logged = run_epoch(cb, embeddings=False)  # the model gives no embeddings: none are needed
-    init = cb.mil_head.init_args
+    init = cb.parameters.mil_head.init_args
     assert (init["in_features"], init["standardize"], init["slice_features"]) == (3, "center_concat", "log_probs")
     assert cb.best.mil.attention.shape == (sum(len(b) for b in shifted_patients()[0]),)
     # each patient's log probabilities relative to its own median slice undo the shift the argmax rules fall for
     assert logged["rules/mil/acc"] >= 0.9 > max(logged[f"rules/{r}/acc"] for r in VOTE_RULES if r != "threshold")
+
+
+def test_vote_parameters_carry_the_mil_head_through_the_checkpoint_state():
+    from covidct.patients.parameters import VoteParameters
+
+    bags, labels, _ = shifted_patients()
+    head = fit_mil(bags, labels, num_classes=len(CLASS_NAMES), epochs=5)
+    state = torch.load(_saved(VoteParameters("mil", mil_head=head).to_state()), weights_only=True)
+    restored = VoteParameters.from_state(state, VoteParameters("mil"))
+    np.testing.assert_array_equal(predict(restored.mil_head, bags), predict(head, bags))
+
+
+def _saved(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer

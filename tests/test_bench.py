@@ -16,7 +16,7 @@ from covidct.bench.framework import run_bench
 from covidct.config import register_resolvers
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, run_cli
 
 
 @pytest.mark.slow
@@ -109,7 +109,8 @@ IMPORT_PROBE = textwrap.dedent("""
                 "config_store": sorted(ConfigStore.instance().repo)}
 
     before, modules = state(), set(sys.modules)
-    import covidct.bench.framework, covidct.bench.predict
+    import covidct.bench.framework, covidct.bench.predict  # and the row modules they import when run:
+    import covidct.bench.deployment, covidct.bench.gpu, covidct.bench.loading, covidct.bench.training
     after = state()
     changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
     if "environ" in changed:
@@ -121,17 +122,16 @@ IMPORT_PROBE = textwrap.dedent("""
 
 def test_importing_the_bench_modules_only_defines_things():
     """In a fresh process without NO_ALBUMENTATIONS_UPDATE: importing covidct.bench.framework and covidct.bench.predict
-    leaves the environment, logging, warning filters, OmegaConf resolvers and Hydra's ConfigStore as they were
-    and imports none of the libraries the rows use (before: the variable was set, resolvers and the train
-    schema registered, and torch, Lightning and albumentations imported, 4000 modules)."""
+    (and the modules of their rows) leaves the environment, logging, warning filters, OmegaConf resolvers and
+    Hydra's ConfigStore as they were and imports none of the libraries the rows use (before: the variable was set,
+    resolvers and the train schema registered, and torch, Lightning and albumentations imported, 4000 modules)."""
     env = {k: v for k, v in cli_env().items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout) == {"changed": {}, "heavy": []}
 
 
-@pytest.mark.slow  # a Python process per case
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # python -m <module>, run in this process
     ("module", "args", "key"),
     [
         ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
@@ -141,13 +141,8 @@ def test_importing_the_bench_modules_only_defines_things():
     ],
 )
 def test_a_bad_value_ends_in_one_line_naming_the_key(tmp_path, module, args, key):
-    out = subprocess.run(
-        [sys.executable, "-m", module, *args, f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_cli(
+        [*args, f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, f"-m {module}"
     )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and key in lines[0] and "ERROR" in lines[0], out.stderr
@@ -162,7 +157,7 @@ def test_deployment_rows_compare_bf16_with_fp32_on_the_same_patient_and_skip_gpu
     tests the export and the quantization, and ``make bench-predict`` runs the rows.)"""
     import torch
 
-    from covidct.bench.predict import format_deployment, measure_deployment
+    from covidct.bench.deployment import format_deployment, measure_deployment
 
     stand_in = ensure_dataset(
         tmp_path / "stand-in", SyntheticSpec(patients_per_class=(1, 0, 0), slices_min=5, slices_max=5, image_size=64)

@@ -102,7 +102,7 @@ def test_a_temperature_at_its_bound_is_warned_about(caplog):
     probs = np.tile([[0.001, 0.001, 0.998]], (20, 1))  # every slice confidently Normal
     targets = np.repeat([0, 1, 0, 1], 5)  # all COVID-19 or CAP, 4 patients
     cb = PatientVoteCallback()
-    with caplog.at_level(logging.WARNING, logger="covidct.training.callbacks.patient_vote"):
+    with caplog.at_level(logging.WARNING, logger="covidct.patients.decisions"):
         metrics = cb.calibrate(probs, np.repeat(np.arange(4), 5), np.array([0, 1, 0, 1]), targets)
     assert metrics["calibration/temperature"] == T_MAX
     assert "hit its bound" in caplog.text and "calibration=false" in caplog.text
@@ -118,15 +118,16 @@ def test_too_few_validation_patients_or_classes_are_not_calibrated_on(caplog, pa
     slices of one class keep T = 1, and the first epoch says why, once."""
     import logging
 
-    from covidct.training.callbacks.patient_vote import MIN_CALIBRATION_PATIENTS, PatientVoteCallback
+    from covidct.patients.decisions import MIN_CALIBRATION_PATIENTS
+    from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
     probs, _ = overconfident(20, seed=3)  # a fit would move T well away from 1
     cb = PatientVoteCallback()
     labels = np.zeros(patients.max() + 1, dtype=np.int64)
-    with caplog.at_level(logging.WARNING, logger="covidct.training.callbacks.patient_vote"):
+    with caplog.at_level(logging.WARNING, logger="covidct.patients.decisions"):
         for _ in range(2):  # two epochs
             metrics = cb.calibrate(probs, patients, labels, targets.astype(np.int64))
-    assert metrics["calibration/temperature"] == 1.0 and cb.temperature == 1.0
+    assert metrics["calibration/temperature"] == 1.0 and cb.parameters.temperature == 1.0
     assert caplog.text.count("calibration: not fitted") == 1
     assert f"at least {MIN_CALIBRATION_PATIENTS} patients of 2 classes" in caplog.text
     assert "slice_ece_after" in " ".join(metrics)  # ECE is still measured, before = after

@@ -6,8 +6,6 @@ import csv
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -24,7 +22,7 @@ from covidct.models.classifier import SliceClassifier
 from covidct.predict.predictor import check_cam
 from covidct.report.cam import _warn_flat, decisive_slices, grad_cam, lung_channel, overlay, png_bytes, target_layer
 from covidct.training.callbacks.cam_images import pick_slices
-from tests.conftest import REPO
+from tests.conftest import run_cli
 
 
 def real_slice(sample: Path, size: int) -> np.ndarray:
@@ -122,10 +120,8 @@ def test_predict_with_cam_writes_the_most_decisive_slices(trained, shared_cache,
     val = [r["patient"] for r in csv.DictReader((run_dir / "split.csv").open()) if r["subset"] == "val"]
     for test_set, pid in (("Test1", val[0]), ("Test2", val[1])):
         shutil.copytree(folders[pid], tmp_path / "input" / test_set / pid)
-    out = subprocess.run(
+    out = run_cli(
         [
-            sys.executable,
-            str(REPO / "predict.py"),
             f"ckpt_path={ckpt}",
             f"input={tmp_path / 'input'}",
             f"paths.log_dir={tmp_path / 'logs'}",
@@ -134,10 +130,8 @@ def test_predict_with_cam_writes_the_most_decisive_slices(trained, shared_cache,
             "progress=false",
             "num_workers=1",
         ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
+        tmp_path,
+        "predict.py",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = next((tmp_path / "logs" / "predict" / "runs").iterdir())

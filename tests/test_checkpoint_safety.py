@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torchvision
 from covidct.errors import ConfigError, DataError
 from covidct.models.checkpoint import read_checkpoint
 from covidct.training.run import train
-from tests.conftest import REPO, cli_env, compose_train, tiny, write_ct_slice
+from tests.conftest import compose_train, run_cli, tiny, write_ct_slice
 
 
 def random_bytes(n: int = 4096, first: int | None = None) -> bytes:
@@ -90,9 +89,7 @@ def test_only_a_pickled_global_is_called_code(tmp_path):
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
-    )
+    return run_cli(args, cwd, script)
 
 
 def one_error_line(out: subprocess.CompletedProcess) -> str:

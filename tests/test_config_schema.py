@@ -14,7 +14,7 @@ from omegaconf import MISSING, OmegaConf
 from covidct.config import check_config, register_resolvers
 from covidct.data.synthetic import SyntheticSpec
 from covidct.errors import ConfigError
-from covidct.patients.voting import LEARNED_RULES, VOTE_RULES
+from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
 from covidct.schema import DataConfig, TrainConfig
 from covidct.training.run import build_run
 from tests.conftest import REPO, compose_train

@@ -5,6 +5,7 @@ helpers they rely on."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from covidct.patients.voting import VOTE_RULES
+from covidct.patients.rules import VOTE_RULES
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
 from covidct.training.run import resume_checkpoint, train
 from tests.conftest import REPO, compose_train, tiny
@@ -70,12 +71,12 @@ def test_resume_checkpoint_is_the_newest_hpc_checkpoint_under_slurm_only(tmp_pat
 def test_vote_state_keeps_the_best_epochs_metrics_for_a_resumed_run():
     """A resumed run that never beats the restored best still reports the best epoch's figures."""
     before = PatientVoteCallback()
-    before.tau = 0.2
+    before.parameters = dataclasses.replace(before.parameters, tau=0.2)
     before.best = before.decide(3, *_one_patient_per_class(), ["P0", "P1", "P2"], np.array([0, 1, 2]))
     state = torch.load(_roundtrip(before.state_dict()), weights_only=True)  # as checkpoints are read
     after = PatientVoteCallback()
     after.load_state_dict(state)
-    assert (after.best.score, after.best.epoch, after.tau) == (before.best.score, 3, before.tau)
+    assert (after.best.score, after.best.epoch, after.parameters.tau) == (before.best.score, 3, before.parameters.tau)
     assert after.best.metrics == pytest.approx(before.best.metrics)
     np.testing.assert_array_equal(after.best.confusion, before.best.confusion)
     assert after.best.patients == []  # the slices are not stored: no report for a run that does not improve

@@ -8,8 +8,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from torchmetrics.functional.classification import multiclass_f1_score
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError, DataError
 from covidct.predict.evaluate import batch_metrics, evaluate, read_labels
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import REPO, run_cli
 
 HEADER = [
     "patient",
@@ -302,14 +300,7 @@ def test_predict_with_labels_writes_the_evaluation(tiny_checkpoint, shared_cache
     assert len(table) == 3 * 8 and {r["test_set"] for r in table} == {"Test1", "Test2", "overall"}
     # the evaluate entry point scores the same run folder to the same numbers
     args = [f"predictions={run}", f"labels={labels}", "bootstrap=200", f"hydra.run.dir={tmp_path / 'e'}"]
-    again = subprocess.run(
-        [sys.executable, "-m", "covidct.predict.evaluate", *args],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = run_cli(args, REPO, "-m covidct.predict.evaluate")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "e" / "evaluation.csv").read_text() == (run / "evaluation.csv").read_text()
     # a bad labels file fails before any prediction work, naming the row

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 
 from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.errors import ConfigError, DataError
-from covidct.patients.voting import vote
+from covidct.patients.rules import vote
 from covidct.predict.export import bind_sidecar, check_settings, export_onnx
 from covidct.predict.onnx_backend import (
     SIDECAR_METADATA,
@@ -31,8 +31,9 @@ from covidct.predict.onnx_backend import (
     load_onnx,
     sidecar_path,
 )
-from covidct.predict.predictor import find_test_sets, read_patient, run_prediction
-from tests.conftest import REPO, cli_env, write_ct_slice
+from covidct.predict.predictor import run_prediction
+from covidct.predict.test_sets import find_test_sets, read_patient
+from tests.conftest import REPO, cli_env, run_cli, write_ct_slice
 
 if TYPE_CHECKING:
     from covidct.models.classifier import SliceClassifier
@@ -268,7 +269,7 @@ def test_export_settings_are_checked_naming_the_key(kwargs, message):
 def test_the_numpy_mil_head_decides_as_the_torch_head(standardize):
     from covidct.patients.aggregation import GatedAttentionMIL, predict_proba
     from covidct.predict.export import mil_arrays
-    from covidct.predict.predictor import PredictorSettings
+    from covidct.predict.settings import PredictorSettings
 
     torch.manual_seed(0)
     kind = "log_probs" if standardize == "center_concat" else "embeddings"  # as vote.mil_features makes them
@@ -325,7 +326,7 @@ def no_slice_read(monkeypatch):
     def refuse(folder: Path, preprocessor: SlicePreprocessor) -> None:
         raise AssertionError(f"a slice of {folder} was read")
 
-    monkeypatch.setattr("covidct.predict.predictor.read_preprocessed", refuse)
+    monkeypatch.setattr("covidct.predict.test_sets.read_preprocessed", refuse)
 
 
 SIDECAR_EDITS = {
@@ -544,7 +545,9 @@ def test_predict_with_the_onnx_export_matches_the_checkpoint_on_the_real_sample(
     """predict.py's per-patient work (:func:`predict_patient`: slice probabilities, temperature, vote) with the
     trained checkpoint and with its export, on the 3 real patients read once by predict's ONNX reader: every
     slice probability within 1e-4, every patient call the same (the MIL head, and a rule on probabilities)."""
-    from covidct.predict.predictor import predict_patient, read_patients, settings_from_sidecar
+    from covidct.predict.predictor import predict_patient
+    from covidct.predict.settings import settings_from_sidecar
+    from covidct.predict.test_sets import read_patients
     from covidct.predict.torch_backend import load_checkpoint
 
     ckpt, written = tiny_export
@@ -614,15 +617,8 @@ def test_predict_refuses_an_edited_sidecar_of_a_real_export(tiny_export, real_sa
 
 @pytest.mark.slow
 def test_the_export_command_line_ends_a_bad_setting_in_one_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "covidct.predict.export", f"ckpt_path={tmp_path / 'x.ckpt'}", "quantize=int8"]
-        + [f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = [f"ckpt_path={tmp_path / 'x.ckpt'}", "quantize=int8", f"paths.log_dir={tmp_path}"]
+    out = run_cli(args, tmp_path, "-m covidct.predict.export")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and "quantize=int8 needs calibration_input" in lines[0], out.stderr
     assert not list(tmp_path.rglob("*.onnx*"))

@@ -14,8 +14,10 @@ from torch.utils.data import DistributedSampler
 
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
-from covidct.patients.voting import VOTE_RULES, leave_one_out_predictions
-from covidct.training.callbacks.patient_vote import PatientVoteCallback, patient_metrics
+from covidct.patients.metrics import patient_metrics
+from covidct.patients.rules import VOTE_RULES
+from covidct.patients.tuning import leave_one_out_predictions
+from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
 
 def test_patient_metrics_on_known_predictions():
@@ -163,7 +165,8 @@ def test_vote_state_holds_the_rule_parameters_and_older_states_load():
     assert "rule" not in state  # stored once, in the model's hyper_parameters (preprocessing.vote_rule)
     old = PatientVoteCallback("topk_mean", k=3)  # a checkpoint without k / center_slices
     old.load_state_dict({"rule": "majority", "tau": 0.4, "best": 0.5, "best_epoch": 1})
-    assert (old.rule, old.k, old.center_slices, old.tau) == ("topk_mean", 3, 40, 0.4)  # the config's rule wins
+    assert (old.rule, old.parameters.k, old.parameters.center_slices, old.parameters.tau) == ("topk_mean", 3, 40, 0.4)
+    assert old.parameters.rule == "topk_mean"  # the config's rule wins
 
 
 @pytest.mark.parametrize(
@@ -192,10 +195,10 @@ def test_mil_is_not_scored_on_one_validation_patient(caplog):
     embeddings = rng.normal(size=(6, 8)).astype(np.float32)
     args = (np.arange(6), np.zeros(6, dtype=np.int64), probs, ["P0"], np.array([1]))
     cb = PatientVoteCallback("threshold")
-    with caplog.at_level(logging.WARNING, logger="covidct.training.callbacks.patient_vote"):
+    with caplog.at_level(logging.WARNING, logger="covidct.patients.decisions"):
         for epoch in range(2):
             result = cb.decide(epoch, *args, embeddings=embeddings)
-    assert "mil" not in result.predictions and cb.mil_head is None and result.mil is None
+    assert "mil" not in result.predictions and cb.parameters.mil_head is None and result.mil is None
     assert "rules/mil/acc" not in result.metrics and [r[0] for r in cb.rule_table[1]] == list(VOTE_RULES)
     assert caplog.text.count("needs at least 2 validation patients") == 1
     with pytest.raises(ConfigError, match=r"vote.rule=mil: .*got 1; raise data.val_fraction"):

@@ -6,7 +6,6 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,10 @@ from covidct.config import register_resolvers
 from covidct.data.datamodule import CTDataModule
 from covidct.errors import ConfigError, DataError
 from covidct.patients.calibration import apply_temperature
-from covidct.predict.predictor import claim_output_dir, find_test_sets, load_checkpoint, run_prediction
-from tests.conftest import REPO, compose_train, tiny, write_ct_slice
+from covidct.predict.predictor import claim_output_dir, run_prediction
+from covidct.predict.test_sets import find_test_sets
+from covidct.predict.torch_backend import load_checkpoint
+from tests.conftest import REPO, compose_train, run_cli, tiny, write_ct_slice
 
 
 def patient(folder: Path, n: int = 2) -> Path:
@@ -55,13 +56,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
 
 
 def run_predict(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "predict.py"), *args, "progress=false", "num_workers=1"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli([*args, "progress=false", "num_workers=1"], cwd, "predict.py")
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -170,7 +165,7 @@ def test_a_folder_holding_another_runs_predictions_is_refused_unless_overwrite(t
 
 def test_test_time_augmentation_averages_each_slice_and_its_horizontal_flip():
     from covidct.models.classifier import SliceClassifier
-    from covidct.predict.predictor import slice_probabilities
+    from covidct.predict.torch_backend import slice_probabilities
 
     torch.manual_seed(0)
     model = SliceClassifier("resnet18").eval()
@@ -190,7 +185,9 @@ def test_tta_transforms_are_more_views_averaged_in_and_bad_ones_are_refused():
     """predict.py tta_transforms=[...]: each albumentations transform is one more view of every slice."""
     from covidct.errors import ConfigError
     from covidct.models.classifier import SliceClassifier
-    from covidct.predict.predictor import PredictorSettings, patient_probabilities, slice_probabilities
+    from covidct.predict.predictor import patient_probabilities
+    from covidct.predict.settings import PredictorSettings
+    from covidct.predict.torch_backend import slice_probabilities
     from covidct.predict.tta import tta_views
 
     torch.manual_seed(0)

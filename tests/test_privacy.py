@@ -42,7 +42,7 @@ from covidct.training.privacy import (
     pseudonymizer_of,
     pseudonymizing,
 )
-from tests.conftest import REPO, cli_env, compose_train, tiny
+from tests.conftest import REPO, compose_train, run_cli, tiny
 
 #: tag -> planted value; each is unique enough never to occur by chance
 PHI = {
@@ -90,10 +90,7 @@ def files_under(*folders: Path) -> list[Path]:
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = cli_env()
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_cli(args, cwd, script)
 
 
 def test_the_leak_search_finds_a_planted_string(tmp_path):  # the search below can fail

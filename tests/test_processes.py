@@ -1,7 +1,7 @@
 """Reading processes die with the process that started them, even after ``kill -9`` (Linux).
 
 Tried for real: a cache build (``covidct.data.cache._read_all``) and predict.py's DICOM readers
-(``covidct.predict.predictor.read_patients``) run in a child process whose workers hang on their first patient;
+(``covidct.predict.test_sets.read_patients``) run in a child process whose workers hang on their first patient;
 the child is SIGKILLed, and its workers must be gone within seconds, not kept alive under PID 1.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import covidct.data.cache as cache
-import covidct.predict.predictor as inference
+import covidct.predict.test_sets as inference
 
 def hang(folder, preprocessor):
     (Path(sys.argv[2]) / str(os.getpid())).touch()

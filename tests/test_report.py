@@ -23,24 +23,16 @@ from sklearn.metrics import roc_auc_score
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.patients.aggregation import GatedAttentionMIL, predict_proba
 from covidct.patients.calibration import expected_calibration_error
-from covidct.patients.voting import infected_share, leave_one_out_predictions, vote_shares
-from covidct.report.page import (
-    decision_svg,
-    reliability,
-    render_figures,
-    render_html,
-    roc,
-    score,
-    series_svg,
-    write_report,
-)
-from covidct.report import page as report_module
-from covidct.training.callbacks.patient_vote import (
-    PatientVoteCallback,
-    mil_details,
-    patient_decisions,
-    slice_groups,
-)
+from covidct.patients.decisions import mil_details
+from covidct.patients.explanations import patient_decisions, slice_groups
+from covidct.patients.tuning import leave_one_out_predictions
+from covidct.patients.voting import infected_share, vote_shares
+from covidct.report import patient_figures
+from covidct.report.figures import render_figures
+from covidct.report.metrics import reliability, roc, score
+from covidct.report.page import render_html, write_report
+from covidct.report.patient_figures import decision_svg, series_svg
+from covidct.training.callbacks.patient_vote import PatientVoteCallback
 from covidct.training.callbacks.run_report import RunReportCallback, report_from_votes
 from covidct.training.run import train
 from tests.conftest import compose_train, tiny
@@ -127,7 +119,7 @@ def decided(tmp_path_factory):
     v = validation()
     cb = PatientVoteCallback("infected_fraction", output_dir=str(out), mil=False)
     votes = cb.decide(3, v["index"], v["patient"], v["probs"], v["patient_ids"], v["patient_labels"], v["targets"])
-    assert votes.temperature == cb.temperature != 1.0 and votes.mil is None  # recorded by decide (no embeddings)
+    assert votes.temperature == cb.parameters.temperature != 1.0 and votes.mil is None  # by decide (no embeddings)
     cb.write_patients_csv(votes)
     history = [
         {"epoch": 0, "train_loss": 1.1, "val_loss": 1.0, "val_patient_acc": 0.33},
@@ -240,15 +232,20 @@ def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     expected = [roc_auc_score(votes.labels == c, shares[:, c]) for c in range(3)]
     assert [float(x) for x in auc_rows[0][1][2:]] == pytest.approx(expected, abs=5e-4)
     assert "by the rule's own scores (infected_fraction: share of slice votes" in written.captions["roc_patient.png"]
-    # the decision figure: one dot per patient, with the tau line; the series: one panel per patient
+    # the decision figure: one dot per patient (its hover text names it), with the tau line; the series: one
+    # panel per patient
     decision = written.svgs["decision.svg"]
-    assert decision.count("<circle") == 6 and f"tau {votes.tau:.3f}" in decision
+    dots = [html.unescape(t) for t in re.findall(r"<title>([^<]*): true ", decision)]
+    assert decision.count('class="patients"') == 1 and sorted(dots) == sorted(report.patients)
+    assert f"tau {votes.tau:.3f}" in decision
     assert all(
         f"&gt; {CLASS_NAMES[p]}" in decision for p, t in zip(votes.predicted, votes.labels, strict=True) if p != t
     )
     series = written.svgs["series.svg"]
-    assert series.count("<polyline") == 6 and series.count("labelled Normal</title>") > 0
+    assert series.count('class="infected"') == 6 and series.count("labelled Normal</title>") > 0
     assert series.count("labelled") - 2 == int((report.slice_labels >= 0).sum())  # one mark per known slice
+    assert len(re.findall(r"<title>slice \d+: labelled ", series)) == int((report.slice_labels >= 0).sum())
+    assert len(re.findall(r"<title>slice \d+: P\(infected\) ", series)) == len(report.slice_labels)  # every dot
     # the rest of the page: key metrics with 3 decimals, viewport, a scrolling patient table, no "None"
     assert {"name": "viewport", "content": "width=device-width, initial-scale=1"} in page.meta
     assert '<div class="wrap"><table><thead><tr><th>patient</th>' in written.html
@@ -257,6 +254,8 @@ def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     _, key = page.table_with("metric")
     assert all(re.fullmatch(r"\d\.\d{3}", cells[1]) for _, cells in key)
     assert "<h1>demo · resnet18 · vote infected_fraction</h1>" in written.html and "run run &lt;x&gt;" in written.html
+    # ids and the run name are text everywhere: the tables, the captions and the figures (hover texts, titles)
+    assert not [raw for raw in ("P<1>", "N&3", "run <x>") if raw in written.html]
 
 
 def test_patients_csv_is_the_one_per_patient_table_with_the_decision_columns(decided):
@@ -314,7 +313,7 @@ def test_threshold_and_argmax_rules_explain_their_calls_and_none_prints_no_none(
         report, vote_rule="threshold", patient_preds=as_threshold.predicted, decisions=d
     )
     series = series_svg(threshold_report)[0]
-    assert series.count('stroke-dasharray="4 3"') == len(groups)  # each patient's own slice threshold
+    assert series.count('class="slice-threshold"') == len(groups)  # each patient's own slice threshold
     # argmax rules: the sick margin's sign is the call, the scores' argmax the class
     for rule in ("majority", "mean_prob", "weighted_center", "topk_mean"):
         as_rule = dataclasses.replace(votes, rule=rule)
@@ -332,12 +331,14 @@ def test_threshold_and_argmax_rules_explain_their_calls_and_none_prints_no_none(
 
 def test_the_series_figure_caps_its_panels_misclassified_first_and_says_so(decided, monkeypatch):
     _, votes, _, _, report, written = decided
-    monkeypatch.setattr(report_module, "MAX_SERIES_PANELS", 2)
+    monkeypatch.setattr(patient_figures, "MAX_SERIES_PANELS", 2)
     page = render_figures(report, score(report), pngs=written.images)
     wrong = [v.patient for v, p, t in zip(votes.patients, votes.predicted, votes.labels, strict=True) if p != t]
-    titles = re.findall(r'<text[^>]*font-weight="bold"[^>]*>([^<]+): ', page.svgs["series.svg"])
-    assert page.series_shown == 2 and page.svgs["series.svg"].count("<polyline") == 2
-    assert [html.unescape(t) for t in titles] == wrong[:2]  # the misclassified patients come first
+    series = page.svgs["series.svg"]
+    titles = re.findall(r'<g class="panel-title wrong"><text [^>]*class="([^"]+)"[^>]*>([^<]+): ', series)
+    assert page.series_shown == 2 and series.count('class="infected"') == 2
+    assert [html.unescape(t) for _, t in titles] == wrong[:2]  # the misclassified patients come first, in bold
+    assert all(re.search(r"\." + cls + r"\{font-weight: 700", series) for cls, _ in titles)
     assert (
         "2 of 6 validation patients shown" in page.captions["series.svg"]
         and "4 more in patients.csv" in page.captions["series.svg"]
@@ -361,7 +362,7 @@ def test_mil_details_show_the_attention_and_the_in_sample_probabilities(decided)
         w.startswith("cross-fitted head; head fitted on all") for w in d.why
     )
     mil_report = dataclasses.replace(report, vote_rule="mil", decisions=d, mil_attention=details.attention)
-    assert series_svg(mil_report)[0].count('stroke="#9467bd"') == len(bags)  # the attention per panel
+    assert series_svg(mil_report)[0].count('class="attention"') == len(bags)  # the attention per panel
     assert mil_details(None, patient, embeddings) is None and mil_details(head, patient, None) is None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env, tiny
+from tests.conftest import REPO, cli_env, run_cli, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,10 @@ def overrides(cache: Path) -> list[str]:
     ]  # dropout and stochastic depth: model randomness replayed too
 
 
-def train_cli(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
+def train_cli(run_dir: Path, args: list[str], process: bool = False) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` into ``run_dir``: in this process, or as a process of its own (to be killed)."""
+    if not process:
+        return run_cli([*args, f"hydra.run.dir={run_dir}"], REPO)
     env = cli_env()
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
@@ -68,6 +71,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_metrics(tmp_p
             "+callbacks.kill.epoch=1",
             "+callbacks.kill.batch=2",
         ],
+        process=True,
     )
     assert killed.returncode == -signal.SIGKILL
     saved = load(tmp_path / "killed" / "checkpoints" / "last.ckpt")

@@ -25,7 +25,7 @@ from covidct.errors import ConfigError
 from covidct.models.checkpoint import read_checkpoint
 from covidct.training.run import TrainResult, train
 from covidct.training.sweep_summary import write_sweep_summary
-from tests.conftest import REPO, cli_env, compose_train, tiny
+from tests.conftest import REPO, cli_env, compose_train, run_cli, tiny
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -34,9 +34,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
-    )
+    return run_cli(args, cwd, script)
 
 
 def test_max_epochs_zero_is_refused_before_any_data_is_read(tmp_path, shared_cache):

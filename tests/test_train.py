@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from covidct.data import cache, datamodule
-from covidct.patients.voting import VOTE_RULES
+from covidct.patients.rules import VOTE_RULES
 from covidct.training.run import train
 from tests import wandb_records
 from tests.conftest import compose_train, run_cli, tiny

@@ -244,7 +244,7 @@ def test_stage1_reports_its_slice_auroc_and_records_what_it_trained_on(two_stage
 @pytest.mark.slow
 def test_pseudo_labels_cover_exactly_the_unlabelled_sick_patients_at_their_slice_positions(two_stage):
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
-    from covidct.predict.predictor import iterate_patients, load_checkpoint, slice_probabilities
+    from covidct.predict.torch_backend import iterate_patients, load_checkpoint, slice_probabilities
 
     stage1, path, root, _, _ = two_stage
     pseudo = read_pseudo_labels(path)
@@ -386,7 +386,7 @@ def test_an_automatic_threshold_maximises_youdens_j_on_stage1_validation_patient
     meta = read_pseudo_labels(pseudo_label(cfg)).meta
     assert "Youden" in meta["threshold_source"] and 0.0 < meta["threshold"] < 1.0
     # recompute J over every candidate threshold from the validation patients' labelled slices
-    from covidct.predict.predictor import load_checkpoint, slice_probabilities
+    from covidct.predict.torch_backend import load_checkpoint, slice_probabilities
 
     model, _ = load_checkpoint(stage1.best_checkpoint, torch.device("cpu"))
     val = set(torch.load(stage1.best_checkpoint, weights_only=True)["CTDataModule"]["val_patients"])

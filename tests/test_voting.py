@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from covidct.patients.parameters import VoteParameters
+from covidct.patients.rules import VOTE_RULES, group_slices, vote, vote_patients
+from covidct.patients.tuning import leave_one_out_threshold_predictions, tune_tau, tune_threshold
 from covidct.patients.voting import (
-    VOTE_RULES,
     central_mask,
-    group_slices,
     infected_class,
     infected_fraction,
     infected_fraction_vote,
     infected_probability,
     infected_share,
-    leave_one_out_threshold_predictions,
     majority_vote,
     mean_prob_vote,
     threshold_calls,
@@ -24,16 +24,17 @@ from covidct.patients.voting import (
     threshold_vote,
     topk_mean,
     topk_mean_vote,
-    tune_tau,
-    tune_threshold,
-    vote,
-    vote_patients,
     weighted_center_vote,
 )
 from covidct.training.callbacks.patient_vote import deduplicate
 
 COVID, CAP, NORMAL = 0, 1, 2
 ONE_HOT = {COVID: [0.8, 0.1, 0.1], CAP: [0.1, 0.8, 0.1], NORMAL: [0.1, 0.1, 0.8]}
+
+
+def every_rule(**parameters) -> VoteParameters:
+    """Parameters for :func:`vote_patients`, which votes every rule (the rule field is not used)."""
+    return VoteParameters("majority", **parameters)
 
 
 def slices(*classes: int) -> np.ndarray:
@@ -194,7 +195,7 @@ def test_weighted_center_votes_with_the_winners_central_80_slices_only() -> None
 def test_vote_patients_votes_every_rule_in_slice_order() -> None:
     ids = ["a"] * 10 + ["b"] * 3
     probs = np.concatenate([mostly_clean_covid(), slices(NORMAL, CAP, NORMAL)])
-    a, b = vote_patients(ids, probs, tau=0.5, k=5, center_slices=4)
+    a, b = vote_patients(ids, probs, every_rule(tau=0.5, k=5, center_slices=4))
     assert a.rule_votes == {
         "majority": NORMAL,
         "infected_fraction": NORMAL,
@@ -207,7 +208,9 @@ def test_vote_patients_votes_every_rule_in_slice_order() -> None:
     assert set(b.rule_votes) == set(VOTE_RULES)
     # interleaved patients: each keeps its slices in the given order (b: Normal, CAP, CAP, Normal, Normal)
     ids = ["b", "a", "b", "b", "a", "b", "b"]
-    (b, _) = vote_patients(ids, slices(NORMAL, COVID, CAP, CAP, COVID, NORMAL, NORMAL), tau=0.5, center_slices=2)
+    (b, _) = vote_patients(
+        ids, slices(NORMAL, COVID, CAP, CAP, COVID, NORMAL, NORMAL), every_rule(tau=0.5, center_slices=2)
+    )
     assert b.rule_votes["weighted_center"] == CAP  # centre: 2 CAP = 2; outer: 3 Normal x 0.5 = 1.5
     assert b.rule_votes["majority"] == NORMAL
 
@@ -249,7 +252,9 @@ def test_tune_tau_where_majority_fails() -> None:
     majority = np.array([majority_vote(p) for p, _ in patients])
     assert np.mean(majority == labels) == 0.5
 
-    results = vote_patients(np.repeat([f"p{i}" for i in range(6)], 10), np.concatenate([p for p, _ in patients]), 0.0)
+    results = vote_patients(
+        np.repeat([f"p{i}" for i in range(6)], 10), np.concatenate([p for p, _ in patients]), every_rule(tau=0.0)
+    )
     fractions = np.array([r.infected_fraction for r in results])
     votes = np.array([r.infected_class for r in results])
     tau = tune_tau(fractions, votes, labels)
@@ -296,7 +301,7 @@ def test_tune_tau_rejects_bad_input() -> None:
 def test_vote_patients_groups_interleaved_slices() -> None:
     ids = ["b", "a", "b", "a", "c", "b", "a"]
     classes = [COVID, NORMAL, COVID, CAP, NORMAL, NORMAL, NORMAL]
-    results = vote_patients(ids, slices(*classes), tau=0.4)
+    results = vote_patients(ids, slices(*classes), every_rule(tau=0.4))
     assert [r.patient for r in results] == ["b", "a", "c"]  # order of first appearance
     b, a, c = results
     assert b.n_slices == 3 and b.votes.tolist() == [2, 0, 1]
@@ -315,7 +320,7 @@ def test_vote_patients_groups_interleaved_slices() -> None:
     np.testing.assert_allclose(a.mean_prob, np.mean([ONE_HOT[NORMAL], ONE_HOT[CAP], ONE_HOT[NORMAL]], axis=0))
     assert c.n_slices == 1 and c.infected_fraction == 0.0 and c.infected_class == NORMAL
     with pytest.raises(ValueError):
-        vote_patients(ids[:-1], slices(*classes), tau=0.4)
+        vote_patients(ids[:-1], slices(*classes), every_rule(tau=0.4))
     groups = group_slices(ids, slices(*classes))
     assert list(groups) == ["b", "a", "c"] and groups["a"].argmax(1).tolist() == [NORMAL, CAP, NORMAL]
 
@@ -359,8 +364,6 @@ def test_deduplicate_keeps_first_occurrence_and_torch_types() -> None:
 
 
 def test_vote_dispatches_on_the_rule_name():
-    from covidct.patients.voting import vote
-
     # 3 of 10 slices COVID-19, 7 Normal: the paper's rule says Normal, infected_fraction (tau 0.2) COVID-19
     probs = np.array([[0.8, 0.1, 0.1]] * 3 + [[0.1, 0.1, 0.8]] * 7)
     assert vote(probs, "majority", 0.2) == 2
@@ -434,3 +437,75 @@ def test_tune_threshold_keeps_a_fixed_value() -> None:
     assert t == 0.5 and [threshold_vote(g, t, tau) for g in groups].count(2) == 6  # nothing is above 0.5
     t, tau = tune_threshold(groups, labels, tau=0.3)
     assert tau == 0.3 and [threshold_vote(g, t, tau) for g in groups] == labels.tolist()
+
+
+# ---- the rule registry and the vote parameter bundle ---------------------------------------------------
+
+
+def test_every_configured_rule_is_registered_with_vote_scores_and_explanation():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from covidct.patients.parameters import VoteParameters
+    from covidct.patients.rules import LEARNED_RULES, RULE_SCORES, RULES, SHARE_RULES, scores_with, vote_with
+
+    configured = {OmegaConf.load(p).rule for p in (Path(__file__).parents[1] / "conf" / "vote").glob("*.yaml")}
+    assert configured == set(RULES) and set(VOTE_RULES) | set(LEARNED_RULES) == set(RULES)
+    assert set(SHARE_RULES) == {"infected_fraction", "threshold"} and set(RULE_SCORES) == set(RULES)
+    probs = np.concatenate([mostly_clean_covid(), slices(NORMAL, CAP, NORMAL)])
+    for name, rule in RULES.items():
+        assert callable(rule.vote) and callable(rule.scores) and rule.scores_name
+        parameters = VoteParameters(name)
+        assert rule.explanation.format_map(vars(parameters))  # a template over the parameters' fields
+        if rule.learned:
+            with pytest.raises(ValueError, match="covidct.patients.aggregation"):
+                vote_with(parameters, probs)
+            continue
+        assert vote_with(parameters, probs) == vote(probs, name)
+        scores = scores_with(parameters, probs)
+        assert scores.shape == (3,) and np.all(np.isfinite(scores))
+        if not rule.share:  # an argmax rule: the argmax of its scores is its vote
+            assert int(scores.argmax()) == vote(probs, name)
+
+
+def test_weighted_center_scores_are_its_vote_counts_as_shares():
+    from covidct.patients.voting import weighted_center_counts, weighted_center_scores
+
+    probs = slices(*[NORMAL] * 5, *[CAP] * 4, *[COVID] * 5)
+    counts = weighted_center_counts(probs, center_slices=4, window_slices=10)
+    assert counts.tolist() == pytest.approx([0.7 * 3, 4.0, 0.5 * 3])  # outer window weights 0.7 / 0.5, rest 0
+    np.testing.assert_allclose(weighted_center_scores(probs, 4, NORMAL, 10), counts / counts.sum())
+    assert weighted_center_vote(probs, 4, NORMAL, 10) == CAP
+
+
+def test_vote_parameters_round_trip_through_the_checkpoint_state_and_the_sidecar():
+    import json
+
+    from covidct.patients.parameters import ALL_SLICES, VOTE_KEYS, VoteParameters
+
+    p = VoteParameters("threshold", 0.3, 7, 20, 60, 0.42, 0.25, 1.7)
+    state = p.to_state()
+    assert set(state) == {*VOTE_KEYS, "mil"} - {"rule"} and state["mil"] is None  # the rule is the model's
+    assert VoteParameters.from_state(state, VoteParameters("threshold")) == p
+    sidecar = json.loads(json.dumps(p.to_sidecar()))  # as the export writes it
+    assert list(sidecar) == list(VOTE_KEYS) and VoteParameters.from_sidecar(sidecar) == p
+    # a state in today's format, from before the threshold rule and calibration: the defaults fill in
+    old = {"tau": 0.4, "k": 3, "center_slices": 20, "best": 0.5, "best_epoch": 1}
+    read = VoteParameters.from_state(old, VoteParameters("topk_mean", window_slices=ALL_SLICES))
+    assert (read.rule, read.tau, read.k, read.center_slices, read.window_slices) == (
+        "topk_mean",
+        0.4,
+        3,
+        20,
+        ALL_SLICES,
+    )
+    assert (read.slice_threshold, read.threshold_tau, read.temperature, read.mil_head) == (0.5, 0.5, 1.0, None)
+    fitted = VoteParameters("majority", k=9).with_fitted(p)  # resume: the fitted values, the config's settings
+    assert (fitted.rule, fitted.k, fitted.tau, fitted.slice_threshold, fitted.temperature) == (
+        "majority",
+        9,
+        0.3,
+        0.42,
+        1.7,
+    )

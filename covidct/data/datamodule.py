@@ -9,13 +9,16 @@ Every batch is a dict:
 * ``slice``: int64 (B,) head-first slice index within the patient;
 * ``index``: int64 (B,) global row in the cache (unique per slice: used to deduplicate DDP
   padding).
+
+The items and samplers are in :mod:`covidct.data.slice_dataset`, the split and the slice targets in
+:mod:`covidct.data.assembly`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,174 +27,31 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
 from covidct import CLASS_NAMES as PATIENT_CLASSES
-from covidct import NORMAL_CLASS
+from covidct.data.assembly import SplitSettings, assemble, no_training_slices
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.dicom import Skipped
-from covidct.data.labels import (
-    LABEL_MODES,
-    UNKNOWN,
-    class_names_of,
-    series_of_labels,
-    slice_targets,
-    usable_slice_labels,
-)
+from covidct.data.labels import LABEL_MODES, class_names_of
 from covidct.data.layout import PatientFolder, discover_covid_ct_md
-from covidct.data.preprocess import SlicePreprocessor, Window, one_thread_per_worker, parse_windows
-from covidct.data.pseudo_labels import check_pseudo_labels, read_pseudo_labels
+from covidct.data.preprocess import SlicePreprocessor, Window, parse_windows
 from covidct.data.series import (
     AUTO,
     SERIES_COLUMNS,
     check_min_slices,
     check_series_rule,
     find_shared_series,
-    other_axial,
     series_cells,
 )
-from covidct.data.split import check_split, read_split_file, train_val_split
+from covidct.data.slice_dataset import EpochSampler, PaddedEvalSampler, SliceDataset
+from covidct.data.split import check_split
 from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError, DataError
 from covidct.io import atomic_write_csv
-from covidct.training.seeding import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def to_model_input(image: np.ndarray, transform: A.Compose | None) -> torch.Tensor:
-    """uint8 (C, S, S) -> augmented uint8 tensor (C, S, S); albumentations works on HWC."""
-    if transform is not None:
-        image = transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)))["image"]
-        image = image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(image))
-
-
-class SliceDataset(Dataset):
-    """Slices of the cache selected by ``rows``, with optional albumentations augmentation.
-
-    Each slice is read with one ``pread`` from the cache file, opened lazily in each process (the
-    dataset pickles cheaply to workers). Reading instead of memory-mapping keeps the process's
-    memory flat: the kernel's page cache holds the data, however large the cache is.
-    """
-
-    def __init__(
-        self,
-        cache_path: Path,
-        shape: tuple[int, int, int, int],
-        rows: np.ndarray,
-        targets: np.ndarray,
-        patients: np.ndarray,
-        slices: np.ndarray,
-        transform: A.Compose | None = None,
-    ) -> None:
-        self.cache_path, self.shape = cache_path, shape
-        self.rows, self.targets, self.patients, self.slices = rows, targets, patients, slices
-        self.transform = transform
-        self._fd: int | None = None
-        self._threads_set = False
-        self._seed_key: tuple[int, int] | None = None  # (seed, worker) the transform was last seeded from
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_fd": None}  # each worker opens its own file
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-
-    def _image(self, row: int) -> np.ndarray:
-        """(C, S, S) uint8, a writable array of its own."""
-        if self._fd is None:
-            self._fd = os.open(self.cache_path / "images.u8", os.O_RDONLY)
-        nbytes = int(np.prod(self.shape[1:]))
-        data = os.pread(self._fd, nbytes, row * nbytes)
-        if len(data) != nbytes:
-            raise OSError(f"{self.cache_path / 'images.u8'}: slice {row} is cut short; delete the cache folder")
-        return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(self.shape[1:])
-
-    def _seed_transform(self, draw_seed: int | None) -> None:
-        """Seed the augmentation from the epoch's seed (given by :class:`EpochSampler`) and the worker id;
-        without one, from torch's seed (differs per worker). Reseeds only when either changes."""
-        worker = torch.utils.data.get_worker_info()
-        key = (torch.initial_seed() if draw_seed is None else draw_seed, worker.id if worker else 0)
-        if key != self._seed_key:
-            self.transform.set_random_seed(derive_seed(key[0] % 2**63, key[1]))  # type: ignore[union-attr]
-            self._seed_key = key
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        """Item ``key`` (an index, or (index, epoch seed) from :class:`EpochSampler`). An index
-        ``>= len(self)`` is a padding repeat of item ``i % len(self)`` (see :class:`PaddedEvalSampler`):
-        same slice, target -1, so slice metrics and the loss skip it."""
-        i, draw_seed = key if isinstance(key, tuple) else (key, None)
-        padding = i >= len(self.rows)
-        i %= len(self.rows)
-        row = int(self.rows[i])
-        image = self._image(row)  # (C, S, S) uint8
-        if not self._threads_set:
-            one_thread_per_worker()
-            self._threads_set = True
-        if self.transform is not None:
-            self._seed_transform(draw_seed)
-        return {
-            "image": to_model_input(image, self.transform),
-            "target": UNKNOWN if padding else int(self.targets[i]),
-            "patient": int(self.patients[i]),
-            "slice": int(self.slices[i]),
-            "index": row,
-        }
-
-
-class EpochSampler(DistributedSampler):
-    """Training draws that depend only on (seed, epoch): a permutation of the ``n`` slices, or with
-    ``weights`` (n,) ``n`` weighted draws with replacement. Yields (index, epoch seed); the dataset
-    seeds its augmentation from the epoch seed. Under DDP each of ``num_replicas`` ranks takes every
-    ``num_replicas``-th draw (the draws padded by repeats to a multiple, as DistributedSampler does).
-
-    ``epoch()`` is read when an epoch's iteration starts (None: count the iterations, outside a
-    trainer). Lightning restores the epoch from a checkpoint before it starts iterating, so a resumed
-    run draws what the uninterrupted run drew. (``set_epoch`` comes too late for that: Lightning makes
-    the first iterator of a fit before calling it.) Being a DistributedSampler, Lightning uses it as it
-    is instead of wrapping it.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        seed: int,
-        epoch: Callable[[], int] | None,
-        weights: np.ndarray | None = None,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.n, self.epoch_of_trainer, self.iterations = n, epoch, 0
-        self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch_of_trainer() if self.epoch_of_trainer else self.iterations
-        self.iterations += 1
-        seed = derive_seed(self.seed, epoch)
-        rng = np.random.default_rng(seed)
-        draws = rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, replace=True, p=self.p)
-        draws = np.resize(draws, self.total_size)  # pads with the first draws
-        return ((int(i), seed) for i in draws[self.rank : self.total_size : self.num_replicas])
-
-
-class PaddedEvalSampler(DistributedSampler):
-    """Validation under DDP: ``DistributedSampler(shuffle=False)``'s shares (equal lengths, padded with
-    repeats of the first slices), but each repeat comes as ``index + len(dataset)``, which
-    :class:`SliceDataset` serves with target -1. Slice metrics and the loss then count every slice
-    exactly once, as in one process; the patient vote drops repeats by cache row. Lightning keeps a
-    DistributedSampler it is given instead of adding its own."""
-
-    def __iter__(self):
-        n = len(self.dataset)
-        padded = list(range(n)) + [n + i % n for i in range(self.total_size - n)]
-        return iter(padded[self.rank : self.total_size : self.num_replicas])
 
 
 def check_data_settings(
@@ -394,6 +254,8 @@ class CTDataModule(pl.LightningDataModule):
         self._prepared = self._read()
 
     def setup(self, stage: str | None = None) -> None:
+        """Open the cache, split its patients and set every slice's target (:func:`covidct.data.assembly.assemble`),
+        and (rank 0) log and save the data summary and ``split.csv``. Once per datamodule."""
         if self.cache is not None:
             return
         patients, skipped_entries, cache = self._prepared or self._read()  # other DDP ranks read here
@@ -404,38 +266,15 @@ class CTDataModule(pl.LightningDataModule):
         if shared:
             raise DataError(f"{self.data_root()}: {shared}.")
         self.cache = cache
-        labels_of = {p.patient_id: p.slice_labels for p in patients}
-        self.patient_ids = [p.patient_id for p in cache.patients]
-        self.patient_labels = np.asarray([p.label for p in cache.patients], dtype=np.int64)
-        slice_labels, label_problems = [], []
-        for p in cache.patients:  # skipped patients are not in the cache
-            row, problem = usable_slice_labels(p.patient_id, labels_of[p.patient_id], p.series_length, p.unplaced)
-            if row is not None and self.preprocessor.series == AUTO:  # a named series settles which was labelled
-                row, problem = series_of_labels(p.patient_id, row, p.series or {}, other_axial(p.other_series))
-            slice_labels.append(row)
-            label_problems += [problem] if problem else []
-        if self.split_file is None:
-            self.train_patients, self.val_patients = train_val_split(
-                self.patient_labels, self.val_fraction, self.seed, self.num_folds, self.fold
-            )
-        else:
-            subsets, notes = read_split_file(self.split_file, self.patient_ids)
-            self.train_patients, self.val_patients, self.test_patients = (
-                subsets["train"],
-                subsets["val"],
-                subsets["test"],
-            )
-            label_problems += [f"data.split_file: {note}" for note in notes]
-        self.pseudo_labelled = self._add_pseudo_labels(slice_labels) if self.label_mode == "pseudo" else []
-        self.targets = slice_targets(
-            self.label_mode, self.patient_labels, slice_labels, cache.patient, cache.slice_index
-        )
-        in_train = np.isin(cache.patient, self.train_patients)
-        known = self.targets != UNKNOWN
-        self.train_rows = np.flatnonzero(in_train & known)
-        self.val_rows = np.flatnonzero(np.isin(cache.patient, self.val_patients))
+        split = SplitSettings(self.val_fraction, self.num_folds, self.fold, self.seed, self.split_file)
+        assembly = assemble(patients, cache, self.preprocessor, self.label_mode, split, self.pseudo_labels)
+        self.patient_ids, self.patient_labels = assembly.patient_ids, assembly.patient_labels
+        self.train_patients, self.val_patients = assembly.train_patients, assembly.val_patients
+        self.test_patients = assembly.test_patients  # none without data.split_file
+        self.pseudo_labelled, self.targets = assembly.pseudo_labelled, assembly.targets
+        self.train_rows, self.val_rows = assembly.train_rows, assembly.val_rows
         if len(self.train_rows) == 0:
-            raise ConfigError(self._no_training_slices(label_problems))
+            raise ConfigError(no_training_slices(assembly, self.label_mode))
         self.summary = DataSummary.collect(
             root=str(self.data_root().resolve()),
             cache=cache,
@@ -444,7 +283,7 @@ class CTDataModule(pl.LightningDataModule):
             train_patients=self.train_patients,
             val_patients=self.val_patients,
             train_rows=self.train_rows,
-            warnings=label_problems,
+            warnings=assembly.label_problems,
             skipped_entries=skipped_entries,
             target_names=self.class_names,
             pseudo_labelled=self.pseudo_labelled,
@@ -455,28 +294,6 @@ class CTDataModule(pl.LightningDataModule):
         if self.output_dir is not None:
             self.summary.save(self.output_dir)
             self.save_split(self.output_dir / "split.csv")
-
-    def _add_pseudo_labels(self, slice_labels: list[np.ndarray | None]) -> list[int]:
-        """Put stage-1 pseudo-label rows (checked by :func:`check_pseudo_labels`) in ``slice_labels`` for the
-        sick *training* patients without radiologist labels; returns their patient indices. Radiologist
-        labels are never replaced, and validation patients keep UNKNOWN slice targets."""
-        cache = self.cache
-        assert cache is not None
-        pseudo = read_pseudo_labels(self.pseudo_labels)  # type: ignore[arg-type]
-        check_pseudo_labels(
-            pseudo,
-            {p.patient_id: p.series_length for p in cache.patients},
-            self.preprocessor,
-            [self.patient_ids[i] for i in self.val_patients],
-        )
-        used = []
-        for i in map(int, self.train_patients):
-            pid = self.patient_ids[i]
-            if slice_labels[i] is None and self.patient_labels[i] != NORMAL_CLASS and pid in pseudo.rows:
-                slice_labels[i], _ = usable_slice_labels(pid, pseudo.rows[pid], cache.patients[i].series_length, ())
-                used += [i] if slice_labels[i] is not None else []  # counted only when its row is used
-        log.info("%d training patients take stage-1 pseudo-labels from %s", len(used), pseudo.path)
-        return used
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: the split's patients, and the patients whose slices were trained on (the
@@ -498,22 +315,6 @@ class CTDataModule(pl.LightningDataModule):
     def _rank_zero(self) -> bool:
         """True outside DDP and on global rank 0: the one process that logs and writes the data summary."""
         return self.trainer is None or self.trainer.is_global_zero
-
-    def _no_training_slices(self, label_problems: list[str]) -> str:
-        """Why no training slice has a target, and what to change."""
-        names = [self.patient_ids[i] for i in self.train_patients]
-        text = (
-            f"no training slices: the {len(names)} training patient(s) ({', '.join(names[:5])}"
-            f"{', ...' if len(names) > 5 else ''}) have no slice with a known target in "
-            f"data.label_mode={self.label_mode}"
-        )
-        if self.label_mode == "paper":
-            text += (
-                " (slices of a sick patient without usable slice labels are UNKNOWN and not trained on). "
-                "Use data.label_mode=patient (every slice takes its patient's class), add Normal patients, "
-                "or give slice labels (data.slice_labels_file)"
-            )
-        return text + ("; " + "; ".join(label_problems) if label_problems else "")
 
     def save_split(self, path: Path) -> None:
         """Write ``patient,class,subset,n_slices,series_length,order_key,series_uid,series_description,n_series``

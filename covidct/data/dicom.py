@@ -1,9 +1,8 @@
 """Read CT DICOM slices into Hounsfield units and patient folders into position-ordered series.
 
-Canonical slice order in covidct is **head first**: SliceLocation descending, falling back to
-ImagePositionPatient z descending (DICOM patient z grows towards the head), then InstanceNumber
-ascending. File names are never used for ordering. This is the order the COVID-CT-MD slice labels
-use (column i = i-th slice by SliceLocation descending).
+Slices are put in the canonical **head-first** order of :mod:`covidct.data.slice_order` (SliceLocation
+descending, then ImagePositionPatient z, then InstanceNumber; never file names). This is the order the
+COVID-CT-MD slice labels use (column i = i-th slice by SliceLocation descending).
 """
 
 from __future__ import annotations
@@ -26,6 +25,15 @@ from pydicom.errors import InvalidDicomError
 
 from covidct.data import hounsfield
 from covidct.data.series import AUTO, SERIES_TAGS, ImageHeader, SeriesInfo, choose_series, image_header
+from covidct.data.slice_order import (
+    SeriesOrder,
+    SliceHeader,
+    choose_order,
+    float_or_none,
+    place_slices,
+    read_header,
+    slice_location,
+)
 from covidct.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,36 +43,6 @@ T = TypeVar("T")
 #: Names that are never DICOM and are ignored without a warning (OS and tool droppings).
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "DICOMDIR"}
 
-
-@dataclass(frozen=True)
-class SliceHeader:
-    """Position tags of one slice, whichever the file has: SliceLocation and ImagePositionPatient z
-    in mm, InstanceNumber a count. A tag that is absent or not a number is None; a value that is a
-    number but not finite (nan, inf) is kept, so that the ordering can say why it was not used."""
-
-    slice_location: float | None
-    position_z: float | None
-    instance_number: float | None
-
-    def value(self, key: str) -> float | None:
-        """The head-first sort value of ``key`` (one of :data:`ORDER_KEYS`): smaller = nearer the head."""
-        if key == "SliceLocation":
-            return None if self.slice_location is None else -self.slice_location
-        if key == "ImagePositionPatient":
-            return None if self.position_z is None else -self.position_z
-        return self.instance_number
-
-
-#: Slice ordering keys, most trusted first. SliceLocation and ImagePositionPatient z grow towards the
-#: head (sorted descending: head first); InstanceNumber is sorted ascending.
-ORDER_KEYS = ("SliceLocation", "ImagePositionPatient", "InstanceNumber")
-
-#: Largest believable |position| (mm) of a slice: 100 m. Larger values (1e300, a corrupt header) mean
-#: the tag is broken, and the series is ordered by the next key instead.
-MAX_POSITION_MM = 1e5
-
-#: Two positions closer than this (mm, or instance numbers) are the same position.
-SAME_POSITION = 1e-3
 
 #: A series in which more than this share of the CT slices fails to decode is corrupt as a whole: the
 #: few slices that do decode (possibly into noise) are not voted on; the patient is an error.
@@ -77,25 +55,6 @@ class Skipped:
 
     path: Path
     reason: str
-
-
-@dataclass(frozen=True)
-class SeriesOrder:
-    """How a series was ordered: ``keys`` (from :data:`ORDER_KEYS`) sort it, the first most
-    significant, the next ones breaking its ties; ``note`` says why a preferred key was not used or
-    had ties ("" when SliceLocation alone ordered the series)."""
-
-    keys: tuple[str, ...]
-    note: str = ""
-
-    @property
-    def key(self) -> str:
-        return self.keys[0]
-
-    def sort_values(self, header: SliceHeader) -> tuple[float, ...] | None:
-        """Head-first sort tuple of a slice; None when it lacks a finite, believable value of a key."""
-        values = tuple(header.value(k) for k in self.keys)
-        return values if all(v is not None and _believable(v) for v in values) else None  # type: ignore[misc]
 
 
 @dataclass
@@ -130,34 +89,9 @@ class Series(Generic[T]):
     sop_digest: str = ""
 
 
-def _float_or_none(value: object) -> float | None:
-    try:
-        return None if value is None or value == "" else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _believable(value: float) -> bool:
-    return math.isfinite(value) and abs(value) <= MAX_POSITION_MM
-
-
 def one_line(text: object) -> str:
     """A message on one line (decoder errors come over several)."""
     return " ".join(str(text).split())
-
-
-def read_header(ds: pydicom.Dataset) -> SliceHeader:
-    """Position tags of a dataset; a tag that is absent or malformed becomes None."""
-    ipp = ds.get("ImagePositionPatient")
-    try:
-        z = _float_or_none(ipp[2]) if ipp is not None and len(ipp) == 3 else None
-    except TypeError:  # a single value where three are expected
-        z = None
-    return SliceHeader(
-        slice_location=_float_or_none(ds.get("SliceLocation")),
-        position_z=z,
-        instance_number=_float_or_none(ds.get("InstanceNumber")),
-    )
 
 
 def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
@@ -191,37 +125,6 @@ def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
             yield caught
     finally:
         logger.setLevel(level)
-
-
-def choose_order(headers: Sequence[SliceHeader], folder: Path) -> SeriesOrder:
-    """The keys that order a series: every key of :data:`ORDER_KEYS` that each slice has with a finite,
-    believable value, and that does not hold one value for the whole series (a shared SliceLocation
-    orders nothing). The first sorts; the later ones break its ties."""
-    notes, keys = [], []
-    n = len(headers)
-    for key in ORDER_KEYS:
-        values = [h.value(key) for h in headers]
-        present = [v for v in values if v is not None]
-        bad = [v for v in present if not _believable(v)]
-        if len(present) < n:
-            problem = f"{key} missing on {n - len(present)} of {n} slices"
-        elif bad:
-            problem = f"{key} not finite or beyond {MAX_POSITION_MM:g} mm on {len(bad)} of {n} slices ({bad[0]:g})"
-        elif n > 1 and max(present) - min(present) < SAME_POSITION:
-            problem = f"{key} is the same ({abs(present[0]):g}) on every slice"
-        else:
-            keys.append(key)
-            continue
-        if not keys:  # a problem of a key after the one that sorts does not matter
-            notes.append(problem)
-    if not keys:
-        raise DataError(
-            f"{folder}: cannot order slices: {'; '.join(notes)}. File names are never used for order; "
-            "fix the headers or remove the odd files."
-        )
-    if notes:
-        notes.append(f"ordered by {keys[0]}")
-    return SeriesOrder(tuple(keys), "; ".join(notes))
 
 
 def list_files(folder: Path) -> list[Path]:
@@ -329,7 +232,7 @@ def check_slice_header(ds: pydicom.Dataset, read_warnings: Sequence[str] = ()) -
             "(CT usually has slope 1, intercept -1024: add the tags to the files)"
         )
     if has_rescale:
-        slope, intercept = _float_or_none(ds.RescaleSlope), _float_or_none(ds.RescaleIntercept)
+        slope, intercept = float_or_none(ds.RescaleSlope), float_or_none(ds.RescaleIntercept)
         if slope is None or intercept is None or not math.isfinite(slope) or not math.isfinite(intercept) or slope == 0:
             raise SliceRejected(
                 f"RescaleSlope {ds.RescaleSlope}, RescaleIntercept {ds.RescaleIntercept}: not a "
@@ -402,51 +305,6 @@ def _drop_odd_sizes(decoded: list[_SeriesFile]) -> None:
             )
 
 
-def _place(files: list[_SeriesFile], order: SeriesOrder) -> tuple[list[tuple[int, _SeriesFile]], list[Skipped]]:
-    """Head-first (rank, file) of every file whose position is known, and the skipped files whose
-    position is not (their place in the series is unknown).
-
-    Files are sorted by ``order``'s keys, then by name. A file at the same position as the file
-    before it (every key within :data:`SAME_POSITION`) takes the same rank; a *kept* slice there is
-    marked a duplicate (skipped).
-    """
-    placed, unplaced = [], []
-    for f in files:
-        values = None if f.header is None else order.sort_values(f.header)
-        if values is None:
-            if not f.skip_reason:  # choose_order picked keys every kept slice has: cannot happen
-                raise AssertionError(f"{f.path}: a kept slice without a position")
-            unplaced.append(Skipped(f.path, f"{f.skip_reason}; its position ({', '.join(order.keys)}) is unknown"))
-        else:
-            placed.append((values, f))
-    placed.sort(key=lambda vf: (vf[0], vf[1].path.name))
-    ranked: list[tuple[int, _SeriesFile]] = []
-    rank, previous, previous_kept = -1, None, None
-    for values, f in placed:
-        same = previous is not None and all(abs(a - b) < SAME_POSITION for a, b in zip(values, previous, strict=True))
-        if not same:
-            rank, previous_kept = rank + 1, None
-        if not f.skip_reason:
-            if previous_kept is not None:
-                where = ", ".join(f"{_location(f.header, k):g}" for k in order.keys)  # type: ignore[arg-type]
-                f.skip_reason = (
-                    f"same {', '.join(order.keys)} ({where}) as {previous_kept.path.name}: a "
-                    "duplicate slice or a second series in the folder"
-                )
-            else:
-                previous_kept = f
-        previous = values
-        ranked.append((rank, f))
-    return ranked, unplaced
-
-
-def _location(header: SliceHeader, key: str) -> float:
-    """The slice's value of ``key``: mm for the positions, the number for InstanceNumber."""
-    value = header.value(key)
-    assert value is not None
-    return value if key == "InstanceNumber" else -value
-
-
 def read_series(
     folder: str | Path,
     convert: Callable[[np.ndarray], T] = lambda hu: hu,  # type: ignore[assignment,return-value]
@@ -478,8 +336,43 @@ def read_series(
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder. Point data.root (or input) at an existing patient folder.")
     files, ignored = scan_folder(folder)
+    read, skipped = _read_headers(folder, files, ignored)  # skipped: files of other modalities, so far
+    chosen, members, other_series = choose_series(
+        [f.image for f in read], [not f.skip_reason for f in read], series, folder
+    )
+    # the chosen series' files, and the unreadable ones (they may be its slices: their place is unknown)
+    ct_files = [read[i] for i in members] + [f for f in read if f.image is None]
+    _decode_series(folder, ct_files, convert)
+    order, ranked, unplaced = _order_series(folder, ct_files)
+    skipped += [Skipped(f.path, f.skip_reason) for f in ct_files if f.skip_reason]
+    for s in skipped if warn else ():
+        log.warning("Skipping %s: %s", s.path, s.reason)
+    kept = [(rank, f) for rank, f in ranked if not f.skip_reason]
+    _check_series(folder, [f for _, f in kept], skipped, chosen, min_slices)
+    assert order is not None
+    return Series(
+        folder=folder,
+        slices=[f.value for _, f in kept],  # type: ignore[misc]
+        locations=[slice_location(f.header, order.key) for _, f in kept],  # type: ignore[arg-type]
+        paths=[f.path for _, f in kept],
+        order_key=order.key,
+        ranks=[rank for rank, _ in kept],
+        series_length=ranked[-1][0] + 1,
+        order_note=order.note,
+        unplaced=sorted((Skipped(path, reason) for path, reason in unplaced), key=lambda s: s.path.name),
+        skipped=sorted(skipped, key=lambda s: s.path.name),
+        ignored=ignored,
+        series=chosen,
+        other_series=other_series,
+        sop_digest=_sop_digest([f for _, f in kept]),
+    )
+
+
+def _read_headers(folder: Path, files: list[Path], ignored: list[Skipped]) -> tuple[list[_SeriesFile], list[Skipped]]:
+    """The headers of ``files``: the (possibly) CT files, and the DICOM files of other modalities; files that
+    are not DICOM are appended to ``ignored``. Raises :class:`DataError` when no file has a readable CT header."""
     read: list[_SeriesFile] = []
-    skipped: list[Skipped] = []  # files of other modalities here; every unusable CT file below
+    skipped: list[Skipped] = []
     for path in files:
         result = _read_header(path)
         if result is None:
@@ -495,11 +388,12 @@ def read_series(
             f"{folder}: no readable DICOM slice ({len(ignored)} other entr(ies) ignored{detail}). "
             "Check the folder, or remove the patient."
         )
-    chosen, members, other_series = choose_series(
-        [f.image for f in read], [not f.skip_reason for f in read], series, folder
-    )
-    # the chosen series' files, and the unreadable ones (they may be its slices: their place is unknown)
-    ct_files = [read[i] for i in members] + [f for f in read if f.image is None]
+    return read, skipped
+
+
+def _decode_series(folder: Path, ct_files: list[_SeriesFile], convert: Callable[[np.ndarray], object]) -> None:
+    """Decode every usable file of ``ct_files`` (:func:`_decode`). Raises :class:`DataError` when more than
+    :data:`MAX_UNDECODABLE_FRACTION` of those tried cannot be decoded (a corrupt series)."""
     for f in ct_files:
         if not f.skip_reason:
             _decode(f, convert)
@@ -511,34 +405,21 @@ def read_series(
             f"{undecodable[0].path.name}: {undecodable[0].skip_reason}). A series that is mostly corrupt is not "
             f"used (the limit is {MAX_UNDECODABLE_FRACTION:.0%}): copy the folder again from its source."
         )
+
+
+def _order_series(
+    folder: Path, ct_files: list[_SeriesFile]
+) -> tuple[SeriesOrder | None, list[tuple[int, _SeriesFile]], list[tuple[Path, str]]]:
+    """Order the decoded files of ``ct_files`` head first (odd sizes and duplicates marked skipped): the
+    order, (rank, file) of every placed file, (path, reason) of the skipped files with unknown position.
+    (None, [], []) when no file was decoded."""
     decoded = [f for f in ct_files if not f.skip_reason]
-    order, ranked, unplaced = None, [], []
-    if decoded:
-        _drop_odd_sizes(decoded)
-        order = choose_order([f.header for f in ct_files if not f.skip_reason], folder)  # type: ignore[misc]
-        ranked, unplaced = _place(ct_files, order)
-    skipped += [Skipped(f.path, f.skip_reason) for f in ct_files if f.skip_reason]
-    for s in skipped if warn else ():
-        log.warning("Skipping %s: %s", s.path, s.reason)
-    kept = [(rank, f) for rank, f in ranked if not f.skip_reason]
-    _check_series(folder, [f for _, f in kept], skipped, chosen, min_slices)
-    assert order is not None
-    return Series(
-        folder=folder,
-        slices=[f.value for _, f in kept],  # type: ignore[misc]
-        locations=[_location(f.header, order.key) for _, f in kept],  # type: ignore[arg-type]
-        paths=[f.path for _, f in kept],
-        order_key=order.key,
-        ranks=[rank for rank, _ in kept],
-        series_length=ranked[-1][0] + 1,
-        order_note=order.note,
-        unplaced=sorted(unplaced, key=lambda s: s.path.name),
-        skipped=sorted(skipped, key=lambda s: s.path.name),
-        ignored=ignored,
-        series=chosen,
-        other_series=other_series,
-        sop_digest=_sop_digest([f for _, f in kept]),
-    )
+    if not decoded:
+        return None, [], []
+    _drop_odd_sizes(decoded)
+    order = choose_order([f.header for f in ct_files if not f.skip_reason], folder)  # type: ignore[misc]
+    ranked, unplaced = place_slices(ct_files, order)
+    return order, ranked, unplaced
 
 
 def _check_series(

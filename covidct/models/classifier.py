@@ -24,8 +24,8 @@ from covidct.models.backbones import build_backbone
 from covidct.models.losses import FocalLoss
 
 if TYPE_CHECKING:
+    from covidct.patients.decisions import ValidationVotes
     from covidct.training.callbacks.best_epoch import BestEpoch
-    from covidct.training.callbacks.patient_vote import ValidationVotes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

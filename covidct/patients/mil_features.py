@@ -7,7 +7,7 @@
 * ``log_probs``: the log of the calibrated slice probabilities (N, C); the head reads them centred on the
   patient's own median slice *and* as they are (``standardize="center_concat"``, 2C features): how far
   a slice stands out from the rest of its patient, and where it stands. 2C features instead of 512: tens
-  of validation patients can fit a head on them (measured in the README, experiment=patient_shift).
+  of validation patients can fit a head on them (measured in docs/voting.md, experiment=patient_shift).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 MIL_FEATURES: tuple[str, ...] = ("embeddings", "log_probs")
 #: ``vote.mil_features``'s default: on the synthetic demo and on a dataset with a scanner shift per patient
-#: it scored higher than embeddings at most epochs (README, Patient vote)
+#: it scored higher than embeddings at most epochs (docs/voting.md)
 DEFAULT_MIL_FEATURES: str = "log_probs"
 #: the per-patient standardisation the head applies to each kind (covidct.patients.aggregation.bag_features)
 STANDARDIZE_OF: dict[str, str] = {"embeddings": "center", "log_probs": "center_concat"}

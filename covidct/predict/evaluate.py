@@ -39,6 +39,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from covidct import CLASS_NAMES
+from covidct.contracts import CONF_DIR
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, csv_text
 from covidct.text_table import format_table
@@ -506,7 +507,7 @@ def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
     return result.files
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def evaluate_app(cfg: DictConfig) -> None:
     missing = [key for key in ("predictions", "labels") if OmegaConf.is_missing(cfg, key)]
     if missing:

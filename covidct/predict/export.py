@@ -40,6 +40,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.contracts import CONF_DIR
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_bytes, atomic_write_text
 from covidct.predict.onnx_backend import (
@@ -59,7 +60,7 @@ from covidct.predict.onnx_backend import (
 
 if TYPE_CHECKING:
     from covidct.models.classifier import SliceClassifier
-    from covidct.predict.predictor import PredictorSettings
+    from covidct.predict.settings import PredictorSettings
 
 log = logging.getLogger("export")
 
@@ -97,7 +98,7 @@ def read_slices(input_path: str | Path, settings: PredictorSettings, n: int, key
     """Up to ``n`` uint8 (C, S, S) slices from the DICOM patients under ``input_path``, preprocessed as the
     checkpoint's model expects: evenly spaced through each patient, the same number from each."""
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
-    from covidct.predict.predictor import find_test_sets, read_patient
+    from covidct.predict.test_sets import find_test_sets, read_patient
 
     try:
         patients = [p for t in find_test_sets(input_path) for p in t.patients]
@@ -329,16 +330,7 @@ def export_checkpoint(ckpt_path: Path, output: Path, opset: int, check_slices: i
             "image_size": settings.image_size,
             "lung_crop": settings.lung_crop,
             "class_names": settings.class_names,
-            "vote": {
-                "rule": settings.vote_rule,
-                "tau": settings.tau,
-                "k": settings.k,
-                "center_slices": settings.center_slices,
-                "window_slices": settings.window_slices,
-                "slice_threshold": settings.slice_threshold,
-                "threshold_tau": settings.threshold_tau,
-                "temperature": settings.temperature,
-            },
+            "vote": settings.vote.to_sidecar(),
             "mil": None if mil is None else {"file": mil_path(output).name, "init": mil[0]},
             "source_checkpoint": str(ckpt_path.resolve()),
             "source_checkpoint_sha256": file_sha256(ckpt_path),
@@ -390,7 +382,7 @@ def quantize_export(
     export's preprocessing; the sidecar records the largest slice-probability difference to the fp32 export
     on those slices. Uses onnxruntime only (no PyTorch)."""
     from covidct.predict.onnx_backend import load_onnx
-    from covidct.predict.predictor import settings_from_sidecar
+    from covidct.predict.settings import settings_from_sidecar
 
     model_path, output = Path(model_path), Path(output)
     export = load_onnx(model_path, "cpu")
@@ -448,7 +440,7 @@ def default_output(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / (Path(cfg.ckpt_path).stem + suffix)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def export_app(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         log.error("ckpt_path not set: python -m covidct.predict.export ckpt_path=<run>/checkpoints/<best>.ckpt")

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from covidct.errors import ConfigError, DataError
-from covidct.patients.voting import VOTE_KEYS, check_vote_settings
+from covidct.patients.parameters import VOTE_KEYS
+from covidct.patients.rules import check_vote_settings
 
 log = logging.getLogger(__name__)
 

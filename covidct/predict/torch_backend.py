@@ -18,9 +18,10 @@ from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker
 from covidct.errors import ConfigError, DataError
 from covidct.models.checkpoint import read_checkpoint
 from covidct.models.classifier import SliceClassifier
-from covidct.patients.aggregation import mil_from_state
-from covidct.patients.voting import CENTER_SLICES, SLICE_THRESHOLD, TOP_K, check_vote_settings
-from covidct.predict.predictor import PredictorSettings, read_patient
+from covidct.patients.parameters import ALL_SLICES, VOTE_KEYS, VoteParameters
+from covidct.patients.rules import check_vote_settings
+from covidct.predict.settings import PredictorSettings, vote_fields
+from covidct.predict.test_sets import read_patient
 
 log = logging.getLogger("covidct.predict.predictor")
 
@@ -44,47 +45,31 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassi
         windows=pre["windows"],
         image_size=int(pre["image_size"]),
         class_names=list(hp["class_names"]),
-        vote_rule=vote["rule"],
-        tau=float(vote["tau"]),
-        k=int(vote["k"]),
-        center_slices=int(vote["center_slices"]),
-        window_slices=int(vote["window_slices"]),
-        slice_threshold=float(vote["slice_threshold"]),
-        threshold_tau=float(vote["threshold_tau"]),
-        temperature=float(vote["temperature"]),
+        **vote_fields(vote),
         lung_crop=bool(pre.get("lung_crop", False)),  # older checkpoints: no crop
-        mil_head=mil_from_state(vote["mil"]) if vote.get("mil") else None,  # older: none
     )
     return model, settings
 
 
-def checkpoint_vote(ckpt: dict[str, Any], preprocessing: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The vote rule and parameters a checkpoint records (older checkpoints: the defaults), and its MIL head's
-    state; checked (:func:`covidct.patients.voting.check_vote_settings`) before any slice is read."""
+def checkpoint_vote(ckpt: dict[str, Any], preprocessing: dict[str, Any], path: str | Path) -> VoteParameters:
+    """The vote rule, parameters and MIL head a checkpoint records (older checkpoints: the defaults, and every
+    slice votes in weighted_center's window, as before it had one); checked
+    (:func:`covidct.patients.rules.check_vote_settings`) before any slice is read."""
     state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("PatientVoteCallback")), {})
-    vote = {
-        "rule": preprocessing.get("vote_rule", "majority"),
-        "tau": state.get("tau", 0.5),
-        "k": state.get("k", TOP_K),
-        "center_slices": state.get("center_slices", CENTER_SLICES),
-        # checkpoints from before the winner's 80-slice window: every slice voted
-        "window_slices": state.get("window_slices", 1_000_000),
-        "slice_threshold": state.get("slice_threshold", SLICE_THRESHOLD),
-        "threshold_tau": state.get("threshold_tau", 0.5),
-        "temperature": state.get("temperature", 1.0),  # older checkpoints: not calibrated
-    }
+    defaults = VoteParameters(preprocessing.get("vote_rule", "majority"), window_slices=ALL_SLICES)
+    recorded = defaults.to_sidecar() | {key: state[key] for key in VOTE_KEYS if key in state and key != "rule"}
     check_vote_settings(
-        **vote,
+        **recorded,
         source=f"ckpt_path={path}",
         fix="its vote settings are not ones training writes; predict with the checkpoint as train.py saved it",
         error=DataError,
     )
-    return vote | {"mil": state.get("mil")}
+    return VoteParameters.from_state(state, defaults)
 
 
 class PatientFolders(Dataset):
     """Reads and preprocesses one whole patient per item (run in DataLoader workers); ``images`` is a
-    uint8 (N, C, S, S) tensor (see :func:`covidct.predict.predictor.read_patient` for the other keys)."""
+    uint8 (N, C, S, S) tensor (see :func:`covidct.predict.test_sets.read_patient` for the other keys)."""
 
     def __init__(self, folders: list[Path], preprocessor: SlicePreprocessor) -> None:
         self.folders, self.preprocessor = folders, preprocessor

@@ -8,7 +8,7 @@ checkpoint's own vote state, calibration and MIL head), not the state of the cal
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ from covidct import CLASS_NAMES
 from covidct.data.datamodule import CTDataModule
 from covidct.io import atomic_write_csv
 from covidct.metric_names import rule_metric
-from covidct.patients.aggregation import predict as mil_predict
 from covidct.patients.calibration import apply_temperature
-from covidct.patients.voting import LEARNED_RULES, VOTE_RULES, vote
-from covidct.predict.predictor import load_checkpoint, slice_probabilities_and_embeddings
-from covidct.training.callbacks.patient_vote import patient_metrics
+from covidct.patients.metrics import patient_metrics
+from covidct.patients.mil_features import slice_features
+from covidct.patients.rules import LEARNED_RULES, VOTE_RULES, vote_with
+from covidct.predict.predictor import mil_decision
+from covidct.predict.torch_backend import load_checkpoint, slice_probabilities_and_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
     fitted head), write ``test_patients.csv`` (patient, truth, every rule's vote) into ``output_dir``, and
     return the metrics."""
     model, settings = load_checkpoint(ckpt_path, torch.device("cpu"))
-    cache, params = datamodule.cache, settings.vote_parameters()
+    cache, parameters = datamodule.cache, settings.vote
     assert cache is not None
     rules = VOTE_RULES + (LEARNED_RULES if settings.mil_head is not None else ())
     votes, labels, rows = {r: [] for r in rules}, [], []
@@ -57,9 +58,11 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
         probs = apply_temperature(probs, settings.temperature)
         slice_probs.append(probs)
         slice_targets.append(datamodule.targets[p.offset : p.offset + p.n_slices])
-        mine = {r: vote(probs, r, settings.tau, **params) for r in VOTE_RULES}
-        if settings.mil_head is not None:
-            mine["mil"] = int(mil_predict(settings.mil_head, [embeddings])[0])
+        mine = {r: vote_with(replace(parameters, rule=r), probs) for r in VOTE_RULES}
+        if settings.mil_head is not None:  # what predict.py gives the head: its features of the calibrated slices
+            mine["mil"] = mil_decision(
+                settings.mil_head, slice_features(settings.mil_head.slice_features, probs, embeddings)
+            )
         for r, c in mine.items():
             votes[r].append(c)
         labels.append(int(datamodule.patient_labels[i]))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.config import register_resolvers
+from covidct.contracts import CONF_DIR
 from covidct.errors import ConfigError, CovidCTError
 
 log = logging.getLogger("pseudo_label")
@@ -89,7 +90,7 @@ def pseudo_label(cfg: DictConfig) -> Path:
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
     from covidct.data.pseudo_labels import preprocessing_of, write_pseudo_labels
     from covidct.models.checkpoint import read_checkpoint
-    from covidct.predict.predictor import load_checkpoint, slice_probabilities
+    from covidct.predict.torch_backend import load_checkpoint, slice_probabilities
 
     source = str(cfg.ckpt_path)
     ckpt = read_checkpoint(source)
@@ -158,7 +159,7 @@ def pseudo_label(cfg: DictConfig) -> Path:
     return write_pseudo_labels(Path(cfg.paths.output_dir), written, meta)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="pseudo_label")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pseudo_label")
 def main(cfg: DictConfig) -> None:
     missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
     if missing:

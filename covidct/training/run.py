@@ -25,7 +25,7 @@ from covidct.config import check_config
 from covidct.errors import ConfigError, CovidCTError
 from covidct.metric_names import rule_metric, vote_parameter
 from covidct.models.checkpoint import check_resume_settings, read_checkpoint
-from covidct.patients.voting import LEARNED_RULES, VOTE_RULES
+from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
 from covidct.training.callbacks.step_seed import StepSeed
 from covidct.training.privacy import instantiate_logger
 from covidct.training.sweep_summary import write_run_metrics

@@ -20,7 +20,7 @@ from covidct.data.summary import DataSummary
 from covidct.data.synthetic import SyntheticSpec, ensure_dataset, make_phantom
 from covidct.errors import ConfigError
 from covidct.models.checkpoint import check_resume_settings
-from covidct.predict.predictor import PatientFolders
+from covidct.predict.torch_backend import PatientFolders
 from tests.conftest import write_ct_slice
 
 PLAIN = SlicePreprocessor(parse_windows(["lung", "mediastinum"]), 32)

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from covidct.data.datamodule import CTDataModule
 from covidct.data.dicom import read_series
 from covidct.errors import ConfigError, DataError
-from covidct.predict.predictor import find_test_sets
+from covidct.predict.test_sets import find_test_sets
 from covidct.training.callbacks.run_report import series_note
 from tests.data.test_real_series_integrity import CAP001, P001, copy_sample, head_first_files, set_tags
 

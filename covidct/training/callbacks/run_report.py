@@ -27,12 +27,10 @@ from pytorch_lightning.loggers import WandbLogger
 from covidct import CLASS_NAMES
 from covidct.data.series import series_line
 from covidct.metric_names import class_slug
-from covidct.training.callbacks.patient_vote import (
-    PatientVoteCallback,
-    ValidationVotes,
-    patient_decisions,
-    patient_metrics,
-)
+from covidct.patients.decisions import ValidationVotes
+from covidct.patients.explanations import patient_decisions
+from covidct.patients.metrics import patient_metrics
+from covidct.training.callbacks.patient_vote import PatientVoteCallback
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +69,15 @@ def report_from_votes(
     vote: PatientVoteCallback | None = None,
     **extra: Any,
 ):
-    """A :class:`~covidct.report.page.RunReport` of one validation epoch's :class:`ValidationVotes`.
+    """A :class:`~covidct.report.metrics.RunReport` of one validation epoch's :class:`ValidationVotes`.
 
     ``slice_targets``: int (rows of the slice cache,) slice class per cache row, -1 unknown
     (:attr:`~covidct.data.datamodule.SliceTable.target`). ``vote``: the patient vote callback whose settings
     the rule used (k, central slices, fixed or tuned parameters, calibration); without it the report has no
-    per-patient decisions. ``extra``: further :class:`~covidct.report.page.RunReport` fields (history, data,
+    per-patient decisions. ``extra``: further :class:`~covidct.report.metrics.RunReport` fields (history, data,
     config, links, title).
     """
-    from covidct.report.page import Calibration, RunReport
+    from covidct.report.metrics import Calibration, RunReport
 
     decisions = patient_decisions(votes, vote) if vote is not None else None
     extra_metrics: dict[str, float] = {}
@@ -385,24 +383,25 @@ def log_to_wandb(logger: WandbLogger, written, report) -> None:
 
     import wandb
 
-    from covidct.report.page import render_figures, render_html
+    from covidct.report.figures import render_figures
+    from covidct.report.page import render_html
     from covidct.training.privacy import pseudonymizer_of
 
-    pseudonym, page = pseudonymizer_of(logger), written.page
+    pseudonym, figures = pseudonymizer_of(logger), written.figures
     if pseudonym.active:
         report = dataclasses.replace(report, patients=[pseudonym(p) for p in report.patients])
-        page = render_figures(report, written.scored, pngs=written.images)
+        figures = render_figures(report, written.scored, pngs=written.images)
     summary = logger.experiment.summary
     for name, path in written.paths.items():
         if path.suffix == ".png":
-            summary[f"report/{path.stem}"] = wandb.Image(str(path), caption=page.captions[name])
-    for name, svg in page.svgs.items():
-        caption = html.escape(page.captions[name])
+            summary[f"report/{path.stem}"] = wandb.Image(str(path), caption=figures.captions[name])
+    for name, svg in figures.svgs.items():
+        caption = html.escape(figures.captions[name])
         summary[f"report/{Path(name).stem}"] = wandb.Html(f"<figure>{svg}<figcaption>{caption}</figcaption></figure>")
     for metric, value in written.metrics.items():
         if np.isfinite(value):
             summary[_key(metric)] = float(value)
-    summary["report/html"] = wandb.Html(render_html(report, written.scored, page, links=False))
+    summary["report/html"] = wandb.Html(render_html(report, written.scored, figures, links=False))
 
 
 def _key(metric: str) -> str:

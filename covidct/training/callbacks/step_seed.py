@@ -1,7 +1,7 @@
 """Reseed torch, numpy and ``random`` before every training step, from (seed, epoch, step, rank).
 
 With the training sampler's draws depending only on (seed, epoch) (see
-:class:`covidct.data.datamodule.EpochSampler`), step k of epoch e then sees the same batch,
+:class:`covidct.data.slice_dataset.EpochSampler`), step k of epoch e then sees the same batch,
 augmentation and dropout whether the run went through every earlier step itself or was resumed
 from a checkpoint (a killed or preempted run): with ``trainer.deterministic=true`` both end with the
 same weights and metrics.

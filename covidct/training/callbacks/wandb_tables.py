@@ -13,8 +13,8 @@ from pytorch_lightning.loggers import WandbLogger
 from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
-from covidct.patients.voting import VOTE_RULES
-from covidct.training.callbacks.patient_vote import ValidationVotes
+from covidct.patients.decisions import ValidationVotes
+from covidct.patients.rules import VOTE_RULES
 from covidct.training.privacy import prepare_loggers, pseudonymizer_of
 
 

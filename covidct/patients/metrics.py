@@ -1,0 +1,44 @@
+"""Patient-level metrics of a rule's calls, and the per-rule comparison table (torch / torchmetrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_recall,
+    multiclass_specificity,
+)
+
+from covidct import CLASS_NAMES
+from covidct.metric_names import class_slug
+
+
+def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAMES) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class sensitivity and specificity (floats), and ``confusion`` (C, C) int64
+    (rows = truth) of the calls ``preds`` (P,) int against ``labels`` (P,) int."""
+    p, t, c = torch.as_tensor(preds), torch.as_tensor(labels), len(class_names)
+    sens = multiclass_recall(p, t, c, average=None)
+    spec = multiclass_specificity(p, t, c, average=None)
+    metrics: dict[str, Any] = {
+        "acc": float(multiclass_accuracy(p, t, c, average="micro")),
+        "f1_macro": float(multiclass_f1_score(p, t, c, average="macro")),
+    }
+    for k, name in enumerate(class_names):
+        metrics[f"sensitivity_{class_slug(name)}"] = float(sens[k])
+        metrics[f"specificity_{class_slug(name)}"] = float(spec[k])
+    metrics["confusion"] = multiclass_confusion_matrix(p, t, c).numpy()
+    return metrics
+
+
+def rules_table(metrics_by_rule: dict[str, dict[str, Any]], class_names=CLASS_NAMES) -> tuple[list[str], list[list]]:
+    """Columns and one row per rule: rule, patient accuracy, macro F1, sensitivity of each class
+    (``metrics_by_rule``: rule -> :func:`patient_metrics`)."""
+    columns = ["rule", "acc", "f1_macro", *[f"sensitivity {name}" for name in class_names]]
+    keys = ["acc", "f1_macro", *[f"sensitivity_{class_slug(name)}" for name in class_names]]
+    rows = [[rule, *(float(m[k]) for k in keys)] for rule, m in metrics_by_rule.items()]
+    return columns, rows
