@@ -44,7 +44,8 @@ def main(cfg: DictConfig) -> None:
     labels = cfg.get("labels")
     try:
         if labels is not None:  # a bad labels file or setting fails before any prediction work
-            from covidct.predict.evaluate import check_settings, read_labels
+            from covidct.predict.eval_inputs import read_labels
+            from covidct.predict.evaluate import check_settings
 
             check_settings(cfg.get("bootstrap"), cfg.get("seed"), cfg.get("allow_errors"))
             read_labels(labels)

@@ -17,7 +17,9 @@ from torchmetrics.functional.classification import multiclass_f1_score
 
 from covidct import CLASS_NAMES
 from covidct.errors import ConfigError, DataError
-from covidct.predict.evaluate import batch_metrics, evaluate, read_labels
+from covidct.predict.eval_inputs import read_labels
+from covidct.predict.eval_metrics import batch_metrics
+from covidct.predict.evaluate import evaluate
 from tests.conftest import REPO, run_cli
 
 HEADER = [

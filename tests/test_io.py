@@ -37,7 +37,7 @@ def test_formula_cells_are_written_as_text_and_numbers_stay_numbers(tmp_path):
 
 def test_the_projects_csv_readers_get_back_the_ids_its_writer_neutralised(tmp_path):
     from covidct.data.split import _read_split_rows
-    from covidct.predict.evaluate import _read_rows
+    from covidct.predict.eval_inputs import _read_rows
 
     ids = ["-x", "=HYPERLINK(1)", "@p", "'quoted", "P001"]
     path = atomic_write_csv(tmp_path / "split.csv", ["patient", "subset"], [(pid, "train") for pid in ids])

@@ -1,9 +1,9 @@
 """The vote rule registry: rule name -> how it votes, what it scores, and how a call of it is explained.
 
 Adding a rule is one :data:`RULES` entry (its arithmetic in :mod:`covidct.patients.voting`) plus one YAML in
-``conf/vote/``. :func:`vote` (:func:`vote_with`) and :func:`scores_with` dispatch through the registry; :data:`VOTE_RULES`,
-:data:`LEARNED_RULES`, :data:`SHARE_RULES` and :data:`RULE_SCORES` derive from it; :func:`check_vote_settings`
-validates a rule and its parameters (:mod:`covidct.patients.parameters`).
+``conf/vote/``. :func:`vote` (:func:`vote_with`) and :func:`scores_with` dispatch through the registry;
+:data:`VOTE_RULES`, :data:`LEARNED_RULES`, :data:`SHARE_RULES` and :data:`RULE_SCORES` derive from it;
+:func:`check_vote_settings` validates a rule and its parameters (:mod:`covidct.patients.parameters`).
 """
 
 from __future__ import annotations
