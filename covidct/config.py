@@ -21,7 +21,7 @@ from covidct.schema import register_configs
 def register_resolvers() -> None:
     """``${run_suffix:}``: a random 6-hex suffix, fixed per composed config (and copied to every
     job of a sweep by Hydra, like ``${now:}``), so run folders never collide; ``${len:x}``;
-    ``${classes:<label mode>}`` (the slice classes a label mode trains). Also
+    ``${classes:<label mode>}`` (the slice classes a label mode trains); ``${contract:NAME}``. Also
     registers the train schema (``train_schema``) in Hydra's ConfigStore."""
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(3), use_cache=True)
@@ -31,7 +31,21 @@ def register_resolvers() -> None:
         from covidct.data.labels import class_names_of
 
         OmegaConf.register_new_resolver("classes", class_names_of)
+    if not OmegaConf.has_resolver("contract"):  # ${contract:PATIENT_ACC}: a name of covidct.contracts
+        OmegaConf.register_new_resolver("contract", contract_value)
     register_configs()
+
+
+def contract_value(name: str) -> str:
+    """``${contract:NAME}``: the string constant ``NAME`` of :mod:`covidct.contracts` (one spelling for
+    Python and YAML); an unknown name is a ConfigError naming it."""
+    from covidct import contracts
+
+    value = getattr(contracts, name, None)
+    if not isinstance(value, str):
+        known = sorted(k for k, v in vars(contracts).items() if k.isupper() and isinstance(v, str))
+        raise ConfigError(f"${{contract:{name}}}: not a name of covidct.contracts; known: {known}")
+    return value
 
 
 def _choice(key: str, value: object, choices) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
 from covidct.patients import aggregation as agg

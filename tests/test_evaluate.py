@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_f1_score
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.errors import ConfigError, DataError
 from covidct.predict.eval_inputs import read_labels
 from covidct.predict.eval_metrics import batch_metrics

@@ -34,7 +34,6 @@ from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 from covidct.errors import ConfigError, DataError
 from covidct.models.checkpoint import read_checkpoint
 from covidct.training.privacy import (
-    MAPPING_FILE,
     Pseudonymizer,
     identifier_shapes,
     instantiate_logger,
@@ -278,9 +277,9 @@ def test_online_without_pseudonyms_warns_once_about_identifier_shaped_folders(ca
 
 
 def test_the_mapping_file_maps_pseudonyms_back(tmp_path):
-    pseudonym = Pseudonymizer(b"k" * 32, mapping_file=tmp_path / MAPPING_FILE)
+    pseudonym = Pseudonymizer(b"k" * 32, mapping_file=tmp_path / "pseudonyms.csv")
     pseudonym.prepare(FOLDER_NAMES)
-    rows = list(csv.DictReader((tmp_path / MAPPING_FILE).open()))
+    rows = list(csv.DictReader((tmp_path / "pseudonyms.csv").open()))
     assert {r["pseudonym"]: r["patient"] for r in rows} == {pseudonym(n): n for n in FOLDER_NAMES}
     Pseudonymizer(None, mapping_file=tmp_path / "none.csv").prepare(FOLDER_NAMES)
     assert not (tmp_path / "none.csv").exists()  # nothing to map without pseudonyms
@@ -367,7 +366,7 @@ def train_pseudonymized(data: Path, run: Path, cache: Path, secret: Path) -> Pat
 
 
 def mapping(run: Path) -> dict[str, str]:
-    return {r["patient"]: r["pseudonym"] for r in csv.DictReader((run / MAPPING_FILE).open())}
+    return {r["patient"]: r["pseudonym"] for r in csv.DictReader((run / "pseudonyms.csv").open())}
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.contracts import CLASS_NAMES, NORMAL_CLASS
 from covidct.patients.aggregation import GatedAttentionMIL, predict_proba
 from covidct.patients.calibration import expected_calibration_error
 from covidct.patients.decisions import mil_details

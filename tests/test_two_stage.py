@@ -14,11 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.config import register_resolvers
+from covidct.contracts import CLASS_NAMES, INDEX_FILE, NORMAL_CLASS
 from covidct.data.datamodule import CTDataModule
 from covidct.data.labels import INFECTION_CLASSES, UNKNOWN, slice_targets
-from covidct.data.layout import INDEX_FILE, discover_covid_ct_md, read_index
+from covidct.data.layout import discover_covid_ct_md, read_index
 from covidct.data.pseudo_labels import LABEL_FILE, META_FILE, read_pseudo_labels, write_pseudo_labels
 from covidct.errors import ConfigError, DataError
 from tests.conftest import REPO, compose_train, tiny

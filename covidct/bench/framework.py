@@ -42,7 +42,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from covidct.bench.measure import Row, check_backbone, format_rows
-from covidct.contracts import CONF_DIR
+from covidct.contracts import CONF_DIR, INDEX_FILE
 from covidct.errors import ConfigError, CovidCTError
 from covidct.io import atomic_write_text
 
@@ -145,7 +145,7 @@ def bench_steps(cfg: DictConfig, pre: SlicePreprocessor, work: Path) -> list[tup
         ("cache build", lambda: measure_cache_build(synthetic, pre, builds.workers, work, data, builds.repeats)),
     ]
     sample = Path(cfg.real_sample)
-    if (sample / "Index.csv").is_file():
+    if (sample / INDEX_FILE).is_file():
         real = discover_covid_ct_md(sample)
         real_data = f"real sample, {len(slice_files(real))} slices"
         crop = cfg.cache_lung_crop
@@ -167,13 +167,13 @@ def bench_steps(cfg: DictConfig, pre: SlicePreprocessor, work: Path) -> list[tup
         ("framework", lambda: measure_framework(root, cfg.framework, work / "framework", "synthetic")),
         ("memory", lambda: measure_memory(memory, cache_dir, work / "memory")),
     ]
-    if (sample / "Index.csv").is_file():
+    if (sample / INDEX_FILE).is_file():
         steps.append(("inference", lambda: measure_inference(sample, cfg.inference)))
     return steps
 
 
 # ---- command line -------------------------------------------------------------------------------
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def bench_app(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from covidct.bench.measure import best_of
+from covidct.contracts import INDEX_FILE
 from covidct.errors import ConfigError
 
 log = logging.getLogger("bench_predict")
@@ -30,7 +31,7 @@ def measure_gpu(
         return []
     rows = []
     root = Path(input_path)
-    if (root / "Index.csv").is_file():
+    if (root / INDEX_FILE).is_file():
         rows += measure_gpu_training(root, batch_size, num_workers)
     else:
         log.warning("gpu training rows skipped: input=%s is not a COVID-CT-MD layout (no Index.csv)", root)

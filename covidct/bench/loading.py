@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from covidct.bench.measure import CONF_DIR, Row, timed
+from covidct.bench.measure import Row, timed
+from covidct.contracts import CONF_DIR
 
 if TYPE_CHECKING:
     import albumentations as A

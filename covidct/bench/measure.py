@@ -6,14 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from covidct.errors import ConfigError
 from covidct.text_table import format_table
-
-#: the config folder (the bench reads the training augmentation and the train config from it)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass

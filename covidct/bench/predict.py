@@ -155,7 +155,7 @@ def check_rows(rows: Any) -> list[str]:
     return list(rows)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench_predict")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench_predict")
 def bench_predict_app(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "input"):
         log.error(

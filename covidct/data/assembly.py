@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidct import NORMAL_CLASS
+from covidct.contracts import NORMAL_CLASS
 from covidct.data.cache import SliceCache
 from covidct.data.labels import UNKNOWN, series_of_labels, slice_targets, usable_slice_labels
 from covidct.data.layout import PatientFolder

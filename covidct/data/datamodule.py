@@ -29,7 +29,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from covidct import CLASS_NAMES as PATIENT_CLASSES
+from covidct.contracts import CLASS_NAMES as PATIENT_CLASSES
+from covidct.contracts import SERIES_COLUMNS, SPLIT_FILE
 from covidct.data.assembly import SplitSettings, assemble, no_training_slices
 from covidct.data.cache import SliceCache, build_or_load_cache
 from covidct.data.dicom import Skipped
@@ -38,7 +39,6 @@ from covidct.data.layout import PatientFolder, discover_covid_ct_md
 from covidct.data.preprocess import SlicePreprocessor, Window, parse_windows
 from covidct.data.series import (
     AUTO,
-    SERIES_COLUMNS,
     check_min_slices,
     check_series_rule,
     find_shared_series,
@@ -293,7 +293,7 @@ class CTDataModule(pl.LightningDataModule):
         log.info("\n%s", self.summary.text())
         if self.output_dir is not None:
             self.summary.save(self.output_dir)
-            self.save_split(self.output_dir / "split.csv")
+            self.save_split(self.output_dir / SPLIT_FILE)
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: the split's patients, and the patients whose slices were trained on (the

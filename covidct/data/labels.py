@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.contracts import CLASS_NAMES, NORMAL_CLASS
 from covidct.errors import ConfigError
 
 #: ``paper``: 3 classes from radiologist slice labels; ``patient``: every slice takes its patient's class;

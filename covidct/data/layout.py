@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES, INDEX_FILE
 from covidct.data.dicom import IGNORED_NAMES, Skipped, scan_folder
 from covidct.errors import DataError
 
@@ -33,7 +33,6 @@ _CLASS_FOLDER = re.compile(r"^(covid-?19|cap|normal)([ _-]+(subjects|cases))?$",
 #: Class word (a class folder's first word, or Index.csv's Diagnosis), lower case -> class index.
 _CLASS_OF_WORD = {"covid-19": 0, "covid19": 0, "cap": 1, "normal": 2}
 
-INDEX_FILE = "Index.csv"
 #: Index.csv's columns, as in the real file; rows are matched by "Folder/ID", never by "Label Index".
 INDEX_COLUMNS = ("Label Index", "Diagnosis", "Relative Path", "Folder/ID")
 _DIAGNOSIS_COLUMN, _ID_COLUMN = INDEX_COLUMNS[1], INDEX_COLUMNS[3]

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from covidct import CLASS_NAMES
-from covidct.data.layout import INDEX_COLUMNS, INDEX_FILE, IndexFile, load_label_array, read_index_file
+from covidct.contracts import CLASS_NAMES, INDEX_FILE
+from covidct.data.layout import INDEX_COLUMNS, IndexFile, load_label_array, read_index_file
 from covidct.data.preprocess import SlicePreprocessor
 from covidct.errors import DataError
 from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text

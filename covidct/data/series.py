@@ -273,7 +273,6 @@ def choose_series(
 
 
 #: Columns that say which series a patient's row was read from (split.csv, predict's patient CSV).
-SERIES_COLUMNS = ("series_uid", "series_description", "n_series")
 
 
 def series_cells(chosen: dict | None, n_series: int) -> tuple[str, str, int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES, DATA_SUMMARY_JSON, DATA_SUMMARY_TEXT
 from covidct.data.cache import CachedPatient, SliceCache
 from covidct.data.dicom import Skipped
 from covidct.data.labels import UNKNOWN
@@ -150,8 +150,8 @@ class DataSummary:
 
     def save(self, out_dir: Path) -> None:
         """Write ``data_summary.json`` and ``data_summary.txt`` into ``out_dir`` (atomic)."""
-        atomic_write_text(out_dir / "data_summary.json", json.dumps(asdict(self), indent=1))
-        atomic_write_text(out_dir / "data_summary.txt", self.text() + "\n")
+        atomic_write_text(out_dir / DATA_SUMMARY_JSON, json.dumps(asdict(self), indent=1))
+        atomic_write_text(out_dir / DATA_SUMMARY_TEXT, self.text() + "\n")
 
 
 def _not_cropped(patient: CachedPatient) -> bool:

@@ -17,7 +17,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.data.labels import INFECTED, INFECTION_CLASSES, UNKNOWN
 from covidct.errors import ConfigError
 from covidct.models.backbones import build_backbone

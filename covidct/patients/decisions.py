@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES, PATIENT_ACC, PATIENT_F1, calibration_metric, rule_metric, vote_parameter
 from covidct.errors import ConfigError
-from covidct.metric_names import PATIENT_ACC, PATIENT_F1, calibration_metric, rule_metric, vote_parameter
 from covidct.patients.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil
 from covidct.patients.calibration import (
     T_MAX,

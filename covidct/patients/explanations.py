@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.contracts import CLASS_NAMES, NORMAL_CLASS
 from covidct.patients.decisions import PatientVoter, ValidationVotes
 from covidct.patients.parameters import VoteParameters
 from covidct.patients.rules import LEARNED_RULES, RULE_SCORES, RULES, VOTE_RULES, scores_with

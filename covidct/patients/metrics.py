@@ -14,8 +14,7 @@ from torchmetrics.functional.classification import (
     multiclass_specificity,
 )
 
-from covidct import CLASS_NAMES
-from covidct.metric_names import class_slug
+from covidct.contracts import CLASS_NAMES, class_slug
 
 
 def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAMES) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidct import NORMAL_CLASS
+from covidct.contracts import NORMAL_CLASS
 from covidct.errors import ConfigError, CovidCTError
 from covidct.patients.parameters import (
     CENTER_SLICES,

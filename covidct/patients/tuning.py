@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from covidct import NORMAL_CLASS
+from covidct.contracts import NORMAL_CLASS
 from covidct.patients.parameters import SLICE_THRESHOLD, TAU
 from covidct.patients.voting import infected_probability, threshold_calls, threshold_vote
 

@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.contracts import COVID_CLASS, NORMAL_CLASS
 from covidct.patients.parameters import CENTER_SLICES, TOP_K, WINDOW_SLICES
 
-COVID_CLASS: int = CLASS_NAMES.index("COVID-19")
 #: weighted_center: weight of an argmax vote outside the central slices, by the class voted for
 OUTER_WEIGHT_INFECTED: float = 0.7
 OUTER_WEIGHT_NORMAL: float = 0.5

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES, EVALUATED_COLUMNS, PREDICTION_RECORD, patient_csv_name
 from covidct.errors import DataError
 from covidct.io import csv_text
 
@@ -151,7 +151,7 @@ def prediction_files(source: str | Path) -> dict[str, Path]:
         return {source.stem: source}
     if not source.is_dir():
         raise DataError(f"predictions={source}: does not exist; give a predict.py run folder or one test set's CSV.")
-    record = source / "prediction.json"
+    record = source / PREDICTION_RECORD
     if not record.is_file():
         raise DataError(
             f"predictions={source}: no prediction.json in it, so not a predict.py run folder; give the run folder "
@@ -161,7 +161,7 @@ def prediction_files(source: str | Path) -> dict[str, Path]:
         names = list(json.loads(record.read_text())["test_sets"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"predictions={record}: not a predict.py record (no test_sets: {exc}).") from exc
-    files = {name: source / f"{name}.csv" for name in names}
+    files = {name: source / patient_csv_name(name) for name in names}
     for name, path in files.items():
         if not path.is_file():
             raise DataError(f"predictions={source}: test set {name!r} is in prediction.json but {path} is missing.")
@@ -182,7 +182,7 @@ def read_predictions(source: str | Path) -> Predictions:
         if not records:
             raise DataError(f"predictions={path}: empty; not a predict.py test-set CSV.")
         line, header = records[0]
-        missing = [c for c in ("patient", "predicted_class", "status") if c not in header]
+        missing = [c for c in EVALUATED_COLUMNS if c not in header]
         if missing:
             raise DataError(
                 f"predictions={path} line {line}: no {', '.join(missing)} column; not a predict.py test-set CSV "
@@ -192,7 +192,7 @@ def read_predictions(source: str | Path) -> Predictions:
         if class_names is not None and names != class_names:
             raise DataError(f"predictions={path}: classes {names} differ from the other test sets' {class_names}.")
         class_names = names
-        col = {c: header.index(c) for c in ("patient", "predicted_class", "status")}
+        col = {c: header.index(c) for c in EVALUATED_COLUMNS}
         detail_col = header.index("detail") if "detail" in header else None
         for line, cells in records[1:]:
             if len(cells) != len(header):

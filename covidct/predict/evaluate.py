@@ -7,7 +7,7 @@ confusion matrices and 95% bootstrap confidence intervals, per test set and over
 or ``python predict.py ... labels=<csv>``, which scores the CSVs it has just written. Settings in
 ``conf/evaluate.yaml``. The labels CSV has a patient and a class column (the SPGC / COVID-CT-MD
 headers are accepted: ``patient``, ``patient_id``, ``Folder/ID``; ``class``, ``label``, ``Diagnosis``),
-class names as in :data:`covidct.CLASS_NAMES` in any case (``covid``, ``covid19`` are COVID-19 too).
+class names as in :data:`covidct.contracts.CLASS_NAMES` in any case (``covid``, ``covid19`` are COVID-19 too).
 Labels and predictions must match one to one: a bad class name, a duplicate row, a predicted patient
 without a label, a label without a prediction, or a prediction that failed (status ``error``, unless
 ``allow_errors=true`` scores it as wrong) is refused with the file and line named; nothing is dropped
@@ -37,7 +37,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from covidct.contracts import CONF_DIR
+from covidct.contracts import CONF_DIR, EVALUATION_CSV, EVALUATION_JSON
 from covidct.errors import ConfigError, CovidCTError
 from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from covidct.predict.eval_inputs import OVERALL, Labels, Predictions, match, read_labels, read_predictions
@@ -95,8 +95,8 @@ def evaluate(
         png = confusion_png(s.confusion, names, f"{name} (n={s.n_patients})")
         written.append(atomic_write_bytes(out / f"confusion_{name}.png", png))
     record = evaluation_record(preds, label_set, scores, resamples, seed, allow_errors)
-    written.append(atomic_write_text(out / "evaluation.json", json.dumps(record, indent=1) + "\n"))
-    written.append(write_scores_csv(out / "evaluation.csv", scores, names))
+    written.append(atomic_write_text(out / EVALUATION_JSON, json.dumps(record, indent=1) + "\n"))
+    written.append(write_scores_csv(out / EVALUATION_CSV, scores, names))
     return Evaluation(scores, names, written)
 
 
@@ -164,7 +164,7 @@ def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
     return result.files
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def evaluate_app(cfg: DictConfig) -> None:
     missing = [key for key in ("predictions", "labels") if OmegaConf.is_missing(cfg, key)]
     if missing:

@@ -440,7 +440,7 @@ def default_output(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / (Path(cfg.ckpt_path).stem + suffix)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def export_app(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         log.error("ckpt_path not set: python -m covidct.predict.export ckpt_path=<run>/checkpoints/<best>.ckpt")

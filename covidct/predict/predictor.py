@@ -25,11 +25,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from covidct.contracts import (
+    PREDICT_CLAIM,
+    PREDICTION_RECORD,
+    patient_csv_columns,
+    patient_csv_name,
+    slice_csv_columns,
+    slice_csv_name,
+)
 from covidct.data.labels import INFECTION_CLASSES
 from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.data.series import (
     AUTO,
-    SERIES_COLUMNS,
     check_min_slices,
     check_series_rule,
     find_shared_series,
@@ -240,27 +247,8 @@ def write_test_set_csvs(
     output_dir: Path, name: str, names: list[str], patient_rows: list, slice_rows: list
 ) -> tuple[Path, Path]:
     """Write ``<name>.csv`` and ``<name>_slices.csv`` (atomically) into ``output_dir``; their paths."""
-    patients_csv = atomic_write_csv(
-        output_dir / f"{name}.csv",
-        [
-            "patient",
-            "predicted_class",
-            *[f"prob_{n}" for n in names],
-            "infected_fraction",
-            "n_slices",
-            "n_skipped",
-            "order_key",
-            *SERIES_COLUMNS,
-            "status",
-            "detail",
-        ],
-        patient_rows,
-    )
-    slices_csv = atomic_write_csv(
-        output_dir / f"{name}_slices.csv",
-        ["patient", "slice_index", "slice_location", *[f"prob_{n}" for n in names]],
-        slice_rows,
-    )
+    patients_csv = atomic_write_csv(output_dir / patient_csv_name(name), patient_csv_columns(names), patient_rows)
+    slices_csv = atomic_write_csv(output_dir / slice_csv_name(name), slice_csv_columns(names), slice_rows)
     return patients_csv, slices_csv
 
 
@@ -343,7 +331,7 @@ def run_prediction(cfg) -> list[Path]:
             test_set, model, settings, output_dir, cfg.batch_size, cfg.num_workers, cfg.progress, cam_slices
         )
     record = prediction_record(cfg, test_sets, cam_slices, model_record, settings)
-    outputs.append(atomic_write_text(output_dir / "prediction.json", json.dumps(record, indent=1)))
+    outputs.append(atomic_write_text(output_dir / PREDICTION_RECORD, json.dumps(record, indent=1)))
     return outputs
 
 
@@ -423,9 +411,9 @@ def claim_output_dir(output_dir: Path, test_sets: list[TestSet], input_path: Pat
     created exclusively, so of two runs into one folder (``paths.output_dir=`` given to both) only one goes
     on. A folder that holds another run's claim or results (prediction.json, a test set's CSVs) is refused
     (:class:`ConfigError`) unless ``overwrite``."""
-    claim = output_dir / ".predict-run.json"
-    results = [f"{t.name}{suffix}.csv" for t in test_sets for suffix in ("", "_slices")]
-    found = [p.name for p in [claim, *(output_dir / name for name in ["prediction.json", *results])] if p.exists()]
+    claim = output_dir / PREDICT_CLAIM
+    results = [name(t.name) for t in test_sets for name in (patient_csv_name, slice_csv_name)]
+    found = [p.name for p in [claim, *(output_dir / name for name in [PREDICTION_RECORD, *results])] if p.exists()]
     owner = json.dumps({"pid": os.getpid(), "input": str(input_path.resolve())})
     try:
         if found and not overwrite:

@@ -18,6 +18,7 @@ import jinja2
 import numpy as np
 from markupsafe import Markup
 
+from covidct.contracts import REPORT_FILE
 from covidct.io import atomic_write_bytes, atomic_write_text
 from covidct.report.figures import Figures, render_figures
 from covidct.report.metrics import RELIABILITY_BINS, RunReport, Scored, class_rates, score
@@ -187,5 +188,5 @@ def write_report(report: RunReport, out_dir: str | Path) -> WrittenReport:
     paths = {name: atomic_write_bytes(out_dir / name, png) for name, png in figures.pngs.items()}
     paths |= {name: atomic_write_text(out_dir / name, svg) for name, svg in figures.svgs.items()}
     text = render_html(report, scored, figures)
-    paths["report.html"] = atomic_write_text(out_dir / "report.html", text)
+    paths[REPORT_FILE] = atomic_write_text(out_dir / REPORT_FILE, text)
     return WrittenReport(paths, scored.metrics, figures.pngs, figures.svgs, figures.captions, text, scored, figures)

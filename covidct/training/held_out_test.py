@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES, TEST_PATIENTS_FILE, rule_metric
 from covidct.data.datamodule import CTDataModule
 from covidct.io import atomic_write_csv
-from covidct.metric_names import rule_metric
 from covidct.patients.calibration import apply_temperature
 from covidct.patients.metrics import patient_metrics
 from covidct.patients.mil_features import slice_features
@@ -74,7 +73,7 @@ def score_test_patients(ckpt_path: str, datamodule: CTDataModule, rule: str, out
     metrics["test/patient/acc"] = metrics[rule_metric(rule, "acc", "test")]
     if slice_probs:
         metrics |= slice_metrics(np.concatenate(slice_probs), np.concatenate(slice_targets))
-    atomic_write_csv(output_dir / "test_patients.csv", ["patient", "true_class", *(f"{r}_vote" for r in rules)], rows)
+    atomic_write_csv(output_dir / TEST_PATIENTS_FILE, ["patient", "true_class", *(f"{r}_vote" for r in rules)], rows)
     log.info(
         "Test patients (%d, %s): accuracy %.3f with vote=%s", len(labels), ckpt_path, metrics["test/patient/acc"], rule
     )

@@ -35,6 +35,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
+from covidct.contracts import PSEUDONYMS_FILE
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 #: the attribute of a WandbLogger that carries its :class:`Pseudonymizer`
 ATTRIBUTE = "covidct_pseudonymizer"
 #: written into the run folder with ``privacy.mapping_file=true``
-MAPPING_FILE = "pseudonyms.csv"
 PREFIX = "pt-"
 MIN_SECRET_BYTES = 16
 
@@ -229,7 +229,7 @@ def wandb_pseudonymizer(privacy: Any, logger_conf: Any, output_dir: str | Path |
             "logger.wandb.log_model uploads checkpoints, which hold the split's patient ids (folder names) "
             "unpseudonymized: set logger.wandb.log_model=false, or privacy.pseudonymize=false"
         )
-    mapping = Path(output_dir) / MAPPING_FILE if privacy.mapping_file and output_dir else None
+    mapping = Path(output_dir) / PSEUDONYMS_FILE if privacy.mapping_file and output_dir else None
     return Pseudonymizer(load_secret(privacy.secret_file), privacy.pseudonym_length, online, mapping)
 
 

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
 from covidct.config import register_resolvers
-from covidct.contracts import CONF_DIR
+from covidct.contracts import CLASS_NAMES, CONF_DIR, NORMAL_CLASS
 from covidct.errors import ConfigError, CovidCTError
 
 log = logging.getLogger("pseudo_label")
@@ -159,7 +158,7 @@ def pseudo_label(cfg: DictConfig) -> Path:
     return write_pseudo_labels(Path(cfg.paths.output_dir), written, meta)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pseudo_label")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pseudo_label")
 def main(cfg: DictConfig) -> None:
     missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
     if missing:

@@ -20,10 +20,19 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from covidct import CLASS_NAMES
 from covidct.config import check_config
+from covidct.contracts import (
+    CLASS_NAMES,
+    DATA_SUMMARY_TEXT,
+    METRICS_FILE,
+    PATIENT_ACC,
+    PATIENTS_FILE,
+    REPORT_FILE,
+    SPLIT_FILE,
+    rule_metric,
+    vote_parameter,
+)
 from covidct.errors import ConfigError, CovidCTError
-from covidct.metric_names import rule_metric, vote_parameter
 from covidct.models.checkpoint import check_resume_settings, read_checkpoint
 from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
 from covidct.training.callbacks.step_seed import StepSeed
@@ -33,7 +42,7 @@ from covidct.training.sweep_summary import write_run_metrics
 log = logging.getLogger(__name__)
 
 #: what a finished run writes into its folder, in the order the summary names them
-RUN_FILES = ("report.html", "metrics.json", "patients.csv", "data_summary.txt", "split.csv")
+RUN_FILES = (REPORT_FILE, METRICS_FILE, PATIENTS_FILE, DATA_SUMMARY_TEXT, SPLIT_FILE)
 
 
 @dataclass
@@ -47,7 +56,7 @@ class TrainResult:
     metrics: dict[str, float]
     confusion: np.ndarray | None  # (C, C) patient confusion matrix of the best epoch, rows = truth
     output_dir: Path
-    monitor: str = "val/patient/acc"
+    monitor: str = PATIENT_ACC
     class_names: tuple[str, ...] = CLASS_NAMES
     vote_parameters: str = ""  # where the checkpoint's vote parameters come from, when no validation tuned them
     no_validation: str = ""  # why no validation epoch ran (:func:`validation_off`), "" when they did

@@ -32,13 +32,12 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from covidct.contracts import FOLDS_FILE, METRICS_FILE, PATIENT_F1, SWEEP_SUMMARY_FILE
 from covidct.io import atomic_write_csv, atomic_write_text
-from covidct.metric_names import PATIENT_F1
 from covidct.text_table import format_table
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 #: job statuses that make a finished multirun exit 1 (``failed``, a user error, does not)
 BROKEN = ("crashed", "interrupted")
 FOLD_KEY = "data.fold"
@@ -197,7 +196,7 @@ def write_sweep_summary(sweep_dir: str | Path) -> str:
     if not jobs:
         return f"No job folders with .hydra/overrides.yaml in {sweep_dir}"
     header, rows = summary_rows(jobs)
-    atomic_write_csv(sweep_dir / "summary.csv", header, rows)
+    atomic_write_csv(sweep_dir / SWEEP_SUMMARY_FILE, header, rows)
     failed = sum(j["status"] != "ok" for j in jobs)
     broken = sum(j["status"].startswith(BROKEN) for j in jobs)
     report = [
@@ -207,7 +206,7 @@ def write_sweep_summary(sweep_dir: str | Path) -> str:
     ]
     folds = fold_rows(jobs)
     if folds is not None:
-        atomic_write_csv(sweep_dir / "folds.csv", *folds)
+        atomic_write_csv(sweep_dir / FOLDS_FILE, *folds)
         report += [
             "",
             "Cross-validation over data.fold: mean and std (ddof=1) per setting (folds.csv)",

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.data.layout import class_of_folder
 from covidct.data.synthetic import (
     CLASS_FOLDERS,

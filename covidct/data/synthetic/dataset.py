@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct import CLASS_NAMES
-from covidct.data.layout import INDEX_COLUMNS, INDEX_FILE
+from covidct.contracts import CLASS_NAMES, INDEX_FILE
+from covidct.data.layout import INDEX_COLUMNS
 from covidct.data.synthetic.dicom_writer import write_series
 from covidct.data.synthetic.patients import patient_phantom, plan_patients
 from covidct.data.synthetic.spec import GENERATOR_VERSION, MAX_SLICES, SyntheticSpec, spec_fields, spec_hash

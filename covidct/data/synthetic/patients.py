@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.data.synthetic.phantom import Phantom, make_phantom
 from covidct.data.synthetic.spec import SyntheticSpec
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.data.synthetic.anatomy import draw_anatomy, render_anatomy
 from covidct.data.synthetic.lesions import add_lesions
 

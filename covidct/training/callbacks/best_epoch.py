@@ -10,6 +10,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from covidct.contracts import INFECTION_AUROC
+
 
 @dataclass(frozen=True)
 class BestEpoch:
@@ -28,7 +30,7 @@ class BestEpochCallback(pl.Callback):
     :class:`~covidct.training.callbacks.patient_vote.PatientVoteCallback`'s (the same score, the same first-best
     rule) and this one adds that epoch's slice metrics."""
 
-    def __init__(self, monitor: str = "val/infection/auroc", mode: str = "max") -> None:
+    def __init__(self, monitor: str = INFECTION_AUROC, mode: str = "max") -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.monitor, self.mode = monitor, mode

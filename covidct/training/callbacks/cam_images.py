@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from covidct import CLASS_NAMES
+from covidct.contracts import CLASS_NAMES
 from covidct.errors import ConfigError
 from covidct.training.privacy import prepare_loggers, pseudonymizer_of
 

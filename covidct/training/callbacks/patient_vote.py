@@ -41,9 +41,9 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
+from covidct.contracts import PATIENT_ACC, PATIENTS_FILE
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
-from covidct.metric_names import PATIENT_ACC
 from covidct.patients.decisions import PatientVoter, ValidationVotes
 from covidct.patients.explanations import patient_decisions, patients_table
 from covidct.patients.mil_features import DEFAULT_MIL_FEATURES
@@ -235,7 +235,7 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
         vote (:func:`~covidct.patients.explanations.patients_table`)."""
         if self.output_dir is None:
             return
-        atomic_write_csv(self.output_dir / "patients.csv", *patients_table(result, patient_decisions(result, self)))
+        atomic_write_csv(self.output_dir / PATIENTS_FILE, *patients_table(result, patient_decisions(result, self)))
 
     def state_dict(self) -> dict[str, Any]:
         # The vote parameters (VoteParameters.to_state: read by predict.py; on resume the config's k,

@@ -24,9 +24,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from covidct import CLASS_NAMES
+from covidct.contracts import (
+    CLASS_NAMES,
+    DATA_SUMMARY_TEXT,
+    METRICS_FILE,
+    PATIENTS_FILE,
+    REPORT_FILE,
+    SPLIT_FILE,
+    class_slug,
+)
 from covidct.data.series import series_line
-from covidct.metric_names import class_slug
 from covidct.patients.decisions import ValidationVotes
 from covidct.patients.explanations import patient_decisions
 from covidct.patients.metrics import patient_metrics
@@ -223,11 +230,11 @@ def run_links(output_dir: Path, best_checkpoint: str | None) -> dict[str, str]:
         links[f"best checkpoint ({Path(best_checkpoint).name})"] = Path(
             os.path.relpath(best_checkpoint, output_dir)
         ).as_posix()
-    links["patients.csv"] = "patients.csv"
-    links["metrics.json"] = "metrics.json"
+    links[PATIENTS_FILE] = PATIENTS_FILE
+    links[METRICS_FILE] = METRICS_FILE
     for logfile in sorted(output_dir.glob("*.log")):  # train.py's Hydra job log: train.log
         links[logfile.name] = logfile.name
-    for name in ("data_summary.txt", "split.csv", ".hydra/config.yaml"):
+    for name in (DATA_SUMMARY_TEXT, SPLIT_FILE, ".hydra/config.yaml"):
         if (output_dir / name).is_file():
             links[Path(name).name] = name
     return links
@@ -368,7 +375,7 @@ class RunReportCallback(pl.Callback):
             title=title,
         )
         written = write_report(report, self.output_dir)
-        log.info("Run report: %s", written.paths["report.html"])
+        log.info("Run report: %s", written.paths[REPORT_FILE])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 log_to_wandb(logger, written, report)

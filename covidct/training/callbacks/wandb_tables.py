@@ -10,7 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from covidct import CLASS_NAMES, NORMAL_CLASS
+from covidct.contracts import CLASS_NAMES, NORMAL_CLASS
 from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
 from covidct.patients.decisions import ValidationVotes
