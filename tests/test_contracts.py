@@ -26,7 +26,7 @@ def test_an_unknown_contract_name_is_an_error_listing_the_known_ones():
         InterpolationResolutionError,
         match=r"\$\{contract:PATIENT_ACCURACY\}: not a name of covidct.contracts.*PATIENT_ACC",
     ):
-        OmegaConf.create({"monitor": "${contract:PATIENT_ACCURACY}"}).monitor
+        OmegaConf.to_container(OmegaConf.create({"monitor": "${contract:PATIENT_ACCURACY}"}), resolve=True)
 
 
 def test_the_normal_class_is_found_by_name_and_evaluate_reads_columns_predict_writes():
