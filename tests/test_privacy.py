@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -227,6 +229,8 @@ def test_pseudonyms_are_keyed_stable_and_short():
     assert all(one(n) != other(n) for n in names)  # keyed: another secret, other pseudonyms
     assert all(re.fullmatch(r"pt-[0-9a-f]{10}", one(n)) for n in names) and len({one(n) for n in names}) == 6
     assert re.fullmatch(r"pt-[0-9a-f]{16}", Pseudonymizer(b"k" * 32, length=16)("MRN004211"))
+    # HMAC-SHA256(b"k" * 32, b"MRN004211"), from Python's hmac module: the hash the docs promise
+    assert one("MRN004211") == "pt-" + hmac.new(b"k" * 32, b"MRN004211", hashlib.sha256).hexdigest()[:10]
     off = Pseudonymizer(None)
     assert not off.active and off("MRN004211") == "MRN004211"
     assert "kkkk" not in repr(one) and one.active
@@ -388,7 +392,8 @@ def test_identifier_folder_names_never_reach_wandb_but_their_pseudonyms_do(tmp_p
 
     pseudonyms = mapping(tmp_path / "first")
     assert set(pseudonyms) == set(FOLDER_NAMES)  # the local mapping maps every pseudonym back
-    assert pseudonyms == {n: Pseudonymizer(key)(n) for n in FOLDER_NAMES}
+    # the documented pseudonym, computed here: "pt-" + 10 hex digits of HMAC-SHA256(secret file's bytes, folder name)
+    assert pseudonyms == {n: "pt-" + hmac.new(key, n.encode(), hashlib.sha256).hexdigest()[:10] for n in FOLDER_NAMES}
     shown = {p.decode() for p in PSEUDONYM.findall(blob)}
     assert len(shown & set(pseudonyms.values())) >= 3 and shown <= set(pseudonyms.values())  # val patients
     media = {p.relative_to(first / "files" / "media").parent.as_posix() for p in first.rglob("media/*/*/*")}

@@ -79,7 +79,12 @@ def test_test_patients_of_a_split_file_are_scored_once_with_the_best_checkpoint(
     out = tmp_path / "run"
     result = train(compose_train(out, [*tiny(shared_cache), "logger=none", f"data.split_file={split}"]))
     saved = list(csv.DictReader((out / "split.csv").open()))
-    assert [r["subset"] for r in saved] == subset  # the file's split, not a drawn one
+    by_subset = {s: sorted(r["patient"] for r in saved if r["subset"] == s) for s in ("train", "val", "test")}
+    assert by_subset == {  # the file's split, not a drawn one
+        "train": ["P001", "P002", "cap001", "cap002", "normal001", "normal002"],
+        "val": ["P003", "cap003", "normal003"],
+        "test": ["P004", "cap004", "normal004"],
+    }
     tested = list(csv.DictReader((out / "test_patients.csv").open()))
     assert [r["patient"] for r in tested] == ["P004", "cap004", "normal004"]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -75,14 +75,25 @@ def test_fold_report_gives_mean_and_std_per_setting(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_with_default_paths_lands_in_the_working_folder(tmp_path, shared_cache):
-    """No paths.* override: the sweep folder must resolve before Hydra's runtime exists."""
-    overrides = [o for o in tiny(shared_cache) if not o.startswith("paths.")]
-    out = run_cli(["-m", "loss.gamma=0,2", "logger=none", *overrides], tmp_path)
+def test_multirun_with_default_paths_lands_in_the_working_folder_one_wandb_run_per_job_in_one_group(
+    tmp_path, shared_cache
+):
+    """No paths.log_dir override: the sweep folder must resolve before Hydra's runtime exists. The default
+    logger (W&B, offline): each job its own run, the sweep folder their group."""
+    out = run_cli(["-m", "loss.gamma=0,2", *tiny(shared_cache)], tmp_path)  # tiny sets paths.cache_dir only
     assert out.returncode == 0, out.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     assert [r["status"] for r in read_csv(sweep / "summary.csv")] == ["ok", "ok"]
     assert str(sweep) in out.stdout  # the table names the sweep folder, absolute
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    run_files = [next(j.glob("wandb/offline-run-*/run-*.wandb")) for j in jobs]
+    assert run_files[0].parent.name != run_files[1].parent.name
+    for f in run_files:
+        assert sweep.name.encode() in f.read_bytes()  # the W&B group is the sweep folder
+    for j, gamma in zip(jobs, ("0", "2"), strict=True):
+        assert f"loss.gamma={gamma}" in (j / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
+        assert (j / "patients.csv").is_file()
 
 
 @pytest.mark.slow

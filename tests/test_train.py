@@ -136,22 +136,6 @@ def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
         assert out.returncode == 1 and len(errors) == 1 and "data.root" in errors[0] and "Traceback" not in out.stderr
 
 
-def test_multirun_two_jobs_each_own_wandb_run_in_one_group(tmp_path, shared_cache):
-    out = run_cli(["-m", "loss.gamma=0,2", f"paths.log_dir={tmp_path}"] + tiny(shared_cache), tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    sweeps = list((tmp_path / "train" / "multiruns").iterdir())
-    assert len(sweeps) == 1
-    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
-    assert [j.name for j in jobs] == ["0", "1"]
-    run_files = [next(j.glob("wandb/offline-run-*/run-*.wandb")) for j in jobs]
-    assert run_files[0].parent.name != run_files[1].parent.name
-    for f in run_files:
-        assert sweeps[0].name.encode() in f.read_bytes()  # the W&B group is the sweep folder
-    for j, gamma in zip(jobs, ("0", "2"), strict=True):
-        assert f"loss.gamma={gamma}" in (j / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
-        assert (j / "patients.csv").is_file()
-
-
 def test_paper_experiment_trains_on_the_real_sample_from_imagenet_weights(
     tmp_path, shared_cache, real_sample, monkeypatch
 ):
