@@ -14,11 +14,16 @@ install:  ## fresh venv with everything (torch first, then the project and its d
 	$(BIN)/pip install --quiet $(TORCH_PKGS)
 	$(BIN)/pip install --quiet -e '.[dev]'
 
+# tests run in TEST_WORKERS processes (pytest-xdist); the whole suite keeps a file's tests in one worker, in
+# order (its module fixtures, e.g. exported models, are built once), the unit tests are spread one by one
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
 test:  ## the whole suite, slow end-to-end tests included (what CI runs)
-	$(BIN)/python -m pytest -q --durations=30
+	$(PYTEST) --dist loadfile --durations=30
 
 test-fast:  ## unit tests only
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) --dist load -m "not slow"
 
 lint:  ## ruff's lint rules and its formatting (ruff format . fixes the latter)
 	$(BIN)/ruff check .

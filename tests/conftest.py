@@ -39,6 +39,17 @@ def _counting_popen_init(self, args, *rest, **kwargs) -> None:
 subprocess.Popen.__init__ = _counting_popen_init
 
 
+def pytest_sessionfinish(session) -> None:
+    """Under pytest-xdist, a worker hands its process starts to the controller (:func:`pytest_testnodedown`)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["python_starts"] = list(PYTHON_STARTS)
+
+
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist (a dev dependency) on the controller: add up the starts of a worker that finished."""
+    PYTHON_STARTS.extend(getattr(node, "workeroutput", {}).get("python_starts", []))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """One line: how many Python processes the tests started (each costs an import of torch + Lightning)."""
     terminalreporter.write_line(f"python process starts: {len(PYTHON_STARTS)} (in {len(set(PYTHON_STARTS))} tests)")

@@ -98,6 +98,7 @@ def test_data_series_names_the_series_by_description_or_kernel(real_sample, tmp_
         read_series(folder, series="B30f")
 
 
+@pytest.mark.slow  # decodes the real P001 three times
 def test_same_length_series_make_labels_ambiguous_unless_data_series_names_one(real_sample, tmp_path):
     root = copy_sample(real_sample, tmp_path / "root")
     second_series(
