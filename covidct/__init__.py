@@ -5,7 +5,7 @@ import): :mod:`~covidct.data` -> :mod:`~covidct.models` -> :mod:`~covidct.patien
 :mod:`~covidct.training` / :mod:`~covidct.predict` -> :mod:`~covidct.report`; :mod:`~covidct.bench` measures
 them. Shared by all: :mod:`~covidct.contracts` (class, file, column and metric names), :mod:`~covidct.errors`,
 :mod:`~covidct.config` and :mod:`~covidct.schema` (the Hydra config and its types), :mod:`~covidct.cli`,
-:mod:`~covidct.io`, :mod:`~covidct.processes`, :mod:`~covidct.text_table`.
+:mod:`~covidct.io`, :mod:`~covidct.processes`, :mod:`~covidct.seeding`, :mod:`~covidct.text_table`.
 """
 
 import os

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
+from covidct.seeding import derive_seed
 from covidct.training.callbacks.step_seed import StepSeed
-from covidct.training.seeding import derive_seed
 
 
 def dropout_mask(callback: StepSeed, epoch: int, step: int, rank: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from covidct.data.labels import UNKNOWN
 from covidct.data.preprocess import one_thread_per_worker
-from covidct.training.seeding import derive_seed
+from covidct.seeding import derive_seed
 
 
 def to_model_input(image: np.ndarray, transform: A.Compose | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from covidct.training.seeding import derive_seed
+from covidct.seeding import derive_seed
 
 
 class StepSeed(pl.Callback):
