@@ -14,9 +14,9 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from covidct.cli import usage_error
+from covidct.cli import exit_if_keys_missing
 from covidct.config import register_resolvers
 from covidct.errors import CovidCTError
 
@@ -28,9 +28,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     # Unset ckpt_path / input end before Hydra makes the run folder (covidct.cli.MandatoryKeysCheck, a
     # callback of conf/hydra/default.yaml); this is the same line should that callback be switched off.
-    if missing := [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]:
-        log.error("%s", usage_error("predict", missing))
-        sys.exit(1)
+    exit_if_keys_missing(cfg, "predict", log)
     vote = cfg.get("vote") or {}
     for key in ("tau", "slice_threshold"):  # vote=threshold brings vote.tau: null; predict.py's tau is top level
         if vote.get(key) is not None:

@@ -61,6 +61,14 @@ def usage_error(config_name: str | None, missing: list[str]) -> str:
     return f"{' and '.join(missing)} not set: {usage} [key=value ...]; --help lists the keys"
 
 
+def exit_if_keys_missing(cfg: DictConfig, config_name: str, log: logging.Logger) -> None:
+    """The task function's own check, the same usage line and exit 1, for when :class:`MandatoryKeysCheck` is
+    switched off (``~hydra.callbacks.mandatory_keys``): every entry point says it the same way."""
+    if missing := missing_keys(cfg):
+        log.error("%s", usage_error(config_name, missing))
+        sys.exit(1)
+
+
 def _given_by_sweep(config: DictConfig) -> set[str]:
     """Keys that a multirun sets per job, absent from the config Hydra composes for the sweep itself:
     sweep overrides (``-m input=a,b``) and a sweeper's search space (``hydra.sweeper.params``)."""

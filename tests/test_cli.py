@@ -131,3 +131,21 @@ def test_mandatory_keys_of_every_entry_point_have_a_usage_line():
                 assert usage_error(name, keys).startswith(f"{' and '.join(keys)} not set: python ")
             else:
                 MandatoryKeysCheck().on_run_start(config=cfg, config_name=name)  # nothing missing: no exit
+
+
+@pytest.mark.slow  # imports each entry point's libraries
+@pytest.mark.parametrize(
+    ("script", "line"),
+    [
+        ("predict.py", "ckpt_path and input not set: python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt"),
+        ("-m covidct.predict.evaluate", "predictions and labels not set: python -m covidct.predict.evaluate"),
+        ("-m covidct.predict.export", "ckpt_path not set: python -m covidct.predict.export ckpt_path=<run>/"),
+        ("-m covidct.training.pseudo_label", "ckpt_path and input not set: python -m covidct.training.pseudo_label"),
+        ("-m covidct.bench.predict", "input not set: python -m covidct.bench.predict input=<patient folder"),
+    ],
+)
+def test_with_the_callback_off_each_entry_point_says_the_same_usage_line(tmp_path, script, line):
+    """``~hydra.callbacks.mandatory_keys``: the task function's own check (covidct.cli.exit_if_keys_missing)."""
+    out = run_cli(["~hydra.callbacks.mandatory_keys", f"paths.log_dir={tmp_path}"], tmp_path, script)
+    errors = [e for e in out.stderr.splitlines() if "ERROR" in e]
+    assert out.returncode == 1 and len(errors) == 1 and line in errors[0], out.stderr

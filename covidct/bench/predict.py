@@ -33,6 +33,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from covidct.bench.measure import Row, best_of, check_backbone
+from covidct.cli import exit_if_keys_missing
 from covidct.contracts import CONF_DIR
 from covidct.errors import ConfigError, CovidCTError
 from covidct.io import atomic_write_text
@@ -157,11 +158,7 @@ def check_rows(rows: Any) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench_predict")
 def bench_predict_app(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "input"):
-        log.error(
-            "input not set: python -m covidct.bench.predict input=<patient folder | test set | folder of test sets>"
-        )
-        sys.exit(1)
+    exit_if_keys_missing(cfg, "bench_predict", log)
     try:
         check_backbone("backbone", cfg.backbone)
         rows = check_rows(cfg.get("rows", ["overhead"]))

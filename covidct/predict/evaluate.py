@@ -35,8 +35,9 @@ from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from covidct.cli import exit_if_keys_missing
 from covidct.contracts import CONF_DIR, EVALUATION_CSV, EVALUATION_JSON
 from covidct.errors import ConfigError, CovidCTError
 from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
@@ -166,14 +167,7 @@ def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def evaluate_app(cfg: DictConfig) -> None:
-    missing = [key for key in ("predictions", "labels") if OmegaConf.is_missing(cfg, key)]
-    if missing:
-        log.error(
-            "%s not set: python -m covidct.predict.evaluate predictions=<predict.py run folder | test set CSV> "
-            "labels=<patient,class CSV>",
-            " and ".join(missing),
-        )
-        sys.exit(1)
+    exit_if_keys_missing(cfg, "evaluate", log)
     try:
         written = run_evaluation(cfg, cfg.predictions)
     except CovidCTError as exc:

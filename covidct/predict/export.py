@@ -40,6 +40,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.cli import exit_if_keys_missing
 from covidct.contracts import CONF_DIR
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.io import atomic_write_bytes, atomic_write_text
@@ -442,9 +443,7 @@ def default_output(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def export_app(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        log.error("ckpt_path not set: python -m covidct.predict.export ckpt_path=<run>/checkpoints/<best>.ckpt")
-        sys.exit(1)
+    exit_if_keys_missing(cfg, "export", log)
     try:
         check_settings(
             cfg.format, cfg.opset, cfg.quantize, cfg.calibration_input, cfg.calibration_slices, cfg.get("output")

@@ -17,8 +17,9 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from covidct.cli import exit_if_keys_missing
 from covidct.config import register_resolvers
 from covidct.contracts import CLASS_NAMES, CONF_DIR, NORMAL_CLASS
 from covidct.errors import ConfigError, CovidCTError
@@ -160,14 +161,7 @@ def pseudo_label(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pseudo_label")
 def main(cfg: DictConfig) -> None:
-    missing = [key for key in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, key)]
-    if missing:
-        log.error(
-            "%s not set: python -m covidct.training.pseudo_label ckpt_path=<stage-1 run>/checkpoints/<best>.ckpt "
-            "input=<dataset root>",
-            " and ".join(missing),
-        )
-        sys.exit(1)
+    exit_if_keys_missing(cfg, "pseudo_label", log)
     try:
         path = pseudo_label(cfg)
     except CovidCTError as exc:
