@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from covidct.patients.rules import VOTE_RULES
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
-from covidct.training.run import resume_checkpoint, train
-from tests.conftest import REPO, compose_train, tiny
+from covidct.training.run import resume_checkpoint
+from tests.conftest import REPO, tiny
 
 SLURM_JOB = {
     "SLURM_JOB_ID": "4242",
@@ -100,16 +100,17 @@ def _roundtrip(obj) -> io.BytesIO:
 
 # ---- exactly-once patient metrics -----------------------------------------------------------------
 @pytest.mark.slow
-def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path, shared_cache):
-    """The same checkpoint validated by 1 process and by 2 DDP processes (odd number of slices, so
-    the sampler pads one repeat): same slices, votes, slice and patient metrics, and patients.csv."""
-    trained = train(compose_train(tmp_path / "train", tiny(shared_cache) + ["logger=none"]))
+def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path, shared_cache, trained):
+    """The same checkpoint (the session's tiny run) validated by 1 process and by 2 DDP processes (odd
+    number of slices, so the sampler pads one repeat): same slices, votes, slice and patient metrics, and
+    patients.csv."""
+    best_checkpoint, _ = trained
     script = str(REPO / "tests" / "ddp_eval_script.py")
     results = {}
     for name, trainer in (("single", "trainer=cpu"), ("ddp", "trainer=ddp_cpu")):
         out = tmp_path / name
         out.mkdir()
-        proc = run([script, str(out), trained.best_checkpoint, *tiny(shared_cache), trainer], tmp_path)
+        proc = run([script, str(out), str(best_checkpoint), *tiny(shared_cache), trainer], tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     (single,), (rank0, rank1) = results["single"], results["ddp"]
