@@ -191,6 +191,23 @@ class Page(HTMLParser):
         return table[0][1], table[1:]
 
 
+def test_the_headline_accuracy_comes_with_its_interval_and_the_last_epoch_beside_the_chosen_one(decided):
+    _, votes, _, _, report, written = decided
+    header, rows = Page(written.html).table_with("metric")
+    cells = {r[1][0]: r[1][1] for r in rows}
+    accuracy = float(cells["patient accuracy (vote infected_fraction)"])
+    ((label, interval),) = [(k, v) for k, v in cells.items() if k.startswith("its 95% CI")]
+    assert "bootstrap over these 6 patients" in label and "chosen on them" in label
+    low, high = map(float, interval.split("-"))
+    assert 0.0 <= low <= accuracy <= high <= 1.0 and high - low >= 1 / 6  # 6 patients: wide
+    assert not any(k.startswith("patient accuracy of the last epoch") for k in cells)  # best = last (epoch 3)
+    later = dataclasses.replace(report, history=[*report.history, {"epoch": 5, "val_patient_acc": 0.5}])
+    _, later_rows = Page(render_html(later, score(later), render_figures(later, score(later)))).table_with("metric")
+    assert [r[1] for r in later_rows if r[1][0].startswith("patient accuracy of the last")] == [
+        ["patient accuracy of the last epoch (5)", "0.500"]
+    ]
+
+
 def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     cb, votes, _, out, report, written = decided
     page = Page(written.html)
@@ -252,7 +269,7 @@ def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     assert page.links == ["patients.csv", "train.log"]
     assert "None" not in re.sub(r"<svg.*?</svg>", "", written.html, flags=re.S)
     _, key = page.table_with("metric")
-    assert all(re.fullmatch(r"\d\.\d{3}", cells[1]) for _, cells in key)
+    assert all(re.fullmatch(r"\d\.\d{3}(-\d\.\d{3})?", cells[1]) for _, cells in key)  # a value or an interval
     assert "<h1>demo · resnet18 · vote infected_fraction</h1>" in written.html and "run run &lt;x&gt;" in written.html
     # ids and the run name are text everywhere: the tables, the captions and the figures (hover texts, titles)
     assert not [raw for raw in ("P<1>", "N&3", "run <x>") if raw in written.html]

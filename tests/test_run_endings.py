@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covidct.config import synthetic_override_conflict
@@ -176,3 +177,14 @@ def test_cli_mistakes_end_in_one_line_without_traceback(tmp_path):
         out = run(script, args, tmp_path)
         said = [line for line in out.stderr.splitlines() if expected in line]
         assert out.returncode == 1 and len(said) == 1 and "Traceback" not in out.stderr, (args, out.stderr[-3000:])
+
+
+def test_the_accuracy_interval_is_a_patient_bootstrap_that_narrows_with_more_patients():
+    from covidct.patients.metrics import accuracy_interval
+
+    assert accuracy_interval(np.array([[5, 0, 0], [0, 5, 0], [0, 0, 5]])) == (1.0, 1.0)  # no patient wrong
+    low, high = accuracy_interval(np.array([[9, 1], [1, 9]]))  # 16 of 20 right: binomial sd 0.089
+    assert 0.55 <= low < 0.8 < high <= 1.0
+    low4, high4 = accuracy_interval(np.array([[36, 4], [4, 36]]))  # the same share of 4x the patients
+    assert low4 > low and high4 < high and (high4 - low4) == pytest.approx((high - low) / 2, rel=0.35)
+    assert accuracy_interval(np.array([[9, 1], [1, 9]])) == (low, high)  # seeded: the same every time

@@ -83,8 +83,15 @@ def test_multirun_with_default_paths_lands_in_the_working_folder_one_wandb_run_p
     out = run_cli(["-m", "loss.gamma=0,2", *tiny(shared_cache)], tmp_path)  # tiny sets paths.cache_dir only
     assert out.returncode == 0, out.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
-    assert [r["status"] for r in read_csv(sweep / "summary.csv")] == ["ok", "ok"]
+    rows = read_csv(sweep / "summary.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
     assert str(sweep) in out.stdout  # the table names the sweep folder, absolute
+    header = (sweep / "summary.csv").read_text().splitlines()[0].split(",")
+    at = header.index("score")  # the score names its metric and comes with its interval and patient count
+    assert header[at : at + 5] == ["score", "score_of", "score_ci_low", "score_ci_high", "n_patients"]
+    for r in rows:
+        assert r["score_of"] == "val/patient/acc" and r["n_patients"] == "6"
+        assert float(r["score_ci_low"]) <= float(r["score"]) <= float(r["score_ci_high"])
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1"]
     run_files = [next(j.glob("wandb/offline-run-*/run-*.wandb")) for j in jobs]

@@ -52,6 +52,13 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     result = train(cfg)
     assert calls == {"discover": 1, "cache_key": 1}  # the files are listed and hashed once per run
     assert result.score == 1.0 and result.best_epoch == 0  # the last epoch's votes were all wrong
+    # the headline with its uncertainty and its selection: 6 patients, all right at epoch 0, all wrong at epoch 1
+    head = result.summary("infected_fraction").splitlines()
+    assert head[0].startswith("Best epoch 0: patient accuracy 1.000 (95% CI 1.000-1.000, 6 patients) with vote=")
+    assert head[1] == (
+        "  the best epoch was chosen on these same validation patients, so its figure is optimistic; "
+        "the last epoch (1) scored 0.000"
+    )
     patients = read_csv(tmp_path / "patients.csv")
     split = read_csv(tmp_path / "split.csv")
     val_ids = {r["patient"] for r in split if r["subset"] == "val"}
@@ -71,9 +78,16 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     assert len(list(media.glob("images/val/sample_slices_*.png"))) == 6
     # the W&B summary (its runs table, sweep comparisons) holds metrics.json's best epoch, not the last one
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["n_patients"], metrics["score_ci"], metrics["last_epoch"], metrics["last_score"]) == (
+        6,
+        [1.0, 1.0],
+        1,
+        0.0,
+    )
     (log_file,) = runs[0].glob("run-*.wandb")  # what `wandb sync` uploads
     summary = wandb_records.summary(log_file)
     assert summary["best_epoch"] == metrics["best_epoch"] == 0 and summary["val/patient/acc"] == 1.0
+    assert (summary["score_ci_low"], summary["score_ci_high"], summary["n_patients"]) == (1.0, 1.0, 6)
     assert {k: pytest.approx(v) for k, v in metrics["metrics"].items()} == {k: summary[k] for k in metrics["metrics"]}
     assert {"val/loss", "val/slice_acc", "vote/tau"} <= set(metrics["metrics"])  # that epoch's, all of them
     assert summary["best_checkpoint"] == str(Path(result.best_checkpoint).relative_to(tmp_path))

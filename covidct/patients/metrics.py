@@ -16,6 +16,23 @@ from torchmetrics.functional.classification import (
 
 from covidct.contracts import CLASS_NAMES, class_slug
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def accuracy_interval(
+    confusion: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the patient accuracy of ``confusion`` (int (C, C) counts, rows =
+    truth): patients resampled with replacement ``resamples`` times from ``numpy.random.default_rng(seed)``, as
+    predict.py's evaluation resamples them (:func:`covidct.predict.eval_metrics.score`)."""
+    confusion = np.asarray(confusion)
+    correct = np.repeat([True, False], [np.trace(confusion), confusion.sum() - np.trace(confusion)])
+    if not len(correct):
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(correct), size=(resamples, len(correct)))
+    low, high = np.percentile(correct[idx].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
 
 def patient_metrics(preds: np.ndarray, labels: np.ndarray, class_names=CLASS_NAMES) -> dict[str, Any]:
     """Accuracy, macro F1, per-class sensitivity and specificity (floats), and ``confusion`` (C, C) int64

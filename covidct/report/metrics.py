@@ -21,6 +21,8 @@ from torchmetrics.functional.classification import (
     multiclass_specificity,
 )
 
+from covidct.patients.metrics import accuracy_interval
+
 if TYPE_CHECKING:
     from covidct.patients.explanations import PatientDecisions
 
@@ -193,8 +195,12 @@ def score(report: RunReport) -> Scored:
     mean_roc = roc(report.patient_scores, report.patient_labels, c)
     slice_roc = roc(report.slice_scores, report.slice_labels, c)
     p, t = torch.as_tensor(report.patient_preds), torch.as_tensor(report.patient_labels)
+    pairs = np.asarray(report.patient_labels, dtype=np.int64) * c + np.asarray(report.patient_preds, dtype=np.int64)
+    low, high = accuracy_interval(np.bincount(pairs, minlength=c * c).reshape(c, c))
     metrics = {
         "patient accuracy": float(multiclass_accuracy(p, t, c, average="micro")),
+        "patient accuracy 95% CI low": low,
+        "patient accuracy 95% CI high": high,
         "patient macro F1": float(multiclass_f1_score(p, t, c, average="macro")),
         "patient AUC (macro), rule scores": rule_roc.macro_auc if rule_roc else float("nan"),
         "patient AUC (macro), mean probability": mean_roc.macro_auc,

@@ -81,6 +81,12 @@ def key_metrics(report: RunReport, scored: Scored) -> list[list[object]]:
     m, d = scored.metrics, report.decisions
     return [
         [f"patient accuracy (vote {report.vote_rule})", m["patient accuracy"]],
+        [
+            f"its 95% CI, bootstrap over these {len(report.patients)} patients (the best epoch was chosen on them: "
+            "an optimistic figure)",
+            f"{m['patient accuracy 95% CI low']:.3f}-{m['patient accuracy 95% CI high']:.3f}",
+        ],
+        *last_epoch_row(report),
         ["patient macro F1", m["patient macro F1"]],
         [
             f"patient AUC (macro), by the rule's scores: {d.scores_name if d else 'not recorded'}",
@@ -90,6 +96,14 @@ def key_metrics(report: RunReport, scored: Scored) -> list[list[object]]:
         ["slice AUC (macro)", m["slice AUC (macro)"]],
         *[[k, v] for k, v in report.extra_metrics.items()],
     ]
+
+
+def last_epoch_row(report: RunReport) -> list[list[object]]:
+    """The last validation epoch's patient accuracy, when it is not the best epoch (from the history)."""
+    voted = [h for h in report.history if np.isfinite(h.get("val_patient_acc", np.nan))]
+    if not voted or voted[-1].get("epoch") == report.best_epoch:
+        return []
+    return [[f"patient accuracy of the last epoch ({int(voted[-1]['epoch'])})", voted[-1]["val_patient_acc"]]]
 
 
 def auc_rows(report: RunReport, scored: Scored) -> list[list[object]]:

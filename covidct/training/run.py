@@ -34,6 +34,7 @@ from covidct.contracts import (
 )
 from covidct.errors import ConfigError, CovidCTError
 from covidct.models.checkpoint import check_resume_settings, read_checkpoint
+from covidct.patients.metrics import accuracy_interval
 from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
 from covidct.training.callbacks.step_seed import StepSeed
 from covidct.training.privacy import instantiate_logger
@@ -61,6 +62,21 @@ class TrainResult:
     vote_parameters: str = ""  # where the checkpoint's vote parameters come from, when no validation tuned them
     no_validation: str = ""  # why no validation epoch ran (:func:`validation_off`), "" when they did
     test: dict[str, float] | None = None  # data.split_file's test patients, scored with the best checkpoint
+    last_epoch: int | None = None  # the last validation epoch, and its monitored value: beside the best one,
+    last_score: float | None = None  # which was chosen on the same patients (selection, not evidence)
+
+    @property
+    def n_patients(self) -> int:
+        """Validation patients the best epoch's patient accuracy counts (0 without patient votes)."""
+        return int(self.confusion.sum()) if self.confusion is not None else 0
+
+    @property
+    def score_ci(self) -> tuple[float, float] | None:
+        """Percentile bootstrap 95% interval of the best epoch's patient accuracy over its validation patients
+        (:func:`~covidct.patients.metrics.accuracy_interval`); None without patient votes."""
+        if not self.votes_patients or self.confusion is None or not self.n_patients:
+            return None
+        return accuracy_interval(self.confusion)
 
     @classmethod
     def of(cls, trainer: pl.Trainer, model: pl.LightningModule, output_dir: Path) -> TrainResult:
@@ -76,6 +92,9 @@ class TrainResult:
             "no_validation": why,
         }
         votes, best = model.patient_votes, model.best_epoch
+        last = trainer.callback_metrics.get(model.best_epoch.monitor if best is not None else PATIENT_ACC)
+        if last is not None and trainer.current_epoch > 0:
+            common |= {"last_epoch": trainer.current_epoch - 1, "last_score": float(last)}
         if votes is None and best is not None:
             return cls(best.score, best.epoch, metrics=best.metrics, confusion=None, monitor=best.monitor, **common)
         # the same epoch's slice metrics (val/loss, val/slice_acc, ...) beside its patient votes
@@ -104,6 +123,9 @@ class TrainResult:
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "confusion": self.confusion.tolist() if self.confusion is not None else None,
             "class_names": list(self.class_names),
+            **({"n_patients": self.n_patients, "score_ci": list(ci)} if (ci := self.score_ci) is not None else {}),
+            "last_epoch": self.last_epoch,
+            "last_score": self.last_score,
             **({"vote_parameters": self.vote_parameters} if self.vote_parameters else {}),
             **({"test": self.test} if self.test is not None else {}),
         }
@@ -128,12 +150,14 @@ class TrainResult:
             head = f"No best epoch: no validation epoch was voted in this run (vote={rule})"
         else:
             tau = m.get(vote_parameter("tau"))
-            head = f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f} with vote={rule}" + (
+            head = f"Best epoch {self.best_epoch}: patient accuracy {self.score:.3f}{self._interval()} with vote={rule}"
+            head += (
                 f" (tau {tau:.3f}, leave-one-patient-out)" if rule == "infected_fraction" and tau is not None else ""
             )
         written = [name for name in RUN_FILES if (self.output_dir / name).is_file()]
         lines = [
             head,
+            *self._selection_lines(),
             "  same logits, patient accuracy per rule (majority is the paper's): "
             + " | ".join(
                 f"{r} {m.get(rule_metric(r, 'acc'), nan):.3f}"
@@ -158,6 +182,22 @@ class TrainResult:
                 + " (test_patients.csv)"
             )
         return "\n".join(lines)
+
+    def _interval(self) -> str:
+        """`` (95% CI 0.667-0.944, 18 patients)`` after the best epoch's accuracy; "" without patient votes."""
+        ci = self.score_ci
+        return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {self.n_patients} patients)" if ci is not None else ""
+
+    def _selection_lines(self) -> list[str]:
+        """Why the best epoch's figure is optimistic, and the last epoch's beside it."""
+        if self.best_epoch is None or self.n_patients == 0:
+            return []
+        last = (
+            f"; the last epoch ({self.last_epoch}) scored {self.last_score:.3f}"
+            if self.last_score is not None and self.last_epoch is not None and self.last_epoch != self.best_epoch
+            else ""
+        )
+        return [f"  the best epoch was chosen on these same validation patients, so its figure is optimistic{last}"]
 
     def _infection_summary(self) -> str:
         """Stage 1: the best epoch's slice infection AUROC, sensitivity and specificity, and the next step."""
@@ -277,6 +317,11 @@ def publish_best_epoch(loggers: list[Logger], result: TrainResult) -> None:
     summary = dict(result.metrics) | {
         "best_epoch": result.best_epoch,
         "score": result.score,
+        **(
+            {"score_ci_low": ci[0], "score_ci_high": ci[1], "n_patients": result.n_patients}
+            if (ci := result.score_ci)
+            else {}
+        ),
         "best_checkpoint": str(checkpoint.relative_to(result.output_dir))
         if checkpoint.is_relative_to(result.output_dir)
         else str(checkpoint),

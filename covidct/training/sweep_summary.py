@@ -43,6 +43,8 @@ BROKEN = ("crashed", "interrupted")
 FOLD_KEY = "data.fold"
 #: "score" is the monitored patient accuracy (the configured vote rule's); then the configured rule's
 #: macro F1, then ``<rule>_acc``: the patient accuracy of every vote rule scored on the same logits.
+#: the columns after ``score`` in summary.csv: its metric, its bootstrap 95% interval, the patients it counts
+SCORE_OF = ("score_of", "score_ci_low", "score_ci_high", "n_patients")
 RULE_ACCURACY = re.compile(r"^rules/(\w+)/acc$")  # covidct.metric_names.rule_metric(rule, "acc")
 
 
@@ -74,7 +76,9 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         payload = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "crashed"}
         if payload.get("status", "ok") == "ok":
             metrics = payload.get("metrics", {})
+            ci = payload.get("score_ci") or [math.nan, math.nan]
             record |= {"status": "ok", "best_epoch": payload.get("best_epoch")}
+            record["score_of"] = [payload.get("monitor", ""), *ci, payload.get("n_patients", "")]
             record["metrics"] = {
                 "score": payload.get("score", math.nan),
                 "f1_macro": metrics.get(PATIENT_F1, math.nan),
@@ -82,6 +86,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         else:
             reason = payload.get("error") or f"no {METRICS_FILE}; see the job's .log file"
             record |= {"status": f"{payload['status']}: {reason}", "best_epoch": None, "metrics": {"score": math.nan}}
+            record["score_of"] = [payload.get("monitor", ""), math.nan, math.nan, ""]
         jobs.append(record)
     return jobs
 
@@ -105,16 +110,20 @@ def _sort_key(score: float) -> float:
 
 
 def summary_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of ``summary.csv``, best score first (failed and NaN jobs last)."""
+    """Header and rows of ``summary.csv``, best score first (failed and NaN jobs last). ``score`` is followed by
+    what it is (``score_of``: the monitored metric), its bootstrap 95% interval over the validation patients and
+    their number: jobs a patient apart are within each other's intervals, not a ranking."""
     varying, metrics = _varying_keys(jobs), _metric_columns(jobs)
-    header = ["rank", "job", *varying, *metrics, "best_epoch", "status", "dir"]
+    header = ["rank", "job", *varying, "score", *SCORE_OF, *metrics[1:], "best_epoch", "status", "dir"]
     ordered = sorted(jobs, key=lambda j: (_sort_key(j["metrics"]["score"]), _job_number(Path(j["dir"]))))
     rows = [
         [
             rank,
             j["job"],
             *(j["overrides"].get(k, "") for k in varying),
-            *(_fmt(j["metrics"].get(c, math.nan)) for c in metrics),
+            _fmt(j["metrics"]["score"]),
+            *(_fmt(v) for v in j["score_of"]),
+            *(_fmt(j["metrics"].get(c, math.nan)) for c in metrics[1:]),
             _fmt(j["best_epoch"]),
             j["status"],
             j["dir"],
