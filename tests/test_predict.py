@@ -126,10 +126,20 @@ def test_vote_override_is_recorded_and_bad_paths_exit_nonzero(trained, shared_ca
     record = json.loads(next(tmp_path.glob("predict/runs/*/prediction.json")).read_text())
     assert record["vote_rule"] == "majority"
     assert record["overridden"]["vote_rule"] == {"checkpoint": "infected_fraction", "used": "majority"}
+    (row,) = read(next(tmp_path.glob(f"predict/runs/*/{one.name}.csv")))  # the end-of-run table: one row each
+    table = out.stderr.split("Patients and their calls")[1].splitlines()[1:3]
+    assert table[0].split() == ["test", "set", "patient", "call", "status"]
+    assert table[1].split() == [one.name, one.name, row["predicted_class"], "ok"]
     bad = run_predict([f"ckpt_path={ckpt}", f"input={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}"], tmp_path)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
-    bad = run_predict([f"ckpt_path={tmp_path / 'x.ckpt'}", f"input={one}", f"paths.log_dir={tmp_path}"], tmp_path)
-    assert bad.returncode != 0 and "ckpt_path" in bad.stderr
+    # a missing model is said first and alone: not after warnings about every folder of the input
+    noisy = tmp_path / "noisy"
+    for name in ("a", "b", "c"):
+        (noisy / name / "notes").mkdir(parents=True)
+    bad = run_predict([f"ckpt_path={tmp_path / 'x.ckpt'}", f"input={noisy}", f"paths.log_dir={tmp_path}"], tmp_path)
+    logged = [line for line in bad.stderr.splitlines() if "[predict" in line or "[covidct" in line]
+    assert bad.returncode == 1 and len(logged) == 1, bad.stderr
+    assert f"ckpt_path={tmp_path / 'x.ckpt'}: file not found" in logged[0]
 
 
 def compose_predict(overrides: list[str]) -> DictConfig:

@@ -15,6 +15,7 @@ in worker processes and run by onnxruntime.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -42,8 +43,8 @@ from covidct.data.series import (
     find_shared_series,
     series_cells,
 )
-from covidct.errors import ConfigError
-from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive
+from covidct.errors import ConfigError, DataError
+from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive, csv_text
 from covidct.patients.mil_features import slice_features
 from covidct.patients.rules import LEARNED_RULES, check_vote_parameters, check_vote_settings, vote_with
 from covidct.patients.voting import infected_fraction
@@ -58,6 +59,7 @@ from covidct.predict.onnx_backend import (
 from covidct.predict.settings import PredictorSettings, settings_from_sidecar
 from covidct.predict.test_sets import TestSet, find_test_sets, read_patients
 from covidct.predict.tta import mean_over_views, tta_views
+from covidct.text_table import format_table
 
 if TYPE_CHECKING:
     from covidct.models.classifier import SliceClassifier
@@ -308,8 +310,10 @@ def load_model(cfg, cam_slices: int) -> tuple[Any, PredictorSettings, dict[str, 
 
 
 def run_prediction(cfg) -> list[Path]:
-    """Everything ``predict.py`` does: check input, load the model (a checkpoint, or an ONNX export when
-    ``ckpt_path`` is an ``.onnx`` file), predict each test set, record the settings in prediction.json."""
+    """Everything ``predict.py`` does: check the model file and the input, load the model (a checkpoint, or an
+    ONNX export when ``ckpt_path`` is an ``.onnx`` file), predict each test set, record the settings in
+    prediction.json, and log the patient -> call table."""
+    check_model_file(Path(cfg.ckpt_path))  # the model first: a missing one is the only message
     test_sets = find_test_sets(cfg.input)
     chosen = check_vote_overrides(cfg)
     cam_slices = check_cam(cfg)
@@ -332,7 +336,31 @@ def run_prediction(cfg) -> list[Path]:
         )
     record = prediction_record(cfg, test_sets, cam_slices, model_record, settings)
     outputs.append(atomic_write_text(output_dir / PREDICTION_RECORD, json.dumps(record, indent=1)))
+    log.info(
+        "Patients and their calls (why: the detail column of each test set's CSV):\n%s",
+        calls_table(output_dir, test_sets),
+    )
     return outputs
+
+
+def check_model_file(path: Path) -> None:
+    """DataError naming ``ckpt_path`` unless it is a file (a checkpoint or an ``.onnx`` export); what the file
+    holds is checked when it is loaded."""
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "file not found"
+        raise DataError(f"ckpt_path={path}: {what} (checkpoints are in <run>/checkpoints/; exports end in .onnx).")
+
+
+def calls_table(output_dir: Path, test_sets: list[TestSet]) -> str:
+    """The table predict.py prints at the end: test set, patient, call, status, one row per patient, read
+    back from the patient CSVs just written (``output_dir``)."""
+    rows = []
+    for test_set in test_sets:
+        with (output_dir / patient_csv_name(test_set.name)).open(newline="") as f:
+            for row in csv.DictReader(f):
+                call = csv_text(row["predicted_class"]) or "-"
+                rows.append([test_set.name, csv_text(row["patient"]), call, row["status"]])
+    return format_table(["test set", "patient", "call", "status"], rows)
 
 
 def check_vote_overrides(cfg) -> tuple[Any, Any, Any, Any]:
