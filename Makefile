@@ -1,4 +1,4 @@
-# covidct: make install | test | test-fast | lint | train | bench | clean
+# covidct: make help lists every target (install | test | test-fast | lint | train | bench | clean, ...)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast lint train predict-demo two-stage-demo bench bench-predict bench-gpu clean
+.PHONY: help install test test-fast lint train predict-demo two-stage-demo bench bench-predict bench-gpu clean
+
+help:  ## this list: every target and what it does
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
 install:  ## fresh venv with everything (torch first, then the project and its dev tools)
 	$(PYTHON) -m venv $(VENV)
