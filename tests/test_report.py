@@ -30,7 +30,7 @@ from covidct.patients.voting import infected_share, vote_shares
 from covidct.report import patient_figures
 from covidct.report.figures import render_figures
 from covidct.report.metrics import reliability, roc, score
-from covidct.report.page import render_html, write_report
+from covidct.report.page import calibration_note, render_html, write_report
 from covidct.report.patient_figures import decision_svg, series_svg
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
 from covidct.training.callbacks.run_report import RunReportCallback, report_from_votes
@@ -313,6 +313,21 @@ def test_the_calibration_section_shows_ece_before_and_after_from_the_bins(decide
     off = dataclasses.replace(report, calibration=dataclasses.replace(cal, fitted=False))
     text = render_html(off, score(off), render_figures(off, score(off), pngs=written.images))
     assert "calibration=false" in text and "reliability diagram" not in text
+    # a level that got worse is said in words, with its figures; none when every level improved
+    worse = m["patient ECE after calibration"] > m["patient ECE before calibration"]
+    assert ("the patients' mean probabilities (" in html.unescape(written.html)) == worse
+    said = calibration_note(
+        {
+            "slice ECE before calibration": 0.066,
+            "slice ECE after calibration": 0.031,
+            "patient ECE before calibration": 0.241,
+            "patient ECE after calibration": 0.335,
+        }
+    )
+    assert said.startswith("Calibration made the patients' mean probabilities (0.241 -> 0.335) worse: ")
+    assert "the slices" not in said and "the calls do not change" in said
+    better = {"slice ECE before calibration": 0.1, "slice ECE after calibration": 0.05}
+    assert calibration_note(better) == ""
 
 
 def test_threshold_and_argmax_rules_explain_their_calls_and_none_prints_no_none(decided):

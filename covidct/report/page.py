@@ -125,6 +125,23 @@ def auc_rows(report: RunReport, scored: Scored) -> list[list[object]]:
     ]
 
 
+def calibration_note(metrics: dict[str, float]) -> str:
+    """A sentence when temperature scaling made a level's ECE worse (it is fitted on the slices, so the patients'
+    mean probabilities can end up less calibrated); "" when every level improved or stayed."""
+    worse = [
+        f"{level} ({metrics[f'{key} ECE before calibration']:.3f} -> {metrics[f'{key} ECE after calibration']:.3f})"
+        for level, key in (("the slices", "slice"), ("the patients' mean probabilities", "patient"))
+        if metrics.get(f"{key} ECE after calibration", 0.0) > metrics.get(f"{key} ECE before calibration", 1.0)
+    ]
+    if not worse:
+        return ""
+    return (
+        f"Calibration made {' and '.join(worse)} worse: T is fitted to the validation slices' log-likelihood, "
+        "not to this error, and a patient's mean probability is not what it fits. Read those probabilities as a "
+        "ranking, not as a chance; the calls do not change."
+    )
+
+
 def calibration_rows(scored: Scored) -> list[list[object]]:
     """(level, ECE before, ECE after) rows: slices, and patients where recorded."""
     m = scored.metrics
@@ -169,6 +186,7 @@ def render_html(report: RunReport, scored: Scored, figures: Figures, links: bool
         rules=rules_compared(report),
         auc_rows=auc_rows(report, scored),
         calibration_rows=calibration_rows(scored) if cal is not None and cal.fitted else [],
+        calibration_note=calibration_note(scored.metrics) if cal is not None and cal.fitted else "",
         reliability_bins=RELIABILITY_BINS,
         svgs={name: Markup(svg) for name, svg in figures.svgs.items()},  # matplotlib's SVG: its text escaped
         pngs={name: base64.b64encode(png).decode("ascii") for name, png in figures.pngs.items()},
