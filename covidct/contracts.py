@@ -31,6 +31,7 @@ REPORT_FILE = "report.html"
 TEST_PATIENTS_FILE = "test_patients.csv"  # the held-out test patients of data.split_file
 PSEUDONYMS_FILE = "pseudonyms.csv"  # privacy.mapping_file=true
 LAST_CHECKPOINT = "last.ckpt"
+CHECKPOINTS_HINT = "checkpoints are in <run>/checkpoints/"  # what a missing ckpt_path's message adds
 
 # ---- a sweep's folder ----------------------------------------------------------------------------------
 SWEEP_SUMMARY_FILE = "summary.csv"

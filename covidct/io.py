@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from covidct.errors import DataError
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
@@ -78,3 +80,11 @@ def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Seq
         cells = [csv_cell(cell) for cell in row]
         (quoted if any(isinstance(cell, str) and "\r" in cell for cell in cells) else plain).writerow(cells)
     return atomic_write_text(path, buf.getvalue())
+
+
+def require_file(path: Path, key: str, hint: str) -> None:
+    """DataError ``<key>=<path>: file not found (<hint>).`` (or ``a folder, not a file``) unless ``path`` is a
+    file: the config key that named it, and where such files are."""
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "file not found"
+        raise DataError(f"{key}={path}: {what} ({hint}).")

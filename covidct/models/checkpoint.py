@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.contracts import CHECKPOINTS_HINT
 from covidct.errors import ConfigError, DataError
+from covidct.io import require_file
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 PICKLE_PROTO = 0x80  # the first byte of torch.save's legacy format (a pickle, protocol >= 2)
@@ -89,9 +91,7 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     """
     path = Path(path)
     where = f"{key}={path}"
-    if not path.is_file():
-        what = "a folder, not a file" if path.is_dir() else "file not found"
-        raise DataError(f"{where}: {what} (checkpoints are in <run>/checkpoints/).")
+    require_file(path, key, CHECKPOINTS_HINT)
     try:
         problem = sniff(path)
     except OSError as exc:

@@ -27,6 +27,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from covidct.contracts import (
+    CHECKPOINTS_HINT,
     PREDICT_CLAIM,
     PREDICTION_RECORD,
     patient_csv_columns,
@@ -43,8 +44,8 @@ from covidct.data.series import (
     find_shared_series,
     series_cells,
 )
-from covidct.errors import ConfigError, DataError
-from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive, csv_text
+from covidct.errors import ConfigError
+from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive, csv_text, require_file
 from covidct.patients.mil_features import slice_features
 from covidct.patients.rules import LEARNED_RULES, check_vote_parameters, check_vote_settings, vote_with
 from covidct.patients.voting import infected_fraction
@@ -313,7 +314,8 @@ def run_prediction(cfg) -> list[Path]:
     """Everything ``predict.py`` does: check the model file and the input, load the model (a checkpoint, or an
     ONNX export when ``ckpt_path`` is an ``.onnx`` file), predict each test set, record the settings in
     prediction.json, and log the patient -> call table."""
-    check_model_file(Path(cfg.ckpt_path))  # the model first: a missing one is the only message
+    # the model file first: a missing one is the only message, before the input is searched
+    require_file(Path(cfg.ckpt_path), "ckpt_path", f"{CHECKPOINTS_HINT}; exports end in .onnx")
     test_sets = find_test_sets(cfg.input)
     chosen = check_vote_overrides(cfg)
     cam_slices = check_cam(cfg)
@@ -341,14 +343,6 @@ def run_prediction(cfg) -> list[Path]:
         calls_table(output_dir, test_sets),
     )
     return outputs
-
-
-def check_model_file(path: Path) -> None:
-    """DataError naming ``ckpt_path`` unless it is a file (a checkpoint or an ``.onnx`` export); what the file
-    holds is checked when it is loaded."""
-    if not path.is_file():
-        what = "a folder, not a file" if path.is_dir() else "file not found"
-        raise DataError(f"ckpt_path={path}: {what} (checkpoints are in <run>/checkpoints/; exports end in .onnx).")
 
 
 def calls_table(output_dir: Path, test_sets: list[TestSet]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class TrainResult:
         """Validation patients the best epoch's patient accuracy counts (0 without patient votes)."""
         return int(self.confusion.sum()) if self.confusion is not None else 0
 
-    @property
+    @cached_property
     def score_ci(self) -> tuple[float, float] | None:
         """Percentile bootstrap 95% interval of the best epoch's patient accuracy over its validation patients
         (:func:`~covidct.patients.metrics.accuracy_interval`); None without patient votes."""
