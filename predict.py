@@ -70,4 +70,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from covidct.cli import exit_on_typo
+
+    exit_on_typo("predict")
     main()

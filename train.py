@@ -23,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from covidct.cli import exit_on_typo
 from covidct.config import register_resolvers, synthetic_override_conflict
 from covidct.errors import CovidCTError
 
@@ -104,4 +105,5 @@ if __name__ == "__main__":
     if problem := synthetic_override_conflict(sys.argv[1:], Path(__file__).resolve().parent / "conf"):
         sys.stderr.write(f"Error: {problem}\n")
         sys.exit(1)
+    exit_on_typo("train")
     main()

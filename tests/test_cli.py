@@ -149,3 +149,53 @@ def test_with_the_callback_off_each_entry_point_says_the_same_usage_line(tmp_pat
     out = run_cli(["~hydra.callbacks.mandatory_keys", f"paths.log_dir={tmp_path}"], tmp_path, script)
     errors = [e for e in out.stderr.splitlines() if "ERROR" in e]
     assert out.returncode == 1 and len(errors) == 1 and line in errors[0], out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["model=vgg"], "model=vgg: vgg is not a choice of model; did you mean vgg16 or vgg16_bn?"),
+        (["experiment=papr"], "experiment=papr: papr is not a choice of experiment; did you mean paper"),
+        (["loss.gama=2"], "loss.gama is not a key of the config; did you mean loss.gamma?"),
+        (["vote=majority", "vote.tua=0.3"], "vote.tua is not a key of the config; did you mean vote.tau?"),
+        (["trainr.max_epochs=2"], "trainr is not a key of the config; did you mean trainer?"),
+        (["-m", "model=vgg16,resnt18"], "model=resnt18: resnt18 is not a choice of model; did you mean resnet18"),
+        (["-m", "trainer.max_epoch=1,2"], "trainer.max_epoch is not a key of the config; did you mean trainer.max_"),
+    ],
+)
+def test_a_misspelt_choice_or_key_gets_the_nearest_spelling(args, expected):
+    from covidct.cli import override_typo
+    from covidct.contracts import CONF_DIR
+
+    problem = override_typo(args, CONF_DIR, "train")
+    assert problem is not None and problem.startswith(expected), problem
+    assert "+" not in problem  # never suggests adding the misspelt key
+
+
+@pytest.mark.parametrize(
+    "config_name, args",
+    [
+        ("train", ["loss.gamma=2", "model=vgg16"]),
+        ("train", ["experiment=paper", "data.root=/data", "data.num_folds=3"]),
+        ("train", ["-m", "loss.gamma=0,1,2", "model=vgg16,resnet18", "+trainer.profiler=simple"]),
+        ("train", ["--cfg", "job", "hydra.run.dir=/x", "~callbacks.cam_images"]),
+        ("predict", ["ckpt_path=/x.ckpt", "input=/y", "vote=majority", "cam_slices=2"]),
+    ],
+)
+def test_a_well_spelt_command_line_passes_the_typo_check(config_name, args):
+    from covidct.cli import override_typo
+    from covidct.contracts import CONF_DIR
+
+    assert override_typo(args, CONF_DIR, config_name) is None
+
+
+def test_train_and_predict_stop_on_a_typo_in_one_line_before_any_folder(tmp_path):
+    for script, args, near in [
+        ("train.py", ["model=vgg"], "did you mean vgg16"),
+        ("train.py", ["loss.gama=2"], "did you mean loss.gamma?"),
+        ("predict.py", ["ckpt_path=/x.ckpt", "input=/y", "cam_slice=2"], "did you mean cam_slices"),
+    ]:
+        out = run_cli(args, tmp_path, script=script)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and near in lines[0], out.stderr
+        assert list(tmp_path.iterdir()) == []

@@ -206,4 +206,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from covidct.cli import exit_on_typo
+
+    exit_on_typo("bench_predict")
     main()

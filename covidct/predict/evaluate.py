@@ -186,4 +186,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from covidct.cli import exit_on_typo
+
+    exit_on_typo("evaluate")
     main()

@@ -171,4 +171,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from covidct.cli import exit_on_typo
+
+    exit_on_typo("pseudo_label")
     main()
