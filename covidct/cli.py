@@ -141,7 +141,7 @@ def override_typo(args: list[str], conf_dir: Path, config_name: str) -> str | No
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     if any(a.split("=")[0] in _CONFIG_ARGS for a in args):
         return None  # another config than conf/<config_name>.yaml
@@ -163,12 +163,13 @@ def override_typo(args: list[str], conf_dir: Path, config_name: str) -> str | No
         return _nearest(f"{group}={choice}", choice, list(exc.options or []), f"a choice of {group}") if group else None
     except ConfigCompositionException as exc:
         cause = exc.__cause__
-        if not (isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None)):
-            return None
+        if not (isinstance(cause, ConfigKeyError | ConfigAttributeError) and cause.full_key):
+            return None  # a value of the wrong type, ...: Hydra's message names the key
         try:
-            return _missing_key(cause.full_key, composed(skip=cause.full_key))
+            rest = composed(skip=cause.full_key)
         except Exception:
-            return _missing_key(cause.full_key, None)
+            return None
+        return _missing_key(cause.full_key, rest) if _first_absent(rest, cause.full_key) else None
     except Exception:
         return None
     for o in overrides:

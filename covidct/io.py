@@ -88,3 +88,24 @@ def require_file(path: Path, key: str, hint: str) -> None:
     if not path.is_file():
         what = "a folder, not a file" if path.is_dir() else "file not found"
         raise DataError(f"{key}={path}: {what} ({hint}).")
+
+
+FAILED_SUFFIX = "-failed"
+
+
+def mark_failed(folder: str | Path) -> Path:
+    """Rename a failed run's ``folder`` to ``<folder>-failed`` (``-failed-2``, ... when taken), so that a listing
+    (or ``ls -t runs/*/checkpoints``) cannot take it for a result; nothing in it is deleted. Returns the new
+    path, or ``folder`` itself when it does not exist or cannot be renamed."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.name.endswith(FAILED_SUFFIX):
+        return folder
+    for n in range(1, 100):
+        target = folder.with_name(folder.name + FAILED_SUFFIX + (f"-{n}" if n > 1 else ""))
+        if not target.exists():
+            try:
+                folder.rename(target)  # open files (the run's log) keep being written, under the new name
+            except OSError:
+                return folder
+            return target
+    return folder

@@ -301,6 +301,7 @@ def test_the_wandb_logger_carries_its_pseudonymizer_and_stops_console_capture_wh
     logger = instantiate_logger(offline.logger.wandb, offline)  # auto + offline: off, no secret made
     assert not pseudonymizer_of(logger).active and "settings" not in logger._wandb_init
     assert not (tmp_path / "unused").exists()
+    assert "anonymous" not in logger._wandb_init  # Lightning's anonymous=None: a wandb warning on every run
 
     uploads_checkpoints = compose_train(
         tmp_path,

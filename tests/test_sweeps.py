@@ -86,6 +86,9 @@ def test_multirun_with_default_paths_lands_in_the_working_folder_one_wandb_run_p
     rows = read_csv(sweep / "summary.csv")
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert str(sweep) in out.stdout  # the table names the sweep folder, absolute
+    console = out.stderr  # each job says its folder first; Lightning's lines come, its adverts do not
+    assert console.count("[train][INFO] - Run folder ") == 2 and "GPU available: False" in console
+    assert "💡 Tip" not in console and "100% of the batches" not in console and "LeafSpec" not in console
     header = (sweep / "summary.csv").read_text().splitlines()[0].split(",")
     at = header.index("score")  # the score names its metric and comes with its interval and patient count
     assert header[at : at + 5] == ["score", "score_of", "score_ci_low", "score_ci_high", "n_patients"]

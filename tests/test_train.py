@@ -136,6 +136,8 @@ def test_resume_into_another_folder_continues_training_the_wandb_run_and_the_bes
 def test_cli_override_and_bad_values_fail_with_the_key(tmp_path, shared_cache):
     out = run_cli(tiny(shared_cache) + ["loss.gamma=-1", f"paths.log_dir={tmp_path}"], tmp_path)
     assert out.returncode != 0 and "loss.gamma must be >= 0" in out.stderr + out.stdout
+    (failed,) = (tmp_path / "train" / "runs").iterdir()  # kept, and named so that no listing takes it for a result
+    assert failed.name.endswith("-failed") and f"kept as {failed}" in out.stderr and (failed / "train.log").is_file()
     out = run_cli(tiny(shared_cache) + ["loss.gama=2"], tmp_path)
     assert out.returncode != 0 and "gama" in out.stderr
     out = run_cli(tiny(shared_cache) + ["model=vgg61"], tmp_path)

@@ -250,4 +250,7 @@ def instantiate_logger(conf: Any, cfg: Any, **kwargs: Any) -> Any:
         log.info("privacy: W&B gets patient pseudonyms (key: %s) and no console capture", secret)
     logger = instantiate(conf, _convert_="all", **kwargs)
     setattr(logger, ATTRIBUTE, pseudonymizer)
+    # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.19 answers with a warning per run
+    if getattr(logger, "_wandb_init", {}).get("anonymous", ...) is None:
+        logger._wandb_init.pop("anonymous")
     return logger
