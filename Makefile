@@ -35,9 +35,8 @@ lint:  ## ruff's lint rules and its formatting (ruff format . fixes the latter)
 train:  ## the default CPU demo on the embedded synthetic data
 	$(BIN)/python train.py
 
-predict-demo:  ## predict the synthetic patients with the newest checkpoint of `make train`
-	$(BIN)/python predict.py ckpt_path=$$(ls -t outputs/train/runs/*/checkpoints/last.ckpt | head -1) \
-		input=$$(ls -d .cache/covidct/synthetic-* | head -1)
+predict-demo:  ## predict.py on the validation patients of the newest finished `make train` run (best checkpoint), scored
+	args=$$($(BIN)/python -m covidct.training.validation_set outputs/train/runs) && $(BIN)/python predict.py $$args progress=false
 
 two-stage-demo:  ## paper label mode vs two-stage pseudo-labels on the same synthetic patients (~15 min on 2 cores)
 	PY=$(BIN)/python tools/two_stage_demo.sh $(ARGS)
