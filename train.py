@@ -50,6 +50,7 @@ def main(cfg: DictConfig) -> float | None:
     """
     from pytorch_lightning.utilities import rank_zero_only
 
+    from covidct.io import made_by_this_run
     from covidct.training.console import quiet_library_noise
     from covidct.training.run import LaunchError, RunInterrupted, train
     from covidct.training.sweep_summary import write_run_metrics, write_sweep_summary
@@ -58,6 +59,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = os.path.basename(hydra_cfg.sweep.dir) if multirun else None
     quiet_library_noise()
+    fresh = made_by_this_run(cfg.paths.output_dir)  # a failed run renames only a folder it made
     if rank_zero_only.rank == 0:
         log.info("Run folder %s", cfg.paths.output_dir)
     try:
@@ -75,7 +77,8 @@ def main(cfg: DictConfig) -> float | None:
             if rank_zero_only.rank == 0:
                 record_crash(cfg.paths.output_dir, exc)
             if not multirun:
-                keep_failed_folder(cfg.paths.output_dir)
+                if fresh:
+                    keep_failed_folder(cfg.paths.output_dir)
                 raise
             log.exception("Job %s crashed", hydra_cfg.job.num)
             return None
@@ -84,14 +87,15 @@ def main(cfg: DictConfig) -> float | None:
             write_run_metrics(cfg.paths.output_dir, {"status": "failed", "error": str(user)})
             return None
         log.error("%s", user)
-        keep_failed_folder(cfg.paths.output_dir)
+        if fresh:
+            keep_failed_folder(cfg.paths.output_dir)
         sys.exit(1)  # noqa: B904 (the message says it all; no traceback for user errors)
     return None if math.isnan(result.score) else result.score
 
 
 def keep_failed_folder(output_dir: str) -> None:
-    """A single run that failed: its folder renamed ``<folder>-failed`` (rank 0; a multirun's jobs stay, listed
-    as failed in ``summary.csv``); said in one INFO line."""
+    """A single run that failed: the folder it made renamed ``<folder>-failed`` (rank 0; a multirun's jobs stay,
+    listed as failed in ``summary.csv``); said in one INFO line."""
     from pytorch_lightning.utilities import rank_zero_only
 
     from covidct.io import mark_failed

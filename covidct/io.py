@@ -93,6 +93,16 @@ def require_file(path: Path, key: str, hint: str) -> None:
 FAILED_SUFFIX = "-failed"
 
 
+def made_by_this_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds nothing yet but what Hydra put there as this run started (``.hydra/`` and the
+    job's ``.log``), or does not exist: a folder that :func:`mark_failed` may rename if the run fails. Call it
+    before the run writes anything; a folder reused by a resume or chosen by hand holds more and is left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return True
+    return all(p.name == ".hydra" or (p.suffix == ".log" and p.is_file()) for p in folder.iterdir())
+
+
 def mark_failed(folder: str | Path) -> Path:
     """Rename a failed run's ``folder`` to ``<folder>-failed`` (``-failed-2``, ... when taken), so that a listing
     (or ``ls -t runs/*/checkpoints``) cannot take it for a result; nothing in it is deleted. Returns the new
