@@ -55,10 +55,23 @@ def slice_csv_name(test_set: str) -> str:
 
 
 def prob_column(class_name: str) -> str:
-    """``prob_<class>``: a class's mean probability (patient CSV) or probability (slice CSV)."""
+    """``prob_<class>``: a slice's probability of a class (slice CSV: one slice, so not a mean)."""
     return f"prob_{class_name}"
 
 
+def mean_prob_column(class_name: str) -> str:
+    """``mean_prob_<class>``: a patient's mean slice probability of a class (patient CSV, training's patients.csv)."""
+    return f"mean_prob_{class_name}"
+
+
+def score_column(class_name: str) -> str:
+    """``score_<class>``: the vote rule's per-class score of a patient (patient CSV, training's patients.csv)."""
+    return f"score_{class_name}"
+
+
+#: what the vote rule decided a patient on, as training's patients.csv names it: the one-sentence why, the
+#: quantity the rule compared and the threshold it was compared to (sick when quantity > threshold)
+DECISION_COLUMNS: tuple[str, ...] = ("decision", "decision_quantity", "decision_threshold")
 SERIES_COLUMNS: tuple[str, ...] = ("series_uid", "series_description", "n_series")
 
 
@@ -67,7 +80,9 @@ def patient_csv_columns(class_names: list[str] | tuple[str, ...]) -> list[str]:
     return [
         "patient",
         "predicted_class",
-        *map(prob_column, class_names),
+        *DECISION_COLUMNS,
+        *map(score_column, class_names),
+        *map(mean_prob_column, class_names),
         "infected_fraction",
         "n_slices",
         "n_skipped",

@@ -33,7 +33,8 @@ def test_the_normal_class_is_found_by_name_and_evaluate_reads_columns_predict_wr
     assert contracts.CLASS_NAMES[contracts.NORMAL_CLASS] == "Normal"
     assert contracts.CLASS_NAMES[contracts.COVID_CLASS] == "COVID-19"
     header = contracts.patient_csv_columns(["COVID-19", "CAP", "Normal"])
-    assert header[:5] == ["patient", "predicted_class", "prob_COVID-19", "prob_CAP", "prob_Normal"]
+    assert header[:5] == ["patient", "predicted_class", "decision", "decision_quantity", "decision_threshold"]
+    assert "mean_prob_Normal" in header and "prob_Normal" not in header  # training's patients.csv names
     assert set(contracts.EVALUATED_COLUMNS) <= set(header) and header[-2:] == ["status", "detail"]
     assert contracts.slice_csv_columns(["a"]) == ["patient", "slice_index", "slice_location", "prob_a"]
     assert (contracts.patient_csv_name("T1"), contracts.slice_csv_name("T1")) == ("T1.csv", "T1_slices.csv")

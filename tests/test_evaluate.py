@@ -25,7 +25,7 @@ from tests.conftest import REPO, run_cli
 HEADER = [
     "patient",
     "predicted_class",
-    *[f"prob_{c}" for c in CLASS_NAMES],
+    *[f"mean_prob_{c}" for c in CLASS_NAMES],
     "infected_fraction",
     "n_slices",
     "n_skipped",
@@ -224,6 +224,40 @@ def test_missing_and_unknown_patients_are_all_named(tmp_path):
     many = labels_text([f"X-{i}" for i in range(9)] + PATIENTS[:4], ["CAP"] * 13)
     with pytest.raises(DataError, match=r"9 label row\(s\) .*line 6 'X-4' and 4 more"):
         evaluate(preds, write_labels(tmp_path / "many.csv", many), tmp_path / "out", resamples=0)
+
+
+def test_partial_labels_score_the_labelled_patients_and_list_the_others(tmp_path):
+    """partial=True (predict.py labels=): a label row of a patient not predicted and predicted patients without a
+    label row (one of them failed) are left out and listed; the labelled ones are scored."""
+    preds = write_predictions(tmp_path / "Test1.csv", PATIENTS[:5], [*PRED[:4], None])
+    labels = write_labels(tmp_path / "labels.csv", labels_text(["X-1", *PATIENTS[:3]], ["CAP", *TRUTH[:3]]))
+    result = evaluate(preds, labels, tmp_path / "out", resamples=0, partial=True)
+    assert result.scores["Test1"].n_patients == 3 and result.scores["Test1"].values["accuracy"] == 1.0
+    assert (result.unscored.absent_from_input, result.unscored.without_label) == (["X-1"], ["T1-004", "T1-005"])
+    record = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert record["partial_labels"] is True and record["scores"]["overall"]["scored_as_wrong"] == []
+    assert record["unscored"] == {"absent_from_input": ["X-1"], "without_label": ["T1-004", "T1-005"]}
+    with pytest.raises(DataError, match=r"none of the 5 predicted patient\(s\) has a label row"):
+        evaluate(
+            preds, write_labels(tmp_path / "none.csv", labels_text(["X-1"], ["CAP"])), tmp_path / "o", partial=True
+        )
+    # a labelled patient whose prediction failed is still refused (or scored as wrong with allow_errors)
+    failed = write_labels(tmp_path / "failed.csv", labels_text(PATIENTS[3:5], TRUTH[3:5]))
+    with pytest.raises(DataError, match="'T1-005' .*allow_errors=true"):
+        evaluate(preds, failed, tmp_path / "o", resamples=0, partial=True)
+
+
+def test_the_class_names_are_read_from_the_mean_probability_columns(tmp_path):
+    """The classes of a prediction CSV are its mean_prob_<class> columns (prob_<class> in CSVs written before the
+    rename), whatever their names."""
+    for prefix in ("mean_prob_", "prob_"):
+        path = tmp_path / prefix / "Test1.csv"
+        path.parent.mkdir()
+        header = ["patient", "predicted_class", f"{prefix}yes", f"{prefix}no", "status", "detail"]
+        path.write_text(",".join(header) + "\nA,yes,0.9,0.1,ok,\nB,no,0.2,0.8,ok,\nC,yes,0.6,0.4,ok,\n")
+        labels = write_labels(tmp_path / prefix / "labels.csv", labels_text(["A", "B", "C"], ["yes", "no", "no"]))
+        result = evaluate(path, labels, tmp_path / prefix / "out", resamples=0)
+        assert result.class_names == ["yes", "no"] and result.scores["Test1"].confusion.tolist() == [[1, 0], [1, 1]]
 
 
 def test_failed_prediction_is_refused_or_scored_as_wrong(tmp_path):

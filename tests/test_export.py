@@ -174,6 +174,15 @@ def test_onnx_predict_reads_dicom_votes_and_writes_the_usual_outputs(tmp_path):
         np.testing.assert_allclose(got, p, atol=1e-4)
         patient = next(r for r in rows(out / "Test1.csv") if r["patient"] == pid)
         assert patient["predicted_class"] == CLASSES[vote(p, "majority", 0.5)] and patient["status"] == "ok"
+        # explained as with a checkpoint: the sidecar's rule (majority), its scores (vote shares) and margin
+        shares = np.bincount(p.argmax(1), minlength=3) / len(p)
+        np.testing.assert_allclose([float(patient[f"score_{c}"]) for c in CLASSES], shares, atol=1e-4)
+        np.testing.assert_allclose([float(patient[f"mean_prob_{c}"]) for c in CLASSES], p.mean(0), atol=1e-4)
+        margin = max(shares[:2]) - shares[2]
+        assert float(patient["decision_quantity"]) == pytest.approx(margin, abs=1e-4)
+        assert patient["decision_threshold"] == "0.0" and (margin > 0) == (patient["predicted_class"] != "Normal")
+        votes = ", ".join(f"{c} {n}" for c, n in zip(CLASSES, np.bincount(p.argmax(1), minlength=3), strict=True))
+        assert patient["decision"] == f"slice votes {votes}: {patient['predicted_class']}"
     calls = {r["patient"]: r["predicted_class"] for r in rows(out / "Test1.csv")}
     assert calls == {"T1-001": "COVID-19", "T1-002": "Normal"}
     record = json.loads((out / "prediction.json").read_text())
@@ -284,10 +293,13 @@ def test_the_numpy_mil_head_decides_as_the_torch_head(standardize):
     numpy_head = NumpyMIL.from_npz(data, init, "head.npz")
     assert (numpy_head.standardize, numpy_head.slice_features) == (standardize, kind)
     expected = predict_proba(head, bags)
-    logits = np.stack([numpy_head.logits(b) for b in bags])
-    got = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose(got / got.sum(1, keepdims=True), expected, atol=1e-5)
+    np.testing.assert_allclose(np.stack([numpy_head.probabilities(b) for b in bags]), expected, atol=1e-5)
     assert numpy_head.predict(bags).tolist() == expected.argmax(1).tolist()
+    # what predict.py's patient CSV shows as the mil rule's scores, from either head
+    from covidct.predict.predictor import mil_probabilities
+
+    for b, e in zip(bags, expected, strict=True):
+        np.testing.assert_allclose([mil_probabilities(h, b) for h in (head, numpy_head)], [e, e], atol=1e-5)
 
 
 def test_numpy_temperature_equals_the_calibration_module():
@@ -544,8 +556,9 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> tuple[Path, list[Path]]:
 def test_predict_with_the_onnx_export_matches_the_checkpoint_on_the_real_sample(tiny_export, real_sample):
     """predict.py's per-patient work (:func:`predict_patient`: slice probabilities, temperature, vote) with the
     trained checkpoint and with its export, on the 3 real patients read once by predict's ONNX reader: every
-    slice probability within 1e-4, every patient call the same (the MIL head, and a rule on probabilities)."""
-    from covidct.predict.predictor import predict_patient
+    slice probability within 1e-4, every patient call the same (the MIL head, and a rule on probabilities), and
+    the patient CSV's explanation of the call the same (the head's probabilities as the mil rule's scores)."""
+    from covidct.predict.predictor import call_patient, patient_row, predict_patient
     from covidct.predict.settings import settings_from_sidecar
     from covidct.predict.test_sets import read_patients
     from covidct.predict.torch_backend import load_checkpoint
@@ -567,6 +580,19 @@ def test_predict_with_the_onnx_export_matches_the_checkpoint_on_the_real_sample(
         diffs.append(np.abs(pa - pb).max())
         rule = [vote(p, "infected_fraction", settings.tau) for p in (pa, pb)]
         calls.append((item["folder"].name, call_a, call_b, *rule))
+        explained = []
+        for m, images, s in (
+            (model, torch.from_numpy(item["images"]), settings),
+            (export.model, item["images"], onnx_settings),
+        ):
+            probs, call, head_probs = call_patient(m, images, s)
+            assert head_probs is not None and int(head_probs.argmax()) == call
+            explained.append(patient_row(item, probs, call, s.class_names, s.vote, head_probs))
+        columns = ["decision_quantity", *(f"score_{c}" for c in CLASSES)]
+        np.testing.assert_allclose(
+            [[r[c] for c in columns] for r in explained][0], [explained[1][c] for c in columns], atol=2e-4
+        )
+        assert explained[0]["decision"].startswith("head fitted on all validation patients: P COVID-19 ")
     assert len(calls) == 3 and max(diffs) <= 1e-4, (diffs, calls)
     assert all(a == b and c == d for _, a, b, c, d in calls), calls
     side = json.loads(written[-1].read_text())

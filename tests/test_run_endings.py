@@ -188,3 +188,22 @@ def test_the_accuracy_interval_is_a_patient_bootstrap_that_narrows_with_more_pat
     low4, high4 = accuracy_interval(np.array([[36, 4], [4, 36]]))  # the same share of 4x the patients
     assert low4 > low and high4 < high and (high4 - low4) == pytest.approx((high - low) / 2, rel=0.35)
     assert accuracy_interval(np.array([[9, 1], [1, 9]])) == (low, high)  # seeded: the same every time
+
+
+def test_a_failed_run_renames_only_the_folder_it_made(tmp_path, shared_cache):
+    """A user error after Hydra made the run folder: the folder is renamed <folder>-failed (kept, with its log);
+    a folder that held something before (a resume into it, one chosen by hand) keeps its name."""
+    out = run(
+        "predict.py",
+        [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={tmp_path}", f"paths.log_dir={tmp_path}"],
+        tmp_path,
+    )
+    (failed,) = (tmp_path / "predict" / "runs").iterdir()
+    assert out.returncode == 1 and failed.name.endswith("-failed") and (failed / "predict.log").is_file()
+    assert f"kept as {failed}" in out.stderr
+
+    earlier = tmp_path / "earlier run"
+    (earlier / "checkpoints").mkdir(parents=True)
+    out = run("train.py", [*tiny(shared_cache), "loss.gamma=-1", f"hydra.run.dir={earlier}"], tmp_path)
+    assert out.returncode == 1 and "loss.gamma must be >= 0" in out.stderr
+    assert earlier.is_dir() and not list(tmp_path.glob("earlier run-failed*"))

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from covidct.contracts import CLASS_NAMES, EVALUATED_COLUMNS, PREDICTION_RECORD, patient_csv_name
+from covidct.contracts import (
+    CLASS_NAMES,
+    EVALUATED_COLUMNS,
+    PREDICTION_RECORD,
+    mean_prob_column,
+    patient_csv_name,
+    prob_column,
+)
 from covidct.errors import DataError
 from covidct.io import csv_text
 
@@ -168,6 +175,15 @@ def prediction_files(source: str | Path) -> dict[str, Path]:
     return files
 
 
+def csv_class_names(header: list[str]) -> list[str]:
+    """The class names of a patient CSV's header, in order: its ``mean_prob_<class>`` columns (``prob_<class>``
+    in CSVs written before the rename), else :data:`~covidct.contracts.CLASS_NAMES`."""
+    for prefix in (mean_prob_column(""), prob_column("")):
+        if names := [c.removeprefix(prefix) for c in header if c.startswith(prefix)]:
+            return names
+    return list(CLASS_NAMES)
+
+
 def read_predictions(source: str | Path) -> Predictions:
     """Every patient row of the prediction CSVs, checked: the columns predict.py writes, status ok or
     error, a known predicted class when ok, no patient twice (also not across test sets)."""
@@ -188,7 +204,7 @@ def read_predictions(source: str | Path) -> Predictions:
                 f"predictions={path} line {line}: no {', '.join(missing)} column; not a predict.py test-set CSV "
                 "(give <test set>.csv, not <test set>_slices.csv)."
             )
-        names = [c.removeprefix("prob_") for c in header if c.startswith("prob_")] or list(CLASS_NAMES)
+        names = csv_class_names(header)
         if class_names is not None and names != class_names:
             raise DataError(f"predictions={path}: classes {names} differ from the other test sets' {class_names}.")
         class_names = names
@@ -218,12 +234,29 @@ def read_predictions(source: str | Path) -> Predictions:
     return Predictions(Path(source), files, rows, class_names or list(CLASS_NAMES))
 
 
-def match(labels: Labels, predictions: Predictions, allow_errors: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Test set name -> (truth, prediction), int64 (P,) class indices in the prediction CSV's row order;
-    a failed prediction (allowed) is K = number of classes, scored as wrong. Refuses (DataError) a
-    predicted patient without label, a label without prediction, and failed predictions unless allowed."""
+@dataclass
+class Unscored:
+    """The patients an evaluation with partial labels (predict.py ``labels=``) leaves out: ``absent_from_input``,
+    label rows whose patient was not predicted (labels file order); ``without_label``, predicted patients (status
+    ok or error) without a label row (prediction CSV order)."""
+
+    absent_from_input: list[str]
+    without_label: list[str]
+
+
+def unscored(labels: Labels, predictions: Predictions) -> Unscored:
+    """The patients of ``labels`` and ``predictions`` that are not in both (:class:`Unscored`)."""
     predicted = {p.patient for p in predictions.rows}
+    return Unscored(
+        [pid for pid in labels.rows if pid not in predicted],
+        [p.patient for p in predictions.rows if p.patient not in labels.rows],
+    )
+
+
+def _refuse_unmatched(labels: Labels, predictions: Predictions) -> None:
+    """DataError naming every predicted patient without a label and every label without a prediction."""
     missing = [f"{p.patient!r} ({p.file.name} line {p.line})" for p in predictions.rows if p.patient not in labels.rows]
+    predicted = {p.patient for p in predictions.rows}
     unknown = [f"line {line} {pid!r}" for pid, (_, line) in labels.rows.items() if pid not in predicted]
     if missing or unknown:
         parts = []
@@ -235,7 +268,28 @@ def match(labels: Labels, predictions: Predictions, allow_errors: bool) -> dict[
             f"labels={labels.path}: {'; and '.join(parts)}. Labels and predictions must match one to one: add or "
             f"remove rows, or score the predictions that hold those patients (predictions={predictions.source})."
         )
-    failed = [p for p in predictions.rows if p.predicted is None]
+
+
+def match(
+    labels: Labels, predictions: Predictions, allow_errors: bool, partial: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Test set name -> (truth, prediction), int64 (P,) class indices in the prediction CSV's row order;
+    a failed prediction (allowed) is K = number of classes, scored as wrong. Refuses (DataError) failed
+    predictions unless allowed, and, unless ``partial``, a predicted patient without label and a label without
+    prediction; with ``partial`` those are left out (:func:`unscored` lists them), and refused only when no
+    predicted patient has a label."""
+    if partial:
+        rows = [p for p in predictions.rows if p.patient in labels.rows]
+        if not rows:
+            raise DataError(
+                f"labels={labels.path}: none of the {len(predictions.rows)} predicted patient(s) has a label row "
+                f"(e.g. {_listing([repr(p.patient) for p in predictions.rows])}), so nothing can be scored; check "
+                "that the labels' patient column names the input's patient folders."
+            )
+    else:
+        _refuse_unmatched(labels, predictions)
+        rows = predictions.rows
+    failed = [p for p in rows if p.predicted is None]
     if failed and not allow_errors:
         listed = [f"{p.patient!r} ({p.file.name} line {p.line}: {p.detail or 'no detail'})" for p in failed]
         raise DataError(
@@ -245,7 +299,7 @@ def match(labels: Labels, predictions: Predictions, allow_errors: bool) -> dict[
         )
     k = len(predictions.class_names)
     sets: dict[str, tuple[list[int], list[int]]] = {name: ([], []) for name in predictions.files}
-    for p in predictions.rows:
+    for p in rows:
         sets[p.test_set][0].append(labels.rows[p.patient][0])
         sets[p.test_set][1].append(k if p.predicted is None else p.predicted)
     return {name: (np.array(t, np.int64), np.array(q, np.int64)) for name, (t, q) in sets.items() if t}

@@ -11,7 +11,9 @@ class names as in :data:`covidct.contracts.CLASS_NAMES` in any case (``covid``, 
 Labels and predictions must match one to one: a bad class name, a duplicate row, a predicted patient
 without a label, a label without a prediction, or a prediction that failed (status ``error``, unless
 ``allow_errors=true`` scores it as wrong) is refused with the file and line named; nothing is dropped
-(reading and matching: :mod:`covidct.predict.eval_inputs`).
+(reading and matching: :mod:`covidct.predict.eval_inputs`). ``predict.py labels=`` scores partially
+(``partial``): the predicted patients with a label row are scored, the label rows of patients absent from
+the input and the input patients without one are logged and listed in evaluation.json (``unscored``).
 
 Writes into the run folder: ``evaluation.json`` (every number, the CIs, the labels file and its
 SHA-256), ``evaluation.csv`` (test set, metric, value, ci_low, ci_high), ``confusion_<test set>.png``
@@ -29,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,21 @@ from covidct.cli import exit_if_keys_missing
 from covidct.contracts import CONF_DIR, EVALUATION_CSV, EVALUATION_JSON
 from covidct.errors import ConfigError, CovidCTError
 from covidct.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
-from covidct.predict.eval_inputs import OVERALL, Labels, Predictions, match, read_labels, read_predictions
+from covidct.predict.eval_inputs import (
+    OVERALL,
+    Labels,
+    Predictions,
+    Unscored,
+    match,
+    read_labels,
+    read_predictions,
+    unscored,
+)
 from covidct.predict.eval_metrics import NO_PREDICTION, Scores, confusion_png, format_scores, metric_names, score
 
 log = logging.getLogger("evaluate")
+LOGGED = 10
+"""Patients named per 'not scored' log line (then 'and N more')."""
 
 
 @dataclass
@@ -54,6 +67,7 @@ class Evaluation:
     scores: dict[str, Scores]
     class_names: list[str]
     files: list[Path]
+    unscored: Unscored = field(default_factory=lambda: Unscored([], []))
 
 
 def check_settings(resamples: object, seed: object, allow_errors: object = False) -> None:
@@ -72,20 +86,24 @@ def evaluate(
     resamples: int = 2000,
     seed: int = 0,
     allow_errors: bool = False,
+    partial: bool = False,
 ) -> Evaluation:
     """Score ``predictions`` (run folder or CSV) against ``labels``; write evaluation.json / .csv and
-    the confusion PNGs into ``output_dir``."""
+    the confusion PNGs into ``output_dir``. ``partial`` (predict.py ``labels=``): score the predicted patients
+    that have a label row, and record the others and the labels of patients not predicted (``unscored``)
+    instead of refusing them."""
     check_settings(resamples, seed, allow_errors)
     preds = read_predictions(predictions)
     names = preds.class_names
     label_set = read_labels(labels, names)
-    truth_pred = match(label_set, preds, allow_errors)
+    truth_pred = match(label_set, preds, allow_errors, partial)
+    left_out = unscored(label_set, preds)
     k = len(names)
     truth_pred[OVERALL] = (
         np.concatenate([t for t, _ in truth_pred.values()]),
         np.concatenate([p for _, p in truth_pred.values()]),
     )
-    failed = {p.patient: p.test_set for p in preds.rows if p.predicted is None}
+    failed = {p.patient: p.test_set for p in preds.rows if p.predicted is None and p.patient in label_set.rows}
     scores = {}
     for name, (truth, pred) in truth_pred.items():
         scores[name] = score(truth, pred, k, names, resamples, seed)
@@ -96,9 +114,10 @@ def evaluate(
         png = confusion_png(s.confusion, names, f"{name} (n={s.n_patients})")
         written.append(atomic_write_bytes(out / f"confusion_{name}.png", png))
     record = evaluation_record(preds, label_set, scores, resamples, seed, allow_errors)
+    record |= {"partial_labels": partial, "unscored": asdict(left_out)}
     written.append(atomic_write_text(out / EVALUATION_JSON, json.dumps(record, indent=1) + "\n"))
     written.append(write_scores_csv(out / EVALUATION_CSV, scores, names))
-    return Evaluation(scores, names, written)
+    return Evaluation(scores, names, written, left_out)
 
 
 def evaluation_record(
@@ -152,17 +171,36 @@ def write_scores_csv(path: Path, scores: dict[str, Scores], class_names: list[st
     return atomic_write_csv(path, header, rows)
 
 
-def run_evaluation(cfg: DictConfig, predictions: str | Path) -> list[Path]:
+def run_evaluation(cfg: DictConfig, predictions: str | Path, partial: bool = False) -> list[Path]:
     """Evaluate ``predictions`` with ``cfg.labels / bootstrap / seed / allow_errors`` into the run
-    folder; print the table. Shared by ``python -m covidct.predict.evaluate`` and ``predict.py labels=...``."""
+    folder; print the table. Shared by ``python -m covidct.predict.evaluate`` and ``predict.py labels=...``
+    (``partial``: the labels may list patients not in the input, and the input patients without a label row;
+    both are logged and recorded in evaluation.json, the others scored)."""
     resamples, seed = cfg.get("bootstrap", 2000), cfg.get("seed", 0)
-    result = evaluate(predictions, cfg.labels, cfg.paths.output_dir, resamples, seed, cfg.get("allow_errors", False))
+    allow_errors = cfg.get("allow_errors", False)
+    result = evaluate(predictions, cfg.labels, cfg.paths.output_dir, resamples, seed, allow_errors, partial)
+    log_unscored(result.unscored, cfg.labels)
     what = f"value [95% CI, {resamples} patient resamples, seed {seed}]" if resamples else "value (bootstrap=0)"
     print(f"labels={cfg.labels}: {what}")
     print(format_scores(result.scores, result.class_names), flush=True)
     if wrong := result.scores[OVERALL].scored_as_wrong:
         log.warning("scored as wrong (their prediction failed): %s", ", ".join(wrong))
     return result.files
+
+
+def log_unscored(left_out: Unscored, labels: str | Path) -> None:
+    """One warning line per kind of patient not scored, naming the first :data:`LOGGED` (all are in
+    evaluation.json's ``unscored``)."""
+    for patients, what in (
+        (left_out.absent_from_input, f"labelled in labels={labels} but absent from the input"),
+        (left_out.without_label, "in the input but without a label row"),
+    ):
+        if patients:
+            more = f" and {len(patients) - LOGGED} more" if len(patients) > LOGGED else ""
+            shown = ", ".join(patients[:LOGGED])
+            log.warning(
+                "not scored: %d patient(s) %s: %s%s (evaluation.json: unscored)", len(patients), what, shown, more
+            )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")

@@ -173,6 +173,13 @@ class NumpyMIL:
         attention /= attention.sum()
         return (attention[:, None] * h).sum(axis=0) @ w["classifier.weight"].T + w["classifier.bias"]
 
+    def probabilities(self, bag: np.ndarray) -> np.ndarray:
+        """One bag (n, D) -> (C,) float64 softmax class probabilities (as
+        :func:`covidct.patients.aggregation.predict_proba`)."""
+        logits = self.logits(bag)
+        e = np.exp(logits - logits.max())
+        return e / e.sum()
+
     def predict(self, bags: Sequence[np.ndarray]) -> np.ndarray:
         """(P,) int64 predicted class of each bag (as :func:`covidct.patients.aggregation.predict`)."""
         return np.array([int(np.argmax(self.logits(b))) for b in bags], dtype=np.int64)

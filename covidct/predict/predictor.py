@@ -30,8 +30,11 @@ from covidct.contracts import (
     CHECKPOINTS_HINT,
     PREDICT_CLAIM,
     PREDICTION_RECORD,
+    SERIES_COLUMNS,
+    mean_prob_column,
     patient_csv_columns,
     patient_csv_name,
+    score_column,
     slice_csv_columns,
     slice_csv_name,
 )
@@ -46,7 +49,9 @@ from covidct.data.series import (
 )
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv, atomic_write_text, create_exclusive, csv_text, require_file
+from covidct.patients.explanations import explain_call
 from covidct.patients.mil_features import slice_features
+from covidct.patients.parameters import VoteParameters
 from covidct.patients.rules import LEARNED_RULES, check_vote_parameters, check_vote_settings, vote_with
 from covidct.patients.voting import infected_fraction
 from covidct.predict.onnx_backend import (
@@ -58,7 +63,7 @@ from covidct.predict.onnx_backend import (
     sidecar_path,
 )
 from covidct.predict.settings import PredictorSettings, settings_from_sidecar
-from covidct.predict.test_sets import TestSet, find_test_sets, read_patients
+from covidct.predict.test_sets import InputScan, TestSet, read_patients, scan_input
 from covidct.predict.tta import mean_over_views, tta_views
 from covidct.text_table import format_table
 
@@ -99,11 +104,22 @@ def mil_decision(head: GatedAttentionMIL | NumpyMIL, features: np.ndarray) -> in
     return int(mil_predict(head, [features])[0])
 
 
-def predict_patient(
+def mil_probabilities(head: GatedAttentionMIL | NumpyMIL, features: np.ndarray) -> np.ndarray:
+    """(classes,) float64: the MIL head's class probabilities for one patient's ``features`` (N, F), the
+    scores its call (:func:`mil_decision`) is the argmax of."""
+    if isinstance(head, NumpyMIL):
+        return head.probabilities(features)
+    from covidct.patients.aggregation import predict_proba
+
+    return predict_proba(head, [features])[0].astype(np.float64)
+
+
+def call_patient(
     model: SliceClassifier | OnnxSliceModel, images: Any, settings: PredictorSettings, batch_size: int = 64
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, np.ndarray | None]:
     """One patient's uint8 (N, C, S, S) slices (head first) -> (float32 (N, classes) calibrated slice
-    probabilities, the patient's class index): what :func:`predict_test_set` writes for each patient."""
+    probabilities, the patient's class index, the MIL head's float64 (classes,) probabilities with the ``mil``
+    rule, else None): what :func:`predict_test_set` writes for each patient."""
     raw, embeddings = patient_probabilities(model, images, settings, batch_size)
     probs = apply_temperature(raw, settings.temperature)
     if settings.vote_rule in LEARNED_RULES:  # mil: the checkpoint's head on what it reads of the slices
@@ -112,8 +128,16 @@ def predict_patient(
         fitted = settings.overridden.get("temperature", {}).get("checkpoint", settings.temperature)
         head_probs = probs if fitted == settings.temperature else apply_temperature(raw, fitted)
         features = slice_features(head.slice_features, head_probs, embeddings)
-        return probs, mil_decision(head, features)
-    return probs, vote_with(settings.vote, probs)
+        return probs, mil_decision(head, features), mil_probabilities(head, features)
+    return probs, vote_with(settings.vote, probs), None
+
+
+def predict_patient(
+    model: SliceClassifier | OnnxSliceModel, images: Any, settings: PredictorSettings, batch_size: int = 64
+) -> tuple[np.ndarray, int]:
+    """(float32 (N, classes) calibrated slice probabilities, class index) of :func:`call_patient`."""
+    probs, pred, _ = call_patient(model, images, settings, batch_size)
+    return probs, pred
 
 
 def predict_test_set(
@@ -135,22 +159,22 @@ def predict_test_set(
     from tqdm import tqdm
 
     cams = cam_writer(model, settings, output_dir / f"{test_set.name}_cam", cam_slices) if cam_slices else None
-    names = settings.class_names
-    patient_rows = [uncalled_row(s.path.name, len(names), "skipped", s.reason) for s in test_set.skipped]
+    names, vote = settings.class_names, settings.vote
+    patient_rows = [uncalled_row(s.path.name, "skipped", s.reason) for s in test_set.skipped]
     slice_rows: list[list[object]] = []
     items = once_per_series(read_test_set(test_set, model, settings, num_workers))
     for item in tqdm(items, total=len(test_set.patients), desc=test_set.name, disable=not progress, unit="patient"):
         pid = item["folder"].name
         if "error" in item:
             log.error("%s: %s", pid, item["error"])
-            patient_rows.append(uncalled_row(pid, len(names), "error", item["error"]))
+            patient_rows.append(uncalled_row(pid, "error", item["error"]))
             continue
-        probs, pred = predict_patient(model, item["images"], settings, batch_size)
+        probs, pred, head_probs = call_patient(model, item["images"], settings, batch_size)
         if record is not None:
             record[pid] = (probs, pred)
         if cams:
             cams(item["images"], probs, pred, pid)
-        patient_rows.append(patient_row(item, probs, pred, names))
+        patient_rows.append(patient_row(item, probs, pred, names, vote, head_probs))
         slice_rows += patient_slice_rows(item, probs)
     return write_test_set_csvs(output_dir, test_set.name, names, patient_rows, slice_rows)
 
@@ -193,6 +217,8 @@ def cam_writer(
     here, only when asked."""
     from covidct.report.cam import lung_channel, write_patient_cams
 
+    note = cam_input_note(settings.image_size)
+
     def write(images: Any, probs: np.ndarray, pred: int, pid: str) -> None:
         write_patient_cams(
             model,
@@ -203,37 +229,65 @@ def cam_writer(
             cam_dir / pid,
             cam_slices,
             lung_channel(settings.windows),
-            pid,
+            f"{pid} ({note})",  # the caption's patient: "T1-001 (64 px input, upsampled) slice 3: Grad-CAM ..."
         )
 
     return write
 
 
-def uncalled_row(patient: str, n_classes: int, status: str, reason: str) -> list[object]:
-    """The ``<name>.csv`` row of a patient not called: ``status`` skipped (not a patient folder) or error
-    (no usable series), ``reason`` the detail."""
-    return [patient, "", *[""] * n_classes, "", 0, "", "", "", "", "", status, reason]
+#: the side, in px, that covidct.report.cam.overlay draws each panel at (a smaller input is upsampled to it)
+CAM_PANEL_PX = 256
 
 
-def patient_row(item: dict[str, Any], probs: np.ndarray, pred: int, names: list[str]) -> list[object]:
-    """The ``<name>.csv`` row of a called patient: its class, the mean of its float32 (N, classes) slice
+def cam_input_note(image_size: int) -> str:
+    """What a Grad-CAM caption says of the slices the model saw: ``64 px input, upsampled`` (drawn at
+    :data:`CAM_PANEL_PX` px), or ``512 px input``."""
+    return f"{image_size} px input" + (", upsampled" if image_size < CAM_PANEL_PX else "")
+
+
+def uncalled_row(patient: str, status: str, reason: str) -> dict[str, object]:
+    """The ``<name>.csv`` row of a patient not called (the other cells empty): ``status`` skipped (not a patient
+    folder) or error (no usable series), ``reason`` the detail."""
+    return {"patient": patient, "n_slices": 0, "status": status, "detail": reason}
+
+
+def _cell(value: float) -> float | str:
+    """A CSV number to 4 decimals (as training's patients.csv); NaN as an empty cell."""
+    return "" if np.isnan(value) else round(float(value), 4)
+
+
+def patient_row(
+    item: dict[str, Any],
+    probs: np.ndarray,
+    pred: int,
+    names: list[str],
+    vote: VoteParameters,
+    head_probs: np.ndarray | None = None,
+) -> dict[str, object]:
+    """The ``<name>.csv`` row of a called patient: its class and why (the rule's decision quantity, threshold,
+    sentence and per-class scores under ``vote``, :func:`~covidct.patients.explanations.explain_call`; a
+    learned rule's scores are its head's ``head_probs`` (classes,)), the mean of its float32 (N, classes) slice
     probabilities and its infected-slice fraction (4 decimals), slice counts, order and series cells."""
-    infected = infected_fraction(probs)
-    mean_probs = np.round(probs.mean(0, dtype=np.float64), 4).tolist()
+    call = explain_call(probs, vote, pred, head_probs)
+    mean_probs = probs.mean(0, dtype=np.float64)
     notes = [item["order_note"]] if item["order_note"] else []
-    detail = "; ".join(notes + item["series_notes"] + item["skipped"])
-    return [
-        item["folder"].name,
-        names[pred],
-        *mean_probs,
-        round(infected, 4),
-        len(probs),
-        len(item["skipped"]),
-        item["order_key"],
-        *series_cells(item["series"], item["n_series"]),
-        "ok",
-        detail,
-    ]
+    series = dict(zip(SERIES_COLUMNS, series_cells(item["series"], item["n_series"]), strict=True))
+    return {
+        "patient": item["folder"].name,
+        "predicted_class": names[pred],
+        "decision": call.why,
+        "decision_quantity": _cell(call.quantity),
+        "decision_threshold": _cell(call.threshold),
+        **{score_column(c): _cell(v) for c, v in zip(names, call.scores, strict=True)},
+        **{mean_prob_column(c): _cell(v) for c, v in zip(names, mean_probs, strict=True)},
+        "infected_fraction": round(infected_fraction(probs), 4),
+        "n_slices": len(probs),
+        "n_skipped": len(item["skipped"]),
+        "order_key": item["order_key"],
+        **series,
+        "status": "ok",
+        "detail": "; ".join(notes + item["series_notes"] + item["skipped"]),
+    }
 
 
 def patient_slice_rows(item: dict[str, Any], probs: np.ndarray) -> list[list[object]]:
@@ -247,10 +301,16 @@ def patient_slice_rows(item: dict[str, Any], probs: np.ndarray) -> list[list[obj
 
 
 def write_test_set_csvs(
-    output_dir: Path, name: str, names: list[str], patient_rows: list, slice_rows: list
+    output_dir: Path, name: str, names: list[str], patient_rows: list[dict[str, object]], slice_rows: list
 ) -> tuple[Path, Path]:
-    """Write ``<name>.csv`` and ``<name>_slices.csv`` (atomically) into ``output_dir``; their paths."""
-    patients_csv = atomic_write_csv(output_dir / patient_csv_name(name), patient_csv_columns(names), patient_rows)
+    """Write ``<name>.csv`` (``patient_rows``: column -> cell, a missing column empty) and ``<name>_slices.csv``
+    (atomically) into ``output_dir``; their paths."""
+    header = patient_csv_columns(names)
+    for row in patient_rows:
+        if unknown := set(row) - set(header):
+            raise ValueError(f"patient row {row.get('patient')!r}: {sorted(unknown)} are not columns of {header}")
+    cells = [[row.get(column, "") for column in header] for row in patient_rows]
+    patients_csv = atomic_write_csv(output_dir / patient_csv_name(name), header, cells)
     slices_csv = atomic_write_csv(output_dir / slice_csv_name(name), slice_csv_columns(names), slice_rows)
     return patients_csv, slices_csv
 
@@ -316,7 +376,8 @@ def run_prediction(cfg) -> list[Path]:
     prediction.json, and log the patient -> call table."""
     # the model file first: a missing one is the only message, before the input is searched
     require_file(Path(cfg.ckpt_path), "ckpt_path", f"{CHECKPOINTS_HINT}; exports end in .onnx")
-    test_sets = find_test_sets(cfg.input)
+    scan = scan_input(cfg.input)
+    test_sets = scan.test_sets
     chosen = check_vote_overrides(cfg)
     cam_slices = check_cam(cfg)
     model, settings, model_record = load_model(cfg, cam_slices)
@@ -327,6 +388,7 @@ def run_prediction(cfg) -> list[Path]:
             "predict "
             "with the stage-2 checkpoint"
         )
+    log.info("%s", scan.summary())  # after the model check: a missing or wrong model is said alone
     apply_vote_overrides(cfg, settings, chosen)
     apply_reading_options(cfg, settings)
     output_dir = Path(cfg.paths.output_dir)
@@ -336,10 +398,10 @@ def run_prediction(cfg) -> list[Path]:
         outputs += predict_test_set(
             test_set, model, settings, output_dir, cfg.batch_size, cfg.num_workers, cfg.progress, cam_slices
         )
-    record = prediction_record(cfg, test_sets, cam_slices, model_record, settings)
+    record = prediction_record(cfg, scan, cam_slices, model_record, settings)
     outputs.append(atomic_write_text(output_dir / PREDICTION_RECORD, json.dumps(record, indent=1)))
     log.info(
-        "Patients and their calls (why: the detail column of each test set's CSV):\n%s",
+        "Patients and their calls (why: the decision column of each test set's CSV, problems: its detail):\n%s",
         calls_table(output_dir, test_sets),
     )
     return outputs
@@ -410,15 +472,17 @@ def apply_reading_options(cfg, settings: PredictorSettings) -> None:
 
 
 def prediction_record(
-    cfg, test_sets: list[TestSet], cam_slices: int, model_record: dict[str, Any], settings: PredictorSettings
+    cfg, scan: InputScan, cam_slices: int, model_record: dict[str, Any], settings: PredictorSettings
 ) -> dict[str, Any]:
-    """What ``prediction.json`` holds: the model file, input, test sets (patients each), Grad-CAM, the model
-    record of :func:`load_model` and every setting used (with what was overridden)."""
+    """What ``prediction.json`` holds: the model file, input, test sets (patients each), the entries beside the
+    test sets that were not read (``input_skipped``: path, reason), Grad-CAM, the model record of
+    :func:`load_model` and every setting used (with what was overridden)."""
     return {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "model_file": str(Path(cfg.ckpt_path).resolve()),
         "input": str(Path(cfg.input).resolve()),
-        "test_sets": {t.name: len(t.patients) for t in test_sets},
+        "test_sets": {t.name: len(t.patients) for t in scan.test_sets},
+        "input_skipped": [{"path": str(s.path), "reason": s.reason} for s in scan.skipped],
         "cam": cam_slices > 0,
         "cam_slices": cam_slices,
         **model_record,

@@ -4,9 +4,8 @@ checkpoint's DataLoader and the ONNX process pool)."""
 
 from __future__ import annotations
 
-import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,7 +21,16 @@ from covidct.data.series import other_axial, series_line
 from covidct.errors import CovidCTError, DataError
 from covidct.processes import worker_pool
 
-log = logging.getLogger("covidct.predict.predictor")
+#: why an entry was not read (the patient CSV's detail, prediction.json's input_skipped)
+HIDDEN = "hidden entry, not read"
+NOT_A_TEST_SET = "holds no patient folder with DICOM files; not a test set"
+INSIDE_PATIENT = "a subfolder of the patient folder, not read (a patient's slices are the files directly in it)"
+#: what the one-line input summary calls each reason (any other: not a patient folder)
+SHORT_REASONS = {
+    HIDDEN: "hidden",
+    NOT_A_TEST_SET: "without patient folders",
+    INSIDE_PATIENT: "inside the patient folder",
+}
 
 
 @dataclass
@@ -33,6 +41,36 @@ class TestSet:
     name: str
     patients: list[Path]
     skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass
+class InputScan:
+    """What ``predict.py input=`` holds: its test sets, and ``skipped``, the entries outside every test set
+    that are not read (stray files beside the test sets, subfolders without patient folders), each with why."""
+
+    root: Path
+    test_sets: list[TestSet]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line, e.g. ``input /x: 2 test sets, 31 patient folders; 1 entry skipped (1 not a patient folder),
+        listed in the CSVs (status skipped)``."""
+        inside = [s for t in self.test_sets for s in t.skipped]
+        counts = Counter(SHORT_REASONS.get(s.reason, "not a patient folder") for s in [*inside, *self.skipped])
+        patients = sum(len(t.patients) for t in self.test_sets)
+        line = f"input {self.root}: {_count(len(self.test_sets), 'test set')}, {_count(patients, 'patient folder')}"
+        if not counts:
+            return f"{line}; nothing skipped"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+        places = (("the CSVs (status skipped)", inside), ("prediction.json (input_skipped)", self.skipped))
+        where = [place for place, listed in places if listed]
+        entries = _count(len(inside) + len(self.skipped), "entry", "entries")
+        return f"{line}; {entries} skipped ({kinds}), listed in {' and '.join(where)}"
+
+
+def _count(n: int, one: str, many: str = "") -> str:
+    """``1 test set``, ``2 test sets``."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -48,7 +86,7 @@ def _entries(folder: Path) -> tuple[list[Path], list[Skipped]]:
         if entry.name in IGNORED_NAMES:
             continue  # OS droppings (.DS_Store, Thumbs.db, DICOMDIR): never a patient, never worth a row
         if entry.name.startswith("."):
-            others.append(Skipped(path, "hidden entry, not read"))
+            others.append(Skipped(path, HIDDEN))
         elif kind == "dir":
             folders.append(path)
         elif kind == "file":
@@ -59,13 +97,15 @@ def _entries(folder: Path) -> tuple[list[Path], list[Skipped]]:
     return folders, others
 
 
-def find_test_sets(input_path: str | Path) -> list[TestSet]:
-    """Test sets under ``input_path`` (see the module docstring). Errors before any work is done.
+def scan_input(input_path: str | Path) -> InputScan:
+    """The test sets under ``input_path`` (see the module docstring) and what is not read. Errors before any
+    work is done; logs nothing (predict.py logs :meth:`InputScan.summary`).
 
     ``input`` is one patient folder when it holds DICOM files and no subfolder with DICOM files; else its
     subfolders are patients (a test set) when any holds DICOM files; else its subfolders are test sets.
     Entries beside the patient folders (a stray ``.dcm``, a ``.zip``, a hidden folder) are listed in the
-    test set's ``skipped``, never read as a patient and never dropped without a word."""
+    test set's ``skipped``, those beside the test sets in the scan's: never read as a patient, never dropped
+    without a word."""
     root = Path(input_path)
     if not root.exists():
         raise DataError(f"input={root}: does not exist.")
@@ -74,24 +114,30 @@ def find_test_sets(input_path: str | Path) -> list[TestSet]:
     children, stray = _entries(root)
     # every subfolder of a test set is a patient: one without a readable slice gets a row saying why
     if any(_has_dicom(c) for c in children):
-        return [TestSet(root.name, children, stray)]
+        return InputScan(root, [TestSet(root.name, children, stray)])
     if _has_dicom(root):
-        return [TestSet(root.name, [root], [s for s in stray if not s.reason.startswith("a DICOM file")])]
-    sets = []
+        inside = [s for s in stray if not s.reason.startswith("a DICOM file")] + [
+            Skipped(c, INSIDE_PATIENT) for c in children
+        ]
+        return InputScan(root, [TestSet(root.name, [root], inside)])
+    sets, outside = [], list(stray)
     for child in children:
         patients, others = _entries(child)
         if any(_has_dicom(p) for p in patients):
             sets.append(TestSet(child.name, patients, others))
         else:
-            log.warning("input: %s holds no patient folder with DICOM files; not a test set, skipped", child)
-    for s in stray:
-        log.warning("input: %s: %s; skipped", s.path, s.reason)
+            outside.append(Skipped(child, NOT_A_TEST_SET))
     if not sets:
         raise DataError(
             f"input={root}: no DICOM file in it, its subfolders or their subfolders. Expected a patient folder "
             "of DICOM slices, a folder of patient folders, or a folder of test sets."
         )
-    return sets
+    return InputScan(root, sets, sorted(outside, key=lambda s: s.path.name))
+
+
+def find_test_sets(input_path: str | Path) -> list[TestSet]:
+    """The test sets of :func:`scan_input` (what is not read beside them is not reported)."""
+    return scan_input(input_path).test_sets
 
 
 def read_patient(folder: Path, preprocessor: SlicePreprocessor) -> dict[str, Any]:
