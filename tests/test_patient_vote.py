@@ -17,7 +17,8 @@ from covidct.errors import ConfigError
 from covidct.patients.metrics import patient_metrics
 from covidct.patients.rules import VOTE_RULES
 from covidct.patients.tuning import leave_one_out_predictions
-from covidct.training.callbacks.patient_vote import PatientVoteCallback
+from covidct.training.callbacks.patient_vote import PatientVoteCallback, logged_rules_table
+from covidct.training.wandb_logger import WandbLogger as ChartingWandbLogger
 
 
 def test_patient_metrics_on_known_predictions():
@@ -153,9 +154,37 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
     assert (first["patient"], first["predicted_class"], first["majority_vote"]) == ("P0", "COVID-19", "Normal")
     assert (first["weighted_center_vote"], first["topk_mean_vote"], first["mean_prob_vote"]) == ("COVID-19",) * 3
     wandb_logger.log_table.assert_called_once_with(key="rules/table", columns=columns, data=rows)
-    text = caplog.text
-    assert "* weighted_center    1.000     1.000" in text and "  topk_mean          0.750     0.778" in text
-    assert all(rule in text for rule in VOTE_RULES) and "sens COVID-19" in text
+
+    # the console: one line per epoch (the configured rule, the best other one), the table once, at fit end
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "covidct.training.callbacks.patient_vote"]
+
+    (line,) = lines()
+    assert line == (
+        "Epoch 0: patient accuracy 1.000 with vote=weighted_center (val/patient/acc, 4 validation patients); "
+        "best other rule mean_prob 1.000"
+    )
+    with caplog.at_level(logging.INFO, logger="covidct.training.callbacks.patient_vote"):
+        cb.on_fit_end(SimpleNamespace(is_global_zero=True, loggers=[wandb_logger]), module)
+    assert len(lines()) == 2
+    table = lines()[-1]
+    assert table.startswith("Patient rules at the best epoch 0, 4 validation patients")
+    assert "* weighted_center    1.000     1.000" in table and "  topk_mean          0.750     0.778" in table
+    assert all(rule in table for rule in VOTE_RULES) and "sens COVID-19" in table
+    # W&B's summary: the best epoch's table (rebuilt from its logged scalars: also a restored best epoch's)
+    (key, logged_table), _ = wandb_logger.experiment.summary.__setitem__.call_args
+    assert key == "rules/table" and (logged_table.columns, logged_table.data) == (columns, rows)
+    assert logged_rules_table(cb.best.metrics) == (columns, rows)
+    assert logged_rules_table({"val/patient/acc": 1.0, "rules/majority/acc": 0.5}) == ([], [])  # an older one
+
+
+def test_wandb_charts_only_the_configured_rule(tmp_path):
+    """The W&B logger leaves the other rules' scalars out of the W&B history (CSV and metrics.json keep them)."""
+    logger = ChartingWandbLogger(charted_rule="majority", save_dir=str(tmp_path), offline=True)
+    kept = ["rules/majority/acc", "test_rules/majority/acc", "rules/table", "val/patient/acc", "vote/tau", "epoch"]
+    assert all(logger.charted(key) for key in kept)
+    assert not any(logger.charted(key) for key in ("rules/mean_prob/acc", "test_rules/mil/f1_macro"))
+    assert ChartingWandbLogger(save_dir=str(tmp_path), offline=True).charted("rules/mean_prob/acc")  # None: all
 
 
 def test_vote_state_holds_the_rule_parameters_and_older_states_load():

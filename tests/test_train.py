@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ class ScriptedPatientVotes(pl.Callback):
         outputs["probs"].copy_(torch.nn.functional.one_hot(said, outputs["probs"].shape[1]).float())
 
 
-def test_two_epochs_through_the_composed_config_write_everything(tmp_path, shared_cache, monkeypatch):
+def test_two_epochs_through_the_composed_config_write_everything(tmp_path, shared_cache, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="covidct")
     cfg = with_scripted_votes(compose_train(tmp_path, tiny(shared_cache) + ["loss.alpha=auto", "trainer.max_epochs=2"]))
     calls = {"discover": 0, "cache_key": 0}
 
@@ -91,13 +93,17 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
     assert {k: pytest.approx(v) for k, v in metrics["metrics"].items()} == {k: summary[k] for k in metrics["metrics"]}
     assert {"val/loss", "val/slice_acc", "vote/tau"} <= set(metrics["metrics"])  # that epoch's, all of them
     assert summary["best_checkpoint"] == str(Path(result.best_checkpoint).relative_to(tmp_path))
-    # named after the run folder; its config: the experiment, choices and overrides, no machine paths
-    assert wandb_records.run_name(log_file) == tmp_path.name
+    # named <experiment>-<model>-<rule>-<run folder>; its config: the experiment, choices and overrides, no
+    # machine paths
+    assert wandb_records.run_name(log_file) == f"demo-resnet18-infected_fraction-{tmp_path.name}"
     config = wandb_records.config(log_file)
     assert config["experiment"] == "demo" and config["choices"]["model"] == "resnet18"
     assert "trainer.max_epochs=2" in config["overrides"] and "paths" not in config
     assert "class_names" not in config  # the model's hyperparameters once, under model
     assert "val/patient/acc" in result.metrics and "rules/majority/acc" in result.metrics
+    check_wandb_at_a_glance(log_file, metrics, Path(result.best_checkpoint))
+    check_class_weights(metrics, config, (tmp_path / "report.html").read_text(), caplog.text)
+    check_rule_lines(caplog.records)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["preprocessing"]["image_size"] == 32
     assert ckpt["wandb_run_id"] in runs[0].name
@@ -109,6 +115,62 @@ def test_two_epochs_through_the_composed_config_write_everything(tmp_path, share
         "alpha": "auto",
     }
     assert "class_counts" not in ckpt["hyper_parameters"]
+
+
+def check_wandb_at_a_glance(log_file: Path, metrics: dict, best_checkpoint: Path) -> None:
+    """The W&B run of 2 epochs of the demo (vote infected_fraction, best epoch 0, last 1): a few line charts in a
+    few sections, the configured rule's only; the summary is the best epoch's, the last epoch's under last/;
+    run tags; the model's parameter counts in its config."""
+    charts = wandb_records.chart_sections(log_file)
+    assert set(charts) == {"Charts", "calibration", "rules", "train", "trainer", "val", "vote"}
+    assert charts["Charts"] == ["epoch", "lr-Adam"] and charts["train"] == ["train/loss_epoch", "train/slice_acc"]
+    headline = ["val/loss", "val/patient/acc", "val/patient/f1_macro", "val/slice_acc", "val/slice_f1_macro"]
+    assert charts["val"] == headline
+    assert all(key.startswith("rules/infected_fraction/") for key in charts["rules"])  # no other rule's
+    assert sum(map(len, charts.values())) == 29  # were 69 (49 of them rules/*; 77 and 57 with vote.mil)
+    assert "rules/table" in wandb_records.chart_sections(log_file, media=True)["rules"]  # every rule, per epoch
+    summary, rows = wandb_records.summary(log_file), wandb_records.history(log_file)
+    assert all(f"rules/{rule}/acc" in summary for rule in VOTE_RULES)  # every rule: the best epoch's
+    # every charted scalar of the best epoch's rows is the summary's; the last epoch's are under last/
+    for epoch, prefix in ((0, ""), (1, "last/")):
+        logged = {k: v for row in rows if row.get("epoch") == epoch for k, v in row.items() if not k.startswith("_")}
+        logged.pop("trainer/global_step")  # the summary's: the checkpoint's (Lightning logs epoch ends one less)
+        charted = {k: v for k, v in logged.items() if prefix == "" or k.startswith(("val/", "train/", "epoch"))}
+        assert {k: summary[prefix + k] for k in charted} == pytest.approx(charted), epoch
+    lrs = [row["lr-Adam"] for row in rows if "lr-Adam" in row]
+    assert (summary["lr-Adam"], summary["last/lr-Adam"]) == (lrs[0], lrs[-1]) and lrs[0] != lrs[-1]
+    assert (summary["epoch"], summary["last/epoch"]) == (0, metrics["last_epoch"])
+    assert summary["last/val/patient/acc"] == metrics["last_score"] == 0.0
+    best = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
+    assert (summary["trainer/global_step"], summary["last/trainer/global_step"]) == (best["global_step"], 4)
+    assert wandb_records.run_tags(log_file) == ["covidct", "demo", "resnet18", "infected_fraction"]
+    config = wandb_records.config(log_file)
+    weights = {k: v for k, v in best["state_dict"].items() if not k.endswith(("running_mean", "running_var"))}
+    total = sum(v.numel() for k, v in weights.items() if not k.endswith("num_batches_tracked"))
+    assert (config["model/params/total"], config["model/params/trainable"]) == (total, total)
+    assert config["model/params/non_trainable"] == 0
+
+
+def check_class_weights(metrics: dict, config: dict, report: str, console: str) -> None:
+    """loss.alpha=auto: the fitted class weights in metrics.json, the W&B config, the report's key metrics and
+    the console (once)."""
+    weights = metrics["class_weights"]
+    assert list(weights) == ["COVID-19", "CAP", "Normal"] and sum(weights.values()) == pytest.approx(1.0)
+    assert config["class_weights"] == pytest.approx(weights)
+    text = ", ".join(f"{name} {w:.3f}" for name, w in weights.items())
+    key_metrics = report.split("<h2>Key metrics</h2>")[1].split("<h2>")[0]
+    assert "class weights (loss.alpha=auto)" in key_metrics and text in key_metrics
+    assert console.count(f"loss.alpha=auto: class weights {text}") == 1
+
+
+def check_rule_lines(records: list) -> None:
+    """The console: one line per epoch for the patient rules, their whole table once, at the end, for the best
+    epoch (0, every rule right: the scripted votes)."""
+    lines = [r.getMessage() for r in records if r.name == "covidct.training.callbacks.patient_vote"]
+    assert lines[0].startswith("Epoch 0: patient accuracy 1.000 with vote=infected_fraction (val/patient/acc, 6 ")
+    assert lines[1].startswith("Epoch 1: patient accuracy 0.000 with vote=infected_fraction")
+    assert lines[2].startswith("Patient rules at the best epoch 0, 6 validation patients") and len(lines) == 3
+    assert all(rule in lines[2] for rule in VOTE_RULES) and "* infected_fraction  1.000" in lines[2]
 
 
 def with_scripted_votes(cfg):

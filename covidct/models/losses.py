@@ -116,6 +116,24 @@ def _auto_alpha(class_counts: Sequence[int] | None, num_classes: int) -> list[fl
     return [w / total for w in inverse]
 
 
+#: the run report's name of :func:`auto_class_weights` (its key metrics and configuration)
+CLASS_WEIGHTS_SETTING = "class weights (loss.alpha=auto)"
+
+
+def class_weights_text(weights: Mapping[str, float]) -> str:
+    """``COVID-19 0.434, CAP 0.434, Normal 0.132``: class weights as the console and the run report show them."""
+    return ", ".join(f"{name} {w:.3f}" for name, w in weights.items())
+
+
+def auto_class_weights(criterion: object, class_names: Sequence[str]) -> dict[str, float] | None:
+    """``loss.alpha=auto``'s class weights, as :meth:`FocalLoss.fit_class_counts` fitted them: class name ->
+    weight, in ``class_names`` order; None for any other loss or alpha, or before they are fitted."""
+    alpha = getattr(criterion, "alpha", None)
+    if not getattr(criterion, "auto_alpha", False) or alpha is None:
+        return None
+    return {str(name): float(w) for name, w in zip(class_names, alpha.tolist(), strict=True)}
+
+
 class FocalLoss(nn.Module):
     """Multi-class focal loss on softmax probabilities, averaged over the non-ignored samples.
 

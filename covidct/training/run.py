@@ -35,8 +35,10 @@ from covidct.contracts import (
 )
 from covidct.errors import ConfigError, CovidCTError
 from covidct.models.checkpoint import check_resume_settings, read_checkpoint
+from covidct.models.losses import auto_class_weights, class_weights_text
 from covidct.patients.metrics import accuracy_interval
 from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
+from covidct.training.callbacks.best_epoch import BestEpochCallback
 from covidct.training.callbacks.step_seed import StepSeed
 from covidct.training.privacy import instantiate_logger
 from covidct.training.sweep_summary import write_run_metrics
@@ -65,6 +67,7 @@ class TrainResult:
     test: dict[str, float] | None = None  # data.split_file's test patients, scored with the best checkpoint
     last_epoch: int | None = None  # the last validation epoch, and its monitored value: beside the best one,
     last_score: float | None = None  # which was chosen on the same patients (selection, not evidence)
+    class_weights: dict[str, float] | None = None  # loss.alpha=auto: fitted on the training slices; else None
 
     @property
     def n_patients(self) -> int:
@@ -91,6 +94,7 @@ class TrainResult:
             "class_names": tuple(model.hparams.class_names),
             "vote_parameters": vote.parameters_source() if vote is not None and why else "",
             "no_validation": why,
+            "class_weights": auto_class_weights(getattr(model, "criterion", None), model.hparams.class_names),
         }
         votes, best = model.patient_votes, model.best_epoch
         last = trainer.callback_metrics.get(model.best_epoch.monitor if best is not None else PATIENT_ACC)
@@ -129,6 +133,7 @@ class TrainResult:
             "last_score": self.last_score,
             **({"vote_parameters": self.vote_parameters} if self.vote_parameters else {}),
             **({"test": self.test} if self.test is not None else {}),
+            **({"class_weights": self.class_weights} if self.class_weights is not None else {}),
         }
 
     def summary(self, rule: str) -> str:
@@ -273,7 +278,12 @@ def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None =
             continue
         extra: dict[str, Any] = {}
         if conf._target_.endswith("WandbLogger"):
-            extra = {"group": conf.get("group") or group, "name": conf.get("name") or run_name(cfg, group)}
+            labels = run_labels(cfg)
+            extra = {
+                "group": conf.get("group") or group,
+                "name": conf.get("name") or "-".join([*labels, run_name(cfg, group)]),
+                "tags": list(dict.fromkeys([*(conf.get("tags") or []), *labels])),  # no repeats, in order
+            }
             if wandb_run_id:
                 extra |= {"id": wandb_run_id, "resume": "allow"}
         loggers.append(instantiate_logger(conf, cfg, **extra))  # W&B: with its patient-id pseudonymizer
@@ -282,10 +292,33 @@ def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None =
 
 
 def run_name(cfg: DictConfig, group: str | None) -> str:
-    """The run folder's name (``<time>_<suffix>``; a multirun job: ``<sweep folder>-<job number>``): the W&B
-    run's name, so that a dashboard row leads to its folder."""
+    """The run folder's name (``<time>_<suffix>``; a multirun job: ``<sweep folder>-<job number>``): the end of
+    the W&B run's name (``<experiment>-<model>-<rule>-<this>``), so that a dashboard row leads to its folder."""
     folder = Path(cfg.paths.output_dir).name
     return f"{group}-{folder}" if group else folder
+
+
+def run_labels(cfg: DictConfig) -> tuple[str, str, str]:
+    """(experiment, model, rule) of the run, which name and tag its W&B run: the experiment config chosen
+    (``default`` without one), the model config (else ``model.backbone``) and ``vote.rule`` (a stage's name,
+    ``infection``, for a stage that votes no patients)."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    experiment = choices.get("experiment") or "default"
+    model = choices.get("model") or str(cfg.model.get("backbone", "model"))
+    rule = choices.get("stage") or str(cfg.vote.rule)
+    return str(experiment), str(model), str(rule)
+
+
+def parameter_counts(model: pl.LightningModule) -> dict[str, int]:
+    """``model/params/{total,trainable,non_trainable}``: the model's parameters, as lightning-hydra-template
+    records them in the loggers' config."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "model/params/total": total,
+        "model/params/trainable": trainable,
+        "model/params/non_trainable": total - trainable,
+    }
 
 
 def logged_config(cfg: DictConfig) -> dict[str, Any]:
@@ -306,16 +339,23 @@ def logged_config(cfg: DictConfig) -> dict[str, Any]:
     return config | {"experiment": choices.get("experiment"), "choices": choices, "overrides": overrides}
 
 
-def publish_best_epoch(loggers: list[Logger], result: TrainResult) -> None:
+def publish_best_epoch(loggers: list[Logger], result: TrainResult, tracked: BestEpochCallback | None = None) -> None:
     """Every W&B run's summary := what ``metrics.json`` holds: the best epoch's metrics, its number, score
     and checkpoint (W&B would otherwise keep the last epoch's values, which its runs table and sweep
-    comparisons show)."""
+    comparisons show). With ``tracked`` (the run's :class:`BestEpochCallback`), ``epoch``,
+    ``trainer/global_step``, ``train/*`` and ``lr-*`` are the best epoch's too, and the last epoch's ``epoch``,
+    ``trainer/global_step``, ``lr-*``, ``train/*`` and ``val/*`` are under ``last/``; a last-epoch value with no
+    best-epoch one (a best epoch restored from an older checkpoint) leaves the summary."""
     from pytorch_lightning.loggers import WandbLogger
 
     if result.best_epoch is None:
         return
+    best = tracked.best if tracked is not None else None
+    training = best.training if best is not None and best.epoch == result.best_epoch else {}
+    last = tracked.last if tracked is not None else {}
     checkpoint = Path(result.best_checkpoint)
-    summary = dict(result.metrics) | {
+    summary = dict(result.metrics) | {"epoch": result.best_epoch} | training
+    summary |= {f"last/{k}": v for k, v in last.items()} | {
         "best_epoch": result.best_epoch,
         "score": result.score,
         **(
@@ -330,6 +370,27 @@ def publish_best_epoch(loggers: list[Logger], result: TrainResult) -> None:
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             lg.experiment.summary.update(summary)
+            for key in sorted(set(last) - set(summary)):  # the last epoch's value: under last/ only
+                del lg.experiment.summary[key]
+
+
+class ClassWeightsLog(pl.Callback):
+    """``loss.alpha=auto``: once, when fit starts (after the model's ``setup`` fitted them on the training
+    slices), the class weights to the console and as ``class_weights`` {class: weight} to every logger's
+    config (rank 0). Nothing for any other loss setting. ``metrics.json`` holds them too (:class:`TrainResult`)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = auto_class_weights(getattr(pl_module, "criterion", None), pl_module.hparams.class_names)
+        if weights is None or not trainer.is_global_zero:
+            return
+        counts = getattr(trainer.datamodule, "train_class_counts", None)
+        log.info(
+            "loss.alpha=auto: class weights %s (inverse training slices per class%s, summing to 1)",
+            class_weights_text(weights),
+            f": {', '.join(map(str, counts))}" if counts is not None else "",
+        )
+        for lg in trainer.loggers:
+            lg.log_hyperparams({"class_weights": weights})
 
 
 def validation_off(validates: bool, limit_val_batches: float | int | None) -> str:
@@ -389,6 +450,7 @@ def build_run(cfg: DictConfig, group: str | None = None, wandb_run_id: str | Non
     )
     callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(StepSeed(cfg.seed))  # a step's randomness depends on (seed, epoch, step): exact resumes
+    callbacks.append(ClassWeightsLog())  # loss.alpha=auto: the weights fitted in setup, to the console and loggers
     loggers = build_loggers(cfg, group, wandb_run_id)
     if not loggers:  # nothing to report learning rates to (logger=none, debug=fast)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -424,8 +486,11 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
     # the trainer's: under trainer.fast_dev_run Lightning swaps them for a DummyLogger (no W&B run is made)
     loggers = trainer.loggers
     try:
+        params = parameter_counts(model)
+        if trainer.is_global_zero:
+            log.info("Model parameters: %s (%s trainable, %s non-trainable)", *(f"{n:,}" for n in params.values()))
         for lg in loggers:
-            lg.log_hyperparams(logged_config(cfg))
+            lg.log_hyperparams(logged_config(cfg) | params)
         compile_network(model, cfg.compile)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -435,7 +500,8 @@ def train(cfg: DictConfig, group: str | None = None) -> TrainResult:
         if trainer.is_global_zero and len(getattr(datamodule, "test_patients", ())) and result.best_checkpoint:
             result.test = score_test_set(result.best_checkpoint, datamodule, cfg.vote.rule, output_dir, loggers)
         if trainer.is_global_zero:
-            publish_best_epoch(loggers, result)
+            tracked = next((c for c in trainer.callbacks if isinstance(c, BestEpochCallback)), None)
+            publish_best_epoch(loggers, result, tracked)
     finally:
         finish_wandb(failed=trainer.state.status.value != "finished")
     if trainer.is_global_zero:

@@ -1,10 +1,13 @@
 """Gather every validation slice's probabilities, vote per patient, log patient-level metrics.
 
 Every rule of :data:`covidct.patients.rules.VOTE_RULES` is scored every validation epoch on the same slice
-probabilities, as ``rules/<rule>/<metric>`` scalars (any logger; the names: :mod:`covidct.metric_names`)
-and a per-rule table (rule, accuracy, macro F1, sensitivity per class): logged at INFO as aligned text
-and, with a WandbLogger, as the ``wandb.Table`` ``rules/table`` (rank 0 only). Each patient's slices
-are voted in position order (head first: the cache stores them so and ``index`` is the cache row).
+probabilities, as ``rules/<rule>/<metric>`` scalars (every logger; W&B charts the configured rule's only:
+:class:`covidct.training.wandb_logger.WandbLogger`; the names: :mod:`covidct.contracts`) and a per-rule
+table (rule, accuracy, macro F1, sensitivity per class): with a WandbLogger the ``wandb.Table`` ``rules/table``
+every epoch (its summary: the best epoch's), and on the console one line per epoch (the configured rule's
+accuracy and the best other rule's), the whole table once at the end of fit, for the best epoch (rank 0 only).
+Each patient's slices are voted in position order (head first: the cache stores them so and ``index`` is the
+cache row).
 
 ``infected_fraction`` (Normal if at most ``tau`` of the slices look infected, else the majority among
 the infected slices) tunes ``tau`` on the validation patients; it is stored in the checkpoint (this
@@ -41,14 +44,15 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
-from covidct.contracts import PATIENT_ACC, PATIENTS_FILE
+from covidct.contracts import PATIENT_ACC, PATIENTS_FILE, rule_metric
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
 from covidct.patients.decisions import PatientVoter, ValidationVotes
 from covidct.patients.explanations import patient_decisions, patients_table
+from covidct.patients.metrics import rules_table
 from covidct.patients.mil_features import DEFAULT_MIL_FEATURES
 from covidct.patients.parameters import CENTER_SLICES, TEMPERATURE, TOP_K, WINDOW_SLICES, VoteParameters
-from covidct.patients.rules import LEARNED_RULES
+from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
 from covidct.text_table import format_table
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,22 @@ def rules_text(columns: list[str], rows: list[list], marked: str | None = None) 
     header = ["  " + columns[0], *(c.replace("sensitivity ", "sens ") for c in columns[1:])]
     body = [[("* " if r[0] == marked else "  ") + r[0], *(f"{v:.3f}" for v in r[1:])] for r in rows]
     return format_table(header, body)
+
+
+def logged_rules_table(metrics: dict[str, float]) -> tuple[list[str], list[list]]:
+    """:func:`~covidct.patients.metrics.rules_table` of one epoch's logged ``rules/<rule>/<metric>`` scalars
+    (e.g. a best epoch restored from a checkpoint, which keeps no votes): every rule scored that epoch, in
+    :data:`VOTE_RULES` then :data:`LEARNED_RULES` order; ``([], [])`` when they were not all recorded."""
+    by_rule = {}
+    for rule in VOTE_RULES + LEARNED_RULES:
+        prefix = rule_metric(rule, "")
+        scores = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+        if scores:
+            by_rule[rule] = scores
+    try:
+        return rules_table(by_rule) if by_rule else ([], [])
+    except KeyError:  # an older checkpoint's best epoch: not every rule's sensitivities
+        return [], []
 
 
 def deduplicate(indices: np.ndarray | torch.Tensor, *arrays: Any) -> tuple:
@@ -170,6 +190,10 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.patient_votes = self.best  # a resumed run's best so far (restored before fit starts)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.log_best_rules(trainer)
+
     # ---- collection ---------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = []
@@ -216,17 +240,45 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
                 self.write_patients_csv(result)
 
     def log_rule_table(self, trainer: pl.Trainer, n_patients: int) -> None:
-        """The epoch's per-rule table: INFO text, and ``rules/table`` to every WandbLogger (call on rank 0)."""
+        """The epoch's per-rule table: one INFO line (the configured rule's accuracy, the best other rule's),
+        and ``rules/table`` to every WandbLogger (call on rank 0)."""
         columns, rows = self.rule_table
+        mine = next((r for r in rows if r[0] == self.rule), None)
+        others = [r for r in rows if r[0] != self.rule]
+        best_other = max(others, key=lambda r: r[1]) if others else None  # the first of equals: VOTE_RULES order
         log.info(
-            "Patient rules, epoch %d, %d validation patients (* = vote.rule, logged as val/patient/acc):\n%s",
+            "Epoch %d: patient accuracy %s with vote=%s (val/patient/acc, %d validation patients)%s",
             trainer.current_epoch,
+            "nan" if mine is None else f"{mine[1]:.3f}",
+            self.rule,
             n_patients,
-            rules_text(columns, rows, marked=self.rule),
+            "" if best_other is None else f"; best other rule {best_other[0]} {best_other[1]:.3f}",
         )
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_table(key="rules/table", columns=columns, data=rows)
+
+    def log_best_rules(self, trainer: pl.Trainer) -> None:
+        """At the end of fit, the best epoch's per-rule table: INFO text, and the ``rules/table`` of every
+        WandbLogger's summary (which W&B would leave at the last epoch's). Nothing without a best epoch."""
+        best = self.best
+        columns, rows = logged_rules_table(best.metrics) if best is not None else ([], [])
+        if not rows:
+            return
+        n_patients = len(best.labels) if len(best.labels) else int(best.confusion.sum())
+        log.info(
+            "Patient rules at the best epoch %d, %d validation patients (* = vote.rule, logged as "
+            "val/patient/acc):\n%s",
+            best.epoch,
+            n_patients,
+            rules_text(columns, rows, marked=self.rule),
+        )
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            import wandb
+
+            for lg in wandb_loggers:
+                lg.experiment.summary["rules/table"] = wandb.Table(columns=columns, data=rows)
 
     # ---- outputs ------------------------------------------------------------------------------
     def write_patients_csv(self, result: ValidationVotes) -> None:
