@@ -18,7 +18,7 @@ from covidct.patients.metrics import patient_metrics
 from covidct.patients.rules import VOTE_RULES
 from covidct.patients.tuning import leave_one_out_predictions
 from covidct.training.callbacks.patient_vote import PatientVoteCallback, logged_rules_table
-from covidct.training.wandb_logger import WandbLogger as ChartingWandbLogger
+from covidct.training.wandb_logger import RuleChartWandbLogger as ChartingWandbLogger
 
 
 def test_patient_metrics_on_known_predictions():

@@ -203,8 +203,10 @@ class SliceClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the W&B run id so that ``ckpt_path=...`` resumes the same W&B run."""
+        from pytorch_lightning.loggers import WandbLogger
+
         for logger in self.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):  # Lightning's or covidct.training.wandb_logger's
                 checkpoint["wandb_run_id"] = logger.version
 
     def configure_optimizers(self) -> Any:

@@ -19,11 +19,10 @@ from typing import Any
 from pytorch_lightning import loggers
 
 
-class WandbLogger(loggers.WandbLogger):
+class RuleChartWandbLogger(loggers.WandbLogger):
     """A :class:`pytorch_lightning.loggers.WandbLogger` that logs no scalar ``rules/<rule>/<metric>`` or
     ``test_rules/<rule>/<metric>`` of a rule other than ``charted_rule`` (media such as ``rules/table`` pass).
-    ``charted_rule``: ``vote.rule``; None charts every rule. Every other argument: Lightning's WandbLogger's.
-    (Its name is Lightning's: the model stores a ``WandbLogger``'s run id in its checkpoints, for resuming.)"""
+    ``charted_rule``: ``vote.rule``; None charts every rule. Every other argument: Lightning's WandbLogger's."""
 
     def __init__(self, *args: Any, charted_rule: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -2,7 +2,7 @@
 
 Every rule of :data:`covidct.patients.rules.VOTE_RULES` is scored every validation epoch on the same slice
 probabilities, as ``rules/<rule>/<metric>`` scalars (every logger; W&B charts the configured rule's only:
-:class:`covidct.training.wandb_logger.WandbLogger`; the names: :mod:`covidct.contracts`) and a per-rule
+:class:`covidct.training.wandb_logger.RuleChartWandbLogger`; the names: :mod:`covidct.contracts`) and a per-rule
 table (rule, accuracy, macro F1, sensitivity per class): with a WandbLogger the ``wandb.Table`` ``rules/table``
 every epoch (its summary: the best epoch's), and on the console one line per epoch (the configured rule's
 accuracy and the best other rule's), the whole table once at the end of fit, for the best epoch (rank 0 only).
