@@ -232,3 +232,31 @@ def test_mil_is_not_scored_on_one_validation_patient(caplog):
     assert caplog.text.count("needs at least 2 validation patients") == 1
     with pytest.raises(ConfigError, match=r"vote.rule=mil: .*got 1; raise data.val_fraction"):
         PatientVoteCallback("mil").decide(0, *args, embeddings=embeddings)
+
+
+def test_mil_is_fitted_only_on_epochs_that_can_become_the_best():
+    """With a fixed rule the head is fitted (six fits: the cross-fitted calls and the stored head) only when the
+    epoch beats the best so far, the epochs whose checkpoint becomes the best; with vote.rule=mil every epoch."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 3)  # 9 patients of 12 slices
+    patient = np.repeat(np.arange(9), 12)
+
+    def probs(signal: float) -> np.ndarray:
+        logits = rng.normal(size=(len(patient), 3)) + signal * np.eye(3)[labels[patient]]
+        return (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+
+    args = lambda p: (np.arange(len(patient)), patient, p, [f"P{i}" for i in range(9)], labels)  # noqa: E731
+    voter = PatientVoteCallback("mean_prob", calibration=False)
+    good = voter.decide(0, *args(probs(3.0)), best_score=None)
+    head = voter.parameters.mil_head
+    assert "mil" in good.predictions and "rules/mil/acc" in good.metrics and good.mil is not None
+    worse = voter.decide(1, *args(probs(0.0)), best_score=good.score)
+    assert worse.score < good.score and "mil" not in worse.predictions and "rules/mil/acc" not in worse.metrics
+    assert worse.mil is None and voter.parameters.mil_head is head  # the best epoch's head stays
+    better = voter.decide(2, *args(probs(3.0)), best_score=worse.score)
+    assert "mil" in better.predictions and voter.parameters.mil_head is not head
+
+    learned = PatientVoteCallback("mil", calibration=False)
+    first = learned.decide(0, *args(probs(3.0)), best_score=None)
+    again = learned.decide(1, *args(probs(0.0)), best_score=first.score)  # worse, but mil's own score decides
+    assert "mil" in again.predictions and again.score == again.metrics["rules/mil/acc"]

@@ -120,7 +120,7 @@ class GatedAttentionMIL(nn.Module):
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run torch on one CPU thread: the head is tiny, and threads only contend (x100 slower on a busy machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -130,7 +130,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _pad(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_bags(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Bags of (n_i, F) -> zero-padded (B, n_max, F) and its bool mask (B, n_max)."""
     n_max = max(len(f) for f in features)
     x = torch.zeros(len(features), n_max, features[0].shape[1])
@@ -168,7 +168,7 @@ def fit_mil(
     on the CPU, deterministic for a ``seed`` (the global torch RNG is left as it was). Returned in eval mode.
     """
     # autograd on, and tensors that are not inference tensors, even inside Lightning's validation loop
-    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]), one_thread():
         tensors = _as_bags(bags)
         y = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
         if len(y) != len(tensors):
@@ -186,7 +186,7 @@ def fit_mil(
         stacked = torch.cat(raw)
         model.shift.copy_(stacked.mean(dim=0))
         model.scale.copy_(stacked.std(dim=0, unbiased=False).clamp(min=1e-6))
-        x, mask = _pad([(f - model.shift) / model.scale for f in raw])
+        x, mask = pad_bags([(f - model.shift) / model.scale for f in raw])
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = nn.CrossEntropyLoss(weight=weight)
         model.train()
@@ -201,8 +201,8 @@ def fit_mil(
 def predict_proba(model: GatedAttentionMIL, bags: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
     """(P, C) float32 softmax class probabilities of ``bags`` (P bags of (n_i, D)) under ``model``."""
     model.eval()
-    with _one_thread():
-        x, mask = _pad([model.features(b) for b in _as_bags(bags)])
+    with one_thread():
+        x, mask = pad_bags([model.features(b) for b in _as_bags(bags)])
         return model.forward_padded(x, mask)[0].softmax(dim=1).numpy()
 
 

@@ -27,37 +27,52 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (log_probs(probs) / temperature).softmax(dim=1).numpy().astype(np.float32)
 
 
-def fit_temperature(probs: np.ndarray, targets: np.ndarray, max_iter: int = 100) -> float:
+def fit_temperature(probs: np.ndarray, targets: np.ndarray, max_iter: int = 50) -> float:
     """The T in [T_MIN, T_MAX] minimising the NLL of softmax(logits / T) over slices with a known target.
 
     Args:
         probs: (N, C) float softmax probabilities (of logits at T = 1).
         targets: (N,) int class per slice; negative = unknown (left out).
 
-    LBFGS on log T (so T stays positive), from T = 1. Returns 1.0 when no slice has a known target.
+    The NLL is convex in beta = 1 / T (a log-sum-exp of beta-scaled logits minus a linear term), so Newton's
+    method on beta, kept inside [1 / T_MAX, 1 / T_MIN] and falling back to bisection where a step would leave
+    the bracket, finds its minimum in a few float64 passes over the slices (no autograd). Returns 1.0 when no
+    slice has a known target.
     """
     known = np.asarray(targets) >= 0
     if not known.any():
         return 1.0
-    # called from Lightning's validation hooks, which run under inference mode / no_grad
-    with torch.inference_mode(False), torch.enable_grad():
-        return _fit(log_probs(np.asarray(probs)[known]), np.asarray(targets)[known], max_iter)
+    z = np.log(np.clip(np.asarray(probs, dtype=np.float64)[known], EPS, None))  # (K, C) logits up to a constant
+    z_true = z[np.arange(len(z)), np.asarray(targets)[known]]
+    lo, hi, beta = 1.0 / T_MAX, 1.0 / T_MIN, 1.0
+    if _nll_derivatives(z, z_true, lo)[0] >= 0:  # the NLL rises from the smallest beta on: T at its cap
+        return T_MAX
+    if _nll_derivatives(z, z_true, hi)[0] <= 0:  # still falling at the largest beta (separable slices)
+        return T_MIN
+    for _ in range(max_iter):
+        gradient, curvature = _nll_derivatives(z, z_true, beta)
+        if gradient > 0:  # the minimum lies below beta
+            hi = beta
+        else:
+            lo = beta
+        step = beta - gradient / curvature if curvature > 0 else np.nan
+        beta_next = step if lo < step < hi else (lo + hi) / 2
+        if abs(beta_next - beta) <= 1e-9 * beta:
+            beta = beta_next
+            break
+        beta = beta_next
+    return float(np.clip(1.0 / beta, T_MIN, T_MAX))
 
 
-def _fit(logits: torch.Tensor, targets: np.ndarray, max_iter: int) -> float:
-    """LBFGS on log T for :func:`fit_temperature` (autograd on)."""
-    target = torch.as_tensor(targets, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def nll() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), target)
-        loss.backward()
-        return loss
-
-    optimizer.step(nll)
-    return float(np.clip(log_t.exp().item(), T_MIN, T_MAX))
+def _nll_derivatives(z: np.ndarray, z_true: np.ndarray, beta: float) -> tuple[float, float]:
+    """First and second derivative in ``beta`` of the mean NLL of softmax(beta * z) (K, C) at the targets'
+    logits ``z_true`` (K,): E_p[z] - z_true and Var_p[z], averaged over the slices."""
+    scaled = beta * z
+    p = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    mean = (p * z).sum(axis=1)
+    variance = (p * z * z).sum(axis=1) - mean * mean
+    return float(np.mean(mean - z_true)), float(np.mean(variance))
 
 
 def nll(probs: np.ndarray, targets: np.ndarray) -> float:

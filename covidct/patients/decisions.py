@@ -18,7 +18,7 @@ import torch
 
 from covidct.contracts import CLASS_NAMES, PATIENT_ACC, PATIENT_F1, calibration_metric, rule_metric, vote_parameter
 from covidct.errors import ConfigError
-from covidct.patients.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil
+from covidct.patients.aggregation import GatedAttentionMIL, cross_fit_predictions, fit_mil, one_thread, pad_bags
 from covidct.patients.calibration import (
     T_MAX,
     T_MIN,
@@ -72,18 +72,15 @@ def mil_details(head: GatedAttentionMIL | None, patient: np.ndarray, features: n
     if head is None or features is None:
         return None
     patient = np.asarray(patient)
-    patients = np.unique(patient)
-    probs = np.zeros((len(patients), head.init_args["num_classes"]), dtype=np.float32)
+    rows = [np.flatnonzero(patient == p) for p in np.unique(patient)]
     attention = np.zeros(len(patient), dtype=np.float32)
     head.eval()
-    with torch.inference_mode():
-        for i, p in enumerate(patients):
-            rows = np.flatnonzero(patient == p)
-            x = head.features(torch.as_tensor(np.asarray(features[rows], dtype=np.float32))).unsqueeze(0)
-            logits, weights = head.forward_padded(x, torch.ones(x.shape[:2], dtype=torch.bool))
-            probs[i] = logits.softmax(dim=1)[0].numpy()
-            attention[rows] = weights[0].numpy()
-    return MilDetails(probs, attention)
+    with torch.inference_mode(), one_thread():  # every patient in one padded batch
+        x, mask = pad_bags([head.features(torch.as_tensor(np.asarray(features[r], dtype=np.float32))) for r in rows])
+        logits, weights = head.forward_padded(x, mask)
+    for i, r in enumerate(rows):
+        attention[r] = weights[i, : len(r)].numpy()
+    return MilDetails(logits.softmax(dim=1).numpy().astype(np.float32), attention)
 
 
 @dataclass(frozen=True)
@@ -222,10 +219,14 @@ class PatientVoter:
         patient_labels: np.ndarray,
         targets: np.ndarray | None = None,
         embeddings: np.ndarray | None = None,
+        best_score: float | None = None,
     ) -> ValidationVotes:
         """Calibrate (with ``calibration``), tune tau and the threshold rule (unless fixed), then vote every
         rule once per patient and score each rule; with ``mil`` on (and ``embeddings`` where it reads them),
-        fit and score ``mil`` too.
+        fit and score ``mil`` too: every epoch when ``mil`` is the configured rule, else only when this epoch's
+        score beats ``best_score`` (the best of the earlier epochs; None: none yet), the epochs whose checkpoint
+        becomes the best (six head fits per epoch were most of the vote's cost). Epochs without it have no
+        ``mil`` entry; the head kept in ``parameters`` is then the best epoch's.
 
         ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
         patient index, ``probs`` (N, C), ``targets`` (N,) slice targets (-1 unknown; None: none known),
@@ -243,6 +244,8 @@ class PatientVoter:
         patients = vote_patients(ids, probs[order], self.parameters)
         predictions = self.reported_predictions(patients, list(grouped.values()), labels)
         mil_input = self.mil_input(probs, embeddings)  # (N, F) in the given order, or None
+        if mil_input is not None and not self._may_be_best(predictions, labels, best_score):
+            mil_input = None
         if mil_input is not None and self._enough_for_mil(len(labels)):
             predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, mil_input[order]).values()), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
@@ -263,6 +266,14 @@ class PatientVoter:
             temperature=float(self.parameters.temperature),
             mil=mil_details(self.parameters.mil_head, patient, mil_input),
         )
+
+    def _may_be_best(self, predictions: dict[str, np.ndarray], labels: np.ndarray, best_score: float | None) -> bool:
+        """Whether this epoch may become the best: always when ``mil`` is the configured rule (its own score
+        decides), else when the configured rule's accuracy (``predictions`` (P,) of each rule against ``labels``)
+        beats ``best_score`` (strictly, as the best-checkpoint monitor does)."""
+        if self.rule in LEARNED_RULES or best_score is None:
+            return True
+        return float(np.float32(np.mean(predictions[self.rule] == labels))) > best_score  # torchmetrics' float32
 
     def _check_embeddings(self, embeddings: np.ndarray | None) -> None:
         if embeddings is None and self.rule in LEARNED_RULES and self.mil_features == "embeddings":

@@ -227,8 +227,17 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
         table = trainer.datamodule.slice_table
         index, patient, probs, embeddings = self.gather(trainer)
         targets = table.target[index] if len(table.target) else None
+        best_score = None if self.best is None else self.best.score
         result = self.decide(
-            trainer.current_epoch, index, patient, probs, table.patient_ids, table.patient_labels, targets, embeddings
+            trainer.current_epoch,
+            index,
+            patient,
+            probs,
+            table.patient_ids,
+            table.patient_labels,
+            targets,
+            embeddings,
+            best_score=best_score,
         )
         pl_module.log_dict(result.metrics, sync_dist=False)  # identical on every rank by construction
         if trainer.is_global_zero:
