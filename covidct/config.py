@@ -21,7 +21,8 @@ from covidct.schema import register_configs
 def register_resolvers() -> None:
     """``${run_suffix:}``: a random 6-hex suffix, fixed per composed config (and copied to every
     job of a sweep by Hydra, like ``${now:}``), so run folders never collide; ``${len:x}``;
-    ``${classes:<label mode>}`` (the slice classes a label mode trains); ``${contract:NAME}``. Also
+    ``${classes:<label mode>}`` (the slice classes a label mode trains); ``${contract:NAME}``;
+    ``${cpu_precision:}`` (:func:`covidct.hardware.cpu_training_precision`). Also
     registers the train schema (``train_schema``) in Hydra's ConfigStore."""
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(3), use_cache=True)
@@ -33,6 +34,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("classes", class_names_of)
     if not OmegaConf.has_resolver("contract"):  # ${contract:PATIENT_ACC}: a name of covidct.contracts
         OmegaConf.register_new_resolver("contract", contract_value)
+    if not OmegaConf.has_resolver("cpu_precision"):  # ${cpu_precision:}: bf16-mixed where the CPU has it natively
+        from covidct.hardware import cpu_training_precision
+
+        OmegaConf.register_new_resolver("cpu_precision", cpu_training_precision, use_cache=True)
     register_configs()
 
 

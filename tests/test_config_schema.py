@@ -192,6 +192,21 @@ def test_slurm_launcher_config(tmp_path):
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 1, 240)
 
 
+def test_cpu_trainer_takes_bf16_mixed_exactly_where_the_cpu_has_it_natively(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from covidct import hardware
+
+    for native, precision in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(hardware, "cpu_bf16", lambda native=native: (native, "stated"))
+        OmegaConf.clear_resolver("cpu_precision")  # cached per process: registered again for each answer
+        cfg = compose_train(tmp_path, ["trainer=cpu"])
+        assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("cpu", precision)
+    OmegaConf.clear_resolver("cpu_precision")
+    monkeypatch.undo()
+    compose_train(tmp_path, [])  # registers it again, unpatched, for the tests after this one
+
+
 def test_gpu_trainer_config_is_ready_for_a_gpu(tmp_path):
     cfg = compose_train(tmp_path, ["trainer=gpu", "compile.enabled=true"])
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.trainer.benchmark) == ("gpu", "bf16-mixed", True)

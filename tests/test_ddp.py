@@ -110,7 +110,11 @@ def test_ddp_validation_counts_every_slice_once_and_matches_one_process(tmp_path
     for name, trainer in (("single", "trainer=cpu"), ("ddp", "trainer=ddp_cpu")):
         out = tmp_path / name
         out.mkdir()
-        proc = run([script, str(out), str(best_checkpoint), *tiny(shared_cache), trainer], tmp_path)
+        # one precision for both (trainer=cpu picks bf16-mixed on a CPU with AVX-512 BF16 or AMX)
+        proc = run(
+            [script, str(out), str(best_checkpoint), *tiny(shared_cache), trainer, "trainer.precision=32-true"],
+            tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     (single,), (rank0, rank1) = results["single"], results["ddp"]

@@ -382,3 +382,20 @@ def test_grad_cam_captions_say_the_input_size(monkeypatch, tmp_path):
         settings = PredictorSettings(["lung"], size, list(CLASS_NAMES), "majority", 0.5)
         cam_writer(None, settings, tmp_path, 2)(None, np.zeros((1, 3)), 0, "T1-001")
     assert captions == ["T1-001 (64 px input, upsampled)", "T1-001 (512 px input)"]
+
+
+def test_precision_auto_takes_bf16_only_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from covidct.errors import ConfigError
+    from covidct.predict import torch_backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch_backend, "bf16_supported", lambda device: (True, "this CPU has AMX"))
+    assert torch_backend.resolve_precision("auto", cpu) == "bf16"
+    assert torch_backend.resolve_precision("fp32", cpu) == "fp32"  # asked for: kept
+    monkeypatch.setattr(torch_backend, "bf16_supported", lambda device: (False, "no AVX-512 BF16 nor AMX"))
+    assert torch_backend.resolve_precision("auto", cpu) == "fp32"
+    assert torch_backend.resolve_precision("bf16", cpu) == "fp32"  # with a warning
+    with pytest.raises(ConfigError, match="use fp32, bf16 or auto"):
+        torch_backend.resolve_precision("fp16", cpu)

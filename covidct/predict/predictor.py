@@ -327,7 +327,9 @@ def check_cam(cfg) -> int:
 
 def load_model(cfg, cam_slices: int) -> tuple[Any, PredictorSettings, dict[str, Any]]:
     """The model ``cfg.ckpt_path`` names, its settings, and what ``prediction.json`` records about it: a
-    checkpoint (PyTorch, ``precision`` fp32 or bf16) or an ``.onnx`` export (onnxruntime, no torch import)."""
+    checkpoint (PyTorch, ``precision`` fp32, bf16 or auto) or an ``.onnx`` export (onnxruntime, no torch import; it
+    runs at the precision it was exported in). ``prediction.json`` gets the precision used (``precision``) and, where
+    it differs, the one asked for (``precision_requested``)."""
     path = Path(cfg.ckpt_path)
     requested = str(cfg.get("precision", "fp32"))
     if looks_like_onnx(path):
@@ -336,7 +338,7 @@ def load_model(cfg, cam_slices: int) -> tuple[Any, PredictorSettings, dict[str, 
                 f"cam=true: Grad-CAM needs the network's gradients, and ckpt_path={path} is an ONNX export; draw "
                 "the overlays with its PyTorch checkpoint, or predict with cam=false"
             )
-        if requested != "fp32":
+        if requested not in ("fp32", "auto"):
             raise ConfigError(
                 f"precision={requested}: ckpt_path={path} is an ONNX export, which runs at the precision it was "
                 "exported in (its sidecar says which); precision applies to PyTorch checkpoints. For int8, export "

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.preprocess import SlicePreprocessor, one_thread_per_worker
 from covidct.errors import ConfigError, DataError
+from covidct.hardware import cpu_bf16
 from covidct.models.checkpoint import read_checkpoint
 from covidct.models.classifier import SliceClassifier
 from covidct.patients.parameters import ALL_SLICES, VOTE_KEYS, VoteParameters
@@ -25,8 +26,9 @@ from covidct.predict.test_sets import read_patient
 
 log = logging.getLogger("covidct.predict.predictor")
 
-#: predict.py precision=...: fp32 (the default) or bf16 (autocast; CPUs with AVX-512 BF16 or AMX, or a GPU)
-PRECISIONS = ("fp32", "bf16")
+#: predict.py precision=...: fp32 (the default), bf16 (autocast; CPUs with AVX-512 BF16 or AMX, or a GPU) or auto
+#: (bf16 where the hardware has it natively, else fp32)
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[SliceClassifier, PredictorSettings]:
@@ -101,12 +103,7 @@ def bf16_supported(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"GPU {torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bfloat16"
-    cpu = getattr(torch, "cpu", None)
-    avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
-    amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-    if avx512_bf16 or amx:
-        return True, f"this CPU has {' and '.join(n for n, f in (('AVX-512 BF16', avx512_bf16), ('AMX', amx)) if f)}"
-    return False, "this CPU has neither AVX-512 BF16 nor AMX instructions (bfloat16 would be emulated, slower)"
+    return cpu_bf16()
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -115,8 +112,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested not in PRECISIONS:
         hint = " (int8: export a quantized ONNX model, python -m covidct.predict.export ... quantize=int8)"
         raise ConfigError(
-            f"precision={requested!r}: use fp32 or bf16 with a checkpoint{hint if requested == 'int8' else ''}"
+            f"precision={requested!r}: use fp32, bf16 or auto with a checkpoint{hint if requested == 'int8' else ''}"
         )
+    if requested == "auto":
+        ok, what = bf16_supported(device)
+        log.info("precision=auto: %s, so %s", what, "bf16" if ok else "fp32")
+        return "bf16" if ok else "fp32"
     if requested == "bf16":
         ok, what = bf16_supported(device)
         if not ok:
