@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -28,10 +29,11 @@ from covidct.patients.explanations import patient_decisions, slice_groups
 from covidct.patients.tuning import leave_one_out_predictions
 from covidct.patients.voting import infected_share, vote_shares
 from covidct.report import patient_figures
-from covidct.report.figures import render_figures
+from covidct.report.figures import DPI, PNG_MIN_FONT_PT, render_figures, render_pngs
 from covidct.report.metrics import reliability, roc, score
 from covidct.report.page import calibration_note, render_html, write_report
 from covidct.report.patient_figures import decision_svg, series_svg
+from covidct.report.svg import smallest_font
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
 from covidct.training.callbacks.run_report import RunReportCallback, report_from_votes
 from covidct.training.run import train
@@ -113,9 +115,13 @@ def validation(seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def decided(tmp_path_factory):
-    """(callback, votes, targets, run folder) of one validation epoch voted with infected_fraction, tau tuned
-    and calibration on; patients.csv and the report written into the run folder."""
-    out = tmp_path_factory.mktemp("report")
+    """(callback, votes, targets, run folder, report, written report) of :func:`decide_validation`."""
+    return decide_validation(tmp_path_factory.mktemp("report"))
+
+
+def decide_validation(out: Path) -> tuple:
+    """(callback, votes, targets, run folder, report, written report) of one validation epoch voted with
+    infected_fraction, tau tuned and calibration on; patients.csv and the report written into ``out``."""
     v = validation()
     cb = PatientVoteCallback("infected_fraction", output_dir=str(out), mil=False)
     votes = cb.decide(3, v["index"], v["patient"], v["probs"], v["patient_ids"], v["patient_labels"], v["targets"])
@@ -214,7 +220,10 @@ def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     header, rows = page.table_with("patient")
     assert header[:8] == ["patient", "true class", "called", "correct", "why", "infected fraction", "tau", "slices"]
     assert [f"{r} vote" for r in votes.predictions] == header[8 : 8 + len(votes.predictions)]
-    assert [r[1][0] for r in rows] == ["P<1>", "P2", "N&3", "P4", "C5", "N6"]  # real ids, escaped and read back
+    ids = [r[1][0] for r in rows]
+    assert sorted(ids) == sorted(["P<1>", "P2", "N&3", "P4", "C5", "N6"])  # real ids, escaped and read back
+    assert [cls for cls, _ in rows] == sorted((cls for cls, _ in rows), key=lambda cls: cls != "wrong")
+    rows = [rows[ids.index(v.patient)] for v in votes.patients]  # back in patient order
     d = patient_decisions(votes, cb)
     # the tau each patient was called with is the one tuned on the other patients: it reproduces the call
     taus = np.asarray([float(r[1][6]) for r in rows])
@@ -233,15 +242,19 @@ def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     # figures: PNGs inline (the files' bytes), SVGs inline as images; the ROC is named by the rule's scores
     assert page.svgs == [
         "infected fraction by true class, threshold drawn",
-        "infected probability along each validation patient's series",
+        *[f"{report.patients[i]}: infected probability along the series" for i in patient_figures.series_order(report)],
         "reliability diagram before and after temperature scaling",
         "training curves",
     ]
     pngs = [base64.b64decode(src.split(",", 1)[1]) for src in page.images]
     assert pngs == [(out / n).read_bytes() for n in ("confusion_matrix.png", "roc_patient.png", "roc_slice.png")]
     assert all(cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR).shape[0] > 400 for p in pngs)
-    for name in ("decision.svg", "series.svg", "reliability.svg", "training.svg"):
+    for name in ("decision.svg", "reliability.svg", "training.svg"):
         assert (out / name).read_text() in written.html
+    assert all(panel in written.html for panel in written.figures.series_panels)
+    assert all(
+        panel.split("<title>", 1)[1][:40] in written.svgs["series.svg"] for panel in written.figures.series_panels
+    )
     _, auc_rows = page.table_with("AUC, scored by")
     assert auc_rows[0][1][0] == "patients, by the rule's scores (share of slice votes (Normal: 1 - infected fraction))"
     assert auc_rows[1][1][0] == "patients, by mean slice probability"
@@ -265,7 +278,7 @@ def test_every_patient_row_states_the_quantity_the_rule_decided_on(decided):
     assert len(re.findall(r"<title>slice \d+: P\(infected\) ", series)) == len(report.slice_labels)  # every dot
     # the rest of the page: key metrics with 3 decimals, viewport, a scrolling patient table, no "None"
     assert {"name": "viewport", "content": "width=device-width, initial-scale=1"} in page.meta
-    assert '<div class="wrap"><table><thead><tr><th>patient</th>' in written.html
+    assert '<div class="wrap"><table class="patients"><thead><tr><th>patient</th>' in written.html
     assert page.links == ["patients.csv", "train.log"]
     assert "None" not in re.sub(r"<svg.*?</svg>", "", written.html, flags=re.S)
     _, key = page.table_with("metric")
@@ -422,6 +435,70 @@ def test_training_curves_survive_a_checkpoint_and_record_the_epoch_mean_train_lo
     assert len(resumed.history) == 2
 
 
+# ---- the page on any screen: the patient table's sticky columns, figures that reflow or scroll ------------------
+
+
+def smallest_text_px(svg: str) -> float:
+    """The smallest font (CSS px) of an inline ``<svg>`` shown at its ``min-width``: matplotlib's font sizes are
+    in its viewBox units, scaled by min-width over the viewBox width."""
+    root = re.match(r"<svg [^>]*>", svg)[0]
+    view_width = float(re.search(r'viewBox="0 0 ([\d.]+) ', root)[1])
+    shown = float(re.search(r'style="min-width:(\d+)px"', root)[1])
+    return min(float(size) for size in re.findall(r"font-size: ([\d.]+)px", svg)) * shown / view_width
+
+
+def test_the_patient_table_lists_wrong_calls_first_with_patient_truth_and_call_kept_in_view(decided):
+    *_, written = decided
+    css = written.html[written.html.index("<style>") : written.html.index("</style>")]
+    _, rows = Page(written.html).table_with("patient")
+    classes = [cls for cls, _ in rows]
+    assert "wrong" in classes and classes == sorted(classes, key=lambda cls: cls != "wrong")  # wrong rows first
+    sticky = re.findall(
+        r"table\.patients tr>:nth-child\((\d)\)\{position:sticky;z-index:1;left:([\d.]+)em;box-sizing:border-box;"
+        r"width:([\d.]+)em",
+        css,
+    )
+    assert [int(k) for k, _, _ in sticky] == [1, 2, 3]  # patient, true class, called
+    lefts, widths = [float(left) for _, left, _ in sticky], [float(w) for _, _, w in sticky]
+    assert lefts == pytest.approx([0.0, widths[0], widths[0] + widths[1]])  # side by side, none under another
+    for k, width in enumerate(widths):  # each as wide as its longest text (~0.55 em a character at least)
+        assert width >= 0.55 * max(len(cells[k]) for _, cells in rows) + 1.0
+    assert "table.patients td:nth-child(-n+3){background:#fff}" in css  # opaque: the other columns pass under
+    assert "table.patients tr.wrong td:nth-child(-n+3){background:#fde2e2}" in css
+    narrow = css[css.index("@media (max-width:600px){") :]
+    assert "table.patients tr>:nth-child(n+2){position:static" in narrow  # a phone keeps only the patient in view
+
+
+def test_on_a_narrow_screen_the_series_panels_reflow_and_no_chart_text_shrinks_under_10_px(decided, monkeypatch):
+    _, _, _, _, report, written = decided
+    css = written.html[written.html.index("<style>") : written.html.index("</style>")]
+    column = int(
+        re.search(r"\.panels\{display:grid;grid-template-columns:repeat\(auto-fill,minmax\((\d+)px,1fr\)\)", css)[1]
+    )
+    phone = 420 - 2 * 0.6 * 16  # a 420 px window less the page's side padding under 600 px
+    assert column <= phone < 2 * column and 2 * column + 12 <= 600  # one panel per row at 420 px, two at 600 px
+    assert ".cams{grid-template-columns:1fr}" in css[css.index("@media (max-width:600px){") :]
+    panels = written.figures.series_panels
+    assert len(panels) == len(report.patients)
+    assert all(int(re.search(r'style="min-width:(\d+)px"', p)[1]) <= column for p in panels)
+    inline = re.findall(r'<svg xmlns="http://www.w3.org/2000/svg".*?</svg>', written.html, flags=re.S)
+    assert len(inline) == 3 + len(panels) and all(smallest_text_px(svg) >= 10.0 - 1e-6 for svg in inline)
+    # the PNG figures: drawn with no text under 8 pt, so at their min-width no text is under 10 px
+    sizes: list[float] = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, *a, **k: (sizes.append(smallest_font(fig)), savefig(fig, *a, **k)),
+    )
+    pngs = render_pngs(report, score(report))
+    assert len(sizes) == 3 and min(sizes) >= PNG_MIN_FONT_PT
+    for name, png in pngs.items():
+        width = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape[1]
+        shown = int(re.search(rf'<img alt="{name}" style="min-width:(\d+)px"', written.html)[1])
+        assert shown < width and PNG_MIN_FONT_PT * DPI / 72 * shown / width >= 10.0 - 1e-6
+
+
 @pytest.mark.slow
 def test_the_callback_writes_the_report_of_a_real_training_and_logs_it_to_wandb(tmp_path, shared_cache):
     overrides = tiny(shared_cache) + ["logger=[wandb,csv]", "trainer.max_epochs=2"]  # Grad-CAM: at fit end
@@ -434,10 +511,13 @@ def test_the_callback_writes_the_report_of_a_real_training_and_logs_it_to_wandb(
     assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["patients.csv", "split.csv"]
     header, rows = page.table_with("patient")
     assert header[5:7] == ["infected fraction", "tau"]  # the demo's rule, infected_fraction
-    assert [r[1][0] for r in rows] == [p["patient"] for p in patients]
-    for (_, cells), p in zip(rows, patients, strict=True):
+    assert sorted(r[1][0] for r in rows) == sorted(p["patient"] for p in patients)
+    by_id = {p["patient"]: p for p in patients}
+    for _, cells in rows:
+        p = by_id[cells[0]]
         assert cells[4] == p["decision"] and float(cells[5]) == pytest.approx(float(p["decision_quantity"]), abs=5e-4)
-    assert len(page.svgs) == 4 and len(page.images) == 3
+    cams = list((tmp_path / "report_cam").glob("*.png"))  # the Grad-CAM section's images, inline too
+    assert len(page.svgs) == 3 + len(patients) and len(cams) > 0 and len(page.images) == 3 + len(cams)
     for link in page.links:  # relative links to files of the run folder: checkpoint, patients.csv, metrics.json ...
         assert (tmp_path / link).is_file(), link
     assert Path(result.best_checkpoint).name in " ".join(page.links) and "metrics.json" in page.links

@@ -71,21 +71,30 @@ def cv2_single_threaded() -> Iterator[None]:
 
 @contextmanager
 def gradients_enabled(model: nn.Module) -> Iterator[None]:
-    """Let Grad-CAM run a backward pass anywhere (inside ``torch.inference_mode`` too), then put the
-    model back: each module's train/eval mode and the parameters' ``.grad`` (e.g. an accumulation)."""
+    """Let Grad-CAM run a backward pass anywhere (inside ``torch.inference_mode`` too) with no parameter
+    gradients (:func:`grad_cam` starts the graph at the target layer's output), then put the model back:
+    each module's train/eval mode and the parameters' ``requires_grad`` and ``.grad`` (e.g. an accumulation)."""
     modes = {m: m.training for m in model.modules()}
     params = list(model.parameters())
-    grads = [p.grad for p in params]
+    grads, wanted = [p.grad for p in params], [p.requires_grad for p in params]
     for p in params:
         p.grad = None
+        p.requires_grad_(False)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
-        for p, g in zip(params, grads, strict=True):
+        for p, g, w in zip(params, grads, wanted, strict=True):
             p.grad = g
+            p.requires_grad_(w)
         for m, training in modes.items():
             m.training = training
+
+
+def _graph_from_here(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Forward hook: the target layer's output (a leaf: no parameter needs a gradient) starts the autograd
+    graph, so the backward pass ends there instead of going on through the whole backbone."""
+    output.requires_grad_(True)
 
 
 @functools.cache
@@ -106,8 +115,10 @@ def grad_cam(
     Returns (heatmaps float32 (N, S, S) in [0, 1], softmax probabilities float32 (N, classes)).
     The model is left as it was (mode, gradients).
     """
+    layer = target_layer(model)
     with gradients_enabled(model):
-        cam = GradCAM(model=model, target_layers=[target_layer(model)])
+        start = layer.register_forward_hook(_graph_from_here)  # before GradCAM's hooks, which need the graph
+        cam = GradCAM(model=model, target_layers=[layer])
         try:
             targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
             heatmaps = cam(images.detach().clone(), targets=targets)
@@ -116,20 +127,28 @@ def grad_cam(
                 _warn_flat(images.shape[-1])
         finally:
             cam.activations_and_grads.release()  # hooks off; not `with`, which hides IndexError
+            start.remove()
     return heatmaps, probs
 
 
 @cv2_single_threaded()
-def overlay(grey: np.ndarray, heatmap: np.ndarray, caption: str, size: int = 256) -> np.ndarray:
-    """uint8 grey (S, S) + heatmap float (S, S) in [0, 1] -> uint8 RGB (28 + size, 2 * size, 3):
-    a caption line over [slice | slice with the JET-coloured heatmap] (red = high), each
-    upsampled to ``size`` px (at least S) so a 64 px slice stays readable."""
-    size = max(size, grey.shape[0])
-    grey = cv2.resize(grey, (size, size), interpolation=cv2.INTER_CUBIC)
+def cam_pair(grey: np.ndarray, heatmap: np.ndarray, size: int) -> np.ndarray:
+    """uint8 grey (S, S) + heatmap float (S, S) in [0, 1] -> uint8 RGB (size, 2 * size, 3):
+    [slice | slice with the JET-coloured heatmap] (red = high), each resized to ``size`` px (cubic up,
+    area down)."""
+    shrink = size < grey.shape[0]
+    grey = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
     heatmap = np.clip(cv2.resize(heatmap.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR), 0, 1)
     base = np.repeat(grey[:, :, None], 3, axis=2)
     cam = show_cam_on_image(base.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=0.6)
-    panel = np.hstack([base, cam])
+    return np.hstack([base, cam])
+
+
+def overlay(grey: np.ndarray, heatmap: np.ndarray, caption: str, size: int = 256) -> np.ndarray:
+    """uint8 grey (S, S) + heatmap float (S, S) in [0, 1] -> uint8 RGB (28 + size, 2 * size, 3):
+    a caption line over :func:`cam_pair`, each side upsampled to ``size`` px (at least S) so a 64 px
+    slice stays readable."""
+    panel = cam_pair(grey, heatmap, max(size, grey.shape[0]))
     return np.vstack([caption_bar(caption, panel.shape[1]), panel])
 
 
@@ -144,9 +163,9 @@ def caption_bar(text: str, width: int, height: int = 28) -> np.ndarray:
 
 
 @cv2_single_threaded()
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """uint8 RGB (H, W, 3) -> PNG file bytes."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+def png_bytes(rgb: np.ndarray, compression: int = 3) -> bytes:
+    """uint8 RGB (H, W, 3) -> PNG file bytes (``compression``: zlib level 0-9, OpenCV's default 3)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise RuntimeError("OpenCV could not encode the PNG")
     return buf.tobytes()

@@ -8,29 +8,37 @@ reliability diagram here and the per-patient figures (:mod:`~.patient_figures`) 
 from __future__ import annotations
 
 import io
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from covidct.report.metrics import RELIABILITY_BINS, Reliability, Roc, RunReport, Scored
-from covidct.report.patient_figures import decision_caption, decision_svg, series_caption, series_svg
-from covidct.report.svg import SvgFigure, canvas, footer, heading, svg_style
+from covidct.report.patient_figures import decision_caption, decision_svg, series_caption, series_figure
+from covidct.report.svg import MIN_TEXT_PX, SvgFigure, canvas, footer, heading, svg_style
 
 #: PNG resolution
 DPI = 120
+#: the smallest font of a PNG figure, pt (smaller texts are raised to it): at 1:1, 13.3 px at :data:`DPI`
+PNG_MIN_FONT_PT = 8.0
 
 
 # ---- PNG figures ----------------------------------------------------------------------------------------
 
 
 def _png(fig: plt.Figure, run_name: str) -> bytes:
+    """PNG bytes of ``fig`` at :data:`DPI`, its run name in the corner, no text under :data:`PNG_MIN_FONT_PT`."""
     footer(fig, run_name)
+    for text in fig.findobj(Text):
+        text.set_fontsize(max(text.get_fontsize(), PNG_MIN_FONT_PT))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
@@ -193,12 +201,25 @@ def _bins(svg: SvgFigure, ax: plt.Axes, rel: Reliability, when: str, colour: str
 @dataclass
 class Figures:
     """The rendered figures of a report: PNG bytes and SVG text by file name, their captions (what each shows,
-    for the page and for W&B), and how many patients the series figure shows."""
+    for the page and for W&B), how many patients the series figure shows and its panels one ``<svg>`` each
+    (the page's grid)."""
 
     pngs: dict[str, bytes]
     svgs: dict[str, str]
     captions: dict[str, str]
     series_shown: int
+    series_panels: list[str]
+
+    def png_min_widths(self) -> dict[str, int]:
+        """File name -> the narrowest CSS px width a PNG may be shown at with no text under 10 px."""
+        return {name: png_min_width(png) for name, png in self.pngs.items()}
+
+
+def png_min_width(png: bytes) -> int:
+    """The narrowest width (CSS px) a PNG figure of :func:`_png` may be scaled to with no text under
+    :data:`~.svg.MIN_TEXT_PX`: its width (read from the PNG header) times that over its smallest font in px."""
+    width = struct.unpack(">I", png[16:20])[0]  # IHDR, right after the 8-byte signature and the chunk head
+    return math.ceil(width * MIN_TEXT_PX / (PNG_MIN_FONT_PT * DPI / 72))
 
 
 def render_figures(report: RunReport, scored: Scored, pngs: dict[str, bytes] | None = None) -> Figures:
@@ -209,11 +230,9 @@ def render_figures(report: RunReport, scored: Scored, pngs: dict[str, bytes] | N
     decision = decision_svg(report)
     if decision is not None:
         svgs["decision.svg"], captions["decision.svg"] = decision, decision_caption(report)
-    series = series_svg(report)
-    shown = 0
+    series = series_figure(report)
     if series is not None:
-        svgs["series.svg"], shown = series
-        captions["series.svg"] = series_caption(report, shown)
+        svgs["series.svg"], captions["series.svg"] = series.svg, series_caption(report, series.shown)
     training = training_svg(report)
     if training is not None:
         svgs["training.svg"] = training
@@ -232,7 +251,8 @@ def render_figures(report: RunReport, scored: Scored, pngs: dict[str, bytes] | N
             "with a known class (left) and patients' mean probabilities against their class (right). A "
             "calibrated model's bars reach the diagonal."
         )
-    return Figures(pngs or render_pngs(report, scored), svgs, captions, shown)
+    shown, panels = (series.shown, series.panels) if series is not None else (0, [])
+    return Figures(pngs or render_pngs(report, scored), svgs, captions, shown, panels)
 
 
 def render_pngs(report: RunReport, scored: Scored) -> dict[str, bytes]:

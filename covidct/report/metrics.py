@@ -25,6 +25,7 @@ from covidct.patients.metrics import accuracy_interval
 
 if TYPE_CHECKING:
     from covidct.patients.explanations import PatientDecisions
+    from covidct.report.call_cams import CallCams
 
 #: equal-width confidence bins of the reliability diagram (as ``expected_calibration_error``)
 RELIABILITY_BINS = 15
@@ -64,6 +65,7 @@ class RunReport:
         title: experiment, model and rule; empty: the rule alone.
         extra_metrics: shown as they are among the key metrics (e.g. the tuned tau).
         note: one more sentence for the page's introduction.
+        cams: Grad-CAM of the calls (:func:`~.call_cams.call_cams`), or None (not computed, or switched off).
     """
 
     run_name: str
@@ -91,6 +93,7 @@ class RunReport:
     title: str = ""
     extra_metrics: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    cams: CallCams | None = None
 
     @property
     def heading(self) -> str:

@@ -1,8 +1,9 @@
 """The run report's page: one self-contained ``report.html`` (figures inline, no CSS/JS files) that says what a
 run decided and why: per validation patient the quantity the vote rule decided on and the threshold it was
 compared with, the decision quantity by true class, each patient's infected probability along the series, ROC
-curves scored by the rule's own scores (and, named apart, by mean probability), the rules compared,
-calibration, training curves, the data and the run's configuration.
+curves scored by the rule's own scores (and, named apart, by mean probability), the Grad-CAM of the calls, the
+rules compared, calibration, training curves, the data and the run's configuration. It fits a phone: the series
+panels reflow, and a figure that would shrink its text under 10 px scrolls sideways instead.
 
 Pure rendering: everything comes in a :class:`~.metrics.RunReport`; nothing here knows about Lightning. The
 page is the jinja2 template ``templates/report.html.j2`` (autoescaped: patient ids and run names stay text).
@@ -11,7 +12,7 @@ page is the jinja2 template ``templates/report.html.j2`` (autoescaped: patient i
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -20,8 +21,13 @@ from markupsafe import Markup
 
 from covidct.contracts import REPORT_FILE
 from covidct.io import atomic_write_bytes, atomic_write_text
+from covidct.report.call_cams import CAM_DIR, cam_files, cam_groups, cam_intro
 from covidct.report.figures import Figures, render_figures
 from covidct.report.metrics import RELIABILITY_BINS, RunReport, Scored, class_rates, score
+from covidct.report.patient_figures import series_legend, series_title
+
+#: the patient table's columns kept in view while the others scroll sideways: patient, true class, called
+STICKY_COLUMNS = 3
 
 
 def fmt(value: object) -> str:
@@ -52,9 +58,9 @@ TEMPLATES.filters.update(fmt=fmt, cell_class=cell_class)
 
 
 def patient_table(report: RunReport) -> tuple[list[str], list[list[object]]]:
-    """Header and one row per patient: id, true class, call, why, the rule's quantity and the threshold that
-    decided it (and the threshold rule's slice threshold), slices, every rule's reported vote, mean
-    probability per class."""
+    """Header and one row per patient, wrong calls first (then right ones, each in patient order): id, true
+    class, call, why, the rule's quantity and the threshold that decided it (and the threshold rule's slice
+    threshold), slices, every rule's reported vote, mean probability per class."""
     names, d = list(report.class_names), report.decisions
     header = ["patient", "true class", "called", "correct"]
     if d is not None:
@@ -64,7 +70,9 @@ def patient_table(report: RunReport) -> tuple[list[str], list[list[object]]]:
     rules = list(report.rule_votes)
     header += ["slices", *[f"{r} vote" for r in rules], *[f"mean P({n})" for n in names]]
     rows = []
-    for i, (pid, t, p) in enumerate(zip(report.patients, report.patient_labels, report.patient_preds, strict=True)):
+    right = np.asarray(report.patient_labels) == np.asarray(report.patient_preds)
+    for i in np.argsort(right, kind="stable"):
+        pid, t, p = report.patients[i], report.patient_labels[i], report.patient_preds[i]
         row: list[object] = [pid, names[t], names[p], bool(t == p)]
         if d is not None:
             row += [d.why[i], float(d.quantity[i]), float(d.threshold[i])]
@@ -74,6 +82,19 @@ def patient_table(report: RunReport) -> tuple[list[str], list[list[object]]]:
         row += [float(s) for s in np.asarray(report.patient_scores[i], dtype=np.float64)]
         rows.append(row)
     return header, rows
+
+
+def sticky_columns(header: list[str], rows: list[list[object]]) -> list[tuple[float, float]]:
+    """(left offset, width) in em of the patient table's first :data:`STICKY_COLUMNS` columns: wide enough for
+    their longest text (about 0.62 em a character, plus padding; a header may wrap between words), at most
+    16 em (a longer id wraps)."""
+    placed, left = [], 0.0
+    for k in range(STICKY_COLUMNS):
+        longest = max([len(fmt(row[k])) for row in rows] + [len(word) for word in header[k].split()])
+        width = round(min(16.0, longest * 0.62 + 1.3), 1)
+        placed.append((round(left, 1), width))
+        left += width
+    return placed
 
 
 def key_metrics(report: RunReport, scored: Scored) -> list[list[object]]:
@@ -95,6 +116,7 @@ def key_metrics(report: RunReport, scored: Scored) -> list[list[object]]:
         ["patient AUC (macro), by mean slice probability", m["patient AUC (macro), mean probability"]],
         ["slice AUC (macro)", m["slice AUC (macro)"]],
         *[[k, v] for k, v in report.extra_metrics.items()],
+        *[[k, v] for k, v in report.config.items() if k == "class weights (loss.alpha=auto)"],  # run_config's
     ]
 
 
@@ -182,6 +204,13 @@ def render_html(report: RunReport, scored: Scored, figures: Figures, links: bool
         links=report.links if links else {},
         key_metrics=key_metrics(report, scored),
         patients=(header, rows, ["" if row[3] else "wrong" for row in rows]),
+        sticky=sticky_columns(header, rows),
+        cam_intro=cam_intro(report) if report.cams is not None else "",
+        cam_groups=cam_groups(report),
+        series_panels=[Markup(svg) for svg in figures.series_panels],
+        series_title=series_title(report),
+        series_legend=series_legend(report),
+        png_min_widths=figures.png_min_widths(),
         class_rows=class_rows(report),
         rules=rules_compared(report),
         auc_rows=auc_rows(report, scored),
@@ -197,7 +226,7 @@ def render_html(report: RunReport, scored: Scored, figures: Figures, links: bool
 @dataclass
 class WrittenReport:
     """What :func:`write_report` wrote: file paths, the metrics, the figures (PNG bytes and SVG text by file
-    name) with their captions, the HTML text, and what it was computed from."""
+    name) with their captions, the HTML text, what it was computed from, and the Grad-CAM images' paths."""
 
     paths: dict[str, Path]
     metrics: dict[str, float]
@@ -207,18 +236,27 @@ class WrittenReport:
     html: str
     scored: Scored
     figures: Figures
+    cam_paths: list[Path] = field(default_factory=list)
 
 
 def write_report(report: RunReport, out_dir: str | Path) -> WrittenReport:
     """Write the figures (``confusion_matrix.png``, ``roc_patient.png``, ``roc_slice.png``, and as SVG
-    ``decision.svg``, ``series.svg``, ``training.svg``, ``reliability.svg`` where there is something to draw)
-    and ``report.html`` into ``out_dir``, each atomically. The per-patient table is ``patients.csv``, which
-    the patient vote writes; the page links to it."""
+    ``decision.svg``, ``series.svg``, ``training.svg``, ``reliability.svg`` where there is something to draw),
+    the Grad-CAM images (``report_cam/*.png``, replacing an earlier report's) and ``report.html`` into
+    ``out_dir``, each atomically. The per-patient table is ``patients.csv``, which the patient vote writes; the
+    page links to it."""
     out_dir = Path(out_dir)
     scored = score(report)
     figures = render_figures(report, scored)
     paths = {name: atomic_write_bytes(out_dir / name, png) for name, png in figures.pngs.items()}
     paths |= {name: atomic_write_text(out_dir / name, svg) for name, svg in figures.svgs.items()}
+    cams = cam_files(report)
+    for stale in sorted((out_dir / CAM_DIR).glob("*.png")):
+        if stale.relative_to(out_dir).as_posix() not in cams:
+            stale.unlink()
+    cam_paths = [atomic_write_bytes(out_dir / name, png) for name, png in cams.items()]
     text = render_html(report, scored, figures)
     paths[REPORT_FILE] = atomic_write_text(out_dir / REPORT_FILE, text)
-    return WrittenReport(paths, scored.metrics, figures.pngs, figures.svgs, figures.captions, text, scored, figures)
+    return WrittenReport(
+        paths, scored.metrics, figures.pngs, figures.svgs, figures.captions, text, scored, figures, cam_paths
+    )

@@ -1,21 +1,23 @@
 """The per-patient figures of the run report (inline SVG, :mod:`~.svg`), and their captions: the decision plot
 (each validation patient's decision quantity against the rule's threshold) and the series small multiples (each
 patient's infected probability along its series, with the radiologist's slice labels, thresholds, voting window
-and MIL attention).
+and MIL attention): one SVG per patient, which the page lays out in a grid that reflows with the window, and all
+of them in one figure for ``series.svg``.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.text import Text
 
 from covidct.report.metrics import RunReport
-from covidct.report.svg import PX, SvgFigure, canvas, heading, svg_style
+from covidct.report.svg import PX, SvgFigure, canvas, heading, stack_svgs, svg_style
 
 if TYPE_CHECKING:
     from covidct.patients.explanations import PatientDecisions
@@ -120,8 +122,8 @@ def _wrong_labels(ax: plt.Axes, labels: list[tuple[float, float, str]]) -> None:
     points = [(*(ax.transData.transform((x, y)) * to_px), x, y, t) for x, y, t in labels]
     for px, py, x, y, text in sorted(points, key=lambda p: (p[0], p[1])):
         lift = 0.0
-        while any(abs(px - qx) < 6.0 * len(text) and abs(py + lift - qy) < 11 for qx, qy in placed):
-            lift += 11
+        while any(abs(px - qx) < 6.0 * len(text) and abs(py + lift - qy) < 12 for qx, qy in placed):
+            lift += 12
         placed.append((px, py + lift))
         ax.annotate(
             text,
@@ -129,7 +131,6 @@ def _wrong_labels(ax: plt.Axes, labels: list[tuple[float, float, str]]) -> None:
             xytext=(5, lift * 0.75),
             textcoords="offset points",
             va="center",
-            fontsize=7,
             color=WRONG,
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 0.3},
         )
@@ -146,34 +147,83 @@ def series_order(report: RunReport) -> list[int]:
     )
 
 
-@svg_style
-def series_svg(report: RunReport, max_panels: int | None = None) -> tuple[str, int] | None:
+#: one patient's panel of the series small multiples, CSS px: (width, height), and the plot area's (left, top,
+#: right, bottom) margins: a 206 x 94 px plot area
+SERIES_PANEL, SERIES_BOX = (268, 166), (44, 40, 18, 32)
+#: the series figure's heading and legend band (series.svg), CSS px high
+SERIES_HEAD = 70
+
+
+@dataclass
+class Series:
+    """The series small multiples: ``panels``, one ``<svg>`` per patient shown (the page lays them out in a
+    grid that reflows with the window), ``svg`` all of them in one figure under its heading and legend
+    (``series.svg``), ``shown`` the number of patients drawn."""
+
+    panels: list[str]
+    svg: str
+    shown: int
+
+
+def series_figure(report: RunReport, max_panels: int | None = None) -> Series | None:
     """Small multiples, one panel per validation patient (at most ``max_panels``, default
     :data:`MAX_SERIES_PANELS`, in :func:`series_order`): the infected probability 1 - P(Normal) of each slice
     along the series (head left, feet right), dots coloured by the slice's argmax class, the radiologist's
     slice labels where known as a strip above (dark infected, light clean), the threshold rule's slice
-    threshold, ``weighted_center``'s voting window and the MIL attention where recorded. Returns (SVG,
-    panels drawn); None without ``slice_patient``."""
+    threshold, ``weighted_center``'s voting window and the MIL attention where recorded. None without
+    ``slice_patient``."""
     if report.slice_patient is None or not len(report.patients):
         return None
     shown = series_order(report)[: MAX_SERIES_PANELS if max_panels is None else max_panels]
+    normal = _normal_class(report)
+    panels = [series_panel_svg(report, i, normal) for i in shown]
     cols = min(4, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    width, height = 24 + cols * 268, 86 + rows * 166
-    fig, axes = canvas(width, height, (44, 86, 22, 52), nrows=rows, ncols=cols)
-    fig.subplots_adjust(wspace=62 / 206, hspace=72 / 94)  # gaps between the 206 x 94 px plot areas
-    svg = SvgFigure(fig, "infected probability along each validation patient's series")
+    head = series_head_svg(report, 4 * SERIES_PANEL[0])  # the legend's width, whatever the columns
+    combined = stack_svgs(head, panels, cols, "infected probability along each validation patient's series")
+    return Series(panels, combined, len(shown))
+
+
+def series_svg(report: RunReport, max_panels: int | None = None) -> tuple[str, int] | None:
+    """(``series.svg``, patients drawn) of :func:`series_figure`; None without ``slice_patient``."""
+    series = series_figure(report, max_panels)
+    return None if series is None else (series.svg, series.shown)
+
+
+def series_title(report: RunReport) -> str:
     title = "infected probability 1 - P(Normal) along each validation patient's series"
     if report.mil_attention is not None:
         title += "; purple: the MIL head's attention per slice (scaled to its maximum)"
-    heading(fig, title)
+    return title
+
+
+def series_legend(report: RunReport) -> list[tuple[str, str, str]]:
+    """(shape ``dot`` or ``bar``, colour, text) of each key of the series figure, for the page's legend."""
+    dots = [
+        ("dot", CLASS_COLOURS[c % len(CLASS_COLOURS)], f"slice argmax {n}") for c, n in enumerate(report.class_names)
+    ]
+    return dots + [
+        ("bar", LABELLED_INFECTED, "labelled infected"),
+        ("bar", LABELLED_CLEAN, "labelled clean (strip above the panel; none: unknown)"),
+    ]
+
+
+@svg_style
+def series_panel_svg(report: RunReport, i: int, normal: int) -> str:
+    """Patient ``i``'s panel of the series small multiples as an ``<svg>`` of :data:`SERIES_PANEL` px."""
+    fig, axes = canvas(*SERIES_PANEL, SERIES_BOX)
+    svg = SvgFigure(fig, f"{report.patients[i]}: infected probability along the series")
+    _series_panel(svg, axes[0, 0], report, i, normal)
+    return svg.render("")
+
+
+@svg_style
+def series_head_svg(report: RunReport, width: float) -> str:
+    """The heading and legend band over the panels in ``series.svg``, ``width`` px wide, the run's name."""
+    fig = plt.figure(figsize=(width * PX, SERIES_HEAD * PX))
+    svg = SvgFigure(fig, "series figure heading and legend")
+    heading(fig, series_title(report))
     _series_legend(fig, list(report.class_names))
-    normal = _normal_class(report)
-    for ax, i in zip(axes.flat, shown, strict=False):
-        _series_panel(svg, ax, report, i, normal)
-    for ax in axes.flat[len(shown) :]:
-        ax.axis("off")
-    return svg.render(report.run_name), len(shown)
+    return svg.render(report.run_name)
 
 
 def _normal_class(report: RunReport) -> int:
@@ -210,12 +260,13 @@ def _series_panel(svg: SvgFigure, ax: plt.Axes, report: RunReport, i: int, norma
     ax.set(xlim=(-0.5, max(n - 0.5, 0.5)), ylim=(-0.03, 1.03), xticks=[0, n - 1] if n > 1 else [0], yticks=[0, 0.5, 1])
     ax.grid(axis="y", color="#eee")
     ax.set_axisbelow(True)
-    ax.set_xlabel("slice (head -> feet)", loc="right", color=MUTED, fontsize=6.75, labelpad=1)
+    ax.set_xlabel("slice (head -> feet)", loc="right", color=MUTED, labelpad=1)
     right = report.patient_preds[i] == report.patient_labels[i]
     title = f"{report.patients[i]}: {names[report.patient_labels[i]]}, called {names[report.patient_preds[i]]}"
     title = ax.set_title(
         title, loc="left", pad=10, color="#222" if right else WRONG, weight="normal" if right else "bold"
     )
+    _fit_title(title, ax)
     svg.mark(title, "panel-title" if right else "panel-title wrong")
     if d is not None and d.window is not None and n:
         _window(ax, n, d.window)
@@ -238,6 +289,18 @@ def _series_panel(svg: SvgFigure, ax: plt.Axes, report: RunReport, i: int, norma
     svg.mark(
         dots, "slices", [f"slice {j}: P(infected) {v:.3f}, argmax {names[argmax[j]]}" for j, v in enumerate(infected)]
     )
+
+
+def _fit_title(title: Text, ax: plt.Axes, smallest: float = 7.5) -> None:
+    """Start a panel's title at the figure's left edge (over the y tick labels) and shrink its font, down to
+    ``smallest`` pt, until it fits the panel: each panel is an SVG of its own, which clips what sticks out."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    left = ax.transAxes.inverted().transform((4 * fig.dpi / 96, 0))[0]  # 4 CSS px in from the edge
+    title.set_x(left)
+    room = fig.get_figwidth() * fig.dpi - 4 * fig.dpi / 96 * 2
+    while title.get_window_extent(renderer).width > room and title.get_fontsize() > smallest:
+        title.set_fontsize(max(smallest, title.get_fontsize() - 0.25))
 
 
 def _window(ax: plt.Axes, n: int, window: tuple[int, int]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 #: inches per CSS pixel (matplotlib's SVG is 72 pt per inch, 1 pt = 4/3 px)
 PX = 1 / 96
@@ -32,10 +34,27 @@ ET.register_namespace("xlink", XLINK_NS)
 #: a decimal number in an SVG attribute
 NUMBER = re.compile(r"-?\d+\.\d+")
 MARK_TAGS, DEFS = {f"{{{SVG_NS}}}use", f"{{{SVG_NS}}}path"}, f"{{{SVG_NS}}}defs"
+#: the smallest text a figure may show, in CSS px: a figure is never shown narrower than that allows
+MIN_TEXT_PX = 10.0
 
 
-def footer(fig: plt.Figure, run_name: str, size: float = 6.5) -> None:
-    fig.text(0.995, 0.005, run_name, ha="right", va="bottom", fontsize=size, color="#777")
+def footer(fig: plt.Figure, run_name: str, size: float = 7.5) -> None:
+    """The run's name in the lower right corner (nothing for an empty name)."""
+    if run_name:
+        fig.text(0.995, 0.005, run_name, ha="right", va="bottom", fontsize=size, color="#777")
+
+
+def smallest_font(fig: plt.Figure) -> float:
+    """The smallest font size (pt) of ``fig``'s visible, non-empty texts (:data:`MIN_TEXT_PX` in pt if none)."""
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes, default=MIN_TEXT_PX * 0.75)
+
+
+def min_width(fig: plt.Figure) -> int:
+    """The narrowest width (CSS px) ``fig`` may be scaled to with no text under :data:`MIN_TEXT_PX`: its width
+    in px times MIN_TEXT_PX over its smallest font in px, both at 1:1, which at any resolution is the width in
+    inches times 72 times MIN_TEXT_PX over the smallest font in pt."""
+    return math.ceil(fig.get_figwidth() * 72 * MIN_TEXT_PX / smallest_font(fig))
 
 
 def svg_style(draw: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,7 +86,8 @@ class SvgFigure:
 
     def render(self, run_name: str) -> str:
         """The ``<svg>`` element's text (no XML prolog: for inlining in HTML, or as a file of its own)."""
-        footer(self.fig, run_name, size=6.75)
+        footer(self.fig, run_name)
+        narrowest = min_width(self.fig)
         buf = io.StringIO()
         with plt.rc_context({"svg.hashsalt": self.label}):  # ids: reproducible, and apart from other figures'
             self.fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
@@ -79,13 +99,42 @@ class SvgFigure:
                 element.set("class", cls)
                 _add_tips(element, tips)
         _compact(root)
-        _styles_to_classes(root, "s" + hashlib.sha1(self.label.encode()).hexdigest()[:4])
+        _styles_to_classes(root, "s" + hashlib.sha1(self.label.encode()).hexdigest()[:6])
+        root.set("style", f"min-width:{narrowest}px")  # the page scrolls it sideways rather than shrink its text
         root.set("role", "img")
         root.set("aria-label", self.label)
         title = ET.Element(f"{{{SVG_NS}}}title")
         title.text = self.label
         root.insert(0, title)
         return ET.tostring(root, encoding="unicode")
+
+
+def stack_svgs(head: str, panels: Sequence[str], cols: int, label: str) -> str:
+    """One ``<svg>`` named ``label``: the ``<svg>`` ``head`` on top, below it ``panels`` (``<svg>`` elements of
+    one size, e.g. :meth:`SvgFigure.render`'s) in rows of ``cols``, each nested at its place."""
+    top, parts = ET.fromstring(head), [ET.fromstring(p) for p in panels]
+    head_w, head_h = _view_size(top)
+    panel_w, panel_h = _view_size(parts[0]) if parts else (0.0, 0.0)
+    width, height = max(head_w, cols * panel_w), head_h + math.ceil(len(parts) / max(cols, 1)) * panel_h
+    outer = ET.Element(f"{{{SVG_NS}}}svg", {"width": f"{width:g}pt", "height": f"{height:g}pt"})
+    outer.set("viewBox", f"0 0 {width:g} {height:g}")
+    outer.set("role", "img")
+    outer.set("aria-label", label)
+    ET.SubElement(outer, f"{{{SVG_NS}}}title").text = label
+    for k, part in enumerate([top, *parts]):
+        x, y = (0.0, 0.0) if k == 0 else ((k - 1) % cols * panel_w, head_h + (k - 1) // cols * panel_h)
+        w, h = _view_size(part)
+        for key in ("style", "role"):
+            part.attrib.pop(key, None)
+        part.attrib.update({"x": f"{x:g}", "y": f"{y:g}", "width": f"{w:g}", "height": f"{h:g}"})
+        outer.append(part)
+    return ET.tostring(outer, encoding="unicode")
+
+
+def _view_size(svg: ET.Element) -> tuple[float, float]:
+    """(width, height) of an ``<svg>`` element's viewBox, in its user units (pt for matplotlib's)."""
+    _, _, w, h = (float(v) for v in svg.get("viewBox").split())
+    return w, h
 
 
 def _compact(element: ET.Element) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from covidct.contracts import (
     class_slug,
 )
 from covidct.data.series import series_line
+from covidct.errors import ConfigError
+from covidct.models.losses import CLASS_WEIGHTS_SETTING, auto_class_weights, class_weights_text
 from covidct.patients.decisions import ValidationVotes
 from covidct.patients.explanations import patient_decisions
 from covidct.patients.metrics import patient_metrics
@@ -202,11 +205,13 @@ def run_config(
     settings = _plain(loss) if isinstance(loss, Mapping) else ""
     experiment = str(choices.get("experiment") or UNKNOWN)
     rule = vote.rule if vote is not None else UNKNOWN
+    weights = auto_class_weights(getattr(pl_module, "criterion", None), hp.get("class_names") or CLASS_NAMES)
     config = {
         "experiment": experiment,
         "overrides": " ".join(overrides) if overrides else ("none" if choices else UNKNOWN),
         "model": backbone + (" (ImageNet weights)" if hp.get("pretrained") else " (from scratch)"),
         "loss": f"{loss_name} ({settings})" if settings else loss_name,
+        **({CLASS_WEIGHTS_SETTING: class_weights_text(weights)} if weights else {}),  # the page's key metrics too
         "vote rule": rule,
         "calibration": UNKNOWN if vote is None else ("temperature scaling" if vote.calibration else "off"),
         "preprocessing": _plain(hp.get("preprocessing", UNKNOWN)),
@@ -298,9 +303,29 @@ class RunReportCallback(pl.Callback):
     Args:
         output_dir: the run folder (``${paths.output_dir}``).
         run_name: shown under the report's title and on its figures; None = the run folder's name.
+        cam_slices_per_patient: Grad-CAM images per patient call shown (the slices that decided it); 0 = no
+            Grad-CAM section.
+        cam_right_per_class: right calls shown per true class beside every wrong one (0: wrong calls only).
+        cam_max_wrong: at most this many wrong calls shown (the section says how many more there were).
     """
 
-    def __init__(self, output_dir: str, run_name: str | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        run_name: str | None = None,
+        cam_slices_per_patient: int = 2,
+        cam_right_per_class: int = 2,
+        cam_max_wrong: int = 24,
+    ) -> None:
+        cams = {
+            "cam_slices_per_patient": cam_slices_per_patient,
+            "cam_right_per_class": cam_right_per_class,
+            "cam_max_wrong": cam_max_wrong,
+        }
+        for key, value in cams.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"callbacks.run_report.{key} must be an integer >= 0, got {value!r}")
+        self.cam_slices_per_patient, self.cam_right_per_class, self.cam_max_wrong = cams.values()
         self.output_dir = Path(output_dir)
         self.run_name = run_name or self.output_dir.name
         #: per validation epoch: epoch, train_loss, val_loss, val_patient_acc
@@ -374,11 +399,61 @@ class RunReportCallback(pl.Callback):
             links=run_links(self.output_dir, ckpt.best_model_path if ckpt else None),
             title=title,
         )
+        report.cams = self.report_cams(trainer, pl_module, votes, report)
         written = write_report(report, self.output_dir)
         log.info("Run report: %s", written.paths[REPORT_FILE])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 log_to_wandb(logger, written, report)
+
+    def report_cams(self, trainer: pl.Trainer, pl_module: pl.LightningModule, votes: ValidationVotes, report):
+        """Grad-CAM of the report's calls (:func:`~covidct.report.call_cams.call_cams`) with the best
+        checkpoint's weights; None when switched off, or when it fails (a warning: the report is written
+        without the section)."""
+        if self.cam_slices_per_patient < 1:
+            return None
+        from covidct.report.call_cams import call_cams
+        from covidct.report.cam import lung_channel
+
+        started = time.perf_counter()
+        try:
+            table = trainer.datamodule.slice_table
+            ckpt = trainer.checkpoint_callback
+            model, weights = best_model(pl_module, ckpt.best_model_path if ckpt else "")
+            cams = call_cams(
+                model,
+                report,
+                lambda index: table.images[votes.slice_rows[index]],
+                weights,
+                channel=lung_channel(table.windows),
+                slices_per_patient=self.cam_slices_per_patient,
+                right_per_class=self.cam_right_per_class,
+                max_wrong=self.cam_max_wrong,
+            )
+        except Exception as exc:  # a report never fails for its Grad-CAM section
+            log.warning("Run report: written without Grad-CAM (%s: %s)", type(exc).__name__, exc)
+            return None
+        shown = sum(len(c.slices) for c in cams.calls) if cams is not None else 0
+        log.info("Run report: Grad-CAM of %d slices in %.1f s", shown, time.perf_counter() - started)
+        return cams
+
+
+def best_model(pl_module: pl.LightningModule, path: str) -> tuple[torch.nn.Module, str]:
+    """(model, which weights it holds): the best checkpoint's model, read afresh onto ``pl_module``'s device
+    (at fit end ``pl_module`` holds the last epoch's weights); ``pl_module`` itself when there is no best
+    checkpoint to read."""
+    if path and Path(path).is_file():
+        try:
+            from covidct.models.checkpoint import read_checkpoint
+
+            ckpt = read_checkpoint(path)
+            hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in ("loss", "class_counts")}
+            model = type(pl_module)(**hp | {"pretrained": False})  # as predict.py builds it
+            model.load_state_dict(ckpt["state_dict"])
+            return model.eval().to(pl_module.device), f"the best checkpoint ({Path(path).name})"
+        except Exception as exc:
+            log.warning("Run report: Grad-CAM with the last epoch's weights: %s could not be read (%s)", path, exc)
+    return pl_module, "the weights at the end of training (no best checkpoint was read)"
 
 
 def log_to_wandb(logger: WandbLogger, written, report) -> None:
