@@ -155,6 +155,15 @@ def memory_child(overrides: list[str]) -> None:
     train(cfg)
 
 
+def override_value(value: object) -> str:
+    """A Hydra command-line value: None as ``null``, a tuple or list as ``[a,b,c]``, anything else as ``str``."""
+    if value is None:
+        return "null"
+    if isinstance(value, tuple | list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return str(value)
+
+
 def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
     """Peak RSS (MiB) of a training run (a fresh process, :func:`memory_child`) on N vs 10N synthetic slices."""
     from covidct.data.cache import build_or_load_cache
@@ -175,9 +184,7 @@ def measure_memory(cfg: DictConfig, cache_dir: Path, work: Path) -> list[Row]:
         pre = SlicePreprocessor(parse_windows(["lung"]), cfg.image_size)
         cache = build_or_load_cache(discover_covid_ct_md(root), pre, cache_dir, workers=2)
         sizes.append((len(cache.patient), (cache.path / "images.u8").stat().st_size))
-        overrides = [f"data.synthetic.{k}={v}" for k, v in asdict(spec).items() if k != "patients_per_class"] + [
-            f"data.synthetic.patients_per_class=[{spec.patients_per_class[0]},{spec.patients_per_class[0]},"
-            f"{spec.patients_per_class[0]}]",
+        overrides = [f"data.synthetic.{k}={override_value(v)}" for k, v in asdict(spec).items() if v is not None] + [
             f"paths.cache_dir={cache_dir}",
             f"paths.output_dir={work / str(factor)}",
             f"data.image_size={cfg.image_size}",

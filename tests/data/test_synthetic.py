@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import csv
+import errno
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
 import pytest
+from omegaconf import OmegaConf
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 
 from covidct.contracts import CLASS_NAMES
-from covidct.data.layout import class_of_folder
+from covidct.data.layout import class_of_folder, read_slice_labels
 from covidct.data.synthetic import (
     CLASS_FOLDERS,
     COMPLETE_MARKER,
@@ -22,12 +31,16 @@ from covidct.data.synthetic import (
     encode_jpeg_lossless,
     ensure_dataset,
     generate_dataset,
+    is_complete,
     patient_phantom,
     plan_patients,
     spec_hash,
 )
 from covidct.data.synthetic import dataset as generation  # where ensure_dataset looks up generate_dataset
+from covidct.data.synthetic.dataset import estimate_disk, work_folder
+from covidct.data.synthetic.patients import patient_slices
 from covidct.errors import ConfigError, DataError
+from tests.conftest import REPO, compose_train
 
 SPEC = SyntheticSpec(
     patients_per_class=(3, 3, 2),
@@ -251,7 +264,8 @@ def test_ensure_dataset_generates_once_then_reuses(tmp_path: Path, monkeypatch: 
     def fail(*args: object) -> None:
         raise AssertionError("generated again")
 
-    monkeypatch.setattr(generation, "generate_dataset", fail)
+    for name in ("_generate", "_fill", "plan_patients", "generate_dataset"):
+        monkeypatch.setattr(generation, name, fail)
     assert ensure_dataset(tmp_path, TINY) == root
     assert (root / COMPLETE_MARKER).stat().st_mtime_ns == mtime
     assert spec_hash(replace(TINY, seed=6)) != spec_hash(TINY)
@@ -272,18 +286,18 @@ def test_ensure_dataset_never_takes_an_unfinished_folder(tmp_path: Path) -> None
 
 def test_ensure_dataset_loser_of_a_race_uses_the_winners_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / f"synthetic-{spec_hash(TINY)}"
-    real_generate = generation.generate_dataset
+    real_fill = generation._fill
 
-    def generate_while_another_caller_finishes_first(target: Path, spec: SyntheticSpec) -> Path:
-        real_generate(target, spec)
-        real_generate(root, spec)  # the other caller's copy lands first
+    def fill_while_another_caller_finishes_first(work: Path, spec: SyntheticSpec, progress: bool) -> None:
+        real_fill(work, spec, progress)
+        monkeypatch.setattr(generation, "_fill", real_fill)
+        generate_dataset(root, spec)  # the other caller: finds every patient made, moves the dataset first
         (root / "winner").write_text("")
-        return target
 
-    monkeypatch.setattr(generation, "generate_dataset", generate_while_another_caller_finishes_first)
+    monkeypatch.setattr(generation, "_fill", fill_while_another_caller_finishes_first)
     assert ensure_dataset(tmp_path, TINY) == root
     assert (root / "winner").is_file() and (root / COMPLETE_MARKER).is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [root.name], "the loser's copy is discarded"
+    assert [p.name for p in tmp_path.iterdir()] == [root.name], "no work folder left behind"
 
 
 def test_generate_dataset_refuses_a_non_empty_folder(tmp_path: Path) -> None:
@@ -295,7 +309,7 @@ def test_generate_dataset_refuses_a_non_empty_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("slices_max", 201),
+        ("slices_max", 601),
         ("slices_min", 3),
         ("slices_min", 60),  # > slices_max
         ("image_size", 16),
@@ -305,6 +319,12 @@ def test_generate_dataset_refuses_a_non_empty_folder(tmp_path: Path) -> None:
         ("patients_per_class", (1, -1, 1)),
         ("patients_per_class", (1, 1)),
         ("seed", -1),
+        ("labelled_per_class", (1, 1, 1)),  # Normal patients have no slice labels
+        ("labelled_per_class", (21, 0, 0)),  # more than the 20 COVID-19 patients
+        ("labelled_per_class", (1, 1)),
+        ("labelled_per_class", (1, -1, 0)),
+        ("workers", 0),
+        ("workers", 1.5),
     ],
 )
 def test_bad_spec_raises_config_error_naming_the_key(field: str, value: object) -> None:
@@ -325,7 +345,8 @@ def test_patient_shift_zero_keeps_the_hash_and_a_shift_moves_each_patients_hu() 
 
     from covidct.data.synthetic.spec import GENERATOR_VERSION
 
-    old = {k: v for k, v in asdict(TINY).items() if k != "patient_shift"}  # the payload before the field
+    new_fields = ("patient_shift", "labelled_per_class", "workers")
+    old = {k: v for k, v in asdict(TINY).items() if k not in new_fields}  # the payload before these fields
     payload = json.dumps({**old, "generator_version": GENERATOR_VERSION}, sort_keys=True)
     assert spec_hash(TINY) == hashlib.sha256(payload.encode()).hexdigest()[:12]
     shifted = replace(TINY, patient_shift=100)
@@ -345,3 +366,244 @@ def test_patient_shift_zero_keeps_the_hash_and_a_shift_moves_each_patients_hu() 
 def test_equal_specs_share_a_hash_whatever_the_number_types() -> None:
     assert spec_hash(SyntheticSpec(labelled_fraction=1)) == spec_hash(SyntheticSpec(labelled_fraction=1.0))
     assert spec_hash(SyntheticSpec(patients_per_class=[20, 20, 20])) == spec_hash(SyntheticSpec())  # type: ignore[arg-type]
+
+
+# ---- the real dataset's size: experiment=full_scale, per-class labels, parallel and resumable generation ----
+
+#: every storage variant, labelled patients per class, a scanner per patient; 7 patients at 64 px
+SCALED = SyntheticSpec(
+    patients_per_class=(3, 2, 2),
+    slices_min=12,
+    slices_max=20,
+    image_size=64,
+    labelled_per_class=(2, 1, 0),
+    compressed_fraction=0.4,
+    rle_fraction=0.3,
+    signed_fraction=0.5,
+    patient_shift=50,
+    seed=4,
+    workers=1,
+)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``root``."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_specs_keep_their_dataset_folder_names() -> None:
+    # the hashes of these specs before labelled_per_class and workers existed: their cached datasets stay valid
+    assert spec_hash(SyntheticSpec()) == "bd97b319ef77"  # the demo's 60 patients
+    assert spec_hash(SyntheticSpec(patients_per_class=(40, 40, 40), patient_shift=300)) == "8f9bd81a4c59"
+    assert spec_hash(SPEC) == "6f60a0c6e358" and spec_hash(TINY) == "6bcc44b77db0"
+    # ... and the YAML still gives them: the default data group and experiment=patient_shift
+    conf = OmegaConf.load(REPO / "conf" / "data" / "synthetic.yaml").synthetic
+    shift = OmegaConf.merge(conf, OmegaConf.load(REPO / "conf" / "experiment" / "patient_shift.yaml").data.synthetic)
+    for node, expected in ((conf, "bd97b319ef77"), (shift, "8f9bd81a4c59")):
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in OmegaConf.to_container(node).items()}
+        assert spec_hash(SyntheticSpec(**fields)) == expected
+    # workers is how, not what; labelled_per_class is part of what
+    assert spec_hash(replace(SPEC, workers=1)) == spec_hash(replace(SPEC, workers=7)) == spec_hash(SPEC)
+    assert spec_hash(replace(SPEC, labelled_per_class=(2, 2, 0))) != spec_hash(SPEC)
+
+
+def test_full_scale_experiment_has_the_real_datasets_shape(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["experiment=full_scale"])
+    syn = cfg.data.synthetic
+    assert list(syn.patients_per_class) == [169, 60, 76] and list(syn.labelled_per_class) == [54, 25, 0]
+    assert (syn.image_size, syn.slices_min, syn.slices_max) == (512, 130, 300)
+    assert syn.patient_shift > 0 and 0 < syn.compressed_fraction < 1 and syn.workers >= 1
+    assert cfg.model.backbone == "resnet18" and not cfg.model.pretrained  # the demo's model, on a CPU
+    assert (cfg.data.image_size, cfg.trainer.max_epochs, cfg.data.label_mode) == (128, 1, "paper")
+    spec = SyntheticSpec(**{k: tuple(v) if OmegaConf.is_list(v) else v for k, v in syn.items()})
+    plans = plan_patients(spec)
+    assert [sum(p.label == c for p in plans) for c in range(3)] == [169, 60, 76]
+    assert [sum(p.labelled and p.label == c for p in plans) for c in range(3)] == [54, 25, 0]
+    assert {p.transfer_syntax for p in plans} == {JPEGLosslessSV1, RLELossless, ExplicitVRLittleEndian}
+    lengths = [patient_slices(spec, p.label, p.number) for p in plans]
+    assert 130 <= min(lengths) and max(lengths) <= 300 and 200 < np.mean(lengths) < 230
+    needed, slices = estimate_disk(spec)
+    assert slices == sum(lengths) and 20e9 < needed < 40e9  # ~65,500 slices of 512 x 512
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("scaled") / "root", SCALED, progress=False)
+
+
+def test_labelled_per_class_labels_the_first_patients_of_each_class(scaled: Path) -> None:
+    _, *rows = index_rows(scaled)
+    assert [r[3] for r in rows] == ["P001", "P002", "cap001"]  # 2 COVID-19, 1 CAP, no Normal
+    labels = read_slice_labels(scaled)
+    assert sorted(labels) == ["P001", "P002", "cap001"]
+    for plan in plan_patients(SCALED):
+        n = len(list(patient_folder(scaled, plan.label, plan.patient_id).glob("*.dcm")))
+        assert SCALED.slices_min <= n <= SCALED.slices_max and n == patient_slices(SCALED, plan.label, plan.number)
+        if plan.labelled:
+            assert labels[plan.patient_id][:n].any() and not labels[plan.patient_id][n:].any()
+    assert SyntheticSpec(labelled_per_class=[0, 20, 0]).labelled_per_class == (0, 20, 0)  # type: ignore[arg-type]
+
+
+def test_series_longer_than_200_slices_widen_the_label_array(tmp_path: Path) -> None:
+    spec = SyntheticSpec(patients_per_class=(1, 1, 1), slices_min=230, slices_max=240, image_size=32, seed=2)
+    root = generate_dataset(tmp_path / "root", spec, progress=False)
+    labels = np.load(root / "Slice-level-labels.npy")
+    lengths = [patient_slices(spec, label, 1) for label in (0, 1)]
+    assert labels.shape == (2, max(lengths))  # at least 200 columns, as the real array, and every slice
+    for row, n in zip(read_slice_labels(root).values(), lengths, strict=True):
+        assert row[:n].any() and not row[n:].any()
+
+
+def test_the_number_of_workers_does_not_change_a_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pools: list[int] = []
+    real_pool = generation.worker_pool
+    monkeypatch.setattr(generation, "worker_pool", lambda n, *a: pools.append(n) or real_pool(n, *a))
+    one = ensure_dataset(tmp_path / "one", SCALED, progress=False)
+    assert pools == []  # workers=1: this process
+    two = ensure_dataset(tmp_path / "two", replace(SCALED, workers=2), progress=False)
+    assert pools == [2], "the patients were made by 2 processes"
+    assert one.name == two.name
+    assert tree_bytes(one) == tree_bytes(two)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_an_interrupted_generation_resumes_with_the_patients_not_yet_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scaled: Path
+) -> None:
+    spec = replace(SCALED, workers=2)
+    root = tmp_path / f"synthetic-{spec_hash(spec)}"
+    work = work_folder(root)
+    real_write = generation.write_series
+
+    def write_then_crash_on_cap002(folder: Path, *args: object) -> None:
+        real_write(folder, *args)
+        if folder.name == "cap002":
+            raise RuntimeError("interrupted")  # e.g. a full disk, Ctrl-C: the slices written so far stay
+
+    monkeypatch.setattr(generation, "write_series", write_then_crash_on_cap002)  # the forked workers too
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ensure_dataset(tmp_path, spec, progress=False)
+    monkeypatch.setattr(generation, "write_series", real_write)
+    assert not root.exists() and not is_complete(root)
+    done = sorted(p.name for p in (work / "dataset").glob("*/*"))
+    assert "cap002" not in done and [p.name for p in work.glob("tmp-*")] == [], "the scratch folder is removed"
+    assert not (work / "dataset" / "Index.csv").exists()
+    # a killed generation leaves its half-written patient in its scratch folder; and a finished patient is lost
+    killed = work / f"tmp-{socket.gethostname()}-{dead_pid()}-x1y2"
+    (killed / "P003").mkdir(parents=True)
+    (killed / "P003" / "half.dcm").write_bytes(b"\0" * 100)
+    live = work / f"tmp-{socket.gethostname()}-{os.getpid()}-busy"  # a live process's: left alone
+    live.mkdir()
+    lost = done.pop(0)
+    shutil.rmtree(next((work / "dataset").glob(f"*/{lost}")))
+    before = {pid: mtimes(next((work / "dataset").glob(f"*/{pid}"))) for pid in done}
+
+    made: list[str] = []
+    real_make = generation._make_patient
+
+    def make_and_record(work: Path, scratch: Path, spec: SyntheticSpec, plan: object) -> None:
+        made.append(plan.patient_id)  # type: ignore[attr-defined]
+        assert not killed.exists() and live.is_dir(), "a dead process's scratch folder is removed first"
+        real_make(work, scratch, spec, plan)
+
+    monkeypatch.setattr(generation, "_make_patient", make_and_record)
+    assert ensure_dataset(tmp_path, replace(spec, workers=1), progress=False) == root  # the same dataset
+    assert is_complete(root) and not work.exists() and not killed.exists()
+    everyone = [p.patient_id for p in plan_patients(spec)]
+    assert sorted(made) == sorted(set(everyone) - set(done)) and lost in made and "cap002" in made
+    for pid, times in before.items():  # the finished patients were not written again
+        assert mtimes(next(root.glob(f"*/{pid}"))) == times, pid
+    assert tree_bytes(root) == tree_bytes(scaled), "the same files as a generation in one go"
+
+
+def test_an_unfinished_generation_of_another_spec_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = generation.write_series
+
+    def crash_on_cap001(folder: Path, *args: object) -> None:
+        if folder.name == "cap001":
+            raise RuntimeError("interrupted")
+        real_write(folder, *args)
+
+    monkeypatch.setattr(generation, "write_series", crash_on_cap001)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate_dataset(tmp_path / "root", replace(TINY, workers=1), progress=False)
+    monkeypatch.setattr(generation, "write_series", real_write)
+    assert (work_folder(tmp_path / "root") / "dataset" / "COVID-19 subjects" / "P001").is_dir()
+    other = replace(TINY, seed=6)  # the same folder name, another dataset: its P001 is not the seed-5 one
+    root = generate_dataset(tmp_path / "root", other, progress=False)
+    assert tree_bytes(root) == tree_bytes(generate_dataset(tmp_path / "fresh", other, progress=False))
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_patients_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full_at_cap001(folder: Path, *args: object) -> None:
+        if folder.name == "cap001":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(folder, *args)
+
+    real_write = generation.write_series
+    monkeypatch.setattr(generation, "write_series", disk_full_at_cap001)
+    with pytest.raises(DataError, match=r"disk filled up.*paths\.cache_dir.*rerun"):
+        ensure_dataset(tmp_path, replace(TINY, workers=1), progress=False)
+    root = tmp_path / f"synthetic-{spec_hash(TINY)}"
+    assert (work_folder(root) / "dataset" / "COVID-19 subjects" / "P001").is_dir() and not root.exists()
+
+
+def test_two_callers_at_once_share_the_work_and_both_get_the_dataset(tmp_path: Path) -> None:
+    spec = replace(TINY, workers=1)
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            results.append(ensure_dataset(tmp_path / "cache", spec, progress=False))
+        except BaseException as exc:  # any error, reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    root = tmp_path / "cache" / f"synthetic-{spec_hash(spec)}"
+    assert errors == [] and results == [root, root] and is_complete(root)
+    assert tree_bytes(root) == tree_bytes(generate_dataset(tmp_path / "alone", spec, progress=False))
+
+
+def test_a_disk_too_small_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scaled: Path
+) -> None:
+    needed, slices = estimate_disk(SCALED)
+    on_disk = sum(p.stat().st_size for p in scaled.rglob("*.dcm"))
+    assert on_disk <= needed <= 2 * on_disk, "an upper bound, not a wild one"
+    assert slices == sum(len(list(folder.glob("*.dcm"))) for folder in scaled.glob("*/*"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=needed - 1))
+    with pytest.raises(DataError) as refused:
+        ensure_dataset(tmp_path, SCALED, progress=False)
+    message = str(refused.value)
+    assert str(tmp_path) in message and "paths.cache_dir" in message and "data.synthetic.patients_per_class" in message
+    assert f"{needed / 1e6:.1f} MB" in message and f"{(needed - 1) / 1e6:.1f} MB free" in message
+    assert f"{slices} slices of 64 x 64 px" in message
+    root = tmp_path / f"synthetic-{spec_hash(SCALED)}"
+    assert not root.exists() and list((work_folder(root) / "dataset").iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=needed))
+    assert is_complete(ensure_dataset(tmp_path, SCALED, progress=False))
+
+
+def test_generation_shows_a_progress_bar_over_patients(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    generate_dataset(tmp_path / "root", TINY)
+    err = capsys.readouterr().err
+    assert "synthetic data" in err and "3/3" in err and "patient" in err
+    generate_dataset(tmp_path / "quiet", TINY, progress=False)
+    assert "synthetic data" not in capsys.readouterr().err

@@ -7,8 +7,9 @@ Layout and label files follow the real dataset (see ``DESIGN.md``)::
     <root>/Cap subjects/cap001/...
     <root>/Normal subjects/normal001/...
     <root>/Index.csv               Label Index,Diagnosis,Relative Path,Folder/ID (labelled COVID-19, CAP)
-    <root>/Slice-level-labels.npy  int32 (n_index_rows, 200); row r = r-th data row of Index.csv,
-                                   column i = i-th slice by SliceLocation descending (head first)
+    <root>/Slice-level-labels.npy  int32 (n_index_rows, 200, or the longest labelled series if longer);
+                                   row r = r-th data row of Index.csv, column i = i-th slice by
+                                   SliceLocation descending (head first)
     <root>/README.txt
 
 Each patient is a numpy chest phantom in HU (:func:`make_phantom`): body with a fat rim, ribs,
@@ -24,7 +25,10 @@ written by :func:`encode_jpeg_lossless`, since pydicom cannot encode it), some R
 InstanceNumber follows the acquisition direction, which is feet-to-head in some series, so only
 SliceLocation / ImagePositionPatient give the head-first order.
 
-Everything derives from ``SyntheticSpec.seed``: the same spec gives the same files, pixels and labels.
+Everything derives from ``SyntheticSpec.seed``: the same spec gives the same files, pixels and labels,
+whatever the number of processes that make the patients (``SyntheticSpec.workers``). Generation resumes
+after an interruption and checks the free disk first (:mod:`~.dataset`); ``experiment=full_scale`` makes
+one of the real dataset's size.
 
 Modules, each with one job: :mod:`~.spec` (what to generate, its hash), :mod:`~.dataset` (the
 folder on disk, the cache, the label files), :mod:`~.patients` (who is in it and how each series is
@@ -36,6 +40,7 @@ from covidct.data.synthetic.dataset import (
     CLASS_FOLDERS,
     COMPLETE_MARKER,
     ensure_dataset,
+    estimate_disk,
     generate_dataset,
     is_complete,
 )
@@ -55,6 +60,7 @@ __all__ = [
     "SyntheticSpec",
     "encode_jpeg_lossless",
     "ensure_dataset",
+    "estimate_disk",
     "generate_dataset",
     "is_complete",
     "make_phantom",

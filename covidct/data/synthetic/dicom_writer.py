@@ -38,7 +38,6 @@ def write_series(folder: Path, phantom: Phantom, plan: PatientPlan, spec: Synthe
     ds.PixelSpacing = [round(phantom.pixel_spacing, 6)] * 2
     ds.SliceThickness = phantom.slice_spacing
     corner = round(-(size - 1) / 2 * phantom.pixel_spacing, 4)
-    stored = _to_stored(phantom.hu, plan.signed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):  # one dataset, updated per slice: much faster than building 50 tags per file
         z = round(z_top - i * phantom.slice_spacing, 2)
@@ -46,7 +45,8 @@ def write_series(folder: Path, phantom: Phantom, plan: PatientPlan, spec: Synthe
         ds.InstanceNumber = n - i if feet_first else i + 1
         ds.SliceLocation = z
         ds.ImagePositionPatient = [corner, corner, z]
-        ds.PixelData = _encode(stored[i], ds, plan.transfer_syntax)
+        stored = _to_stored(phantom.hu[i], plan.signed)  # slice by slice: no second copy of the volume
+        ds.PixelData = _encode(stored, ds, plan.transfer_syntax)
         ds.save_as(folder / f"{prefix}_{file_numbers[i]}.dcm", enforce_file_format=True)
 
 
@@ -57,7 +57,7 @@ def _uid_factory(spec: SyntheticSpec, plan: PatientPlan) -> Callable[[str], str]
 
 
 def _to_stored(hu: np.ndarray, signed: bool) -> np.ndarray:
-    """HU -> stored values (stored = HU + 1024): int16, or uint16 clipped to 12 bits."""
+    """HU -> stored values (stored = HU + 1024): int16, or uint16 clipped to 12 bits (any shape)."""
     stored = np.rint(hu) - _INTERCEPT
     if signed:
         return np.clip(stored, -32768, 32767).astype(np.int16)

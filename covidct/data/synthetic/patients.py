@@ -43,9 +43,7 @@ def plan_patients(spec: SyntheticSpec) -> list[PatientPlan]:
     jpeg, others = set(order[:n_jpeg]), order[n_jpeg:]
     rle = {others[i] for i in rng.permutation(len(others))[: _count(spec.rle_fraction, len(others))]}
     signed = {others[i] for i in rng.permutation(len(others))[: _count(spec.signed_fraction, len(others))]}
-    n_labelled = [
-        _count(spec.labelled_fraction, n) if label < 2 else 0 for label, n in enumerate(spec.patients_per_class)
-    ]
+    n_labelled = labelled_counts(spec)
     plans = []
     for key in keys:
         syntax = JPEGLosslessSV1 if key in jpeg else RLELossless if key in rle else ExplicitVRLittleEndian
@@ -54,12 +52,30 @@ def plan_patients(spec: SyntheticSpec) -> list[PatientPlan]:
     return plans
 
 
+def labelled_counts(spec: SyntheticSpec) -> list[int]:
+    """Slice-labelled patients of each class: ``labelled_per_class``, else ``labelled_fraction`` of the
+    COVID-19 and CAP patients (never Normal ones)."""
+    if spec.labelled_per_class is not None:
+        return list(spec.labelled_per_class)
+    return [_count(spec.labelled_fraction, n) if label < 2 else 0 for label, n in enumerate(spec.patients_per_class)]
+
+
+def patient_slices(spec: SyntheticSpec, label: int, number: int) -> int:
+    """The number of slices of patient ``number`` of class ``label`` (the first draw of its phantom), at
+    no cost: to size a dataset before it is generated."""
+    return _draw_slices(np.random.default_rng([spec.seed, label, number]), spec)
+
+
+def _draw_slices(rng: np.random.Generator, spec: SyntheticSpec) -> int:
+    return int(rng.integers(spec.slices_min, spec.slices_max + 1))
+
+
 def patient_phantom(spec: SyntheticSpec, label: int, number: int) -> Phantom:
     """The phantom of patient ``number`` (1-based) of class ``label``: depends on the seed, not on
     the other patients; with ``spec.patient_shift`` > 0, seen through a scanner of its own
     (:func:`scanner_shift`)."""
     rng = np.random.default_rng([spec.seed, label, number])
-    n_slices = int(rng.integers(spec.slices_min, spec.slices_max + 1))
+    n_slices = _draw_slices(rng, spec)
     phantom = make_phantom(rng, n_slices, spec.image_size, CLASS_NAMES[label])
     if spec.patient_shift:
         scanner_shift(np.random.default_rng([spec.seed, label, number, 11]), phantom.hu, spec.patient_shift)
