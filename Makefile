@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint train predict-demo two-stage-demo bench bench-predict bench-gpu clean
+.PHONY: help install test test-fast lint train predict-demo two-stage-demo bench bench-predict bench-gpu bench-growth clean
 
 help:  ## this list: every target and what it does
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -53,3 +53,5 @@ clean:  ## run outputs and caches (generated data too); keeps the venv
 
 bench:  ## where the time goes: loader, cache build, framework, memory, inference ratios (bench.json)
 	$(BIN)/python -m covidct.bench $(ARGS)
+bench-growth:  ## every stage at 1x, 2x, 4x the patients: s/patient 4x vs 1x (<= 1.15x), peak RSS (bench.json)
+	$(BIN)/python -m covidct.bench 'bench.rows=[growth]' $(ARGS)

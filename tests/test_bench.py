@@ -97,6 +97,72 @@ def test_rows_selects_rows_and_names_unknown_ones(tmp_path):
         run_bench(bad.bench, tmp_path / "out2")
 
 
+@pytest.mark.slow
+def test_growth_row_runs_every_stage_at_three_sizes_and_computes_its_ratios_from_the_recorded_times(tmp_path):
+    """bench.rows=[growth] at the tiniest size, in this process: every stage at 1x, 2x and 4x the patients with
+    positive times and peak RSS, seconds per patient and the 4x/1x ratio as defined (checked from the recorded
+    seconds and patients), in bench.json, the rows and the printed table (NO where over the target). No timing
+    is asserted."""
+    from covidct.bench.growth import FACTORS, STAGES, TARGET
+
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose(
+            "bench",
+            overrides=[
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                "bench.rows=[growth]",
+                "bench.growth.base_patients_per_class=2",
+                "bench.growth.slices=6",
+                "bench.growth.image_size=32",
+                "bench.growth.input_size=32",
+                "bench.growth.warm_up=false",
+            ],
+        )
+    extra: dict = {}
+    rows = run_bench(cfg.bench, tmp_path / "out", extra)
+    assert FACTORS == (1, 2, 4) and [r.name for r in rows] == [f"growth {s}" for s in STAGES]
+    growth = json.loads((tmp_path / "out" / "bench.json").read_text())["growth"]
+    assert growth["factors"] == [1, 2, 4] and growth["base_patients_per_class"] == [2, 2, 2]
+    assert (growth["repeats"], growth["threads"], growth["target"]) == (1, 1, TARGET)
+    stages = {g["stage"]: g for g in growth["stages"]}
+    assert list(stages) == list(STAGES)
+    for name, g in stages.items():
+        assert g["per"] == STAGES[name][0]
+        for key in ("patients", "slices", "seconds", "peak_rss_mib", "s_per_patient"):
+            assert len(g[key]) == 3, (name, key)
+        assert all(s > 0 for s in g["seconds"]) and all(r > 0 for r in g["peak_rss_mib"]), name
+        assert g["slices"] == [6 * p for p in g["patients"]], name  # every slice kept (data.min_slices 5)
+        per = [s / p for s, p in zip(g["seconds"], g["patients"], strict=True)]
+        assert g["s_per_patient"] == pytest.approx(per, rel=1e-12), name
+        assert g["ratio"] == pytest.approx(per[2] / per[0], rel=1e-12) and g["ok"] == (g["ratio"] <= TARGET), name
+    for name in ("generate", "cache", "predict"):
+        assert stages[name]["patients"] == [6, 12, 24], name
+    for i in range(3):  # the split: training + validation patients are all of them, at every size
+        assert stages["train_epoch"]["patients"][i] + stages["validate"]["patients"][i] == 6 * 2**i
+    assert stages["vote"]["patients"] == stages["validate"]["patients"] == stages["report"]["patients"]
+    for row, g in zip(rows, stages.values(), strict=True):
+        assert row.ratio == pytest.approx(g["ratio"]) and row.ok == g["ok"] and row.target == f"<= {TARGET}x"
+    lines = extra["growth_table"].splitlines()
+    assert len(lines) == 1 + len(STAGES)
+    for line, g in zip(lines[1:], stages.values(), strict=True):
+        cells = line.split()
+        assert cells[0] == g["stage"] and f"{g['ratio']:.3g}x" in cells and ("NO" in cells) == (not g["ok"])
+
+
+def test_growth_table_flags_a_stage_over_the_target():
+    from covidct.bench.growth import StageGrowth, format_growth
+
+    linear = StageGrowth("cache", "all", "", [3, 6, 12], [30, 60, 120], [1.0, 2.0, 4.0], [900.0, 910.0, 930.0])
+    square = StageGrowth("vote", "val", "", [2, 4, 8], [20, 40, 80], [1.0, 4.0, 16.0], [900.0, 900.0, 901.0])
+    assert linear.s_per_patient == [1 / 3, 1 / 3, 1 / 3] and linear.ratio == pytest.approx(1.0) and linear.ok
+    assert square.s_per_patient == [0.5, 1.0, 2.0] and square.ratio == 4.0 and not square.ok
+    table = format_growth([linear, square]).splitlines()
+    assert table[1].split()[0] == "cache" and "yes" in table[1].split() and "900/910/930" in table[1]
+    assert table[2].split()[0] == "vote" and "4x" in table[2].split() and "NO" in table[2].split()
+    assert "peak RSS MiB" in table[0] and "4x/1x" in table[0]
+
+
 IMPORT_PROBE = textwrap.dedent("""
     import json, logging, os, sys, warnings
     import covidct  # the package's own import is not the bench's doing
@@ -111,6 +177,7 @@ IMPORT_PROBE = textwrap.dedent("""
     before, modules = state(), set(sys.modules)
     import covidct.bench.framework, covidct.bench.predict  # and the row modules they import when run:
     import covidct.bench.deployment, covidct.bench.gpu, covidct.bench.loading, covidct.bench.training
+    import covidct.bench.growth
     after = state()
     changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
     if "environ" in changed:
@@ -136,6 +203,7 @@ def test_importing_the_bench_modules_only_defines_things():
     [
         ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
         ("covidct.bench", ["bench.framework.backbone=vgg61"], "bench.framework.backbone='vgg61' is not known"),
+        ("covidct.bench", ["bench.rows=[growth]", "bench.growth.slices=3"], "bench.growth.slices=3 must be"),
         ("covidct.bench.predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
         ("covidct.bench.predict", [], "input not set"),
     ],

@@ -11,15 +11,17 @@ is shared and noisy: only ratios measured side by side mean anything) and report
    their disk writes are the same in any loop) vs a hand-written PyTorch loop over the same
    batches, model and optimizer;
 4. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
-5. inference: predict.py per patient vs a bare forward over the same slices.
+5. inference: predict.py per patient vs a bare forward over the same slices;
+6. growth (not in the default rows: ``make bench-growth``): every pipeline stage at 1x, 2x and 4x a base patient
+   count, seconds per patient at 4x vs 1x (:mod:`covidct.bench.growth`).
 
 Data rows use the synthetic generator at real size (512 x 512, JPEG Lossless); rows marked "real"
 use the 3-patient COVID-CT-MD sample. Results: a table on stdout and ``<run dir>/bench.json``.
 
 This module runs the rows and writes the report; the rows are measured in :mod:`covidct.bench.loading`
-(1, 2), :mod:`covidct.bench.training` (3, 4) and :mod:`covidct.bench.predict` (5). Importing it only defines
-things: each row imports the libraries it needs, and the process setup (environment, resolvers) happens in
-:func:`main`.
+(1, 2), :mod:`covidct.bench.training` (3, 4), :mod:`covidct.bench.predict` (5) and :mod:`covidct.bench.growth`
+(6). Importing it only defines things: each row imports the libraries it needs, and the process setup
+(environment, resolvers) happens in :func:`main`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
     from covidct.data.preprocess import SlicePreprocessor
 
 log = logging.getLogger("bench")
-BENCH_ROWS = ("loader", "cache_build", "cache_lung_crop", "framework", "memory", "inference")
+BENCH_ROWS = ("loader", "cache_build", "cache_lung_crop", "framework", "memory", "inference", "growth")
 
 
 def environment() -> dict[str, Any]:
@@ -87,10 +89,15 @@ def check_bench(cfg: DictConfig) -> None:
     for row in ("framework", "inference"):
         if row in rows:
             check_backbone(f"bench.{row}.backbone", cfg[row].backbone)
+    if "growth" in rows:
+        from covidct.bench.growth import check_growth
+
+        check_growth(cfg.growth)
 
 
-def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
-    """All rows for ``cfg`` (the ``bench`` node); writes ``bench.json`` into ``output_dir``."""
+def run_bench(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None = None) -> list[Row]:
+    """All rows for ``cfg`` (the ``bench`` node); writes ``bench.json`` into ``output_dir``. ``extra`` (when given)
+    receives the sections ``bench.json`` has beside the rows (``growth``, ``growth_table``)."""
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
 
     check_bench(cfg)
@@ -98,8 +105,15 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix="covidct-bench-"))
     started = time.perf_counter()
     rows: list[Row] = []
+    extra = {} if extra is None else extra
     try:
-        steps = [(name, step) for name, step in bench_steps(cfg, pre, work) if row_key(name) in cfg.rows]
+        steps = []
+        if set(cfg.rows) - {"growth"}:  # their data is generated first; growth makes its own
+            steps = [(name, step) for name, step in bench_steps(cfg, pre, work) if row_key(name) in cfg.rows]
+        if "growth" in cfg.rows:
+            from covidct.bench.growth import growth_rows
+
+            steps.append(("growth", lambda: growth_rows(cfg.growth, work / "growth", extra)))
         for name, step in steps:
             log.info("Measuring %s ...", name)
             new = step()
@@ -109,6 +123,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> list[Row]:
         shutil.rmtree(work, ignore_errors=True)
     report = {
         "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+        **{k: v for k, v in extra.items() if k != "growth_table"},
         "environment": environment(),
         "bench": OmegaConf.to_container(cfg, resolve=True),
         "seconds": round(time.perf_counter() - started, 1),
@@ -176,8 +191,9 @@ def bench_steps(cfg: DictConfig, pre: SlicePreprocessor, work: Path) -> list[tup
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def bench_app(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
+    extra: dict[str, Any] = {}
     try:
-        rows = run_bench(cfg.bench, output_dir)
+        rows = run_bench(cfg.bench, output_dir, extra)
     except CovidCTError as exc:
         log.error("%s", exc)
         sys.exit(1)  # noqa: B904 (the message names the key; no traceback for user errors)
@@ -187,6 +203,8 @@ def bench_app(cfg: DictConfig) -> None:
         f"A/B measured side by side in this run"
     )
     print(format_rows(rows))
+    if "growth_table" in extra:
+        print(f"growth: each stage at 1x, 2x, 4x the patients; s/patient 4x over 1x\n{extra['growth_table']}")
     print(f"figures: {output_dir / 'bench.json'}")
 
 

@@ -1,8 +1,11 @@
-"""What every benchmark row shares: timing (:func:`timed`, :func:`best_of`), the A-vs-B :class:`Row` of
-``make bench`` and its text table, and the backbone check of both command lines. Imports nothing heavy."""
+"""What every benchmark row shares: timing (:func:`timed`, :func:`best_of`), this process's peak RSS since a
+reset (:func:`reset_peak_rss`, :func:`peak_rss_mib`), the A-vs-B :class:`Row` of ``make bench`` and its text
+table, and the backbone check of both command lines. Imports nothing heavy."""
 
 from __future__ import annotations
 
+import re
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +50,31 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux: ``5`` into ``/proc/self/clear_refs``, which
+    resets ``VmHWM`` and ``ru_maxrss``); False where it cannot be (the peak is then the process's since it
+    started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (MiB) since it started or since :func:`reset_peak_rss`; its
+    child processes (DataLoader or cache workers) are not in it."""
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
+        if found:
+            return int(found.group(1)) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def check_backbone(key: str, name: str) -> None:
