@@ -112,19 +112,35 @@ def to_hounsfield(ds: pydicom.Dataset) -> np.ndarray:
     return hounsfield.to_hounsfield(ds, stored)
 
 
+_logs_off_depth = 0  # how many _pydicom_logs_off blocks are open (one process reads one series at a time)
+
+
+@contextmanager
+def _pydicom_logs_off() -> Iterator[None]:
+    """pydicom's log records off (its logger's level above CRITICAL; its child loggers inherit it), re-entrant:
+    the level is set once for a whole series, not per file (setting a level clears every logger's cache, which
+    cost ~8% of predict's time when done four times a slice)."""
+    global _logs_off_depth
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    if _logs_off_depth == 0:
+        logger.setLevel(logging.CRITICAL + 1)
+    _logs_off_depth += 1
+    try:
+        yield
+    finally:
+        _logs_off_depth -= 1
+        if _logs_off_depth == 0:
+            logger.setLevel(level)
+
+
 @contextmanager
 def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """Silence pydicom's own log records and warnings (collected in the yielded list) while reading
     one file: every problem is reported once, by the caller, as the file's skip reason."""
-    logger = logging.getLogger("pydicom")  # its child loggers (pixels.decoders.base, ...) inherit the level
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield caught
-    finally:
-        logger.setLevel(level)
+    with _pydicom_logs_off(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 
 def list_files(folder: Path) -> list[Path]:
@@ -305,6 +321,7 @@ def _drop_odd_sizes(decoded: list[_SeriesFile]) -> None:
             )
 
 
+@_pydicom_logs_off()
 def read_series(
     folder: str | Path,
     convert: Callable[[np.ndarray], T] = lambda hu: hu,  # type: ignore[assignment,return-value]

@@ -298,14 +298,23 @@ def find_shared_series(patients: Sequence[tuple[str, str, str]]) -> str:
     each; an empty UID or digest matches nothing (unknown)."""
     seen: dict[tuple[str, str], str] = {}
     for pid, uid, digest in patients:
-        for key in (("SeriesInstanceUID", uid), ("SOPInstanceUIDs", digest)):
-            if not key[1]:
-                continue
-            if key in seen and seen[key] != pid:
-                what = f"SeriesInstanceUID {uid}" if key[0] == "SeriesInstanceUID" else "the same SOPInstanceUIDs"
-                return (
-                    f"patients {seen[key]!r} and {pid!r} hold one series ({what}): a copy or a link under two ids "
-                    "would be trained and validated on, or called twice. Keep one of the folders"
-                )
-            seen.setdefault(key, pid)
+        if shared := add_series(seen, pid, uid, digest):
+            return shared
+    return ""
+
+
+def add_series(seen: dict[tuple[str, str], str], pid: str, uid: str, digest: str) -> str:
+    """Record patient ``pid``'s series (SeriesInstanceUID ``uid``, SOP digest ``digest``) in ``seen`` and return
+    "", or why an earlier patient of ``seen`` holds the same series (then ``seen`` is left as it was). O(1) a
+    patient, so a test set is checked in one pass."""
+    keys = [key for key in (("SeriesInstanceUID", uid), ("SOPInstanceUIDs", digest)) if key[1]]
+    for key in keys:
+        if key in seen and seen[key] != pid:
+            what = f"SeriesInstanceUID {uid}" if key[0] == "SeriesInstanceUID" else "the same SOPInstanceUIDs"
+            return (
+                f"patients {seen[key]!r} and {pid!r} hold one series ({what}): a copy or a link under two ids "
+                "would be trained and validated on, or called twice. Keep one of the folders"
+            )
+    for key in keys:
+        seen.setdefault(key, pid)
     return ""

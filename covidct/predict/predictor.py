@@ -42,9 +42,9 @@ from covidct.data.labels import INFECTION_CLASSES
 from covidct.data.preprocess import SlicePreprocessor, parse_windows
 from covidct.data.series import (
     AUTO,
+    add_series,
     check_min_slices,
     check_series_rule,
-    find_shared_series,
     series_cells,
 )
 from covidct.errors import ConfigError
@@ -197,14 +197,11 @@ def read_test_set(
 def once_per_series(items: Iterator[dict]) -> Iterator[dict]:
     """``items`` as read, except a patient whose series (SeriesInstanceUID or SOP digest) an earlier patient of
     the test set already had: that one becomes an ``error`` item (a series is not called twice)."""
-    series_of: list[tuple[str, str, str]] = []  # (patient, SeriesInstanceUID, SOP digest) of the patients read
+    seen: dict[tuple[str, str], str] = {}  # (SeriesInstanceUID or SOP digest) -> the patient read with it
     for item in items:
         if "error" not in item:
-            pid = item["folder"].name
-            series_of.append((pid, str((item["series"] or {}).get("uid", "")), item["sop_digest"]))
-            shared = find_shared_series(series_of)
-            if shared:
-                series_of.pop()
+            uid = str((item["series"] or {}).get("uid", ""))
+            if shared := add_series(seen, item["folder"].name, uid, item["sop_digest"]):
                 item = {"folder": item["folder"], "error": f"{shared} (not called twice)"}
         yield item
 
