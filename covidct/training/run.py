@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
@@ -35,12 +35,19 @@ from covidct.contracts import (
 )
 from covidct.errors import ConfigError, CovidCTError
 from covidct.models.checkpoint import check_resume_settings, read_checkpoint
-from covidct.models.losses import auto_class_weights, class_weights_text
+from covidct.models.losses import auto_class_weights
 from covidct.patients.metrics import accuracy_interval
 from covidct.patients.rules import LEARNED_RULES, VOTE_RULES
 from covidct.training.callbacks.best_epoch import BestEpochCallback
 from covidct.training.callbacks.step_seed import StepSeed
-from covidct.training.privacy import instantiate_logger
+from covidct.training.run_logging import (
+    ClassWeightsLog,
+    build_loggers,
+    finish_wandb,
+    logged_config,
+    parameter_counts,
+    publish_best_epoch,
+)
 from covidct.training.sweep_summary import write_run_metrics
 
 log = logging.getLogger(__name__)
@@ -270,129 +277,6 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(newest) if newest else None
 
 
-def build_loggers(cfg: DictConfig, group: str | None, wandb_run_id: str | None = None) -> list[Logger]:
-    """The configured loggers; W&B continues run ``wandb_run_id`` (a resumed training's, from its checkpoint)."""
-    loggers = []
-    for name, conf in (cfg.get("logger") or {}).items():
-        if conf is None:
-            continue
-        extra: dict[str, Any] = {}
-        if conf._target_.endswith("WandbLogger"):
-            labels = run_labels(cfg)
-            extra = {
-                "group": conf.get("group") or group,
-                "name": conf.get("name") or "-".join([*labels, run_name(cfg, group)]),
-                "tags": list(dict.fromkeys([*(conf.get("tags") or []), *labels])),  # no repeats, in order
-            }
-            if wandb_run_id:
-                extra |= {"id": wandb_run_id, "resume": "allow"}
-        loggers.append(instantiate_logger(conf, cfg, **extra))  # W&B: with its patient-id pseudonymizer
-        log.info("Logger %s", name)
-    return loggers
-
-
-def run_name(cfg: DictConfig, group: str | None) -> str:
-    """The run folder's name (``<time>_<suffix>``; a multirun job: ``<sweep folder>-<job number>``): the end of
-    the W&B run's name (``<experiment>-<model>-<rule>-<this>``), so that a dashboard row leads to its folder."""
-    folder = Path(cfg.paths.output_dir).name
-    return f"{group}-{folder}" if group else folder
-
-
-def run_labels(cfg: DictConfig) -> tuple[str, str, str]:
-    """(experiment, model, rule) of the run, which name and tag its W&B run: the experiment config chosen
-    (``default`` without one), the model config (else ``model.backbone``) and ``vote.rule`` (a stage's name,
-    ``infection``, for a stage that votes no patients)."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    experiment = choices.get("experiment") or "default"
-    model = choices.get("model") or str(cfg.model.get("backbone", "model"))
-    rule = choices.get("stage") or str(cfg.vote.rule)
-    return str(experiment), str(model), str(rule)
-
-
-def parameter_counts(model: pl.LightningModule) -> dict[str, int]:
-    """``model/params/{total,trainable,non_trainable}``: the model's parameters, as lightning-hydra-template
-    records them in the loggers' config."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "model/params/total": total,
-        "model/params/trainable": trainable,
-        "model/params/non_trainable": total - trainable,
-    }
-
-
-def logged_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's config as loggers record it: resolved, without ``paths`` and ``hydra`` (this machine's
-    absolute folders, which differ between otherwise equal runs), plus ``experiment`` (its choice),
-    ``choices`` (every config group's) and ``overrides`` (the command line's), so that W&B can group and
-    compare runs by them."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
-    for machine_specific in ("paths", "hydra"):
-        config.pop(machine_specific, None)
-    choices: dict[str, Any] = {}
-    overrides: list[str] = []
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
-        overrides = list(hydra_cfg.overrides.task)
-    return config | {"experiment": choices.get("experiment"), "choices": choices, "overrides": overrides}
-
-
-def publish_best_epoch(loggers: list[Logger], result: TrainResult, tracked: BestEpochCallback | None = None) -> None:
-    """Every W&B run's summary := what ``metrics.json`` holds: the best epoch's metrics, its number, score
-    and checkpoint (W&B would otherwise keep the last epoch's values, which its runs table and sweep
-    comparisons show). With ``tracked`` (the run's :class:`BestEpochCallback`), ``epoch``,
-    ``trainer/global_step``, ``train/*`` and ``lr-*`` are the best epoch's too, and the last epoch's ``epoch``,
-    ``trainer/global_step``, ``lr-*``, ``train/*`` and ``val/*`` are under ``last/``; a last-epoch value with no
-    best-epoch one (a best epoch restored from an older checkpoint) leaves the summary."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    if result.best_epoch is None:
-        return
-    best = tracked.best if tracked is not None else None
-    training = best.training if best is not None and best.epoch == result.best_epoch else {}
-    last = tracked.last if tracked is not None else {}
-    checkpoint = Path(result.best_checkpoint)
-    summary = dict(result.metrics) | {"epoch": result.best_epoch} | training
-    summary |= {f"last/{k}": v for k, v in last.items()} | {
-        "best_epoch": result.best_epoch,
-        "score": result.score,
-        **(
-            {"score_ci_low": ci[0], "score_ci_high": ci[1], "n_patients": result.n_patients}
-            if (ci := result.score_ci)
-            else {}
-        ),
-        "best_checkpoint": str(checkpoint.relative_to(result.output_dir))
-        if checkpoint.is_relative_to(result.output_dir)
-        else str(checkpoint),
-    }
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.experiment.summary.update(summary)
-            for key in sorted(set(last) - set(summary)):  # the last epoch's value: under last/ only
-                del lg.experiment.summary[key]
-
-
-class ClassWeightsLog(pl.Callback):
-    """``loss.alpha=auto``: once, when fit starts (after the model's ``setup`` fitted them on the training
-    slices), the class weights to the console and as ``class_weights`` {class: weight} to every logger's
-    config (rank 0). Nothing for any other loss setting. ``metrics.json`` holds them too (:class:`TrainResult`)."""
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        weights = auto_class_weights(getattr(pl_module, "criterion", None), pl_module.hparams.class_names)
-        if weights is None or not trainer.is_global_zero:
-            return
-        counts = getattr(trainer.datamodule, "train_class_counts", None)
-        log.info(
-            "loss.alpha=auto: class weights %s (inverse training slices per class%s, summing to 1)",
-            class_weights_text(weights),
-            f": {', '.join(map(str, counts))}" if counts is not None else "",
-        )
-        for lg in trainer.loggers:
-            lg.log_hyperparams({"class_weights": weights})
-
-
 def validation_off(validates: bool, limit_val_batches: float | int | None) -> str:
     """Why no validation epoch runs, "" when they do: ``data.val_fraction=0`` (every patient trains) or
     ``trainer.limit_val_batches=0`` (the validation patients are held out, and never validated)."""
@@ -556,12 +440,3 @@ def compile_network(model: pl.LightningModule, settings: DictConfig) -> None:
     if settings.enabled:
         log.info("torch.compile(backend=%s, mode=%s) of the network", settings.backend, settings.mode)
         model.net.compile(backend=settings.backend, mode=settings.mode)
-
-
-def finish_wandb(failed: bool) -> None:
-    """Close the W&B run if one is open (marked failed when training did not finish)."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)

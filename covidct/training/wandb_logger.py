@@ -5,7 +5,7 @@ Every validation epoch the patient vote logs every rule's patient metrics (``rul
 workspace makes one line chart of each, so the configured rule's (also logged as ``val/patient/*``) would be
 lost among some 60 charts. This logger leaves the other rules' scalars out of the W&B history; the other
 loggers (CSV, TensorBoard) and ``metrics.json`` keep them all, W&B keeps them in the per-epoch ``rules/table``
-and, for the best epoch, in the run summary (:func:`covidct.training.run.publish_best_epoch`).
+and, for the best epoch, in the run summary (:func:`covidct.training.run_logging.publish_best_epoch`).
 
 (``define_metric(..., hidden=True)`` would keep the charts' data in W&B, but whether the workspace honours it is
 up to the W&B app, which has not always done so: wandb/wandb#8890.)
