@@ -234,6 +234,7 @@ def test_mil_is_not_scored_on_one_validation_patient(caplog):
         PatientVoteCallback("mil").decide(0, *args, embeddings=embeddings)
 
 
+@pytest.mark.slow  # four MIL cross-fits (~9 s on 2 cores): keeps make test-fast under a minute
 def test_mil_is_fitted_only_on_epochs_that_can_become_the_best():
     """With a fixed rule the head is fitted (six fits: the cross-fitted calls and the stored head) only when the
     epoch beats the best so far, the epochs whose checkpoint becomes the best; with vote.rule=mil every epoch."""
