@@ -250,6 +250,7 @@ def report(tmp_path_factory):
     return decide_validation(tmp_path_factory.mktemp("voted"))[4]
 
 
+@pytest.mark.slow  # seconds on 2 cores: keeps make test-fast under a minute
 def test_the_grad_cam_section_shows_every_wrong_call_on_the_slices_that_decided_it(report, tmp_path):
     written = write_report(cam_report(report), tmp_path)
     figures = CamFigures(written.html).figures

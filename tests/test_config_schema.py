@@ -192,6 +192,7 @@ def test_slurm_launcher_config(tmp_path):
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 1, 240)
 
 
+@pytest.mark.slow  # seconds on 2 cores: keeps make test-fast under a minute
 def test_cpu_trainer_takes_bf16_mixed_exactly_where_the_cpu_has_it_natively(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 

@@ -448,6 +448,7 @@ def test_labelled_per_class_labels_the_first_patients_of_each_class(scaled: Path
     assert SyntheticSpec(labelled_per_class=[0, 20, 0]).labelled_per_class == (0, 20, 0)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # seconds on 2 cores: keeps make test-fast under a minute
 def test_series_longer_than_200_slices_widen_the_label_array(tmp_path: Path) -> None:
     spec = SyntheticSpec(patients_per_class=(1, 1, 1), slices_min=230, slices_max=240, image_size=32, seed=2)
     root = generate_dataset(tmp_path / "root", spec, progress=False)
@@ -458,6 +459,7 @@ def test_series_longer_than_200_slices_widen_the_label_array(tmp_path: Path) -> 
         assert row[:n].any() and not row[n:].any()
 
 
+@pytest.mark.slow  # seconds on 2 cores: keeps make test-fast under a minute
 def test_the_number_of_workers_does_not_change_a_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pools: list[int] = []
     real_pool = generation.worker_pool
