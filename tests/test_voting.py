@@ -509,3 +509,21 @@ def test_vote_parameters_round_trip_through_the_checkpoint_state_and_the_sidecar
         0.42,
         1.7,
     )
+
+
+def test_leave_one_out_threshold_parameters_are_each_round_tuned_on_the_others():
+    """Each patient sorted once for every round: the same (slice_threshold, tau) as tuning each round on the other
+    patients' slices from scratch."""
+    from covidct.patients.tuning import leave_one_out_threshold_parameters, tune_threshold
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 12)
+    groups = []
+    for label in labels:
+        logits = rng.normal(size=(int(rng.integers(5, 40)), 3)) + np.eye(3)[label] * rng.uniform(0, 2)
+        groups.append(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    for fixed in ({}, {"tau": 0.3}, {"slice_threshold": 0.6}):
+        got = leave_one_out_threshold_parameters(groups, labels, **fixed)
+        for i in range(len(labels)):
+            others = [g for j, g in enumerate(groups) if j != i]
+            assert tuple(got[i]) == tune_threshold(others, np.delete(labels, i), **fixed)

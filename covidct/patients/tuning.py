@@ -14,7 +14,7 @@ import numpy as np
 
 from covidct.contracts import NORMAL_CLASS
 from covidct.patients.parameters import SLICE_THRESHOLD, TAU
-from covidct.patients.voting import infected_probability, threshold_calls, threshold_vote
+from covidct.patients.voting import calls_of_sorted, sorted_slices, threshold_vote
 
 #: slice thresholds tried by :func:`tune_threshold`, besides the quantiles of the validation slices' probabilities
 SLICE_THRESHOLDS: np.ndarray = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -39,16 +39,30 @@ def tune_threshold(
     for each, tau by :func:`tune_tau` on the patients' infected shares. Among equally accurate thresholds
     the median one is returned (away from the edges of the best range).
     """
+    return tune_sorted_threshold(
+        [sorted_slices(g, normal_class) for g in groups], labels, normal_class, slice_threshold, tau
+    )
+
+
+def tune_sorted_threshold(
+    prepared: Sequence[tuple[np.ndarray, np.ndarray]],
+    labels: np.ndarray,
+    normal_class: int = NORMAL_CLASS,
+    slice_threshold: float | None = None,
+    tau: float | None = None,
+) -> tuple[float, float]:
+    """:func:`tune_threshold` of patients prepared by :func:`~covidct.patients.voting.sorted_slices` (no sort:
+    the leave-one-out rounds prepare every patient once)."""
     labels = np.asarray(labels).reshape(-1)
-    if len(groups) != len(labels) or not len(labels):
-        raise ValueError(f"need one label per patient and at least one patient, got {len(groups)} and {len(labels)}")
+    if len(prepared) != len(labels) or not len(labels):
+        raise ValueError(f"need one label per patient and at least one patient, got {len(prepared)} and {len(labels)}")
     if slice_threshold is None:
-        scores = np.concatenate([infected_probability(g, normal_class) for g in groups])
+        scores = np.concatenate([infected for infected, _ in prepared])
         quantiles = np.quantile(scores, np.linspace(0.05, 0.95, 19))
         candidates = np.unique(np.concatenate([SLICE_THRESHOLDS, quantiles[quantiles < 1.0]]))
     else:
         candidates = np.asarray([slice_threshold], dtype=np.float64)
-    calls = [threshold_calls(g, candidates, normal_class) for g in groups]
+    calls = [calls_of_sorted(p, candidates, normal_class) for p in prepared]
     all_shares = np.stack([c[0] for c in calls], axis=1)  # (T, P)
     all_sick = np.stack([c[1] for c in calls], axis=1)
     results = []
@@ -138,10 +152,11 @@ def leave_one_out_threshold_parameters(
     by (tuned on the other patients, fixed values kept; the fixed values or the defaults for a single patient)."""
     labels = np.asarray(labels).reshape(-1)
     params = np.empty((len(labels), 2))
+    prepared = [sorted_slices(g, normal_class) for g in groups]  # sorted once, not once per round
     for i in range(len(labels)):
-        others = [g for j, g in enumerate(groups) if j != i]
+        others = [p for j, p in enumerate(prepared) if j != i]
         if others:
-            params[i] = tune_threshold(others, np.delete(labels, i), normal_class, slice_threshold, tau)
+            params[i] = tune_sorted_threshold(others, np.delete(labels, i), normal_class, slice_threshold, tau)
         else:
             params[i] = (
                 SLICE_THRESHOLD if slice_threshold is None else slice_threshold,

@@ -229,14 +229,29 @@ def threshold_calls(
     """:func:`infected_share` (T,) float64 and :func:`threshold_class` (T,) int64 of one patient's ``probs``
     (n_slices, C) at each of ``slice_thresholds`` (T,), at once: the slices above a threshold are the top
     of the slices sorted by infected probability, so their class sums come from one cumulative sum."""
+    return calls_of_sorted(sorted_slices(probs, normal_class), slice_thresholds, normal_class)
+
+
+def sorted_slices(probs: np.ndarray, normal_class: int = NORMAL_CLASS) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's ``probs`` (n, C) prepared for :func:`calls_of_sorted`: (float64 (n,) infected probabilities in
+    ascending order, float64 (n + 1, C) class sums of the top 0..n slices by infected probability). Sorting once
+    lets the leave-one-out tuning call a patient at many threshold sets without sorting again."""
     probs = check_probs(probs)
     check_normal(normal_class, probs.shape[1])
-    thresholds = np.asarray(slice_thresholds, dtype=np.float64).reshape(-1)
     infected = infected_probability(probs, normal_class)
     order = np.argsort(infected, kind="stable")
-    n = len(order)
-    above = n - np.searchsorted(infected[order], thresholds, side="right")  # (T,) slices above each threshold
     top_sums = np.concatenate([np.zeros((1, probs.shape[1])), np.cumsum(probs[order][::-1], axis=0)])
+    return infected[order], top_sums
+
+
+def calls_of_sorted(
+    prepared: tuple[np.ndarray, np.ndarray], slice_thresholds: np.ndarray, normal_class: int = NORMAL_CLASS
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`threshold_calls` of a patient prepared by :func:`sorted_slices`: (T,) shares and (T,) classes."""
+    infected, top_sums = prepared
+    thresholds = np.asarray(slice_thresholds, dtype=np.float64).reshape(-1)
+    n = len(infected)
+    above = n - np.searchsorted(infected, thresholds, side="right")  # (T,) slices above each threshold
     voting = np.where(above > 0, above, n)  # none above: all slices vote
     sums = top_sums[voting]  # (T, C)
     scores = sums / voting[:, None]
