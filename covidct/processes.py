@@ -9,12 +9,16 @@ dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere workers are not tied to their pare
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 #: ``<linux/prctl.h>``: the signal a process gets when its parent dies
 PR_SET_PDEATHSIG = 1
@@ -56,3 +60,31 @@ def worker_pool(workers: int, initializer: Callable[[], None] | None = None) -> 
     return ProcessPoolExecutor(
         workers, mp_context=worker_context(), initializer=_start_worker, initargs=(os.getpid(), initializer)
     )
+
+
+def host_prefix(name: str) -> str:
+    """``<name>-<host>-``: the start of a scratch folder's name that :func:`remove_dead_scratch` reads the pid
+    after (``<name>-<host>-<pid>-...``)."""
+    return f"{name}-{socket.gethostname()}-"
+
+
+def remove_dead_scratch(parent: Path, prefix: str, what: str) -> None:
+    """Delete the folders ``parent/<prefix><pid>-*`` whose process of this host is gone (``prefix`` from
+    :func:`host_prefix`): scratch left by a killed process. Those of live processes, or of other hosts sharing
+    the folder, stay. ``what``: what such a folder held, for the warning."""
+    for scratch in parent.glob(f"{prefix}*"):
+        pid = scratch.name.removeprefix(prefix).split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            logging.getLogger(__name__).warning("Removing %s: %s", scratch, what)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

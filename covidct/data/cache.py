@@ -41,7 +41,7 @@ from covidct.data.layout import PatientFolder
 from covidct.data.preprocess import SlicePreprocessor, read_preprocessed
 from covidct.data.series import other_axial, series_line
 from covidct.errors import DataError
-from covidct.processes import worker_pool
+from covidct.processes import remove_dead_scratch, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -253,23 +253,10 @@ def _tmp_prefix(final: Path, pid: int | None = None) -> str:
 
 
 def _remove_dead_builds(final: Path) -> None:
-    """Delete half-written builds of ``final`` left by killed processes of this host (their pid is gone).
-    Builds of live processes, or of other hosts sharing the folder, are left alone."""
-    host_prefix = f".{final.name}.tmp-{socket.gethostname()}-"
-    for tmp in final.parent.glob(f"{host_prefix}*"):
-        pid = tmp.name.removeprefix(host_prefix).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.warning("Removing %s: a cache build that was killed before it finished", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
+    """Delete half-written builds of ``final`` left by killed processes of this host (their pid is gone)."""
+    remove_dead_scratch(
+        final.parent, f".{final.name}.tmp-{socket.gethostname()}-", "a cache build that was killed before it finished"
+    )
     return True
 
 

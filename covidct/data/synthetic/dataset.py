@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ from covidct.data.synthetic.dicom_writer import write_series
 from covidct.data.synthetic.patients import PatientPlan, patient_phantom, patient_slices, plan_patients
 from covidct.data.synthetic.spec import GENERATOR_VERSION, MAX_SLICES, SyntheticSpec, spec_fields, spec_hash
 from covidct.errors import DataError
-from covidct.processes import worker_pool
+from covidct.processes import host_prefix, remove_dead_scratch, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -284,27 +283,12 @@ def _finish(work: Path, scratch: Path, spec: SyntheticSpec, plans: list[PatientP
 
 
 def _scratch_prefix() -> str:
-    return f"tmp-{socket.gethostname()}-{os.getpid()}-"
+    return f"{host_prefix('tmp')}{os.getpid()}-"
 
 
 def _remove_dead_scratch(work: Path) -> None:
-    """Delete the scratch folders of killed processes of this host (their pid is gone). Those of live
-    processes, or of other hosts sharing the folder, are left alone."""
-    host_prefix = f"tmp-{socket.gethostname()}-"
-    for scratch in work.glob(f"{host_prefix}*"):
-        pid = scratch.name.removeprefix(host_prefix).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.warning("Removing %s: the patients in progress of a generation that was killed", scratch)
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
+    """Delete the scratch folders of killed generating processes of this host (their pid is gone)."""
+    remove_dead_scratch(work, host_prefix("tmp"), "the patients in progress of a generation that was killed")
     return True
 
 
