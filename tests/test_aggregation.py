@@ -264,6 +264,38 @@ def test_training_with_patient_shift_reports_mil_and_predict_uses_its_head(share
     assert done.returncode != 0 and "no fitted MIL head" in done.stderr
 
 
+@pytest.mark.slow  # a tiny training run and one MIL cross-fit (~8 s): CI runs it
+def test_with_another_rule_mil_is_fitted_once_at_the_end_on_the_best_epoch_into_its_checkpoint(shared_cache, tmp_path):
+    """vote.mil=true beside infected_fraction: no epoch fits the head; the end of fit fits it on the best epoch,
+    which metrics.json, patients.csv and the best checkpoint (and only it) then hold."""
+    import json
+
+    from covidct.training.run import train
+    from tests.conftest import compose_train, tiny
+
+    run = tmp_path / "run"
+    overrides = [*tiny(shared_cache), "logger=csv", "vote.mil=true", "trainer.max_epochs=2"]
+    result = train(compose_train(run, overrides))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == result.best_epoch and 0 <= metrics["metrics"]["rules/mil/acc"] <= 1
+    logged = next(run.rglob("metrics.csv")).read_text()
+    assert "rules/infected_fraction/acc" in logged and "rules/mil" not in logged  # no epoch fitted it
+    with (run / "patients.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert np.mean([r["mil_vote"] == r["true_class"] for r in table]) == pytest.approx(
+        metrics["metrics"]["rules/mil/acc"]
+    )
+
+    def vote_state(path) -> dict:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return ckpt["epoch"], next(v for k, v in ckpt["callbacks"].items() if k.startswith("PatientVoteCallback"))
+
+    epoch, state = vote_state(result.best_checkpoint)
+    assert epoch == result.best_epoch and state["mil"]["init"]["slice_features"] == "log_probs"
+    last_epoch, last = vote_state(run / "checkpoints" / "last.ckpt")
+    assert last["mil"] is None or last_epoch == result.best_epoch  # only the best epoch's checkpoint gets a head
+
+
 def test_slice_features_are_the_embeddings_or_the_clipped_log_probabilities():
     from covidct.patients.mil_features import slice_features
 

@@ -7,9 +7,9 @@ Stages, each on the data of its size (made by the stage before): ``generate`` (t
 :func:`~covidct.data.synthetic.ensure_dataset`), ``cache`` (the datamodule's ``prepare_data`` and ``setup``:
 discovery, the slice cache, the split), ``train_epoch`` (one Lightning epoch of ``bench.growth.backbone``, every
 training slice), ``validate`` (a Lightning validation pass with the patient vote callback, the vote's time taken
-out), ``vote`` (:meth:`~covidct.patients.decisions.PatientVoter.decide` on the validation slices with
-``best_score=None``: the worst case, the MIL head fitted and cross-fitted), ``report`` (the run report of that
-epoch: :func:`~covidct.training.callbacks.run_report.report_from_votes`, its Grad-CAM and
+out), ``vote`` (:meth:`~covidct.patients.decisions.PatientVoter.decide` on the validation slices, then
+:meth:`~covidct.patients.decisions.PatientVoter.fit_mil`: the epoch that pays the run's one MIL fit), ``report``
+(the run report of that epoch: :func:`~covidct.training.callbacks.run_report.report_from_votes`, its Grad-CAM and
 :func:`~covidct.report.page.write_report`) and ``predict`` (:func:`~covidct.predict.predictor.predict_test_set`
 over every generated patient, the class folders as test sets). Cost per patient divides by the patients the
 stage works on: all of them, the training or the validation patients.
@@ -56,7 +56,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "cache": ("all", "datamodule prepare_data + setup (slice cache, split)"),
     "train_epoch": ("train", "1 Lightning training epoch"),
     "validate": ("val", "Lightning validation pass, without the vote"),
-    "vote": ("val", "PatientVoter.decide, best_score=None (MIL fitted)"),
+    "vote": ("val", "PatientVoter.decide + fit_mil (the run's one MIL fit)"),
     "report": ("val", "run report: report_from_votes, Grad-CAM, write_report"),
     "predict": ("all", "predict_test_set over every patient"),
 }
@@ -175,14 +175,15 @@ def measure_size(cfg: DictConfig, counts: tuple[int, int, int], work: Path) -> d
     from covidct.training.callbacks.run_report import RunReportCallback, data_counts, report_from_votes
 
     class TimedVote(PatientVoteCallback):
-        """The patient vote callback, its :meth:`decide` timed apart (and the forward's peak RSS before it)."""
+        """The patient vote callback, its :meth:`decide` and the MIL fit of that epoch timed apart (and the
+        forward's peak RSS before them)."""
 
         vote: Measured | None = None
         forward_peak_mib = math.nan
 
         def decide(self, *args: Any, **kwargs: Any):
             self.forward_peak_mib = peak_rss_mib()
-            out, self.vote = measured(lambda: super(TimedVote, self).decide(*args, **kwargs))
+            out, self.vote = measured(lambda: self.fit_mil(super(TimedVote, self).decide(*args, **kwargs)))
             return out
 
     def trainer(**kwargs: Any) -> pl.Trainer:

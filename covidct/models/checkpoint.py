@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct.contracts import CHECKPOINTS_HINT
 from covidct.errors import ConfigError, DataError
-from covidct.io import require_file
+from covidct.io import atomic_write_with, require_file
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 PICKLE_PROTO = 0x80  # the first byte of torch.save's legacy format (a pickle, protocol >= 2)
@@ -118,6 +118,18 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
         ) from None
     check_structure(ckpt, where)
     return ckpt
+
+
+def update_callback_state(path: str | Path, state_key: str, values: dict[str, Any], epoch: int) -> bool:
+    """Merge ``values`` into what the callback ``state_key`` saved in the checkpoint at ``path``, if that checkpoint
+    is epoch ``epoch``'s; the file is replaced atomically. Returns whether it was written."""
+    ckpt = read_checkpoint(path)
+    states = ckpt.get("callbacks", {})
+    if ckpt.get("epoch") != epoch or state_key not in states:
+        return False
+    states[state_key] = dict(states[state_key]) | values
+    atomic_write_with(path, lambda f: torch.save(ckpt, f))
+    return True
 
 
 def _first_unpickler_line(exc: pickle.UnpicklingError) -> str:

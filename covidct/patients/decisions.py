@@ -83,6 +83,14 @@ def mil_details(head: GatedAttentionMIL | None, patient: np.ndarray, features: n
     return MilDetails(logits.softmax(dim=1).numpy().astype(np.float32), attention)
 
 
+def bags_by_patient(patient: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    """``features`` (N, F) of slices of ``patient`` (N,) int -> one (n_i, F) bag per patient, by ascending patient
+    index (the order of ``ValidationVotes.labels``), each patient's slices in the given order."""
+    patient = np.asarray(patient)
+    order = np.argsort(patient, kind="stable")
+    return np.split(np.asarray(features)[order], np.flatnonzero(np.diff(patient[order])) + 1)
+
+
 @dataclass(frozen=True)
 class ValidationVotes:
     """One validation epoch's patient decisions: what ``patients.csv``, the run report, the W&B tables
@@ -90,7 +98,8 @@ class ValidationVotes:
 
     ``predictions[rule]`` (P,) are the *reported* predictions: for ``infected_fraction`` with a tuned
     tau, each patient decided by a tau tuned on the other patients (leave-one-out); for ``mil`` (present
-    when the model gave embeddings), each patient decided by a head fitted on the other patients; every other entry
+    once fitted: every epoch when it is the configured rule, else the best epoch at the end of fit), each patient
+    decided by a head fitted on the other patients; every other entry
     equals ``patients[i].rule_votes[rule]``, which for ``infected_fraction`` uses ``tau`` tuned on all
     of them. After a resume the best epoch of the earlier run has ``metrics`` and ``confusion`` only.
 
@@ -113,6 +122,7 @@ class ValidationVotes:
     slice_probs: np.ndarray  # (N, C) float32 softmax probabilities (calibrated: divided by ``temperature``)
     temperature: float | None = None  # None: not recorded (see metrics' calibration/temperature)
     mil: MilDetails | None = None  # the MIL head fitted on every validation patient, applied to them
+    mil_pending: np.ndarray | None = None  # (N, F) what mil reads of each slice, until fitted (PatientVoter.fit_mil)
 
     @property
     def score(self) -> float:
@@ -160,7 +170,8 @@ class PatientVoter:
             with its tau (a fixed ``tau`` is then that rule's tau too).
         calibration: fit a temperature on the validation slices with a known target every epoch
             (:mod:`covidct.patients.calibration`) and vote on the calibrated probabilities.
-        mil: fit and score the learned ``mil`` rule every epoch; always on when ``rule`` is ``mil``.
+        mil: fit and score the learned ``mil`` rule: every epoch when it is ``rule`` (always on then), else on the
+            best epoch, by :meth:`fit_mil` (the callback calls it at the end of fit).
         mil_features: what the ``mil`` head reads of each slice (:mod:`covidct.patients.mil_features`).
     """
 
@@ -219,14 +230,12 @@ class PatientVoter:
         patient_labels: np.ndarray,
         targets: np.ndarray | None = None,
         embeddings: np.ndarray | None = None,
-        best_score: float | None = None,
     ) -> ValidationVotes:
         """Calibrate (with ``calibration``), tune tau and the threshold rule (unless fixed), then vote every
-        rule once per patient and score each rule; with ``mil`` on (and ``embeddings`` where it reads them),
-        fit and score ``mil`` too: every epoch when ``mil`` is the configured rule, else only when this epoch's
-        score beats ``best_score`` (the best of the earlier epochs; None: none yet), the epochs whose checkpoint
-        becomes the best (six head fits per epoch were most of the vote's cost). Epochs without it have no
-        ``mil`` entry; the head kept in ``parameters`` is then the best epoch's.
+        rule once per patient and score each rule. With ``mil`` on (and ``embeddings`` where it reads them):
+        when ``mil`` is the configured rule, fit and score it now (its score picks the best epoch); else keep
+        what it reads as ``mil_pending``, for :meth:`fit_mil` on the best epoch only (six head fits an epoch
+        were most of the vote's cost).
 
         ``index`` (N,) cache rows sorted (so each patient's slices are head first), ``patient`` (N,)
         patient index, ``probs`` (N, C), ``targets`` (N,) slice targets (-1 unknown; None: none known),
@@ -244,10 +253,9 @@ class PatientVoter:
         patients = vote_patients(ids, probs[order], self.parameters)
         predictions = self.reported_predictions(patients, list(grouped.values()), labels)
         mil_input = self.mil_input(probs, embeddings)  # (N, F) in the given order, or None
-        if mil_input is not None and not self._may_be_best(predictions, labels, best_score):
-            mil_input = None
-        if mil_input is not None and self._enough_for_mil(len(labels)):
-            predictions["mil"] = self.fit_mil_rule(list(group_slices(ids, mil_input[order]).values()), labels)
+        fit_now = mil_input is not None and self.rule in LEARNED_RULES and self._enough_for_mil(len(labels))
+        if fit_now:
+            predictions["mil"] = self.fit_mil_rule(bags_by_patient(patient, mil_input), labels)
         metrics_by_rule = {rule: patient_metrics(preds, labels) for rule, preds in predictions.items()}
         self.rule_table = rules_table(metrics_by_rule)
         return ValidationVotes(
@@ -264,16 +272,25 @@ class PatientVoter:
             patient,
             probs,
             temperature=float(self.parameters.temperature),
-            mil=mil_details(self.parameters.mil_head, patient, mil_input),
+            mil=mil_details(self.parameters.mil_head, patient, mil_input) if fit_now else None,
+            mil_pending=None if fit_now else mil_input,
         )
 
-    def _may_be_best(self, predictions: dict[str, np.ndarray], labels: np.ndarray, best_score: float | None) -> bool:
-        """Whether this epoch may become the best: always when ``mil`` is the configured rule (its own score
-        decides), else when the configured rule's accuracy (``predictions`` (P,) of each rule against ``labels``)
-        beats ``best_score`` (strictly, as the best-checkpoint monitor does)."""
-        if self.rule in LEARNED_RULES or best_score is None:
-            return True
-        return float(np.float32(np.mean(predictions[self.rule] == labels))) > best_score  # torchmetrics' float32
+    def fit_mil(self, result: ValidationVotes) -> ValidationVotes:
+        """``result`` with its ``mil_pending`` fitted: ``mil`` cross-fitted into its predictions and
+        ``rules/mil/*`` metrics, the head fitted on all of its patients kept in ``parameters`` and applied to
+        them (``mil``). Unchanged (but for ``mil_pending``) with nothing pending or too few patients."""
+        if result.mil_pending is None or not self._enough_for_mil(len(result.labels)):
+            return replace(result, mil_pending=None)
+        calls = self.fit_mil_rule(bags_by_patient(result.slice_patient, result.mil_pending), result.labels)
+        scores = patient_metrics(calls, result.labels)
+        return replace(
+            result,
+            predictions=result.predictions | {"mil": calls},
+            metrics=result.metrics | {rule_metric("mil", k): v for k, v in scores.items() if k != "confusion"},
+            mil=mil_details(self.parameters.mil_head, result.slice_patient, result.mil_pending),
+            mil_pending=None,
+        )
 
     def _check_embeddings(self, embeddings: np.ndarray | None) -> None:
         if embeddings is None and self.rule in LEARNED_RULES and self.mil_features == "embeddings":

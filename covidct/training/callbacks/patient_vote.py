@@ -23,7 +23,10 @@ returns as ``embedding``, or its calibrated log probabilities), trained on the v
 patient, its slices labelled or not). Its reported predictions are cross-fitted (each patient scored by
 a head fitted on the other validation patients: stratified 5-fold, leave-one-out up to 10 patients); the
 head fitted on all of them is stored in the checkpoint for predict.py. It is not fitted on the training
-patients, whose embeddings the slice model has learnt by heart (they would not transfer).
+patients, whose embeddings the slice model has learnt by heart (they would not transfer). Unless ``mil`` is the
+configured rule (then its score picks the best epoch, and it is fitted every epoch), it is fitted once, at the end
+of fit, on the best epoch's slices: its ``rules/mil/*`` scalars reach metrics.json, the W&B summary, patients.csv
+and the report, and its head is written into the best checkpoint; epochs have no ``rules/mil/*`` of their own.
 
 The chosen ``rule`` is also logged as ``val/patient/acc``, the metric checkpointing monitors.
 Under DDP the slices of all ranks are gathered and deduplicated by their global index (the
@@ -47,6 +50,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from covidct.contracts import PATIENT_ACC, PATIENTS_FILE, rule_metric
 from covidct.errors import ConfigError
 from covidct.io import atomic_write_csv
+from covidct.models.checkpoint import update_callback_state
 from covidct.patients.decisions import PatientVoter, ValidationVotes
 from covidct.patients.explanations import patient_decisions, patients_table
 from covidct.patients.metrics import rules_table
@@ -191,8 +195,30 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
         pl_module.patient_votes = self.best  # a resumed run's best so far (restored before fit starts)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_best_mil(trainer, pl_module)
         if trainer.is_global_zero:
             self.log_best_rules(trainer)
+
+    def fit_best_mil(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit ``mil`` on the best epoch's slices (:meth:`PatientVoter.fit_mil`, every rank alike) and, on rank 0,
+        rewrite patients.csv and put the head into the best checkpoint (atomically). Before the run report and
+        the run summary read the best epoch (callbacks run in order; Lightning puts checkpointing last)."""
+        best = self.best
+        if best is None or best.mil_pending is None:
+            if self.mil and best is not None and not best.patients and self.rule not in LEARNED_RULES:
+                log.info("mil is not scored: the best epoch (%d) was validated before this run resumed", best.epoch)
+            return
+        self.best = pl_module.patient_votes = self.fit_mil(best)
+        if "mil" not in self.best.predictions or not trainer.is_global_zero:
+            return
+        self.write_patients_csv(self.best)
+        head = {"mil": self.parameters.to_state()["mil"]}
+        paths = {c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)}
+        for path in sorted(p for p in paths if p):
+            if not update_callback_state(path, self.state_key, head, best.epoch):
+                log.warning(
+                    "%s is not the best epoch's checkpoint (%d): the mil head is not stored in it", path, best.epoch
+                )
 
     # ---- collection ---------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -227,7 +253,6 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
         table = trainer.datamodule.slice_table
         index, patient, probs, embeddings = self.gather(trainer)
         targets = table.target[index] if len(table.target) else None
-        best_score = None if self.best is None else self.best.score
         result = self.decide(
             trainer.current_epoch,
             index,
@@ -237,7 +262,6 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
             table.patient_labels,
             targets,
             embeddings,
-            best_score=best_score,
         )
         pl_module.log_dict(result.metrics, sync_dist=False)  # identical on every rank by construction
         if trainer.is_global_zero:
@@ -302,8 +326,9 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
         # The vote parameters (VoteParameters.to_state: read by predict.py; on resume the config's k,
         # center_slices and window_slices win, like its rule, which the model's hyper_parameters hold) and the
         # best epoch's metrics and confusion: a resumed run (ckpt_path, SLURM requeue) that does not improve
-        # on it still reports them. ``mil`` is the latest epoch's head; with vote.rule=mil the checkpoint
-        # monitor saves the best epoch, so a best checkpoint holds the head of its own epoch.
+        # on it still reports them. ``mil`` is the latest epoch's head with vote.rule=mil (the checkpoint
+        # monitor saves the best epoch, so a best checkpoint holds the head of its own epoch); with another rule
+        # none until the end of fit, which writes the best epoch's into the best checkpoint (fit_best_mil).
         best = self.best
         return self.parameters.to_state() | {
             "best": None if best is None else best.score,
