@@ -51,7 +51,7 @@ clean:  ## run outputs and caches (generated data too); keeps the venv
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +
 
-bench:  ## where the time goes: loader, cache build, framework, memory, inference ratios (bench.json)
+bench:  ## where the time goes: loader, cache build, framework, precision, memory, inference ratios (bench.json)
 	$(BIN)/python -m covidct.bench $(ARGS)
 bench-growth:  ## every stage at 1x, 2x, 4x the patients: s/patient 4x vs 1x (<= 1.15x), peak RSS (bench.json)
 	$(BIN)/python -m covidct.bench 'bench.rows=[growth]' $(ARGS)

@@ -18,6 +18,6 @@ def cpu_bf16() -> tuple[bool, str]:
 
 def cpu_training_precision() -> str:
     """``${cpu_precision:}`` (conf/trainer/cpu.yaml): Lightning's ``bf16-mixed`` where the CPU runs bfloat16
-    natively (a training step 1.1x faster on an AVX-512 BF16 EPYC, more with AMX: ``make bench`` row
-    ``train_precision``), else ``32-true``."""
+    natively (a training step 1.07-1.11x faster on an AVX-512 BF16 EPYC, measured with a script; ``make bench``'s
+    ``precision`` row times whole epochs and compares the calls), else ``32-true``."""
     return "bf16-mixed" if cpu_bf16()[0] else "32-true"

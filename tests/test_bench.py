@@ -41,6 +41,8 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
                 "bench.framework.epochs=1",
                 "bench.framework.repeats=1",
                 "bench.framework.image_size=32",
+                "bench.precision.repeats=1",
+                "bench.precision.image_size=32",
                 "bench.memory.patients_per_class=2",
                 "bench.memory.slices=6",
                 "bench.memory.image_size=64",
@@ -63,16 +65,41 @@ def test_every_row_runs_on_tiny_data_and_lands_in_bench_json(tmp_path):
         ("cache build", "1 process"),
         ("cache lung crop", "lung_crop=false"),
         ("framework", "hand-written loop"),
+        ("precision", "32-true"),
         ("memory", "peak RSS N"),
         ("inference", "bare forward"),
     ]
     assert all(r.a > 0 and r.b > 0 and math.isfinite(r.ratio) for r in rows)
     assert "36 slices" in rows[0].data and "18 slices" in rows[4].data  # 2 x 3 x 6 synthetic, 3 x 6 stand-in
-    assert "36 vs 360 slices" in rows[9].data  # N vs 10N
-    assert "2 patients, 12 slices" in rows[10].data
+    assert "36 vs 360 slices" in rows[10].data  # N vs 10N
+    assert "2 patients, 12 slices" in rows[11].data
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len(report["rows"]) == len(rows) and report["environment"]["cpus"] >= 1
     assert report["rows"][0]["ratio"] == pytest.approx(rows[0].ratio)
+    check_precision_figures(rows[9], report["precision"])
+
+
+def check_precision_figures(row, figures: dict) -> None:
+    """The precision row: both arms timed, its ratio their recorded seconds', each arm's validation figures (which
+    differ: the arms really ran in different precisions), in its words, and ``ok`` = bf16 faster and the arms agree."""
+    from covidct.bench.training import BF16, FP32, metrics_agree
+    from covidct.hardware import cpu_bf16
+
+    (bf16_s,), (fp32_s,) = figures["seconds"][BF16], figures["seconds"][FP32]
+    assert (row.a_label, row.b_label, row.unit, row.target) == (BF16, FP32, "ms/slice", "< 1.00x")
+    assert row.ratio == pytest.approx(bf16_s / fp32_s) == pytest.approx(figures["ratio"])
+    assert row.b == pytest.approx(fp32_s / figures["slices_per_run"] * 1000)
+    fp32, bf16 = figures["metrics"][FP32], figures["metrics"][BF16]
+    for m in (fp32, bf16):
+        assert set(m) == {"loss", "slice_acc", "auroc_macro"} and m["loss"] > 0 and 0 <= m["slice_acc"] <= 1
+        assert f"{m['slice_acc']:.3f}" in row.data and f"{m['loss']:.3f}" in row.data
+    assert bf16["loss"] != fp32["loss"]
+    assert 0 <= figures["same_calls"] <= 1 and f"same slice calls {figures['same_calls']:.3f}" in row.data
+    assert figures["metrics_agree"] == metrics_agree(fp32, bf16, figures["same_calls"], 0.05)
+    assert row.ok == figures["passed"] == (bf16_s < fp32_s and figures["metrics_agree"])
+    native = cpu_bf16()[0]
+    assert figures["native_bf16"] == native and figures["trainer_cpu_precision"] == (BF16 if native else FP32)
+    assert ("no native bf16 on this CPU: trainer=cpu keeps 32-true" in row.data) == (not native)
 
 
 @pytest.mark.slow
@@ -163,6 +190,34 @@ def test_growth_table_flags_a_stage_over_the_target():
     assert "peak RSS MiB" in table[0] and "4x/1x" in table[0]
 
 
+def test_precision_row_fails_when_the_metrics_disagree_even_if_bf16_is_faster():
+    from covidct.bench.training import metrics_agree, precision_note, precision_passes
+
+    fp32 = {"loss": 0.52, "slice_acc": 0.81, "auroc_macro": 0.90}
+    close = {"loss": 0.53, "slice_acc": 0.80, "auroc_macro": 0.80}  # AUROC and loss are reported, not compared
+    assert metrics_agree(fp32, close, 0.97, 0.05) and precision_passes(0.8, metrics_agree(fp32, close, 0.97, 0.05))
+    assert not precision_passes(1.0, True)  # as fast is not faster
+    assert not metrics_agree(fp32, close | {"slice_acc": 0.70}, 0.97, 0.05)
+    assert not metrics_agree(fp32, close, 0.90, 0.05)  # one slice in ten called otherwise
+    assert not precision_passes(0.5, metrics_agree(fp32, close, 0.90, 0.05))
+    note = precision_note(fp32, close | {"slice_acc": 0.70}, 0.9, 0.05, False, native=False)
+    assert "acc 0.810 vs 0.700 (-0.110)" in note and "loss 0.520 vs 0.530 (+0.010)" in note and "DISAGREE" in note
+    assert "same slice calls 0.900" in note
+    assert "no native bf16 on this CPU: trainer=cpu keeps 32-true" in note
+
+
+def test_macro_auroc_averages_only_the_classes_with_positive_and_negative_validation_slices():
+    import torch
+
+    from covidct.bench.training import slice_metrics
+
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    logged = {"val/loss": 0.4, "val/slice_acc": 0.75}
+    both = slice_metrics(probs, torch.tensor([0, 0, 1, 1, -1]), logged)  # class 2: no slice, slice 5: unknown
+    assert both == {"loss": 0.4, "slice_acc": 0.75, "auroc_macro": 1.0}  # torchmetrics alone: (1 + 1 + 0) / 3
+    assert math.isnan(slice_metrics(probs, torch.tensor([0, 0, 0, -1, -1]), logged)["auroc_macro"])
+
+
 IMPORT_PROBE = textwrap.dedent("""
     import json, logging, os, sys, warnings
     import covidct  # the package's own import is not the bench's doing
@@ -203,6 +258,11 @@ def test_importing_the_bench_modules_only_defines_things():
     [
         ("covidct.bench", ["bench.rows=[framwork]"], "bench.rows has unknown rows ['framwork']"),
         ("covidct.bench", ["bench.framework.backbone=vgg61"], "bench.framework.backbone='vgg61' is not known"),
+        (
+            "covidct.bench",
+            ["bench.rows=[precision]", "bench.precision.metric_tolerance=-1"],
+            "bench.precision.metric_tolerance=-1 must be a number >= 0",
+        ),
         ("covidct.bench", ["bench.rows=[growth]", "bench.growth.slices=3"], "bench.growth.slices=3 must be"),
         ("covidct.bench.predict", ["input=.", "backbone=vgg61"], "backbone='vgg61' is not known"),
         ("covidct.bench.predict", [], "input not set"),

@@ -10,17 +10,19 @@ is shared and noisy: only ratios measured side by side mean anything) and report
 3. framework: Lightning epochs (our module and vote callback, metrics, CSV logging; checkpoints off,
    their disk writes are the same in any loop) vs a hand-written PyTorch loop over the same
    batches, model and optimizer;
-4. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
-5. inference: predict.py per patient vs a bare forward over the same slices;
-6. growth (not in the default rows: ``make bench-growth``): every pipeline stage at 1x, 2x and 4x a base patient
+4. precision: Lightning epochs on the CPU in ``bf16-mixed`` vs ``32-true`` (same model, batches, optimizer) and
+   the validation loss, accuracy and macro AUROC of both (passes when bf16 is faster and they agree);
+5. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
+6. inference: predict.py per patient vs a bare forward over the same slices;
+7. growth (not in the default rows: ``make bench-growth``): every pipeline stage at 1x, 2x and 4x a base patient
    count, seconds per patient at 4x vs 1x (:mod:`covidct.bench.growth`).
 
 Data rows use the synthetic generator at real size (512 x 512, JPEG Lossless); rows marked "real"
 use the 3-patient COVID-CT-MD sample. Results: a table on stdout and ``<run dir>/bench.json``.
 
 This module runs the rows and writes the report; the rows are measured in :mod:`covidct.bench.loading`
-(1, 2), :mod:`covidct.bench.training` (3, 4), :mod:`covidct.bench.predict` (5) and :mod:`covidct.bench.growth`
-(6). Importing it only defines things: each row imports the libraries it needs, and the process setup
+(1, 2), :mod:`covidct.bench.training` (3, 4, 5), :mod:`covidct.bench.predict` (6) and :mod:`covidct.bench.growth`
+(7). Importing it only defines things: each row imports the libraries it needs, and the process setup
 (environment, resolvers) happens in :func:`main`.
 """
 
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
     from covidct.data.preprocess import SlicePreprocessor
 
 log = logging.getLogger("bench")
-BENCH_ROWS = ("loader", "cache_build", "cache_lung_crop", "framework", "memory", "inference", "growth")
+BENCH_ROWS = ("loader", "cache_build", "cache_lung_crop", "framework", "precision", "memory", "inference", "growth")
 
 
 def environment() -> dict[str, Any]:
@@ -86,9 +88,13 @@ def check_bench(cfg: DictConfig) -> None:
     scale = cfg.scale
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
         raise ConfigError(f"bench.scale={scale!r} must be a whole number >= 1")
-    for row in ("framework", "inference"):
+    for row in ("framework", "precision", "inference"):
         if row in rows:
             check_backbone(f"bench.{row}.backbone", cfg[row].backbone)
+    if "precision" in rows:
+        tolerance = cfg.precision.metric_tolerance
+        if not isinstance(tolerance, int | float) or isinstance(tolerance, bool) or not tolerance >= 0:
+            raise ConfigError(f"bench.precision.metric_tolerance={tolerance!r} must be a number >= 0 (e.g. 0.05)")
     if "growth" in rows:
         from covidct.bench.growth import check_growth
 
@@ -97,7 +103,7 @@ def check_bench(cfg: DictConfig) -> None:
 
 def run_bench(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None = None) -> list[Row]:
     """All rows for ``cfg`` (the ``bench`` node); writes ``bench.json`` into ``output_dir``. ``extra`` (when given)
-    receives the sections ``bench.json`` has beside the rows (``growth``, ``growth_table``)."""
+    receives the sections ``bench.json`` has beside the rows (``precision``, ``growth``, ``growth_table``)."""
     from covidct.data.preprocess import SlicePreprocessor, parse_windows
 
     check_bench(cfg)
@@ -109,7 +115,7 @@ def run_bench(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None = 
     try:
         steps = []
         if set(cfg.rows) - {"growth"}:  # their data is generated first; growth makes its own
-            steps = [(name, step) for name, step in bench_steps(cfg, pre, work) if row_key(name) in cfg.rows]
+            steps = [(name, step) for name, step in bench_steps(cfg, pre, work, extra) if row_key(name) in cfg.rows]
         if "growth" in cfg.rows:
             from covidct.bench.growth import growth_rows
 
@@ -132,12 +138,15 @@ def run_bench(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None = 
     return rows
 
 
-def bench_steps(cfg: DictConfig, pre: SlicePreprocessor, work: Path) -> list[tuple[str, Callable[[], list[Row]]]]:
+def bench_steps(
+    cfg: DictConfig, pre: SlicePreprocessor, work: Path, extra: dict[str, Any] | None = None
+) -> list[tuple[str, Callable[[], list[Row]]]]:
     """(name, measure) of every row, in order, on the synthetic data (generated here, at ``bench.scale``) and,
-    when ``bench.real_sample`` holds one, the real sample; ``work``: a scratch folder."""
+    when ``bench.real_sample`` holds one, the real sample; ``work``: a scratch folder; ``extra``: receives the
+    sections ``bench.json`` has beside the rows."""
     from covidct.bench.loading import measure_cache_build, measure_loaders, measure_lung_crop, slice_files
     from covidct.bench.predict import measure_inference
-    from covidct.bench.training import measure_framework, measure_memory
+    from covidct.bench.training import measure_framework, measure_memory, measure_precision
     from covidct.data.layout import discover_covid_ct_md
     from covidct.data.synthetic import SyntheticSpec, ensure_dataset
 
@@ -180,6 +189,7 @@ def bench_steps(cfg: DictConfig, pre: SlicePreprocessor, work: Path) -> list[tup
     memory = OmegaConf.merge(cfg.memory, {"patients_per_class": cfg.memory.patients_per_class * scale})
     steps += [
         ("framework", lambda: measure_framework(root, cfg.framework, work / "framework", "synthetic")),
+        ("precision", lambda: measure_precision(root, cfg.precision, work / "precision", "synthetic", extra)),
         ("memory", lambda: measure_memory(memory, cache_dir, work / "memory")),
     ]
     if (sample / INDEX_FILE).is_file():

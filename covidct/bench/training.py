@@ -1,18 +1,22 @@
-"""``make bench`` rows 3 and 4, training: Lightning epochs vs a hand-written PyTorch loop over the same
-batches, model and optimizer (framework), and the peak RSS of a training run on N vs 10N slices, each in a
-fresh process (memory)."""
+"""``make bench`` rows 3 to 5, training: Lightning epochs vs a hand-written PyTorch loop over the same batches,
+model and optimizer (framework), Lightning epochs in precision ``bf16-mixed`` vs ``32-true`` with the validation
+metrics of both (precision), and the peak RSS of a training run on N vs 10N slices, each in a fresh process
+(memory)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,14 +24,25 @@ from covidct.bench.measure import Row, timed
 from covidct.contracts import CONF_DIR
 
 if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
     from covidct.data.datamodule import CTDataModule
     from covidct.models.classifier import SliceClassifier
 
 log = logging.getLogger("bench")
+#: the precision row's arms (Lightning ``precision=``): A, measured against B
+BF16, FP32 = "bf16-mixed", "32-true"
+#: the precision row compares the arms' validation slice accuracy (within ``bench.precision.metric_tolerance``,
+#: absolute) and their calls (the share of validation slices with the same argmax, at least 1 - tolerance); AUROC
+#: and loss are reported only (the AUROC of a few validation patients swings by more than 0.05 near chance)
+COMPARED_METRICS = ("slice_acc", "same_calls")
 
 
-def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
-    """Seconds of ``cfg.epochs`` Lightning epochs (our module, vote callback, CSV logging; no checkpoints)."""
+def lightning_epochs(
+    dm: CTDataModule, cfg: DictConfig, work: Path, precision: str = FP32, recorder: pl.Callback | None = None
+) -> float:
+    """Seconds of ``cfg.epochs`` Lightning epochs (our module, vote callback, CSV logging; no checkpoints) in
+    Lightning ``precision``; ``recorder``: one more callback (e.g. :func:`validation_recorder`'s)."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
@@ -37,9 +52,10 @@ def lightning_epochs(dm: CTDataModule, cfg: DictConfig, work: Path) -> float:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
+        precision=precision,
         max_epochs=cfg.epochs,
         logger=CSVLogger(work, name="csv"),
-        callbacks=[PatientVoteCallback("infected_fraction", None, str(work))],
+        callbacks=[PatientVoteCallback("infected_fraction", None, str(work)), *([recorder] if recorder else [])],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -87,15 +103,15 @@ def new_model(dm: CTDataModule, cfg: DictConfig) -> SliceClassifier:
     )
 
 
-def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> list[Row]:
-    """ms/slice of Lightning vs the hand-written loop on the data at ``root``: the median ratio of
-    ``cfg.repeats`` alternating pairs, after one warm-up epoch of each."""
+def bench_datamodule(root: Path, image_size: int, work: Path) -> CTDataModule:
+    """The training rows' data at ``root``, set up for fit: ``image_size`` px, batches of 32, 30% of the
+    patients for validation, no augmentation (the same batches every run), cache in ``work``."""
     from covidct.data.datamodule import CTDataModule
 
     dm = CTDataModule(
         root=str(root),
         cache_dir=str(work / "cache"),
-        image_size=cfg.image_size,
+        image_size=image_size,
         batch_size=32,
         val_fraction=0.3,
         num_workers=0,
@@ -104,18 +120,41 @@ def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> lis
     )
     dm.prepare_data()
     dm.setup("fit")
+    return dm
+
+
+def alternating_pairs(
+    a: Callable[[int], float], b: Callable[[int], float], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats`` pairs, ``a(i)`` then ``b(i)`` in even pairs, ``b(i)`` first in odd ones: a pair
+    sees the same machine load, the order alternates against drift. Returns (a's seconds, b's seconds)."""
+    a_s, b_s = [], []
+    for i in range(repeats):
+        if i % 2:
+            b_s.append(b(i))
+        a_s.append(a(i))
+        if not i % 2:
+            b_s.append(b(i))
+    return a_s, b_s
+
+
+def median_pair_ratio(a_s: list[float], b_s: list[float]) -> tuple[float, list[float]]:
+    """(the median of the pairs' a/b ratios: a measured pair's, the middle one for odd counts; the ratios, sorted)."""
+    ratios = sorted(a / b for a, b in zip(a_s, b_s, strict=True))
+    return statistics.median_high(ratios), ratios
+
+
+def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> list[Row]:
+    """ms/slice of Lightning vs the hand-written loop on the data at ``root``: the median ratio of
+    ``cfg.repeats`` alternating pairs, after one warm-up epoch of each."""
+    dm = bench_datamodule(root, cfg.image_size, work)
     warm = OmegaConf.merge(cfg, {"epochs": 1})  # first calls pay one-time costs (lazy imports, allocator)
     lightning_epochs(dm, warm, work / "warm-up")
     hand_loop_epochs(dm, warm)
-    lightning, hand = [], []
-    for i in range(cfg.repeats):  # pairs see the same machine load; the order alternates against drift
-        if i % 2:
-            hand.append(hand_loop_epochs(dm, cfg))
-        lightning.append(lightning_epochs(dm, cfg, work / f"lightning-{i}"))
-        if not i % 2:
-            hand.append(hand_loop_epochs(dm, cfg))
-    ratios = sorted(a / b for a, b in zip(lightning, hand, strict=True))
-    median_ratio = statistics.median_high(ratios)  # a measured pair's ratio (odd repeats: the middle pair)
+    lightning, hand = alternating_pairs(
+        lambda i: lightning_epochs(dm, cfg, work / f"lightning-{i}"), lambda i: hand_loop_epochs(dm, cfg), cfg.repeats
+    )
+    median_ratio, ratios = median_pair_ratio(lightning, hand)
     slices = cfg.epochs * (len(dm.train_rows) + len(dm.val_rows))
     hand_ms = min(hand) / slices * 1000
     log.info("framework pairs (Lightning/hand): %s", ", ".join(f"{r:.3f}" for r in ratios))
@@ -132,6 +171,151 @@ def measure_framework(root: Path, cfg: DictConfig, work: Path, data: str) -> lis
             median_ratio <= 1.05,
         )
     ]
+
+
+def validation_recorder() -> pl.Callback:
+    """A callback keeping a fit's last validation epoch: the slices' float32 probabilities (N, C) and targets (N,),
+    and the logged ``val/loss`` and ``val/slice_acc``; its ``metrics()``: :func:`slice_metrics` of them."""
+    import pytorch_lightning as pl
+    import torch
+
+    class ValidationRecorder(pl.Callback):
+        def __init__(self) -> None:
+            self.probs: list[torch.Tensor] = []
+            self.targets: list[torch.Tensor] = []
+            self.logged: dict[str, float] = {}
+
+        def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.probs.clear()
+            self.targets.clear()
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self.probs.append(outputs["probs"])
+            self.targets.append(batch["target"])
+
+        def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.logged = {k: float(trainer.callback_metrics[k]) for k in ("val/loss", "val/slice_acc")}
+
+        def metrics(self) -> dict[str, float]:
+            return slice_metrics(torch.cat(self.probs), torch.cat(self.targets), self.logged)
+
+        def calls(self) -> torch.Tensor:
+            """(N,) int64 argmax call of every validation slice, in the loader's (fixed) order."""
+            return torch.cat(self.probs).argmax(dim=1)
+
+    return ValidationRecorder()
+
+
+def slice_metrics(probs: Any, targets: Any, logged: dict[str, float]) -> dict[str, float]:
+    """``loss`` and ``slice_acc`` (as SliceClassifier logged them) and ``auroc_macro``: torchmetrics' one-vs-rest
+    AUROC of ``probs`` (N, C) for ``targets`` (N,; -1 unknown: skipped), averaged over the classes with both
+    positive and negative slices (torchmetrics would count a class without positives as 0); nan when none has."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_auroc
+
+    from covidct.data.labels import UNKNOWN
+
+    known = targets != UNKNOWN
+    probs, targets = probs[known].float(), targets[known]
+    counts = torch.bincount(targets, minlength=probs.shape[1])
+    scored = (counts > 0) & (counts < len(targets))
+    auroc = math.nan
+    if scored.any():
+        with warnings.catch_warnings():  # "no positive samples" of the classes averaged out below
+            warnings.simplefilter("ignore", UserWarning)
+            per_class = multiclass_auroc(probs, targets, probs.shape[1], average=None)
+        auroc = float(per_class[scored].mean())
+    return {"loss": logged["val/loss"], "slice_acc": logged["val/slice_acc"], "auroc_macro": auroc}
+
+
+def metrics_agree(fp32: dict[str, float], bf16: dict[str, float], same_calls: float, tolerance: float) -> bool:
+    """Whether the arms' validation slice accuracies differ by at most ``tolerance`` (absolute) and the share of
+    validation slices they call alike, ``same_calls``, is at least 1 - ``tolerance``."""
+    return abs(fp32["slice_acc"] - bf16["slice_acc"]) <= tolerance and same_calls >= 1 - tolerance
+
+
+def precision_passes(ratio: float, agree: bool) -> bool:
+    """The precision row's rule: bf16 faster (``ratio`` bf16/fp32 seconds < 1) and the validation metrics agree."""
+    return ratio < 1.0 and agree
+
+
+def measure_precision(
+    root: Path, cfg: DictConfig, work: Path, data: str, extra: dict[str, Any] | None = None
+) -> list[Row]:
+    """ms/slice of Lightning epochs on the CPU in ``bf16-mixed`` vs ``32-true`` (the same data, model, seed 0,
+    optimizer and batches): the median ratio of ``cfg.repeats`` alternating pairs after one warm-up epoch of each,
+    with the validation metrics of each arm's last run (:func:`slice_metrics`). It passes when bf16 is faster and
+    the metrics agree within ``cfg.metric_tolerance``; ``extra["precision"]`` (when given): the figures."""
+    from covidct.hardware import cpu_bf16
+
+    dm = bench_datamodule(root, cfg.image_size, work)
+    warm = OmegaConf.merge(cfg, {"epochs": 1})  # first calls pay one-time costs (lazy imports, allocator)
+    for precision in (BF16, FP32):
+        lightning_epochs(dm, warm, work / f"warm-up-{precision}", precision)
+    recorders = {p: validation_recorder() for p in (BF16, FP32)}
+    bf16_s, fp32_s = alternating_pairs(
+        lambda i: lightning_epochs(dm, cfg, work / f"bf16-{i}", BF16, recorders[BF16]),
+        lambda i: lightning_epochs(dm, cfg, work / f"fp32-{i}", FP32, recorders[FP32]),
+        cfg.repeats,
+    )
+    ratio, ratios = median_pair_ratio(bf16_s, fp32_s)
+    metrics = {p: r.metrics() for p, r in recorders.items()}
+    same_calls = float((recorders[BF16].calls() == recorders[FP32].calls()).float().mean())
+    agree = metrics_agree(metrics[FP32], metrics[BF16], same_calls, cfg.metric_tolerance)
+    passed = precision_passes(ratio, agree)
+    native, hardware = cpu_bf16()
+    slices = cfg.epochs * (len(dm.train_rows) + len(dm.val_rows))
+    fp32_ms = min(fp32_s) / slices * 1000
+    log.info("precision pairs (bf16/fp32): %s", ", ".join(f"{r:.3f}" for r in ratios))
+    figures = {
+        "seconds": {BF16: bf16_s, FP32: fp32_s},
+        "pair_ratios": ratios,
+        "ratio": ratio,
+        "slices_per_run": slices,
+        "val_slices": len(dm.val_rows),
+        "metrics": {p: {k: json_number(v) for k, v in m.items()} for p, m in metrics.items()},
+        "differences_bf16_minus_fp32": {k: json_number(metrics[BF16][k] - metrics[FP32][k]) for k in metrics[FP32]},
+        "same_calls": same_calls,
+        "compared": list(COMPARED_METRICS),
+        "metric_tolerance": cfg.metric_tolerance,
+        "metrics_agree": agree,
+        "passed": passed,
+        "native_bf16": native,
+        "hardware": hardware,
+        "trainer_cpu_precision": BF16 if native else FP32,
+    }
+    if extra is not None:
+        extra["precision"] = figures
+    epochs = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+    setup = f"{data}, {cfg.backbone} {cfg.image_size} px, {epochs}, median of {len(ratios)} pairs"
+    note = precision_note(metrics[FP32], metrics[BF16], same_calls, cfg.metric_tolerance, agree, native)
+    return [Row("precision", f"{setup}; {note}", BF16, fp32_ms * ratio, FP32, fp32_ms, "ms/slice", "< 1.00x", passed)]
+
+
+def precision_note(
+    fp32: dict[str, float], bf16: dict[str, float], same_calls: float, tolerance: float, agree: bool, native: bool
+) -> str:
+    """The precision row's words: ``"val fp32 vs bf16: acc 0.810 vs 0.800 (-0.010), ..., same calls 0.98"``,
+    whether they agree and whether this CPU has native bf16 (what ``trainer=cpu`` then trains in)."""
+    names = {"slice_acc": "acc", "loss": "loss", "auroc_macro": "AUROC"}
+    figures = ", ".join(f"{names[k]} {fp32[k]:.3f} vs {bf16[k]:.3f} ({bf16[k] - fp32[k]:+.3f})" for k in names)
+    figures += f", same slice calls {same_calls:.3f}"
+    verdict = (
+        f"agree within {tolerance}"
+        if agree
+        else f"DISAGREE: acc differs by more than {tolerance} or fewer than {1 - tolerance:g} of the calls match"
+    )
+    cpu = (
+        "native bf16 on this CPU: trainer=cpu trains in bf16-mixed"
+        if native
+        else "no native bf16 on this CPU: trainer=cpu keeps 32-true (bf16 here is emulated)"
+    )
+    return f"val fp32 vs bf16: {figures} ({verdict}); {cpu}"
+
+
+def json_number(value: float) -> float | None:
+    """``value`` for ``bench.json`` (strict JSON has no nan: None)."""
+    return None if math.isnan(value) else value
 
 
 MEMORY_CHILD = """
