@@ -9,7 +9,8 @@ is shared and noisy: only ratios measured side by side mean anything) and report
    and (real sample) seconds with ``data.lung_crop=true`` vs without (target: at most 1.5x);
 3. framework: Lightning epochs (our module and vote callback, metrics, CSV logging; checkpoints off,
    their disk writes are the same in any loop) vs a hand-written PyTorch loop over the same
-   batches, model and optimizer;
+   batches, model and optimizer; the vote's one MIL fit at the end of a run (like the report: once per
+   run, not epoch work) is timed apart and shown beside the ratio;
 4. precision: Lightning epochs on the CPU in ``bf16-mixed`` vs ``32-true`` (same model, batches, optimizer) and
    the validation loss, accuracy and macro AUROC of both (passes when bf16 is faster and they agree);
 5. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
