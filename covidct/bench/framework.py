@@ -11,8 +11,8 @@ is shared and noisy: only ratios measured side by side mean anything) and report
    their disk writes are the same in any loop) vs a hand-written PyTorch loop over the same
    batches, model and optimizer; the vote's one MIL fit at the end of a run (like the report: once per
    run, not epoch work) is timed apart and shown beside the ratio;
-4. precision: Lightning epochs on the CPU in ``bf16-mixed`` vs ``32-true`` (same model, batches, optimizer) and
-   the validation loss, accuracy and macro AUROC of both (passes when bf16 is faster and they agree);
+4. precision: Lightning epochs on the CPU in ``bf16-mixed`` vs ``32-true`` (same model, batches, optimizer); passes
+   when bf16 is faster and the two models agree on the validation slices (accuracy, argmax calls);
 5. memory: peak RSS of a training run on N vs 10N slices (the cache is read, never loaded);
 6. inference: predict.py per patient vs a bare forward over the same slices;
 7. growth (not in the default rows: ``make bench-growth``): every pipeline stage at 1x, 2x and 4x a base patient
