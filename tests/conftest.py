@@ -63,6 +63,16 @@ def cli_env() -> dict[str, str]:
     return env | {"WANDB_MODE": "offline"}
 
 
+class RecordingLogger:
+    """A stand-in Lightning logger for stand-in trainers: every scalar given to ``log_metrics``, merged."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+
+
 def tiny(cache_dir: Path) -> list[str]:
     """Train overrides for a run of a few seconds: 12 small synthetic patients, 32 px, 2 batches, no MIL fit."""
     return [

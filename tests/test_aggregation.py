@@ -21,6 +21,7 @@ from covidct.patients.rules import VOTE_RULES, check_vote_settings, vote
 from covidct.patients.tuning import leave_one_out_predictions, leave_one_out_threshold_predictions
 from covidct.patients.voting import infected_class, infected_fraction
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
+from tests.conftest import RecordingLogger
 
 
 def shifted_patients(per_class: int = 8, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
@@ -177,8 +178,15 @@ def run_epoch(cb: PatientVoteCallback, embeddings: bool = True) -> dict[str, flo
     empty = np.zeros(0, dtype=np.int64)
     ids = [f"pt{i:02d}" for i in range(len(bags))]
     dm = SimpleNamespace(slice_table=SliceTable(ids, labels, empty, empty, empty, empty, empty, ()))
+    recorder = RecordingLogger()  # the vote's rules/*, vote/*, calibration/* go to the loggers, val/* to Lightning
     trainer = SimpleNamespace(
-        sanity_checking=False, datamodule=dm, world_size=1, is_global_zero=True, current_epoch=0, loggers=[]
+        sanity_checking=False,
+        datamodule=dm,
+        world_size=1,
+        is_global_zero=True,
+        current_epoch=0,
+        global_step=0,
+        loggers=[recorder],
     )
     cb.on_validation_epoch_start(trainer, module)
     for rows in np.array_split(np.random.default_rng(0).permutation(len(emb)), 4):
@@ -188,7 +196,7 @@ def run_epoch(cb: PatientVoteCallback, embeddings: bool = True) -> dict[str, flo
         batch = {"index": torch.as_tensor(rows), "patient": torch.as_tensor(patient[rows])}
         cb.on_validation_batch_end(trainer, module, outputs, batch, 0)
     cb.on_validation_epoch_end(trainer, module)
-    return logged
+    return logged | recorder.metrics
 
 
 @pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min

@@ -19,6 +19,7 @@ from covidct.patients.rules import VOTE_RULES
 from covidct.patients.tuning import leave_one_out_predictions
 from covidct.training.callbacks.patient_vote import PatientVoteCallback, logged_rules_table
 from covidct.training.wandb_logger import RuleChartWandbLogger as ChartingWandbLogger
+from tests.conftest import RecordingLogger
 
 
 def test_patient_metrics_on_known_predictions():
@@ -100,20 +101,29 @@ def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> tuple[dict[s
     """One validation epoch on :func:`tiny_validation`, fed in shuffled batches; returns the logged dict
     and the (stand-in) LightningModule."""
     index, patient, probs = tiny_validation()
-    logged: dict[str, float] = {}
-    module = SimpleNamespace(log_dict=lambda metrics, sync_dist: logged.update(metrics), patient_votes=None)
+    logged: dict[str, float] = {}  # what Lightning's log_dict got
+    module = SimpleNamespace(
+        log_dict=lambda metrics, sync_dist: logged.update(metrics), patient_votes=None, lightning_logged=logged
+    )
     empty = np.zeros(0, dtype=np.int64)
     table = SliceTable(["P0", "P1", "P2", "P3"], np.array([0, 1, 2, 2]), empty, empty, empty, empty, empty, ())
     dm = SimpleNamespace(slice_table=table)
+    recorder = RecordingLogger()  # the vote's rules/*, vote/*, calibration/* go to the loggers, val/* to Lightning
     trainer = SimpleNamespace(
-        sanity_checking=False, datamodule=dm, world_size=1, is_global_zero=True, current_epoch=0, loggers=loggers
+        sanity_checking=False,
+        datamodule=dm,
+        world_size=1,
+        is_global_zero=True,
+        current_epoch=0,
+        global_step=0,
+        loggers=[*loggers, recorder],
     )
     cb.on_validation_epoch_start(trainer, module)
     for rows in np.array_split(np.random.default_rng(0).permutation(len(index)), 3):
         batch = {"index": torch.as_tensor(index[rows]), "patient": torch.as_tensor(patient[rows])}
         cb.on_validation_batch_end(trainer, module, {"probs": torch.as_tensor(probs[rows])}, batch, 0)
     cb.on_validation_epoch_end(trainer, module)
-    return logged, module
+    return logged | recorder.metrics, module
 
 
 def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path, caplog):
@@ -154,6 +164,10 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
     assert (first["patient"], first["predicted_class"], first["majority_vote"]) == ("P0", "COVID-19", "Normal")
     assert (first["weighted_center_vote"], first["topk_mean_vote"], first["mean_prob_vote"]) == ("COVID-19",) * 3
     wandb_logger.log_table.assert_called_once_with(key="rules/table", columns=columns, data=rows)
+    # Lightning logs val/* only; the other scalars reach W&B in the epoch's history row (committed with val/*)
+    assert set(module.lightning_logged) == {"val/patient/acc", "val/patient/f1_macro"}
+    (sent,), kwargs = wandb_logger.experiment.log.call_args
+    assert kwargs == {"commit": False} and sent["rules/topk_mean/acc"] == pytest.approx(0.75) and "vote/tau" in sent
 
     # the console: one line per epoch (the configured rule, the best other one), the table once, at fit end
     def lines() -> list[str]:

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 # and syncing them would only cost collectives: Lightning's hint to log them with sync_dist is noise.
 warnings.filterwarnings(
     "ignore",
-    message=r"It is recommended to use `self.log\('(val/patient|rules|vote|calibration)/",
+    message=r"It is recommended to use `self.log\('val/patient/",
     category=PossibleUserWarning,
 )
 
@@ -263,7 +263,7 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
             targets,
             embeddings,
         )
-        pl_module.log_dict(result.metrics, sync_dist=False)  # identical on every rank by construction
+        self.log_scalars(trainer, pl_module, result.metrics)
         if trainer.is_global_zero:
             self.log_rule_table(trainer, len(result.labels))
         if self.best is None or result.score > self.best.score:
@@ -271,6 +271,25 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
             pl_module.patient_votes = result
             if trainer.is_global_zero:
                 self.write_patients_csv(result)
+
+    @staticmethod
+    def log_scalars(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+        """The epoch's scalars: ``val/*`` through Lightning (what checkpointing, early stopping and the best-epoch
+        record read), every other one (``rules/*``, ``vote/*``, ``calibration/*``) straight to the loggers, on
+        rank 0. Lightning makes and moves a result object per logged key every epoch (~0.5 ms a key): for the
+        vote's ~70 keys that was ~10% of a small epoch (``make bench``'s framework row). W&B gets them in the
+        epoch's history row (``commit=False``: committed with Lightning's ``val/*``, logged after this hook);
+        the other loggers (CSV, TensorBoard) at the epoch's step, with its ``epoch``, as Lightning would."""
+        pl_module.log_dict({k: v for k, v in metrics.items() if k.startswith("val/")}, sync_dist=False)
+        others = {k: float(v) for k, v in metrics.items() if not k.startswith("val/")}
+        if not others or not trainer.is_global_zero:
+            return
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                charted = getattr(lg, "charted", lambda key: True)  # RuleChartWandbLogger: the configured rule's
+                lg.experiment.log({k: v for k, v in others.items() if charted(k)}, commit=False)
+            else:
+                lg.log_metrics(others | {"epoch": trainer.current_epoch}, step=trainer.global_step)
 
     def log_rule_table(self, trainer: pl.Trainer, n_patients: int) -> None:
         """The epoch's per-rule table: one INFO line (the configured rule's accuracy, the best other rule's),
