@@ -57,7 +57,9 @@ def main(out_dir: Path, ckpt_path: str, overrides: list[str]) -> None:
             for v in best.patients
         ],
         "predictions": best.predicted.tolist(),
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        # what Lightning logged (val/*) and what the vote gave the loggers directly (rules/*, vote/*, calibration/*)
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}
+        | {k: float(v) for k, v in best.metrics.items()},
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
