@@ -163,11 +163,11 @@ def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path,
         first = next(csv.DictReader(f))
     assert (first["patient"], first["predicted_class"], first["majority_vote"]) == ("P0", "COVID-19", "Normal")
     assert (first["weighted_center_vote"], first["topk_mean_vote"], first["mean_prob_vote"]) == ("COVID-19",) * 3
-    wandb_logger.log_table.assert_called_once_with(key="rules/table", columns=columns, data=rows)
-    # Lightning logs val/* only; the other scalars reach W&B in the epoch's history row (committed with val/*)
+    # Lightning logs val/* only; W&B gets the other scalars with the rule table, in one history row
     assert set(module.lightning_logged) == {"val/patient/acc", "val/patient/f1_macro"}
-    (sent,), kwargs = wandb_logger.experiment.log.call_args
-    assert kwargs == {"commit": False} and sent["rules/topk_mean/acc"] == pytest.approx(0.75) and "vote/tau" in sent
+    (sent,), kwargs = wandb_logger.log_metrics.call_args
+    assert kwargs == {"step": 0} and (sent["rules/table"].columns, sent["rules/table"].data) == (columns, rows)
+    assert sent["rules/topk_mean/acc"] == pytest.approx(0.75) and "vote/tau" in sent and "val/patient/acc" not in sent
 
     # the console: one line per epoch (the configured rule, the best other one), the table once, at fit end
     def lines() -> list[str]:

@@ -263,9 +263,9 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
             targets,
             embeddings,
         )
-        self.log_scalars(trainer, pl_module, result.metrics)
+        scalars = self.log_scalars(trainer, pl_module, result.metrics)
         if trainer.is_global_zero:
-            self.log_rule_table(trainer, len(result.labels))
+            self.log_rule_table(trainer, len(result.labels), scalars)
         if self.best is None or result.score > self.best.score:
             self.best = result
             pl_module.patient_votes = result
@@ -273,27 +273,25 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
                 self.write_patients_csv(result)
 
     @staticmethod
-    def log_scalars(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+    def log_scalars(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> dict[str, float]:
         """The epoch's scalars: ``val/*`` through Lightning (what checkpointing, early stopping and the best-epoch
-        record read), every other one (``rules/*``, ``vote/*``, ``calibration/*``) straight to the loggers, on
-        rank 0. Lightning makes and moves a result object per logged key every epoch (~0.5 ms a key): for the
-        vote's ~70 keys that was ~10% of a small epoch (``make bench``'s framework row). W&B gets them in the
-        epoch's history row (``commit=False``: committed with Lightning's ``val/*``, logged after this hook);
-        the other loggers (CSV, TensorBoard) at the epoch's step, with its ``epoch``, as Lightning would."""
+        record read), every other one (``rules/*``, ``vote/*``, ``calibration/*``) straight to the loggers (rank 0),
+        at the epoch's step with its ``epoch``, as Lightning would; returned for W&B, which gets them with the rule
+        table (:meth:`log_rule_table`: one history row). Lightning makes and moves a result object per logged key
+        every epoch (~0.5 ms a key): for the vote's ~70 keys, ~10% of a small epoch (``make bench``'s framework row).
+        """
         pl_module.log_dict({k: v for k, v in metrics.items() if k.startswith("val/")}, sync_dist=False)
         others = {k: float(v) for k, v in metrics.items() if not k.startswith("val/")}
-        if not others or not trainer.is_global_zero:
-            return
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                charted = getattr(lg, "charted", lambda key: True)  # RuleChartWandbLogger: the configured rule's
-                lg.experiment.log({k: v for k, v in others.items() if charted(k)}, commit=False)
-            else:
-                lg.log_metrics(others | {"epoch": trainer.current_epoch}, step=trainer.global_step)
+        if others and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                if not isinstance(lg, WandbLogger):
+                    lg.log_metrics(others | {"epoch": trainer.current_epoch}, step=trainer.global_step)
+        return others
 
-    def log_rule_table(self, trainer: pl.Trainer, n_patients: int) -> None:
+    def log_rule_table(self, trainer: pl.Trainer, n_patients: int, scalars: dict[str, float] | None = None) -> None:
         """The epoch's per-rule table: one INFO line (the configured rule's accuracy, the best other rule's),
-        and ``rules/table`` to every WandbLogger (call on rank 0)."""
+        and ``rules/table`` with the epoch's other ``scalars`` (:meth:`log_scalars`) to every WandbLogger, in one
+        history row at the epoch's step (call on rank 0)."""
         columns, rows = self.rule_table
         mine = next((r for r in rows if r[0] == self.rule), None)
         others = [r for r in rows if r[0] != self.rule]
@@ -306,9 +304,13 @@ class PatientVoteCallback(PatientVoter, pl.Callback):
             n_patients,
             "" if best_other is None else f"; best other rule {best_other[0]} {best_other[1]:.3f}",
         )
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                lg.log_table(key="rules/table", columns=columns, data=rows)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            import wandb
+
+            for lg in wandb_loggers:  # RuleChartWandbLogger leaves the other rules' scalars out
+                row = (scalars or {}) | {"rules/table": wandb.Table(columns=columns, data=rows)}
+                lg.log_metrics(row, step=trainer.global_step)
 
     def log_best_rules(self, trainer: pl.Trainer) -> None:
         """At the end of fit, the best epoch's per-rule table: INFO text, and the ``rules/table`` of every
