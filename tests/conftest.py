@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -71,6 +72,33 @@ class RecordingLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.metrics.update(metrics)
+
+
+def stand_in_validation(
+    patient_ids: list[str], patient_labels: np.ndarray, loggers: list | None = None
+) -> tuple[SimpleNamespace, SimpleNamespace, RecordingLogger]:
+    """(trainer, LightningModule, recorder) stand-ins to drive the patient vote callback through validation epoch 0
+    on rank 0, without Lightning: ``module.lightning_logged`` gets what Lightning's ``log_dict`` would (val/*), the
+    recorder (one of the trainer's loggers, after ``loggers``) what the vote gives the loggers directly."""
+    from covidct.data.datamodule import SliceTable
+
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(
+        log_dict=lambda metrics, sync_dist: logged.update(metrics), patient_votes=None, lightning_logged=logged
+    )
+    empty = np.zeros(0, dtype=np.int64)
+    table = SliceTable(patient_ids, np.asarray(patient_labels), empty, empty, empty, empty, empty, ())
+    recorder = RecordingLogger()
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        datamodule=SimpleNamespace(slice_table=table),
+        world_size=1,
+        is_global_zero=True,
+        current_epoch=0,
+        global_step=0,
+        loggers=[*(loggers or []), recorder],
+    )
+    return trainer, module, recorder
 
 
 def tiny(cache_dir: Path) -> list[str]:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from covidct.contracts import CLASS_NAMES
-from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
 from covidct.patients import aggregation as agg
 from covidct.patients.aggregation import cross_fit_predictions, fit_mil, folds_of, mil_from_state, mil_state, predict
@@ -21,7 +19,7 @@ from covidct.patients.rules import VOTE_RULES, check_vote_settings, vote
 from covidct.patients.tuning import leave_one_out_predictions, leave_one_out_threshold_predictions
 from covidct.patients.voting import infected_class, infected_fraction
 from covidct.training.callbacks.patient_vote import PatientVoteCallback
-from tests.conftest import RecordingLogger
+from tests.conftest import stand_in_validation
 
 
 def shifted_patients(per_class: int = 8, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
@@ -173,21 +171,8 @@ def run_epoch(cb: PatientVoteCallback, embeddings: bool = True) -> dict[str, flo
     bags, labels, probs = shifted_patients()
     patient = np.repeat(np.arange(len(bags)), [len(b) for b in bags])
     emb, prob = np.concatenate(bags), np.concatenate(probs)
-    logged: dict[str, float] = {}
-    module = SimpleNamespace(log_dict=lambda metrics, sync_dist: logged.update(metrics), patient_votes=None)
-    empty = np.zeros(0, dtype=np.int64)
     ids = [f"pt{i:02d}" for i in range(len(bags))]
-    dm = SimpleNamespace(slice_table=SliceTable(ids, labels, empty, empty, empty, empty, empty, ()))
-    recorder = RecordingLogger()  # the vote's rules/*, vote/*, calibration/* go to the loggers, val/* to Lightning
-    trainer = SimpleNamespace(
-        sanity_checking=False,
-        datamodule=dm,
-        world_size=1,
-        is_global_zero=True,
-        current_epoch=0,
-        global_step=0,
-        loggers=[recorder],
-    )
+    trainer, module, recorder = stand_in_validation(ids, labels)
     cb.on_validation_epoch_start(trainer, module)
     for rows in np.array_split(np.random.default_rng(0).permutation(len(emb)), 4):
         outputs = {"probs": torch.as_tensor(prob[rows])}
@@ -196,7 +181,7 @@ def run_epoch(cb: PatientVoteCallback, embeddings: bool = True) -> dict[str, flo
         batch = {"index": torch.as_tensor(rows), "patient": torch.as_tensor(patient[rows])}
         cb.on_validation_batch_end(trainer, module, outputs, batch, 0)
     cb.on_validation_epoch_end(trainer, module)
-    return logged | recorder.metrics
+    return module.lightning_logged | recorder.metrics
 
 
 @pytest.mark.slow  # several MIL fits (3-8 s): CI runs it; make test-fast stays under 2 min

@@ -12,14 +12,13 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from covidct.data.datamodule import SliceTable
 from covidct.errors import ConfigError
 from covidct.patients.metrics import patient_metrics
 from covidct.patients.rules import VOTE_RULES
 from covidct.patients.tuning import leave_one_out_predictions
 from covidct.training.callbacks.patient_vote import PatientVoteCallback, logged_rules_table
 from covidct.training.wandb_logger import RuleChartWandbLogger as ChartingWandbLogger
-from tests.conftest import RecordingLogger
+from tests.conftest import stand_in_validation
 
 
 def test_patient_metrics_on_known_predictions():
@@ -101,29 +100,13 @@ def run_validation_epoch(cb: PatientVoteCallback, loggers: list) -> tuple[dict[s
     """One validation epoch on :func:`tiny_validation`, fed in shuffled batches; returns the logged dict
     and the (stand-in) LightningModule."""
     index, patient, probs = tiny_validation()
-    logged: dict[str, float] = {}  # what Lightning's log_dict got
-    module = SimpleNamespace(
-        log_dict=lambda metrics, sync_dist: logged.update(metrics), patient_votes=None, lightning_logged=logged
-    )
-    empty = np.zeros(0, dtype=np.int64)
-    table = SliceTable(["P0", "P1", "P2", "P3"], np.array([0, 1, 2, 2]), empty, empty, empty, empty, empty, ())
-    dm = SimpleNamespace(slice_table=table)
-    recorder = RecordingLogger()  # the vote's rules/*, vote/*, calibration/* go to the loggers, val/* to Lightning
-    trainer = SimpleNamespace(
-        sanity_checking=False,
-        datamodule=dm,
-        world_size=1,
-        is_global_zero=True,
-        current_epoch=0,
-        global_step=0,
-        loggers=[*loggers, recorder],
-    )
+    trainer, module, recorder = stand_in_validation(["P0", "P1", "P2", "P3"], np.array([0, 1, 2, 2]), loggers)
     cb.on_validation_epoch_start(trainer, module)
     for rows in np.array_split(np.random.default_rng(0).permutation(len(index)), 3):
         batch = {"index": torch.as_tensor(index[rows]), "patient": torch.as_tensor(patient[rows])}
         cb.on_validation_batch_end(trainer, module, {"probs": torch.as_tensor(probs[rows])}, batch, 0)
     cb.on_validation_epoch_end(trainer, module)
-    return logged | recorder.metrics, module
+    return module.lightning_logged | recorder.metrics, module
 
 
 def test_every_rule_is_scored_in_the_logged_metrics_and_the_rule_table(tmp_path, caplog):
